@@ -1,0 +1,25 @@
+"""Rufus: train language models from human feedback, end to end.
+
+The public API is re-exported here lazily, so `import rufus` is cheap and has no side effects.
+"""
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "train_sft": ("rufus.trainers.sft", "train_sft"),
+    "SFTConfig": ("rufus.trainers.sft", "SFTConfig"),
+    "load_config": ("rufus.config", "load_config"),
+    "ConfigError": ("rufus.config", "ConfigError"),
+    "DataError": ("rufus.data.errors", "DataError"),
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        module, attr = _EXPORTS[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'rufus' has no attribute {name!r}")

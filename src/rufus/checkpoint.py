@@ -1,0 +1,150 @@
+"""Atomic checkpoints and exact resume.
+
+A checkpoint holds what a run needs to continue as if it had never stopped: the trainable weights
+(safetensors), the optimiser and scheduler state, every process's random-number-generator state and
+the step reached. It is written into a temporary directory and renamed into place only when
+complete, so a run killed mid-save leaves the previous checkpoint intact and no half-written one.
+Loading uses `weights_only` unpickling: a checkpoint file cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest first (temporary directories are ignored)."""
+    root = checkpoint_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train (requires_grad), by name; frozen weights come from the base model."""
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    py_version, py_state, py_gauss = random.getstate()
+    np_state = np.random.get_state()
+    meta = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    return meta, tensors
+
+
+def _set_rng_state(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    version, state, gauss = meta["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+
+
+def save_checkpoint(
+    output_dir: str | os.PathLike,
+    step: int,
+    *,
+    accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler=None,
+    state: dict | None = None,
+    keep: int = 0,
+) -> Path:
+    """Write checkpoint `step` atomically; every process must call this (each saves its RNG state).
+
+    `model` is the unwrapped model; `state` is extra JSON-serialisable trainer state. Keeps the
+    newest `keep` checkpoints (0 = all).
+    """
+    root = checkpoint_dir(output_dir)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}"
+    rank = accelerator.process_index
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_file(trainable_state(model), tmp / "trainable.safetensors")
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if scheduler is not None:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        info = {"step": step, "num_processes": accelerator.num_processes, **(state or {})}
+        (tmp / "state.json").write_text(json.dumps(info, indent=1))
+    meta, tensors = _rng_state()
+    (tmp / f"rng-{rank}.json").write_text(json.dumps(meta))
+    save_file(tensors, tmp / f"rng-{rank}.safetensors")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep > 0:
+            for old in list_checkpoints(output_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler=None,
+) -> dict:
+    """Restore what `save_checkpoint` wrote into the given objects; return the saved trainer state."""
+    path = Path(path)
+    if not (path / "state.json").exists():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no state.json)")
+    state = json.loads((path / "state.json").read_text())
+    weights = load_file(path / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    unexpected = [n for n in weights if n not in params]
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    if optimizer is not None and (path / "optimizer.pt").exists():
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    if scheduler is not None and (path / "scheduler.pt").exists():
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rank = accelerator.process_index
+    if state.get("num_processes") == accelerator.num_processes and (path / f"rng-{rank}.json").exists():
+        _set_rng_state(json.loads((path / f"rng-{rank}.json").read_text()), load_file(path / f"rng-{rank}.safetensors"))
+    return state

@@ -1,0 +1,75 @@
+"""`rufus <command> --config cfg.yaml key=value ...`: parse, load the config, call the trainer.
+
+A thin shell over the Python API: every command is a function taking its config dataclass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# command -> (module, config class, function, one-line description)
+COMMANDS = {
+    "sft": ("rufus.trainers.sft", "SFTConfig", "train_sft", "supervised fine-tuning on demonstrations"),
+}
+
+
+def _load(command: str):
+    module, cfg_name, fn_name, _ = COMMANDS[command]
+    mod = importlib.import_module(module)
+    return getattr(mod, cfg_name), getattr(mod, fn_name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rufus",
+        description="Train language models from human feedback: SFT, reward models, RL.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    for name, (_, _, _, desc) in COMMANDS.items():
+        p = sub.add_parser(name, help=desc, description=desc, add_help=False,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("-h", "--help", action="store_true", help="list every config key and exit")
+        p.add_argument("--config", "-c", help="YAML config file (key=value overrides win)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lr=1e-5 data.train=x.jsonl")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from rufus import __version__
+
+        print(__version__)
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 2
+    from rufus.config import ConfigError, config_help, load_config
+
+    cfg_cls, fn = _load(args.command)
+    if args.help:
+        sub = parser._subparsers._group_actions[0].choices[args.command]  # noqa: SLF001
+        print(sub.format_help())
+        print(config_help(cfg_cls))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    from rufus.data.errors import DataError
+
+    try:
+        cfg = load_config(cfg_cls, args.config, args.overrides)
+        result = fn(cfg)
+    except (ConfigError, DataError) as e:
+        print(f"rufus {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    print(f"rufus {args.command}: done; output in {getattr(result, 'output_dir', '')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

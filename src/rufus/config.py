@@ -1,0 +1,378 @@
+"""Strict, typed configuration shared by every command.
+
+A command's config is a dataclass composed from the shared sections below (flat sections are
+mixed in as base classes, so their keys stay top-level: `model`, `lr`, `batch_size`; nested
+sections such as `data` and `lora` are fields). Values come from a YAML file first, then
+`key=value` / `a.b=value` overrides, which win. Unknown keys, wrong types and missing required
+values are errors that name the key and suggest the closest valid one.
+
+Every field is declared with `opt(default, "one-line doc")`; that doc is the `--help` text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A problem with a configuration key or value; the message names the key."""
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+"""Default of a field the user must set (dataclasses need a default on every mixed-in field)."""
+
+
+def opt(default: Any, help: str) -> Any:
+    """A documented config field. Mutable defaults (lists, dicts, sections) are copied per instance."""
+    meta = {"help": help}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    if isinstance(default, type) and dataclasses.is_dataclass(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --- shared sections -----------------------------------------------------------------------------
+
+
+@dataclass
+class ModelArgs:
+    """Which model and tokenizer to load, and how."""
+
+    model: str = opt(REQUIRED, "model to start from: local path, hub id, or builtin:tiny-llama")
+    tokenizer: str | None = opt(None, "tokenizer path or hub id (default: the model's)")
+    dtype: Literal["auto", "float32", "bfloat16"] = opt(
+        "auto",
+        "compute dtype; bfloat16 = bf16 autocast over float32 master weights; "
+        "auto = bfloat16 where the hardware runs it fast (CUDA with bf16, CPU with AMX), else float32",
+    )
+    trust_remote_code: bool = opt(False, "allow model code from the hub to run (off: untrusted code never runs)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
+    attn_implementation: str | None = opt(None, "attention kernel: eager, sdpa, flash_attention_2 (default: transformers' choice)")
+
+
+@dataclass
+class RunArgs:
+    """Where a run writes and how it is seeded."""
+
+    output_dir: str = opt(REQUIRED, "directory for config.yaml, metrics.jsonl, checkpoints/ and final/")
+    seed: int = opt(0, "random seed; multi-process runs use seed + rank for sampling")
+    overwrite: bool = opt(False, "start afresh even if output_dir holds checkpoints of an earlier run")
+
+
+@dataclass
+class OptimArgs:
+    """Optimiser, schedule and batch sizes."""
+
+    lr: float = opt(2e-5, "peak learning rate (AdamW)")
+    batch_size: int = opt(8, "examples per optimiser step, over all processes and accumulation steps")
+    grad_accum: int = opt(1, "micro-batches per optimiser step (each process runs batch_size / (processes * grad_accum))")
+    max_steps: int = opt(-1, "optimiser steps to run; -1 = as many as `epochs` passes over the data take")
+    epochs: float = opt(1.0, "passes over the training data when max_steps is -1")
+    warmup_steps: int = opt(0, "linear warm-up steps (overrides warmup_ratio when > 0)")
+    warmup_ratio: float = opt(0.0, "fraction of max_steps used for linear warm-up")
+    scheduler: Literal["linear", "cosine", "constant"] = opt("linear", "learning-rate decay after warm-up")
+    weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norm weights)")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.999, "AdamW beta2")
+    adam_eps: float = opt(1e-8, "AdamW epsilon")
+    max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0 = no clipping)")
+
+
+@dataclass
+class LogArgs:
+    """Logging, evaluation, checkpoints and resuming."""
+
+    log_every: int = opt(1, "write a metrics.jsonl row every this many steps")
+    eval_every: int = opt(0, "evaluate every this many steps (0 = only at the end, when eval data exists)")
+    save_every: int = opt(0, "write a checkpoint every this many steps (0 = none until the end)")
+    save_total_limit: int = opt(2, "keep at most this many checkpoints (0 = keep all)")
+    resume: Union[bool, str] = opt(False, "true = continue from the latest checkpoint in output_dir; or a checkpoint path")
+    report_to: list[str] = opt([], "extra metric sinks: tensorboard, wandb (metrics.jsonl is always written)")
+    progress: bool = opt(True, "show a progress bar")
+
+
+@dataclass
+class DataConfig:
+    """Training and evaluation data (local jsonl/json/csv/parquet files or a hub dataset name)."""
+
+    train: str = opt(REQUIRED, "training data: a .jsonl/.json/.csv/.parquet file or a hub dataset name")
+    eval: str | None = opt(None, "evaluation data, same forms as `train`")
+    train_split: str = opt("train", "split to read when `train` is a hub dataset")
+    eval_split: str = opt("test", "split to read when `eval` is a hub dataset")
+    max_length: int = opt(1024, "longest prompt + response in tokens")
+    max_prompt_length: int | None = opt(None, "longest prompt in tokens (default: max_length - 1)")
+    truncation: Literal["reject", "drop", "truncate"] = opt(
+        "reject",
+        "too-long rows: reject = stop with an error naming the row; drop = skip them; "
+        "truncate = cut the prompt from the left, then the response from the right",
+    )
+    completion_only_loss: bool = opt(True, "SFT loss on response tokens only (prompt tokens masked)")
+    chat_template: str | None = opt(None, "Jinja chat template overriding the tokenizer's")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (peft). With LoRA the frozen reference is the base with adapters disabled."""
+
+    r: int = opt(0, "LoRA rank; 0 = train all weights, no LoRA")
+    alpha: int = opt(16, "LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = opt(0.0, "dropout on the LoRA path")
+    target_modules: list[str] = opt(["all-linear"], "modules to adapt: names, or all-linear")
+    merge: bool = opt(True, "save final/ with the adapters merged into the base weights")
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def all_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every settable key of `cls`, nested sections as dotted names, in declaration order."""
+    keys = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_section(tp):
+            keys += all_keys(tp, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _closest(name: str, choices: list[str]) -> str:
+    near = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    if not near:  # also match on the last part: "train" -> "data.train"
+        near = [c for c in choices if c.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1]][:1]
+    return f"; did you mean '{near[0]}'?" if near else ""
+
+
+def type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "|".join(str(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(type_name(a) for a in typing.get_args(tp))
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(type_name(a) for a in typing.get_args(tp))}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, raw: str | None = None) -> Any:
+    """Check `value` against type `tp`; return it (converted where lossless). `raw` is the
+    override's original text, used as-is for string-typed keys so `name=123` stays "123"."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        # Prefer the raw string for a string-accepting union when the text did not parse as
+        # something else the union accepts (e.g. resume=true stays bool, resume=ckpt/ stays str).
+        errors = []
+        for arg in [a for a in args if a is not type(None)]:
+            try:
+                return _coerce(value, arg, key, raw if arg is str else None)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f"; did you mean '{near[0]}'?" if near else ""
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}{hint}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str) and item is str:
+            # a single name, or a comma-separated list from the command line
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        k_tp, v_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {_coerce(k, k_tp, key): _coerce(v, v_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected bool (true/false), got {type(value).__name__} {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer() and raw is None:
+            return int(value)
+        raise ConfigError(f"{key}: expected int, got {type(value).__name__} {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+            try:
+                out = float(value)
+            except ValueError:
+                pass
+            else:
+                if not math.isnan(out):
+                    return out
+        raise ConfigError(f"{key}: expected float, got {type(value).__name__} {value!r}")
+    if tp is str:
+        if raw is not None:
+            return raw
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected str, got {type(value).__name__} {value!r}")
+    raise TypeError(f"{key}: unsupported config type {tp!r}")
+
+
+def _parse_override(item: str) -> tuple[str, Any, str]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key, value, text
+
+
+def _flatten(d: dict, cls: type | None, prefix: str = "") -> dict[str, Any]:
+    """Nested YAML mappings -> dotted keys, descending only into the config's sections (so a
+    dict-typed value stays whole). Dotted keys in YAML (`data.train: x`) are accepted too."""
+    hints = _hints(cls) if cls is not None else {}
+    out = {}
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        head = str(k).split(".", 1)[0]
+        tp = hints.get(head)
+        if isinstance(v, dict) and "." not in str(k) and _is_section(tp):
+            out.update(_flatten(v, tp, name + "."))
+        else:
+            out[name] = v
+    return out
+
+
+def _build(cls: type, values: dict[str, tuple[Any, str | None]], prefix: str = "") -> Any:
+    hints = _hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], prefix + f.name
+        if _is_section(tp):
+            kwargs[f.name] = _build(tp, values, key + ".")
+        elif key in values:
+            value, raw = values[key]
+            kwargs[f.name] = _coerce(value, tp, key, raw)
+    return cls(**kwargs)
+
+
+def _check_required(cfg: Any, prefix: str = "") -> None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_required(value, prefix + f.name + ".")
+        elif value is REQUIRED:
+            raise ConfigError(f"{prefix}{f.name}: required, but not set ({f.metadata.get('help', '')})")
+
+
+def load_config(cls: type, path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                defaults: dict | None = None):
+    """Build a `cls` from `defaults` (a command's own), then YAML `path`, then `key=value` overrides.
+
+    Raises ConfigError naming the key for unknown keys, wrong types and missing required values.
+    """
+    values: dict[str, tuple[Any, str | None]] = {}
+    for k, v in _flatten(defaults or {}, cls).items():
+        values[k] = (v, None)
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+        for k, v in _flatten(loaded, cls).items():
+            values[k] = (v, None)
+    for item in overrides or []:
+        key, value, raw = _parse_override(item)
+        values[key] = (value, raw)
+    valid = all_keys(cls)
+    for key in values:
+        if key not in valid:
+            raise ConfigError(f"unknown key '{key}'{_closest(key, valid)}")
+    cfg = _build(cls, values)
+    _check_required(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_help(cls: type) -> str:
+    """Every key with its type, default and one-line doc, grouped by section."""
+    lines: list[str] = []
+
+    def walk(c: type, prefix: str) -> None:
+        hints = _hints(c)
+        for f in dataclasses.fields(c):
+            tp = hints[f.name]
+            if _is_section(tp):
+                lines.append(f"\n  [{prefix}{f.name}] {(tp.__doc__ or '').strip().splitlines()[0]}")
+                walk(tp, prefix + f.name + ".")
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            else:
+                default = f.default_factory()  # type: ignore[misc]
+            shown = "REQUIRED" if default is REQUIRED else yaml.safe_dump(default, default_flow_style=True).strip()
+            shown = shown.removesuffix("\n...").strip()
+            lines.append(f"  {prefix + f.name:<28} {type_name(tp):<30} {shown:<14} {f.metadata.get('help', '')}")
+
+    walk(cls, "")
+    return "config keys (set in --config YAML or as key=value / section.key=value):\n" + "\n".join(lines)

@@ -1,0 +1,157 @@
+"""Loading and saving models and tokenizers in Hugging Face format.
+
+Any checkpoint that `AutoModelForCausalLM.from_pretrained` loads works as input (local path or hub
+id), plus `builtin:<name>` for the tiny models Rufus builds itself (see `models/tiny.py`). Remote
+model code runs only when `trust_remote_code` is set; weights load through safetensors where the
+checkpoint has them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PAD_TOKEN = "<|pad|>"
+
+
+def resolve_model_path(name: str) -> str:
+    """`builtin:tiny-llama` -> its cached directory (built on first use); anything else unchanged."""
+    if name.startswith("builtin:"):
+        from rufus.models.tiny import builtin_model_path
+
+        return str(builtin_model_path(name.removeprefix("builtin:")))
+    return name
+
+
+def amx_available() -> bool:
+    """True when this CPU has AMX bf16 tiles (bf16 matrix products then run several times faster)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return "amx_bf16" in f.read()
+    except OSError:
+        return False
+
+
+def resolve_dtype(dtype: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """The compute dtype for `dtype` in {float32, bfloat16, auto} on `device`."""
+    if dtype == "float32":
+        return torch.float32
+    if dtype == "bfloat16":
+        return torch.bfloat16
+    if dtype != "auto":
+        raise ValueError(f"dtype: {dtype!r} is not one of float32, bfloat16, auto")
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if amx_available() else torch.float32
+    return torch.float32
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False, chat_template: str | None = None):
+    """Load a tokenizer and give it a pad token of its own when it has none.
+
+    The pad token is a new special token, not EOS: if pad were EOS, masking padding would also
+    mask the real EOS labels and the model would never learn to stop. A model trained with this
+    tokenizer must have its embeddings resized (`load_causal_lm` does it).
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+        log.info("tokenizer %s has no pad token; added %s (id %d)", name, PAD_TOKEN, tokenizer.pad_token_id)
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_causal_lm(
+    name: str,
+    *,
+    tokenizer=None,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    gradient_checkpointing: bool = False,
+    attn_implementation: str | None = None,
+):
+    """Load a causal LM with weights in `dtype`, its vocabulary matched to `tokenizer`."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), **kwargs)
+    if tokenizer is not None:
+        match_vocabulary(model, tokenizer)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def match_vocabulary(model, tokenizer) -> None:
+    """Grow the embeddings when the tokenizer gained tokens (a new pad token); record the pad id."""
+    n = len(tokenizer)
+    if model.get_input_embeddings().weight.shape[0] < n:
+        model.resize_token_embeddings(n)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def apply_lora(model, lora):
+    """Wrap `model` with LoRA adapters per the `lora` config section; only adapters stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora.target_modules
+    target_modules = "all-linear" if targets in (["all-linear"], "all-linear") else list(targets)
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=target_modules,
+        task_type="CAUSAL_LM",
+    )
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    return get_peft_model(model, config)
+
+
+def set_dropout(model, p: float = 0.0) -> None:
+    """Set every dropout probability in `model` to `p` (RL needs it off so logprobs are reproducible)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+
+
+def save_model(model, tokenizer, path: str | os.PathLike, *, merge_lora: bool = True) -> Path:
+    """Save `model` + `tokenizer` to `path` in Hugging Face format, atomically (temp dir + rename).
+
+    A LoRA model is saved merged (a plain model that `AutoModelForCausalLM.from_pretrained` loads)
+    when `merge_lora`, else as an adapter directory. The live model is left unmerged.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    to_save = model
+    if merge_lora and hasattr(model, "peft_config"):
+        import copy
+
+        to_save = copy.deepcopy(model).merge_and_unload()
+    to_save.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    old = path.with_name(f".{path.name}.old")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path

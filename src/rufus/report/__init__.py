@@ -1,0 +1,1 @@
+"""Run records: metrics.jsonl (always), optional tensorboard / wandb, and plots."""

@@ -1,0 +1,244 @@
+"""Pieces every trainer's loop uses: run set-up, batch order, optimiser, checkpoints, logging.
+
+Plain functions and two small records, not a base class: each trainer still reads top to bottom
+as its algorithm, calling these for the parts that are the same everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rufus.config import ConfigError, load_config, save_config, to_dict
+
+log = logging.getLogger(__name__)
+
+
+def as_config(cls: type, config):
+    """Accept a config object, or a dict of key -> value as a YAML file would hold it."""
+    if isinstance(config, cls):
+        return config
+    if isinstance(config, dict):
+        return load_config(cls, defaults=config)
+    raise TypeError(f"expected {cls.__name__} or dict, got {type(config).__name__}")
+
+
+@dataclass
+class Run:
+    cfg: object
+    accelerator: object
+    output_dir: Path
+    resume_from: Path | None  # checkpoint to continue from, if any
+    compute_dtype: torch.dtype
+
+
+def start_run(cfg) -> Run:
+    """Seed, create the accelerator, settle resume vs fresh start, and save config.yaml.
+
+    Refuses to start afresh over an earlier run's checkpoints unless `overwrite` is set, so no
+    result is lost by a mistyped command.
+    """
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import set_seed
+
+    from rufus.checkpoint import latest_checkpoint, list_checkpoints
+    from rufus.models.loading import resolve_dtype
+
+    state = PartialState()
+    compute_dtype = resolve_dtype(cfg.dtype, state.device)
+    acc = Accelerator(mixed_precision="bf16" if compute_dtype == torch.bfloat16 else "no")
+    set_seed(cfg.seed + acc.process_index)
+    out = Path(cfg.output_dir)
+
+    resume_from = None
+    if cfg.resume not in (False, "", "false"):
+        if cfg.resume is True or cfg.resume == "true":
+            resume_from = latest_checkpoint(out)
+            if resume_from is None:
+                log.warning("resume=true but %s has no checkpoint; starting from step 0", out)
+        else:
+            resume_from = Path(cfg.resume)
+            if not (resume_from / "state.json").exists():
+                raise ConfigError(f"resume: {resume_from} is not a checkpoint directory (no state.json)")
+    elif list_checkpoints(out) and not cfg.overwrite:
+        raise ConfigError(
+            f"output_dir: {out} holds checkpoints of an earlier run; set resume=true to continue it, "
+            "overwrite=true to start afresh, or choose another output_dir"
+        )
+    if acc.is_main_process:
+        save_config(cfg, out / "config.yaml")
+    acc.wait_for_everyone()
+    return Run(cfg, acc, out, resume_from, compute_dtype)
+
+
+class BatchPlan:
+    """Which examples make up each optimiser step, identical for any number of processes.
+
+    The examples form one stream: epoch e is a permutation drawn from (seed, e), epochs follow
+    each other, and step s (1-based) takes stream positions [(s-1)B, sB). Each process takes its
+    contiguous share of a step's B examples and splits it into grad_accum micro-batches. Because
+    the order is a function of (seed, step) alone, resuming at step s needs no saved sampler state.
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, grad_accum: int, num_processes: int,
+                 process_index: int, seed: int):
+        if num_examples == 0:
+            raise ValueError("no training examples")
+        if batch_size % (num_processes * grad_accum):
+            raise ConfigError(
+                f"batch_size: {batch_size} does not split into {num_processes} processes x "
+                f"grad_accum {grad_accum} equal micro-batches"
+            )
+        self.n, self.batch_size, self.grad_accum = num_examples, batch_size, grad_accum
+        self.num_processes, self.process_index, self.seed = num_processes, process_index, seed
+        self._perm: tuple[int, list[int]] | None = None
+
+    def steps_for_epochs(self, epochs: float) -> int:
+        return max(1, math.ceil(epochs * self.n / self.batch_size))
+
+    def _epoch(self, e: int) -> list[int]:
+        if self._perm is None or self._perm[0] != e:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
+            self._perm = (e, torch.randperm(self.n, generator=g).tolist())
+        return self._perm[1]
+
+    def global_batch(self, step: int) -> list[int]:
+        start = (step - 1) * self.batch_size
+        return [self._epoch(p // self.n)[p % self.n] for p in range(start, start + self.batch_size)]
+
+    def micro_batches(self, global_idx: list[int]) -> list[list[int]]:
+        share = len(global_idx) // self.num_processes
+        mine = global_idx[self.process_index * share:(self.process_index + 1) * share]
+        size = share // self.grad_accum
+        return [mine[i * size:(i + 1) * size] for i in range(self.grad_accum)]
+
+
+def load_trainable_lm(cfg, tokenizer):
+    """The model that trains: float32 master weights (bf16 compute comes from autocast), LoRA if set."""
+    from rufus.models.loading import apply_lora, load_causal_lm
+
+    model = load_causal_lm(
+        cfg.model,
+        tokenizer=tokenizer,
+        dtype=torch.float32,
+        trust_remote_code=cfg.trust_remote_code,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        attn_implementation=cfg.attn_implementation,
+    )
+    if cfg.lora.r > 0:
+        model = apply_lora(model, cfg.lora)
+    return model
+
+
+def make_optimizer(cfg, model, max_steps: int):
+    """AdamW over the trainable parameters (no weight decay on biases and norms) + LR schedule."""
+    from transformers import get_scheduler
+
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps
+    )
+    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else int(cfg.warmup_ratio * max_steps)
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.scheduler]
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps)
+    return optimizer, scheduler
+
+
+def maybe_resume(run: Run, model, optimizer, scheduler) -> int:
+    """Load the resume checkpoint, if any, into the objects; return the step it reached (0 if none)."""
+    if run.resume_from is None:
+        return 0
+    from rufus.checkpoint import load_checkpoint
+
+    state = load_checkpoint(run.resume_from, accelerator=run.accelerator, model=model,
+                            optimizer=optimizer, scheduler=scheduler)
+    log.info("resumed from %s at step %d", run.resume_from, state["step"])
+    return int(state["step"])
+
+
+def open_metrics(run: Run, start_step: int):
+    from rufus.report.metrics import MetricsLogger
+
+    return MetricsLogger(run.output_dir, enabled=run.accelerator.is_main_process, report_to=run.cfg.report_to,
+                         resume_step=start_step if run.resume_from else None, run_config=to_dict(run.cfg))
+
+
+def progress_bar(cfg, acc, total: int, initial: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+                disable=not (cfg.progress and acc.is_main_process))
+
+
+def sync_gradients_if(acc, model, last: bool):
+    """Skip the cross-process gradient all-reduce on all but the last micro-batch of a step."""
+    return contextlib.nullcontext() if last or acc.num_processes == 1 else acc.no_sync(model)
+
+
+def clip_and_step(cfg, acc, model, optimizer, scheduler) -> float:
+    """Clip the global gradient norm (when max_grad_norm > 0), step, zero; return the pre-clip norm."""
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)
+
+
+@dataclass
+class Window:
+    """Running sums between two metrics rows; flush() gives the means (and throughput)."""
+
+    sums: dict = field(default_factory=dict)
+    count: int = 0
+
+    def add(self, *, time: float, tokens: int, **values: float) -> None:
+        self.count += 1
+        for k, v in {"time": time, "tokens": tokens, **values}.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+
+    def flush(self, **extra) -> dict:
+        n = max(self.count, 1)
+        row = {k: v / n for k, v in self.sums.items() if k not in ("time", "tokens")}
+        row["time/step_s"] = self.sums.get("time", 0.0) / n
+        row["tokens_per_s"] = self.sums.get("tokens", 0.0) / max(self.sums.get("time", 0.0), 1e-9)
+        row.update(extra)
+        self.sums, self.count = {}, 0
+        return row
+
+
+def save_checkpoint(run: Run, step: int, model, optimizer, scheduler) -> Path:
+    from rufus import checkpoint
+
+    return checkpoint.save_checkpoint(run.output_dir, step, accelerator=run.accelerator, model=model,
+                                      optimizer=optimizer, scheduler=scheduler, keep=run.cfg.save_total_limit)
+
+
+def save_final(run: Run, model, tokenizer) -> Path:
+    """output_dir/final/: the model (LoRA merged when lora.merge) and tokenizer, Hugging Face format."""
+    from rufus.models.loading import save_model
+
+    final_dir = run.output_dir / "final"
+    if run.accelerator.is_main_process:
+        lora = getattr(run.cfg, "lora", None)
+        save_model(model, tokenizer, final_dir, merge_lora=lora.merge if lora is not None else True)
+    run.accelerator.wait_for_everyone()
+    return final_dir
+
+
+def finish_run(run: Run, plot_keys: list[str]) -> None:
+    if run.accelerator.is_main_process:
+        from rufus.report.plots import plot_metrics
+
+        plot_metrics(run.output_dir, plot_keys)
+    run.accelerator.wait_for_everyone()
+

@@ -1,0 +1,138 @@
+"""Supervised fine-tuning (SFT): next-token likelihood on (prompt, response) demonstrations.
+
+The first stage of the RLHF pipeline (InstructGPT, Ouyang et al. 2022, Sec. 3.5): the pretrained
+model imitates demonstrations, the loss counting response tokens only. An explicit loop on
+accelerate; one process or many (torchrun) give the same updates for the same global batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rufus.config import DataConfig, LoraConfig, LogArgs, ModelArgs, OptimArgs, RunArgs, opt
+from rufus.losses.sft import sft_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTConfig(LogArgs, OptimArgs, RunArgs, ModelArgs):
+    """Supervised fine-tuning on prompt/completion or chat-formatted demonstrations."""
+
+    output_dir: str = opt("runs/sft", "directory for config.yaml, metrics.jsonl, checkpoints/ and final/")
+    data: DataConfig = opt(DataConfig, "training and evaluation data")
+    lora: LoraConfig = opt(LoraConfig, "LoRA adapters (lora.r > 0 turns them on)")
+
+
+@dataclass
+class SFTResult:
+    output_dir: Path
+    final_dir: Path
+    steps: int
+    metrics: list[dict]  # every row written to metrics.jsonl by this process (main process only)
+
+
+def train_sft(config: SFTConfig | dict) -> SFTResult:
+    """Run SFT as configured; return where the model went and what was logged."""
+    from rufus.trainers import common
+
+    cfg = common.as_config(SFTConfig, config)
+    run = common.start_run(cfg)  # accelerator, seeds, output_dir checks, resume point, config.yaml
+    acc = run.accelerator
+
+    # 1. data: load, validate and tokenise everything before any model is loaded
+    from rufus.data.loading import load_records
+    from rufus.data.sft import SFTCollator, tokenize_sft
+    from rufus.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code,
+                               chat_template=cfg.data.chat_template)
+    tok_kwargs = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
+                      truncation=cfg.data.truncation, completion_only_loss=cfg.data.completion_only_loss)
+    train = tokenize_sft(load_records(cfg.data.train, format="sft", split=cfg.data.train_split, key="data.train"),
+                         tokenizer, key="data.train", **tok_kwargs)
+    evals = None
+    if cfg.data.eval:
+        evals = tokenize_sft(load_records(cfg.data.eval, format="sft", split=cfg.data.eval_split, key="data.eval"),
+                             tokenizer, key="data.eval", **tok_kwargs)
+    collate = SFTCollator(tokenizer.pad_token_id)
+    batches = common.BatchPlan(len(train), cfg.batch_size, cfg.grad_accum, acc.num_processes, acc.process_index, cfg.seed)
+    max_steps = cfg.max_steps if cfg.max_steps > 0 else batches.steps_for_epochs(cfg.epochs)
+    # the whole optimiser batch's labelled-token count is the loss denominator (see sft_loss)
+    label_counts = [sum(1 for t in ex["labels"][1:] if t != -100) for ex in train]
+
+    # 2. model, LoRA, optimiser, schedule
+    model = common.load_trainable_lm(cfg, tokenizer)
+    optimizer, scheduler = common.make_optimizer(cfg, model, max_steps)
+    model, optimizer = acc.prepare(model, optimizer)
+    start_step = common.maybe_resume(run, acc.unwrap_model(model), optimizer, scheduler)
+    logger = common.open_metrics(run, start_step)
+
+    # 3. the loop: one optimiser step per global batch of cfg.batch_size examples
+    progress = common.progress_bar(cfg, acc, max_steps, start_step, desc="sft")
+    window = common.Window()
+    model.train()
+    for step in range(start_step + 1, max_steps + 1):
+        t0 = time.perf_counter()
+        global_idx = batches.global_batch(step)
+        num_tokens = sum(label_counts[i] for i in global_idx)
+        nll_sum = torch.zeros((), device=acc.device)
+        micro = batches.micro_batches(global_idx)
+        for k, idx in enumerate(micro):
+            batch = {n: t.to(acc.device) for n, t in collate([train[i] for i in idx]).items()}
+            with common.sync_gradients_if(acc, model, last=k == len(micro) - 1), acc.autocast():
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                # DDP averages gradients over processes, hence * num_processes
+                loss, stats = sft_loss(logits, batch["labels"], num_tokens=max(num_tokens, 1) / acc.num_processes)
+                acc.backward(loss)
+            nll_sum += stats["nll_sum"]
+        grad_norm = common.clip_and_step(cfg, acc, model, optimizer, scheduler)
+        loss_value = acc.reduce(nll_sum, reduction="sum").item() / max(num_tokens, 1)
+        window.add(loss=loss_value, grad_norm=grad_norm, time=time.perf_counter() - t0, tokens=num_tokens)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss_value:.4f}")
+
+        # 4. log, evaluate, checkpoint
+        row = {}
+        if step % cfg.log_every == 0 or step == max_steps:
+            row.update(window.flush(lr=scheduler.get_last_lr()[0], epoch=step * cfg.batch_size / len(train)))
+        if evals and ((cfg.eval_every and step % cfg.eval_every == 0) or step == max_steps):
+            row.update(evaluate(model, evals, collate, acc, cfg.batch_size // acc.num_processes // cfg.grad_accum))
+            model.train()
+        if row:
+            logger.log(step, row)
+        if (cfg.save_every and step % cfg.save_every == 0) or step == max_steps:
+            common.save_checkpoint(run, step, acc.unwrap_model(model), optimizer, scheduler)
+    progress.close()
+
+    # 5. the final model, loadable with AutoModelForCausalLM.from_pretrained
+    final_dir = common.save_final(run, acc.unwrap_model(model), tokenizer)
+    logger.close()
+    common.finish_run(run, ["loss", "eval/loss", "lr", "grad_norm"])
+    return SFTResult(Path(cfg.output_dir), final_dir, max_steps, logger.rows)
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[dict], collate, acc, micro_batch: int) -> dict:
+    """Token-level NLL and perplexity over `examples`, shared out across processes."""
+    model.eval()
+    nll = torch.zeros((), device=acc.device)
+    count = torch.zeros((), device=acc.device)
+    mine = list(range(acc.process_index, len(examples), acc.num_processes))
+    for start in range(0, len(mine), max(micro_batch, 1)):
+        batch = collate([examples[i] for i in mine[start:start + max(micro_batch, 1)]])
+        batch = {n: t.to(acc.device) for n, t in batch.items()}
+        with acc.autocast():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        _, stats = sft_loss(logits, batch["labels"])
+        nll += stats["nll_sum"]
+        count += stats["num_tokens"]
+    nll, count = acc.reduce(nll, reduction="sum").item(), acc.reduce(count, reduction="sum").item()
+    loss = nll / max(count, 1)
+    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
