@@ -103,7 +103,7 @@ class LogArgs:
     eval_every: int = opt(0, "evaluate every this many steps (0 = only at the end, when eval data exists)")
     save_every: int = opt(0, "write a checkpoint every this many steps (0 = none until the end)")
     save_total_limit: int = opt(2, "keep at most this many checkpoints (0 = keep all)")
-    resume: Union[bool, str] = opt(False, "true = continue from the latest checkpoint in output_dir; or a checkpoint path")
+    resume: bool | str = opt(False, "true = continue from the latest checkpoint in output_dir; or a checkpoint path")
     report_to: list[str] = opt([], "extra metric sinks: tensorboard, wandb (metrics.jsonl is always written)")
     progress: bool = opt(True, "show a progress bar")
 

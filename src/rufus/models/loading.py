@@ -120,7 +120,10 @@ def apply_lora(model, lora):
         target_modules=target_modules,
         task_type="CAUSAL_LM",
     )
-    if getattr(model, "is_gradient_checkpointing", False):
+    checkpointing = getattr(model, "is_activation_checkpointing", None)
+    if checkpointing is None:  # older transformers
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     return get_peft_model(model, config)
 

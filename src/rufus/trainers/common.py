@@ -38,20 +38,29 @@ class Run:
 
 
 def start_run(cfg) -> Run:
-    """Seed, create the accelerator, settle resume vs fresh start, and save config.yaml.
+    """Seed, create the accelerator, and settle resume vs fresh start. Writes nothing.
 
     Refuses to start afresh over an earlier run's checkpoints unless `overwrite` is set, so no
     result is lost by a mistyped command.
     """
     from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
     from rufus.checkpoint import latest_checkpoint, list_checkpoints
     from rufus.models.loading import resolve_dtype
 
-    state = PartialState()
+    # With no accelerator device, say so: accelerate treats a torchrun launch as multi-process
+    # (gloo) only when told the run is on CPU; otherwise every process would think it is alone.
+    cpu = not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+               or torch.backends.mps.is_available())
+    state = PartialState(cpu=cpu)
     compute_dtype = resolve_dtype(cfg.dtype, state.device)
-    acc = Accelerator(mixed_precision="bf16" if compute_dtype == torch.bfloat16 else "no")
+    # One Python process may run several stages (a pipeline, tests) with different precisions;
+    # accelerate keeps its state as a singleton, so forget the previous stage's choice first.
+    # The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
+    acc = Accelerator(cpu=cpu, mixed_precision="bf16" if compute_dtype == torch.bfloat16 else "no")
     set_seed(cfg.seed + acc.process_index)
     out = Path(cfg.output_dir)
 
@@ -70,9 +79,6 @@ def start_run(cfg) -> Run:
             f"output_dir: {out} holds checkpoints of an earlier run; set resume=true to continue it, "
             "overwrite=true to start afresh, or choose another output_dir"
         )
-    if acc.is_main_process:
-        save_config(cfg, out / "config.yaml")
-    acc.wait_for_everyone()
     return Run(cfg, acc, out, resume_from, compute_dtype)
 
 
@@ -166,8 +172,12 @@ def maybe_resume(run: Run, model, optimizer, scheduler) -> int:
 
 
 def open_metrics(run: Run, start_step: int):
+    """Write output_dir/config.yaml and open metrics.jsonl. Trainers call this once data and models
+    have loaded, so a run that fails on bad input leaves an earlier run's files as they were."""
     from rufus.report.metrics import MetricsLogger
 
+    if run.accelerator.is_main_process:
+        save_config(run.cfg, run.output_dir / "config.yaml")
     return MetricsLogger(run.output_dir, enabled=run.accelerator.is_main_process, report_to=run.cfg.report_to,
                          resume_step=start_step if run.resume_from else None, run_config=to_dict(run.cfg))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from rufus.config import DataConfig, LoraConfig, LogArgs, ModelArgs, OptimArgs, RunArgs, opt
+from rufus.config import DataConfig, LogArgs, LoraConfig, ModelArgs, OptimArgs, RunArgs, opt
 from rufus.losses.sft import sft_loss
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ class SFTResult:
     final_dir: Path
     steps: int
     metrics: list[dict]  # every row written to metrics.jsonl by this process (main process only)
+    model: object = None  # the trained model (unwrapped; a peft model under LoRA)
 
 
 def train_sft(config: SFTConfig | dict) -> SFTResult:
@@ -55,12 +56,13 @@ def train_sft(config: SFTConfig | dict) -> SFTResult:
                                chat_template=cfg.data.chat_template)
     tok_kwargs = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
                       truncation=cfg.data.truncation, completion_only_loss=cfg.data.completion_only_loss)
-    train = tokenize_sft(load_records(cfg.data.train, format="sft", split=cfg.data.train_split, key="data.train"),
-                         tokenizer, key="data.train", **tok_kwargs)
-    evals = None
-    if cfg.data.eval:
-        evals = tokenize_sft(load_records(cfg.data.eval, format="sft", split=cfg.data.eval_split, key="data.eval"),
-                             tokenizer, key="data.eval", **tok_kwargs)
+    with acc.main_process_first():  # the first process fills the datasets cache, the others read it
+        train = tokenize_sft(load_records(cfg.data.train, format="sft", split=cfg.data.train_split, key="data.train"),
+                             tokenizer, key="data.train", **tok_kwargs)
+        evals = None
+        if cfg.data.eval:
+            evals = tokenize_sft(load_records(cfg.data.eval, format="sft", split=cfg.data.eval_split, key="data.eval"),
+                                 tokenizer, key="data.eval", **tok_kwargs)
     collate = SFTCollator(tokenizer.pad_token_id)
     batches = common.BatchPlan(len(train), cfg.batch_size, cfg.grad_accum, acc.num_processes, acc.process_index, cfg.seed)
     max_steps = cfg.max_steps if cfg.max_steps > 0 else batches.steps_for_epochs(cfg.epochs)
@@ -115,7 +117,7 @@ def train_sft(config: SFTConfig | dict) -> SFTResult:
     final_dir = common.save_final(run, acc.unwrap_model(model), tokenizer)
     logger.close()
     common.finish_run(run, ["loss", "eval/loss", "lr", "grad_norm"])
-    return SFTResult(Path(cfg.output_dir), final_dir, max_steps, logger.rows)
+    return SFTResult(Path(cfg.output_dir), final_dir, max_steps, logger.rows, acc.unwrap_model(model))
 
 
 @torch.no_grad()

@@ -1,0 +1,300 @@
+"""Tokenisation for supervised fine-tuning, with the loss on the completion only, and its collator.
+
+Each row becomes ``{"input_ids": [...], "labels": [...]}`` with ``labels[t] = input_ids[t]`` where the
+model should learn the token and ``-100`` (ignored by the cross-entropy) elsewhere. Labels are aligned
+with the inputs, not shifted: Hugging Face causal LMs shift them inside ``forward``.
+
+Plain rows are tokenised the way they will be at generation time: the prompt on its own (with the
+tokenizer's special tokens, e.g. bos), then the completion without them, then eos, so the model learns
+to stop (Ouyang et al. 2022 and TRL's SFTTrainer do the same). Conversational rows are rendered by the
+tokenizer's chat template; every assistant turn is trained on (for ``messages``) or the completion's
+assistant turns (for prompt/completion message lists), located by rendering the conversation prefix by
+prefix: the same idea as TRL's ``assistant_only_loss``, but working with any prefix-stable template
+instead of needing ``{% generation %}`` tags in it.
+
+Rows longer than the limits are handled by an explicit policy, decided before any training:
+``reject`` (the default) stops with the row's location and lengths, ``drop`` skips it with a warning,
+``truncate`` cuts the prompt from the left and the completion from the right and logs how many rows it
+touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from rufus.data.errors import DataError
+from rufus.data.formats import clean_message
+from rufus.data.loading import Records
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label value torch.nn.functional.cross_entropy skips
+TRUNCATION = ("reject", "drop", "truncate")
+
+
+def render_prompt(tokenizer, prompt: str | list[dict[str, Any]]) -> str:
+    """Text the model sees before its answer: a plain prompt as is; a message list rendered by the chat
+    template with the generation prompt (e.g. "<|assistant|>\\n") appended.
+
+    The rendered text usually starts with the template's own bos, so tokenise it with
+    ``add_special_tokens=False`` (or use `encode_prompt`, which does the right thing for both kinds).
+    """
+    if isinstance(prompt, str):
+        return prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"tokenizer {_name(tokenizer)!r} has no chat template, so a conversational prompt cannot be "
+            "rendered; set tokenizer.chat_template, or use plain string prompts"
+        )
+    return tokenizer.apply_chat_template(
+        [clean_message(m) for m in prompt], tokenize=False, add_generation_prompt=True
+    )
+
+
+def encode_prompt(tokenizer, prompt: str | list[dict[str, Any]]) -> list[int]:
+    """Token ids of a prompt as generation will see them: special tokens added once, either by the
+    tokenizer (plain strings) or by the chat template (message lists), never both."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    return tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+
+
+@dataclass
+class _Encoded:
+    """One row's tokens before the length policy."""
+
+    ids: list[int]
+    in_loss: list[bool]  # the completion / assistant tokens: the ones labelled under completion-only loss
+    n_prompt: int  # tokens before the first completion token
+
+
+def tokenize_sft(
+    records: Records,
+    tokenizer,
+    *,
+    max_length: int,
+    max_prompt_length: int | None = None,
+    truncation: str = "reject",
+    completion_only_loss: bool = True,
+    key: str = "data.train",
+) -> list[dict[str, list[int]]]:
+    """Tokenise validated sft records into ``[{"input_ids", "labels"}]``, applying the length policy.
+
+    `max_length` bounds prompt + completion, `max_prompt_length` (optional, < max_length) the prompt;
+    `truncation` is "reject", "drop" or "truncate" (module docstring). `completion_only_loss=False`
+    labels every token. `key` is the config key the data came from; limits are named relative to it
+    ("data.train" -> "data.max_length") in error messages.
+    """
+    if truncation not in TRUNCATION:
+        raise ValueError(f"unknown truncation policy {truncation!r}; choose one of {', '.join(TRUNCATION)}")
+    section = key.rsplit(".", 1)[0]
+    if max_length < 1:
+        raise ValueError(f"{section}.max_length must be positive, got {max_length}")
+    if max_prompt_length is not None and not 0 < max_prompt_length < max_length:
+        raise ValueError(
+            f"{section}.max_prompt_length must be between 1 and {section}.max_length - 1 "
+            f"({max_length - 1}), got {max_prompt_length}"
+        )
+    if records.format and records.format != "sft":
+        raise ValueError(
+            f"tokenize_sft needs sft records, but {records.source} was loaded as {records.format!r}"
+        )
+    if tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"tokenizer {_name(tokenizer)!r} has no eos token, so completions cannot be terminated"
+        )
+    length_limit = f"{section}.max_length={max_length}"
+    prompt_limit = f"{section}.max_prompt_length={max_prompt_length}"
+
+    examples, dropped, truncated = [], [], 0
+    for i, row in enumerate(records.dataset):
+        where = f"{key}: {records.where(i)}"
+        enc, prompt_field, completion_field = _encode_row(tokenizer, row, where)
+        n_total, n_prompt = len(enc.ids), enc.n_prompt
+        prompt_over = max_prompt_length is not None and n_prompt > max_prompt_length
+        if prompt_over or n_total > max_length:
+            if truncation == "reject":
+                if prompt_over:
+                    problem, field = f"prompt is {n_prompt} tokens, limit {prompt_limit}", prompt_field
+                else:
+                    problem = (
+                        f"prompt + completion is {n_total} tokens (prompt {n_prompt}, completion "
+                        f"{n_total - n_prompt}), limit {length_limit}"
+                    )
+                    field = completion_field
+                raise DataError(problem, where=where, field=field)
+            if truncation == "drop":
+                dropped.append(records.where(i))
+                continue
+            enc = _truncate(enc, max_length, max_prompt_length, tokenizer.bos_token_id)
+            truncated += 1
+        if not any(enc.in_loss):
+            problem = "the completion has no tokens to train on"
+            # Only possible without max_prompt_length: the prompt alone filled max_length.
+            if len(enc.ids) < n_total:
+                problem = (
+                    f"no completion tokens left after truncation (prompt is {n_prompt} tokens, limit "
+                    f"{length_limit}); set {section}.max_prompt_length so long prompts are cut instead"
+                )
+            raise DataError(problem, where=where, field=completion_field)
+        labels = [
+            t if keep or not completion_only_loss else IGNORE_INDEX for t, keep in zip(enc.ids, enc.in_loss)
+        ]
+        examples.append({"input_ids": enc.ids, "labels": labels})
+
+    limits = length_limit + (f", {prompt_limit}" if max_prompt_length is not None else "")
+    if dropped:
+        if not examples:
+            raise DataError(
+                f"all {len(dropped)} rows are longer than {limits}; nothing left to train on",
+                where=f"{key}: {records.source}",
+            )
+        shown = ", ".join(dropped[:3]) + (", ..." if len(dropped) > 3 else "")
+        warnings.warn(
+            f"{key}: dropped {len(dropped)} of {len(records.dataset)} rows longer than {limits}: {shown}",
+            stacklevel=2,
+        )
+    if truncated:
+        logger.warning("%s: truncated %d of %d rows to fit %s", key, truncated, len(records.dataset), limits)
+    return examples
+
+
+def _encode_row(tokenizer, row: dict[str, Any], where: str) -> tuple[_Encoded, str, str]:
+    """Tokenise one validated sft row; also return the fields its prompt and completion came from."""
+    if row.get("messages") is not None:
+        return _encode_conversation(tokenizer, row["messages"], 0, where, "messages"), "messages", "messages"
+    if isinstance(row["prompt"], list):
+        messages = row["prompt"] + row["completion"]
+        return (
+            _encode_conversation(tokenizer, messages, len(row["prompt"]), where, "prompt"),
+            "prompt",
+            "completion",
+        )
+    return _encode_plain(tokenizer, row["prompt"], row["completion"]), "prompt", "completion"
+
+
+def _encode_plain(tokenizer, prompt: str, completion: str) -> _Encoded:
+    # Tokenised separately, as at generation time: BPE merges across the boundary would otherwise give
+    # token sequences the model never produces from a prompt.
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if not completion_ids or completion_ids[-1] != tokenizer.eos_token_id:
+        completion_ids = completion_ids + [tokenizer.eos_token_id]
+    return _Encoded(
+        ids=prompt_ids + completion_ids,
+        in_loss=[False] * len(prompt_ids) + [True] * len(completion_ids),
+        n_prompt=len(prompt_ids),
+    )
+
+
+def _encode_conversation(
+    tokenizer, messages: list[dict[str, Any]], first: int, where: str, field: str
+) -> _Encoded:
+    """Render a conversation and mark the tokens of its assistant turns from index `first` on.
+
+    An assistant turn's text runs from the end of ``render(messages[:i], add_generation_prompt=True)``
+    to the end of ``render(messages[:i+1])`` (its content and end-of-turn marker, e.g. eos); a token is
+    in the turn when its first character is.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"conversational rows need a chat template, and tokenizer {_name(tokenizer)!r} has none; "
+            "set tokenizer.chat_template, or use plain prompt/completion strings",
+            where=where,
+            field=field,
+        )
+    messages = [clean_message(m) for m in messages]
+    text = _render(tokenizer, messages, False, where, field)
+    spans = []
+    for i in range(first, len(messages)):
+        if messages[i]["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], True, where, field)
+        through = _render(tokenizer, messages[: i + 1], False, where, field)
+        if not (text.startswith(before) and text.startswith(through)):
+            raise DataError(
+                f"the chat template of tokenizer {_name(tokenizer)!r} is not prefix-stable: rendering the "
+                f"first {i + 1} messages is not a prefix of rendering the whole conversation (templates that "
+                "rewrite earlier turns, e.g. strip past reasoning, do this), so assistant turns cannot be "
+                "located",
+                where=where,
+                field=field,
+            )
+        spans.append((len(before), len(through)))
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    in_loss = [any(start <= s < end for start, end in spans) for s, _ in encoding["offset_mapping"]]
+    n_prompt = in_loss.index(True) if True in in_loss else len(in_loss)
+    return _Encoded(ids=list(encoding["input_ids"]), in_loss=in_loss, n_prompt=n_prompt)
+
+
+def _render(
+    tokenizer, messages: list[dict[str, Any]], generation_prompt: bool, where: str, field: str
+) -> str:
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except Exception as e:  # a template's raise_exception() or a jinja error: point at the row
+        raise DataError(
+            f"the chat template failed on this row: {type(e).__name__}: {e}", where=where, field=field
+        ) from e
+
+
+def _truncate(enc: _Encoded, max_length: int, max_prompt_length: int | None, bos_id: int | None) -> _Encoded:
+    """Cut the prompt from the left to `max_prompt_length`, then the whole sequence from the right to
+    `max_length`. The left cut keeps the end of the prompt, which the response answers, and a leading
+    bos, which every sequence the model was pretrained on starts with."""
+    ids, in_loss, n_prompt = enc.ids, enc.in_loss, enc.n_prompt
+    if max_prompt_length is not None and n_prompt > max_prompt_length:
+        head = 1 if bos_id is not None and ids[0] == bos_id and max_prompt_length > 1 else 0
+        cut = n_prompt - max_prompt_length
+        ids, in_loss = ids[:head] + ids[head + cut :], in_loss[:head] + in_loss[head + cut :]
+        n_prompt = max_prompt_length
+    ids, in_loss = ids[:max_length], in_loss[:max_length]
+    return _Encoded(ids=ids, in_loss=in_loss, n_prompt=min(n_prompt, len(ids)))
+
+
+def _name(tokenizer) -> str:
+    return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+
+
+class SFTCollator:
+    """Right-pad a list of tokenised examples into a batch of LongTensors.
+
+    Returns ``input_ids`` (B, T) padded with `pad_token_id`, ``attention_mask`` (B, T) with 1 on real
+    tokens and 0 on padding, and ``labels`` (B, T) padded with -100 so padding never enters the loss.
+    T is the longest example, rounded up to `pad_to_multiple_of` (tensor-core friendly shapes on GPU).
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        if pad_token_id is None:
+            raise ValueError(
+                "SFTCollator needs a pad_token_id; the tokenizer has none (set tokenizer.pad_token, "
+                "e.g. to a dedicated '<pad>' token or to its eos token)"
+            )
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be positive, got {pad_to_multiple_of}")
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, examples: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        longest = max(len(e["input_ids"]) for e in examples)
+        if self.pad_to_multiple_of:
+            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        shape = (len(examples), longest)
+        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)  # (B, T)
+        attention_mask = torch.zeros(shape, dtype=torch.long)  # (B, T) 1 = real token
+        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)  # (B, T) -100 = not in the loss
+        for b, example in enumerate(examples):
+            n = len(example["input_ids"])
+            if len(example["labels"]) != n:
+                raise ValueError(f"example {b} has {n} input_ids but {len(example['labels'])} labels")
+            input_ids[b, :n] = torch.tensor(example["input_ids"], dtype=torch.long)
+            attention_mask[b, :n] = 1
+            labels[b, :n] = torch.tensor(example["labels"], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

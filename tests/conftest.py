@@ -1,0 +1,15 @@
+"""Test-wide set-up. Tests never touch the network, and never write into the user's caches.
+
+Set before anything imports `datasets` / `huggingface_hub`, which read these once at import time.
+"""
+
+import atexit
+import os
+import shutil
+import tempfile
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+if "HF_DATASETS_CACHE" not in os.environ:
+    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="rufus-tests-datasets-")
+    atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)

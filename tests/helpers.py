@@ -1,0 +1,36 @@
+"""Test helpers: tiny models and tokenizers built in the test, data files written in the test."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rufus.models.tiny import build_tiny
+
+WORDS = "the cat sat on a mat and the dog ran to sea what is one two three plus equals yes no hello".split()
+
+
+def tiny_corpus(n: int = 400) -> list[str]:
+    """Deterministic short sentences for training a test tokenizer."""
+    out = []
+    for i in range(n):
+        words = [WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(3 + i % 6)]
+        out.append(" ".join(words) + (" ?" if i % 3 == 0 else " ."))
+    return out + [str(i) for i in range(100)]
+
+
+def make_tiny_model_dir(path: Path, *, vocab_size: int = 300, **kwargs) -> Path:
+    """A tiny random Llama (or arch=gpt2) + byte-level BPE tokenizer saved as a HF directory."""
+    return build_tiny(path, tiny_corpus(), vocab_size=vocab_size, **kwargs)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def sft_rows(n: int = 8) -> list[dict]:
+    """n distinct prompt/completion pairs."""
+    return [{"prompt": f"what is {i} plus {i + 1} ?", "completion": f" {i} plus {i + 1} equals {2 * i + 1} ."}
+            for i in range(n)]
