@@ -67,8 +67,24 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"rufus {args.command}: error: {e}", file=sys.stderr)
         return 2
-    print(f"rufus {args.command}: done; output in {getattr(result, 'output_dir', '')}")
+    print_summary(args.command, result)
     return 0
+
+
+def print_summary(command: str, result) -> None:
+    """The last logged values and where the outputs are, as a small table."""
+    rows = getattr(result, "metrics", None) or []
+    if rows:
+        last = {}
+        for row in rows:  # the latest value of every metric, eval ones included
+            last.update(row)
+        width = max(len(k) for k in last)
+        print(f"\nrufus {command}: finished at step {last.get('step')}")
+        for key, value in last.items():
+            if key != "step":
+                print(f"  {key:<{width}}  {value:.4g}" if isinstance(value, float) else f"  {key:<{width}}  {value}")
+    print(f"rufus {command}: outputs in {getattr(result, 'output_dir', '')}"
+          + (f"; final model in {result.final_dir}" if getattr(result, "final_dir", None) else ""))
 
 
 if __name__ == "__main__":

@@ -139,3 +139,25 @@ def test_bad_data_fails_before_anything_is_written(tiny, train_file, tmp_path):
 def test_batch_size_must_split_evenly(tiny, train_file, tmp_path):
     with pytest.raises(ConfigError, match="batch_size"):
         train_sft(base_config(tiny, train_file, tmp_path / "run", batch_size=6, grad_accum=4))
+
+
+def test_grad_accum_does_not_change_the_updates(tiny, tmp_path):
+    # rows of different lengths, so per-micro-batch averaging would differ from the global average
+    rows = [{"prompt": "what is one ?", "completion": " one" + " plus one" * (i % 4) + " ."} for i in range(8)]
+    data = write_jsonl(tmp_path / "uneven.jsonl", rows)
+    a = train_sft(base_config(tiny, data, tmp_path / "a", max_steps=4, grad_accum=1))
+    b = train_sft(base_config(tiny, data, tmp_path / "b", max_steps=4, grad_accum=4))
+    la = [r["loss"] for r in a.metrics]
+    lb = [r["loss"] for r in b.metrics]
+    assert lb == pytest.approx(la, abs=1e-5)
+    wa, wb = load_file(a.final_dir / "model.safetensors"), load_file(b.final_dir / "model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_chat_messages_train_on_assistant_turns(tiny, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"what is {i} ?"},
+                          {"role": "assistant", "content": f"{i} is {i} ."}]} for i in range(8)]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    result = train_sft(base_config(tiny, data, tmp_path / "chat", max_steps=40, log_every=5))
+    losses = [r["loss"] for r in result.metrics]
+    assert losses[-1] < 0.5 * losses[0]

@@ -1,0 +1,50 @@
+"""The command line: help lists keys, errors name the key, a run goes end to end."""
+
+import pytest
+import yaml
+
+from rufus.cli import main
+from rufus.config import load_config
+from rufus.trainers.sft import SFTConfig
+from tests.helpers import make_tiny_model_dir, sft_rows, write_jsonl
+
+
+def test_help_lists_every_key(capsys):
+    assert main(["sft", "--help"]) == 0
+    out = capsys.readouterr().out
+    for key in ("model", "data.train", "lora.target_modules", "grad_accum", "dtype"):
+        assert f"\n  {key} " in out
+
+
+def test_bad_key_is_an_error_naming_it(capsys):
+    assert main(["sft", "model=m", "data.train=x.jsonl", "bacth_size=4"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'bacth_size'" in err and "did you mean 'batch_size'" in err
+
+
+def test_missing_data_file_is_an_error(capsys, tmp_path):
+    model = make_tiny_model_dir(tmp_path / "m")
+    assert main(["sft", f"model={model}", f"data.train={tmp_path / 'nope.jsonl'}",
+                 f"output_dir={tmp_path / 'out'}"]) == 2
+    assert "nope.jsonl" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_cli_run_writes_config_metrics_and_final(capsys, tmp_path):
+    model = make_tiny_model_dir(tmp_path / "m")
+    data = write_jsonl(tmp_path / "d.jsonl", sft_rows(4))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"model": str(model), "data": {"train": str(data), "max_length": 40},
+                                   "batch_size": 4, "max_steps": 50, "lr": 1e-3, "progress": False}))
+    assert main(["sft", "--config", str(cfg), "max_steps=3", f"output_dir={tmp_path / 'out'}"]) == 0
+    out = capsys.readouterr().out
+    assert "finished at step 3" in out and "loss" in out
+    saved = load_config(SFTConfig, tmp_path / "out" / "config.yaml")
+    assert saved.max_steps == 3 and saved.data.train == str(data)  # override won over the YAML
+    assert (tmp_path / "out" / "final" / "config.json").exists()
+
+
+@pytest.mark.parametrize("path", ["configs/sft_tiny.yaml"])
+def test_shipped_configs_are_valid(path):
+    cfg = load_config(SFTConfig, path)
+    assert cfg.model.startswith("builtin:")
