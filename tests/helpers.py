@@ -34,3 +34,38 @@ def sft_rows(n: int = 8) -> list[dict]:
     """n distinct prompt/completion pairs."""
     return [{"prompt": f"what is {i} plus {i + 1} ?", "completion": f" {i} plus {i + 1} equals {2 * i + 1} ."}
             for i in range(n)]
+
+
+def preference_rows(n: int, seed: int = 0) -> list[dict]:
+    """Synthetic comparisons with a learnable taste: the chosen response says "yes", the rejected
+    one says "no"; otherwise both are random words from the same vocabulary."""
+    import random
+
+    rng = random.Random(seed)
+    filler = [w for w in WORDS if w not in ("yes", "no")]
+    rows = []
+    for _ in range(n):
+        body = rng.choices(filler, k=rng.randint(2, 6))
+        other = rng.choices(filler, k=rng.randint(2, 6))
+        body.insert(rng.randint(0, len(body)), "yes")
+        other.insert(rng.randint(0, len(other)), "no")
+        rows.append({"prompt": f"what is {rng.randint(0, 9)} ?", "chosen": " " + " ".join(body) + " .",
+                     "rejected": " " + " ".join(other) + " ."})
+    return rows
+
+
+def ranking_rows(n: int, k: int = 4, seed: int = 0) -> list[dict]:
+    """K responses per prompt, best first: more "yes" words rank higher."""
+    import random
+
+    rng = random.Random(seed)
+    filler = [w for w in WORDS if w not in ("yes", "no")]
+    rows = []
+    for _ in range(n):
+        responses = []
+        for j in range(k):
+            words = rng.choices(filler, k=rng.randint(2, 5)) + ["yes"] * (k - 1 - j) + ["no"] * j
+            rng.shuffle(words)
+            responses.append(" " + " ".join(words) + " .")
+        rows.append({"prompt": f"what is {rng.randint(0, 9)} ?", "responses": responses})
+    return rows

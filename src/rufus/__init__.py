@@ -8,6 +8,9 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "train_sft": ("rufus.trainers.sft", "train_sft"),
     "SFTConfig": ("rufus.trainers.sft", "SFTConfig"),
+    "train_reward_model": ("rufus.trainers.reward", "train_reward_model"),
+    "RMConfig": ("rufus.trainers.reward", "RMConfig"),
+    "eval_reward_model": ("rufus.trainers.reward", "eval_reward_model"),
     "load_config": ("rufus.config", "load_config"),
     "ConfigError": ("rufus.config", "ConfigError"),
     "DataError": ("rufus.data.errors", "DataError"),

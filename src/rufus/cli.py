@@ -13,6 +13,9 @@ import sys
 # command -> (module, config class, function, one-line description)
 COMMANDS = {
     "sft": ("rufus.trainers.sft", "SFTConfig", "train_sft", "supervised fine-tuning on demonstrations"),
+    "rm": ("rufus.trainers.reward", "RMConfig", "train_reward_model", "train a reward model on comparisons"),
+    "eval-rm": ("rufus.trainers.reward", "EvalRMConfig", "eval_reward_model",
+                "evaluate a reward model on comparisons (accuracy, margin, calibration)"),
 }
 
 
@@ -73,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_summary(command: str, result) -> None:
     """The last logged values and where the outputs are, as a small table."""
+    if isinstance(result, dict):  # an evaluation: its metrics
+        print(f"rufus {command}:")
+        for key, value in result.items():
+            print(f"  {key:<14} {value:.4g}" if isinstance(value, float) else f"  {key:<14} {value}")
+        return
     rows = getattr(result, "metrics", None) or []
     if rows:
         last = {}

@@ -1,4 +1,4 @@
-"""Data: load and validate datasets per format (sft, preference, ranking, prompt), tokenise SFT rows.
+"""Data: load and validate datasets per format (sft, preference, ranking, prompt, graded), tokenise them.
 
 Every problem with the data raises `DataError`, naming the config key, the file, the row or line and
 the field, before any training starts. Heavy libraries (datasets, torch) load on first use.
@@ -7,18 +7,32 @@ the field, before any training starts. Heavy libraries (datasets, torch) load on
 from rufus.data.errors import DataError
 from rufus.data.formats import FORMATS, split_implicit_prompt
 from rufus.data.loading import Records, load_records
-from rufus.data.sft import IGNORE_INDEX, TRUNCATION, SFTCollator, encode_prompt, render_prompt, tokenize_sft
+from rufus.data.reward import RewardCollator, encode_for_reward, tokenize_comparisons, tokenize_graded
+from rufus.data.sft import (
+    IGNORE_INDEX,
+    TRUNCATION,
+    LengthPolicy,
+    SFTCollator,
+    encode_prompt,
+    render_prompt,
+    tokenize_sft,
+)
 
 __all__ = [
     "FORMATS",
     "IGNORE_INDEX",
     "TRUNCATION",
     "DataError",
+    "LengthPolicy",
     "Records",
+    "RewardCollator",
     "SFTCollator",
+    "encode_for_reward",
     "encode_prompt",
     "load_records",
     "render_prompt",
     "split_implicit_prompt",
+    "tokenize_comparisons",
+    "tokenize_graded",
     "tokenize_sft",
 ]

@@ -1,6 +1,6 @@
 """What a row of each data format must hold, checked one row at a time, and how rows are normalised.
 
-Four formats, named after what a trainer consumes (field names follow TRL's, so datasets written for
+Five formats, named after what a trainer consumes (field names follow TRL's, so datasets written for
 it load here unchanged):
 
 ``sft``
@@ -20,6 +20,11 @@ it load here unchanged):
 ``prompt``
     ``prompt``: a string or a message list; other columns are kept (e.g. reference answers for a
     reward function). Normalised: unchanged.
+``graded``
+    ``prompt`` + ``completion`` (as for ``sft``: strings, or a message-list prompt with a list of
+    assistant turns) + ``score``, one finite number grading the completion (higher = better; not a
+    bool), for a reward model's pointwise warm-up. In csv files, where every cell is text, a score
+    cell must parse as a number. Normalised: ``score`` becomes a float.
 
 A "message list" is a non-empty list of ``{"role": system|user|assistant|tool, "content": str}``
 dicts; user and assistant content must be non-empty. Extra keys in a message and unknown columns are
@@ -38,7 +43,7 @@ from typing import Any
 
 from rufus.data.errors import DataError, describe
 
-FORMATS = ("sft", "preference", "ranking", "prompt")
+FORMATS = ("sft", "preference", "ranking", "prompt", "graded")
 ROLES = ("system", "user", "assistant", "tool")
 
 Row = dict[str, Any]
@@ -70,6 +75,13 @@ def _text(value: Any, field: str, where: str) -> str:
     if not value.strip():
         raise DataError("empty", where=where, field=field)
     return value
+
+
+def _number(value: Any, field: str, where: str) -> float:
+    # bool is an int subclass: a `true` score is a data bug, not 1.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(f"expected a finite number, got {describe(value)}", where=where, field=field)
+    return float(value)
 
 
 def _messages(
@@ -165,6 +177,11 @@ def check_sft(row: Row, where: str) -> str:
         return "messages"
     if not _present(row, "prompt"):
         raise _missing(row, "prompt", where, "an sft row needs 'prompt' + 'completion', or 'messages'")
+    return _prompt_completion(row, where)
+
+
+def _prompt_completion(row: Row, where: str) -> str:
+    """The prompt + completion pair of sft and graded rows (the prompt is known to be present)."""
     if not _present(row, "completion"):
         raise _missing(row, "completion", where)
     prompt, completion = row["prompt"], row["completion"]
@@ -275,10 +292,7 @@ def check_ranking(row: Row, where: str) -> str:
                 f"has {len(scores)} scores for {len(responses)} responses", where=where, field="scores"
             )
         for j, score in enumerate(scores):
-            if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
-                raise DataError(
-                    f"expected a finite number, got {describe(score)}", where=where, field=f"scores[{j}]"
-                )
+            _number(score, f"scores[{j}]", where)
     return style
 
 
@@ -292,12 +306,43 @@ def check_prompt(row: Row, where: str) -> str:
     return "plain"
 
 
+def check_graded(row: Row, where: str) -> str:
+    if not _present(row, "prompt"):
+        raise _missing(row, "prompt", where, "a graded row needs 'prompt', 'completion' and 'score'")
+    style = _prompt_completion(row, where)
+    if not _present(row, "score"):
+        raise _missing(row, "score", where, "a number grading the completion, higher = better")
+    _number(row["score"], "score", where)
+    return style
+
+
 CHECKS: dict[str, Callable[[Row, str], str]] = {
     "sft": check_sft,
     "preference": check_preference,
     "ranking": check_ranking,
     "prompt": check_prompt,
+    "graded": check_graded,
 }
+
+# Fields that hold a number, per format. csv cells are all text (see loading.py), so these are parsed
+# before the row checks; a cell that is not a number stays text and is reported as such.
+CSV_NUMBERS = {"graded": ("score",)}
+
+
+def from_csv(row: Row, format: str) -> Row:
+    """`row` as read from a csv file, with the number fields of `format` parsed (where they parse)."""
+    fields = CSV_NUMBERS.get(format, ())
+    if not fields:
+        return row
+    row = dict(row)
+    for field in fields:
+        value = row.get(field)
+        if isinstance(value, str):
+            try:
+                row[field] = float(value)
+            except ValueError:
+                pass  # left as text: the check reports "expected a finite number, got str ('...')"
+    return row
 
 
 def _canonical(value: Any) -> Any:
@@ -356,6 +401,16 @@ def normalise(dataset, format: str):
     Done with ``Dataset.map`` so columns we do not touch keep their Arrow types and the result is
     cached next to the source like any other datasets transform.
     """
+    if format == "graded":
+        if getattr(dataset.features.get("score"), "dtype", None) == "string":
+            # csv text, which validation has already parsed as finite numbers (Python's float(), which
+            # accepts more spellings than an Arrow cast)
+            dataset = dataset.map(lambda row: {"score": float(row["score"])}, desc="graded: scores")
+        if getattr(dataset.features["score"], "dtype", None) != "float64":
+            import datasets
+
+            dataset = dataset.cast_column("score", datasets.Value("float64"))  # e.g. int64 from json
+        return dataset
     if format == "ranking":
         return dataset.map(_normalise_ranking, desc="ranking: scores")
     if format == "preference":

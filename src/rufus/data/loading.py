@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rufus.data.errors import DataError, describe
-from rufus.data.formats import FORMATS, normalise, validate_rows
+from rufus.data.formats import FORMATS, from_csv, normalise, validate_rows
 
 if TYPE_CHECKING:
     import datasets
@@ -48,7 +48,7 @@ class Records:
     source: str  # the file path as given, or "hub:name[split]"
     lines: list[int | None] | None
     kind: str  # "jsonl" | "json" | "csv" | "parquet" | "hub"
-    format: str = ""  # "sft" | "preference" | "ranking" | "prompt"
+    format: str = ""  # "sft" | "preference" | "ranking" | "prompt" | "graded"
     files: list[tuple[int, str]] | None = None
 
     def where(self, i: int) -> str:
@@ -182,7 +182,8 @@ def _load_local(
         # pandas split the rows differently from the csv module: fall back to plain row numbers
         records.lines = None
     if objects is None:
-        validate_rows(dataset, format, records.where, key)
+        rows = (from_csv(row, format) for row in dataset) if kind == "csv" else dataset
+        validate_rows(rows, format, records.where, key)
     records.dataset = normalise(dataset, format)
     return records
 

@@ -88,16 +88,7 @@ def tokenize_sft(
     labels every token. `key` is the config key the data came from; limits are named relative to it
     ("data.train" -> "data.max_length") in error messages.
     """
-    if truncation not in TRUNCATION:
-        raise ValueError(f"unknown truncation policy {truncation!r}; choose one of {', '.join(TRUNCATION)}")
-    section = key.rsplit(".", 1)[0]
-    if max_length < 1:
-        raise ValueError(f"{section}.max_length must be positive, got {max_length}")
-    if max_prompt_length is not None and not 0 < max_prompt_length < max_length:
-        raise ValueError(
-            f"{section}.max_prompt_length must be between 1 and {section}.max_length - 1 "
-            f"({max_length - 1}), got {max_prompt_length}"
-        )
+    policy = LengthPolicy(max_length, max_prompt_length, truncation, key=key, noun="completion")
     if records.format and records.format != "sft":
         raise ValueError(
             f"tokenize_sft needs sft records, but {records.source} was loaded as {records.format!r}"
@@ -106,60 +97,119 @@ def tokenize_sft(
         raise ValueError(
             f"tokenizer {_name(tokenizer)!r} has no eos token, so completions cannot be terminated"
         )
-    length_limit = f"{section}.max_length={max_length}"
-    prompt_limit = f"{section}.max_prompt_length={max_prompt_length}"
 
     examples, dropped, truncated = [], [], 0
     for i, row in enumerate(records.dataset):
         where = f"{key}: {records.where(i)}"
         enc, prompt_field, completion_field = _encode_row(tokenizer, row, where)
-        n_total, n_prompt = len(enc.ids), enc.n_prompt
-        prompt_over = max_prompt_length is not None and n_prompt > max_prompt_length
-        if prompt_over or n_total > max_length:
+        original = enc
+        if policy.too_long(enc):
             if truncation == "reject":
-                if prompt_over:
-                    problem, field = f"prompt is {n_prompt} tokens, limit {prompt_limit}", prompt_field
-                else:
-                    problem = (
-                        f"prompt + completion is {n_total} tokens (prompt {n_prompt}, completion "
-                        f"{n_total - n_prompt}), limit {length_limit}"
-                    )
-                    field = completion_field
-                raise DataError(problem, where=where, field=field)
+                raise policy.error(enc, where, prompt_field, completion_field)
             if truncation == "drop":
                 dropped.append(records.where(i))
                 continue
-            enc = _truncate(enc, max_length, max_prompt_length, tokenizer.bos_token_id)
+            enc = policy.cut(enc, tokenizer.bos_token_id)
             truncated += 1
-        if not any(enc.in_loss):
-            problem = "the completion has no tokens to train on"
-            # Only possible without max_prompt_length: the prompt alone filled max_length.
-            if len(enc.ids) < n_total:
-                problem = (
-                    f"no completion tokens left after truncation (prompt is {n_prompt} tokens, limit "
-                    f"{length_limit}); set {section}.max_prompt_length so long prompts are cut instead"
-                )
-            raise DataError(problem, where=where, field=completion_field)
+        policy.check_left(enc, original, where, completion_field)
         labels = [
             t if keep or not completion_only_loss else IGNORE_INDEX for t, keep in zip(enc.ids, enc.in_loss)
         ]
         examples.append({"input_ids": enc.ids, "labels": labels})
-
-    limits = length_limit + (f", {prompt_limit}" if max_prompt_length is not None else "")
-    if dropped:
-        if not examples:
-            raise DataError(
-                f"all {len(dropped)} rows are longer than {limits}; nothing left to train on",
-                where=f"{key}: {records.source}",
-            )
-        shown = ", ".join(dropped[:3]) + (", ..." if len(dropped) > 3 else "")
-        warnings.warn(
-            f"{key}: dropped {len(dropped)} of {len(records.dataset)} rows longer than {limits}: {shown}",
-            stacklevel=2,
-        )
-    if truncated:
-        logger.warning("%s: truncated %d of %d rows to fit %s", key, truncated, len(records.dataset), limits)
+    policy.report(dropped, truncated, kept=len(examples), records=records, log=logger)
     return examples
+
+
+class LengthPolicy:
+    """What happens to rows longer than the limits; shared by the SFT and reward-model tokenisers.
+
+    `max_length` bounds prompt + `noun` ("completion" for SFT, "response" for reward models),
+    `max_prompt_length` (optional, < max_length) the prompt; `truncation` is "reject", "drop" or
+    "truncate" (module docstring). Arguments are checked here, with the limits named relative to
+    `key` ("data.train" -> "data.max_length"), so every tokeniser reports them the same way.
+    """
+
+    def __init__(
+        self,
+        max_length: int,
+        max_prompt_length: int | None = None,
+        truncation: str = "reject",
+        *,
+        key: str = "data.train",
+        noun: str = "completion",
+    ):
+        if truncation not in TRUNCATION:
+            raise ValueError(
+                f"unknown truncation policy {truncation!r}; choose one of {', '.join(TRUNCATION)}"
+            )
+        section = key.rsplit(".", 1)[0]
+        if max_length < 1:
+            raise ValueError(f"{section}.max_length must be positive, got {max_length}")
+        if max_prompt_length is not None and not 0 < max_prompt_length < max_length:
+            raise ValueError(
+                f"{section}.max_prompt_length must be between 1 and {section}.max_length - 1 "
+                f"({max_length - 1}), got {max_prompt_length}"
+            )
+        self.max_length, self.max_prompt_length, self.truncation = max_length, max_prompt_length, truncation
+        self.key, self.section, self.noun = key, section, noun
+        self.length_limit = f"{section}.max_length={max_length}"
+        self.prompt_limit = f"{section}.max_prompt_length={max_prompt_length}"
+        self.limits = self.length_limit + (f", {self.prompt_limit}" if max_prompt_length is not None else "")
+
+    def too_long(self, enc: _Encoded) -> bool:
+        over_prompt = self.max_prompt_length is not None and enc.n_prompt > self.max_prompt_length
+        return over_prompt or len(enc.ids) > self.max_length
+
+    def error(self, enc: _Encoded, where: str, prompt_field: str, field: str) -> DataError:
+        """The "reject" error for a too-long row: names the prompt's field when the prompt is over its
+        own limit, else the trained part's, with both lengths."""
+        n_total, n_prompt = len(enc.ids), enc.n_prompt
+        if self.max_prompt_length is not None and n_prompt > self.max_prompt_length:
+            return DataError(
+                f"prompt is {n_prompt} tokens, limit {self.prompt_limit}", where=where, field=prompt_field
+            )
+        return DataError(
+            f"prompt + {self.noun} is {n_total} tokens (prompt {n_prompt}, {self.noun} "
+            f"{n_total - n_prompt}), limit {self.length_limit}",
+            where=where,
+            field=field,
+        )
+
+    def cut(self, enc: _Encoded, bos_id: int | None) -> _Encoded:
+        return _truncate(enc, self.max_length, self.max_prompt_length, bos_id)
+
+    def check_left(self, enc: _Encoded, original: _Encoded, where: str, field: str) -> None:
+        """Raise unless some of the trained part survived; `original` is the row before any cut."""
+        if any(enc.in_loss):
+            return
+        problem = f"the {self.noun} has no tokens to train on"
+        # Only possible without max_prompt_length: the prompt alone filled max_length.
+        if len(enc.ids) < len(original.ids):
+            problem = (
+                f"no {self.noun} tokens left after truncation (prompt is {original.n_prompt} tokens, limit "
+                f"{self.length_limit}); set {self.section}.max_prompt_length so long prompts are cut instead"
+            )
+        raise DataError(problem, where=where, field=field)
+
+    def report(
+        self, dropped: list[str], truncated: int, *, kept: int, records: Records, log: logging.Logger
+    ) -> None:
+        """After the loop: one warning listing dropped rows (an error if nothing is left), one log line
+        counting truncated ones. `dropped` holds the rows' locations."""
+        total = len(records.dataset)
+        if dropped:
+            if not kept:
+                raise DataError(
+                    f"all {len(dropped)} rows are longer than {self.limits}; nothing left to train on",
+                    where=f"{self.key}: {records.source}",
+                )
+            shown = ", ".join(dropped[:3]) + (", ..." if len(dropped) > 3 else "")
+            warnings.warn(
+                f"{self.key}: dropped {len(dropped)} of {total} rows longer than {self.limits}: {shown}",
+                stacklevel=3,
+            )
+        if truncated:
+            log.warning("%s: truncated %d of %d rows to fit %s", self.key, truncated, total, self.limits)
 
 
 def _encode_row(tokenizer, row: dict[str, Any], where: str) -> tuple[_Encoded, str, str]:

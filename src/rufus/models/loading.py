@@ -55,16 +55,17 @@ def resolve_dtype(dtype: str, device: torch.device | str = "cpu") -> torch.dtype
 
 
 def load_tokenizer(name: str, *, trust_remote_code: bool = False, chat_template: str | None = None):
-    """Load a tokenizer and give it a pad token of its own when it has none.
+    """Load a tokenizer and give it a pad token of its own when it has none (or pad is EOS).
 
     The pad token is a new special token, not EOS: if pad were EOS, masking padding would also
-    mask the real EOS labels and the model would never learn to stop. A model trained with this
+    mask the real EOS labels and the model would never learn to stop, and a reward model that
+    finds a sequence's last token by the pad id would skip a final EOS. A model trained with this
     tokenizer must have its embeddings resized (`load_causal_lm` does it).
     """
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
         log.info("tokenizer %s has no pad token; added %s (id %d)", name, PAD_TOKEN, tokenizer.pad_token_id)
     if chat_template:
@@ -111,8 +112,11 @@ def match_vocabulary(model, tokenizer) -> None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def apply_lora(model, lora):
-    """Wrap `model` with LoRA adapters per the `lora` config section; only adapters stay trainable."""
+def apply_lora(model, lora, *, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
+    """Wrap `model` with LoRA adapters per the `lora` config section.
+
+    Only the adapters train, plus `modules_to_save` in full (e.g. a reward model's new head).
+    """
     from peft import LoraConfig, get_peft_model
 
     targets = lora.target_modules
@@ -122,7 +126,8 @@ def apply_lora(model, lora):
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=target_modules,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
+        modules_to_save=modules_to_save,
     )
     checkpointing = getattr(model, "is_activation_checkpointing", None)
     if checkpointing is None:  # older transformers

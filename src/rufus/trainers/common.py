@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from rufus.config import ConfigError, load_config, save_config, to_dict
+from rufus.config import REQUIRED, ConfigError, load_config, save_config, to_dict  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
