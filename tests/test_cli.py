@@ -5,6 +5,7 @@ import yaml
 
 from rufus.cli import main
 from rufus.config import load_config
+from rufus.trainers.reward import RMConfig
 from rufus.trainers.sft import SFTConfig
 from tests.helpers import make_tiny_model_dir, sft_rows, write_jsonl
 
@@ -14,6 +15,8 @@ def test_help_lists_every_key(capsys):
     out = capsys.readouterr().out
     for key in ("model", "data.train", "lora.target_modules", "grad_accum", "dtype"):
         assert f"\n  {key} " in out
+    assert main(["rm", "--help"]) == 0
+    assert "\n  rm.loss " in capsys.readouterr().out
 
 
 def test_bad_key_is_an_error_naming_it(capsys):
@@ -44,7 +47,7 @@ def test_cli_run_writes_config_metrics_and_final(capsys, tmp_path):
     assert (tmp_path / "out" / "final" / "config.json").exists()
 
 
-@pytest.mark.parametrize("path", ["configs/sft_tiny.yaml"])
-def test_shipped_configs_are_valid(path):
-    cfg = load_config(SFTConfig, path)
+@pytest.mark.parametrize("path, cls", [("configs/sft_tiny.yaml", SFTConfig), ("configs/rm_tiny.yaml", RMConfig)])
+def test_shipped_configs_are_valid(path, cls):
+    cfg = load_config(cls, path)
     assert cfg.model.startswith("builtin:")
