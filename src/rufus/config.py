@@ -376,3 +376,30 @@ def config_help(cls: type) -> str:
 
     walk(cls, "")
     return "config keys (set in --config YAML or as key=value / section.key=value):\n" + "\n".join(lines)
+
+
+# --- sections shared by the RL trainers (ppo, grpo, rloo, bon) --------------------------------------
+
+
+@dataclass
+class GenerationConfig:
+    """How responses are sampled during RL."""
+
+    max_new_tokens: int = opt(64, "longest response in tokens")
+    temperature: float = opt(1.0, "sampling temperature (logprobs use the same scaled logits)")
+    top_k: int = opt(0, "sample from the k most likely tokens only (0 = off)")
+    top_p: float = opt(1.0, "sample from the smallest set with this much probability (1 = off)")
+    stop_at_eos: bool = opt(True, "stop a response at EOS; false = always sample max_new_tokens (masked after EOS)")
+
+
+@dataclass
+class RewardConfig:
+    """Where the reward comes from: reward models, Python functions, or a weighted sum of several."""
+
+    model: list[str] = opt([], "reward model directories or hub ids (scores are their normalised outputs)")
+    function: list[str] = opt([], "Python reward functions, 'path/to/file.py:fn' or 'module:fn', called as fn(prompts, completions, **kw)")
+    weights: list[float] = opt([], "one weight per source, models first then functions (default: all 1)")
+    missing_eos_penalty: float | None = opt(None, "score given to a response that never produced EOS (None = no penalty)")
+    scale: bool = opt(False, "divide scores by their running standard deviation (the mean is not shifted)")
+    clip: float | None = opt(None, "clip scores to [-clip, clip] after scaling")
+    batch_size: int = opt(16, "sequences per reward-model forward pass")
