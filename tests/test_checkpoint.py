@@ -25,12 +25,12 @@ def make():
 
 def test_round_trip_restores_weights_optimizer_and_rng(tmp_path, acc):
     model, opt = make()
-    save_checkpoint(tmp_path, 5, accelerator=acc, model=model, optimizer=opt)
+    save_checkpoint(tmp_path, 5, accelerator=acc, models={"m": model}, optimizers={"m": opt})
     expected_draw = torch.rand(3)
     fresh = torch.nn.Linear(3, 2)
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
-    state = load_checkpoint(latest_checkpoint(tmp_path), accelerator=acc, model=fresh, optimizer=fresh_opt)
-    assert state["step"] == 5
+    info = load_checkpoint(latest_checkpoint(tmp_path), accelerator=acc, models={"m": fresh}, optimizers={"m": fresh_opt})
+    assert info["step"] == 5
     assert torch.equal(fresh.weight, model.weight) and torch.equal(fresh.bias, model.bias)
     assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
     assert torch.equal(torch.rand(3), expected_draw)  # the RNG continues where it was at save time
@@ -39,7 +39,7 @@ def test_round_trip_restores_weights_optimizer_and_rng(tmp_path, acc):
 def test_interrupted_save_is_ignored_and_pruning_keeps_newest(tmp_path, acc):
     model, opt = make()
     for step in (1, 2, 3):
-        save_checkpoint(tmp_path, step, accelerator=acc, model=model, optimizer=opt, keep=2)
+        save_checkpoint(tmp_path, step, accelerator=acc, models={"m": model}, optimizers={"m": opt}, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000002", "step-0000003"]
     # a save killed half-way leaves only its temporary directory behind
     half = tmp_path / "checkpoints" / ".tmp-step-0000004"
@@ -47,5 +47,5 @@ def test_interrupted_save_is_ignored_and_pruning_keeps_newest(tmp_path, acc):
     (half / "trainable.safetensors").write_bytes(b"partial")
     assert latest_checkpoint(tmp_path).name == "step-0000003"
     with pytest.raises(FileNotFoundError):
-        load_checkpoint(half, accelerator=acc, model=model, optimizer=opt)
+        load_checkpoint(half, accelerator=acc, models={"m": model}, optimizers={"m": opt})
     assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path / "checkpoints"))

@@ -74,16 +74,17 @@ def save_checkpoint(
     step: int,
     *,
     accelerator,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    scheduler=None,
+    models: dict[str, torch.nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer] | None = None,
+    schedulers: dict | None = None,
     state: dict | None = None,
     keep: int = 0,
 ) -> Path:
     """Write checkpoint `step` atomically; every process must call this (each saves its RNG state).
 
-    `model` is the unwrapped model; `state` is extra JSON-serialisable trainer state. Keeps the
-    newest `keep` checkpoints (0 = all).
+    `models` are unwrapped models by name (their trainable parameters are saved), `optimizers` and
+    `schedulers` by name, `state` extra JSON-serialisable trainer state (e.g. a KL controller).
+    Keeps the newest `keep` checkpoints (0 = all).
     """
     root = checkpoint_dir(output_dir)
     final = root / f"step-{step:07d}"
@@ -94,12 +95,13 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_file(trainable_state(model), tmp / "trainable.safetensors")
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        if scheduler is not None:
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        info = {"step": step, "num_processes": accelerator.num_processes, **(state or {})}
+        for name, model in models.items():
+            save_file(trainable_state(model), tmp / f"{name}.safetensors")
+        for name, optimizer in (optimizers or {}).items():
+            torch.save(optimizer.state_dict(), tmp / f"{name}.optimizer.pt")
+        for name, scheduler in (schedulers or {}).items():
+            torch.save(scheduler.state_dict(), tmp / f"{name}.scheduler.pt")
+        info = {"step": step, "num_processes": accelerator.num_processes, "state": state or {}}
         (tmp / "state.json").write_text(json.dumps(info, indent=1))
     meta, tensors = _rng_state()
     (tmp / f"rng-{rank}.json").write_text(json.dumps(meta))
@@ -120,31 +122,30 @@ def load_checkpoint(
     path: str | os.PathLike,
     *,
     accelerator,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    scheduler=None,
+    models: dict[str, torch.nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer] | None = None,
+    schedulers: dict | None = None,
 ) -> dict:
-    """Restore what `save_checkpoint` wrote into the given objects; return the saved trainer state."""
+    """Restore what `save_checkpoint` wrote into the given objects; return {"step", "state", ...}."""
     path = Path(path)
     if not (path / "state.json").exists():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no state.json)")
-    state = json.loads((path / "state.json").read_text())
-    weights = load_file(path / "trainable.safetensors")
-    params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
-    unexpected = [n for n in weights if n not in params]
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
-    if optimizer is not None and (path / "optimizer.pt").exists():
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    if scheduler is not None and (path / "scheduler.pt").exists():
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    info = json.loads((path / "state.json").read_text())
+    for name, model in models.items():
+        weights = load_file(path / f"{name}.safetensors")
+        params = dict(model.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+        unexpected = [n for n in weights if n not in params]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {path} does not match {name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        with torch.no_grad():
+            for n, tensor in weights.items():
+                params[n].copy_(tensor)
+    for name, optimizer in (optimizers or {}).items():
+        optimizer.load_state_dict(torch.load(path / f"{name}.optimizer.pt", weights_only=True, map_location="cpu"))
+    for name, scheduler in (schedulers or {}).items():
+        scheduler.load_state_dict(torch.load(path / f"{name}.scheduler.pt", weights_only=True))
     rank = accelerator.process_index
-    if state.get("num_processes") == accelerator.num_processes and (path / f"rng-{rank}.json").exists():
+    if info.get("num_processes") == accelerator.num_processes and (path / f"rng-{rank}.json").exists():
         _set_rng_state(json.loads((path / f"rng-{rank}.json").read_text()), load_file(path / f"rng-{rank}.safetensors"))
-    return state
+    return info

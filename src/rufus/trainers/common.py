@@ -159,16 +159,23 @@ def make_optimizer(cfg, model, max_steps: int):
     return optimizer, scheduler
 
 
-def maybe_resume(run: Run, model, optimizer, scheduler) -> int:
-    """Load the resume checkpoint, if any, into the objects; return the step it reached (0 if none)."""
+def maybe_resume(run: Run, models, optimizers, schedulers) -> tuple[int, dict]:
+    """Load the resume checkpoint, if any, into the objects; return (step reached, saved trainer state).
+
+    Each argument is one object (saved under the name "model") or a dict of them by name.
+    """
     if run.resume_from is None:
-        return 0
+        return 0, {}
     from rufus.checkpoint import load_checkpoint
 
-    state = load_checkpoint(run.resume_from, accelerator=run.accelerator, model=model,
-                            optimizer=optimizer, scheduler=scheduler)
-    log.info("resumed from %s at step %d", run.resume_from, state["step"])
-    return int(state["step"])
+    info = load_checkpoint(run.resume_from, accelerator=run.accelerator, models=_named(models),
+                           optimizers=_named(optimizers), schedulers=_named(schedulers))
+    log.info("resumed from %s at step %d", run.resume_from, info["step"])
+    return int(info["step"]), info.get("state", {})
+
+
+def _named(obj) -> dict:
+    return obj if isinstance(obj, dict) else {"model": obj}
 
 
 def open_metrics(run: Run, start_step: int):
@@ -226,11 +233,12 @@ class Window:
         return row
 
 
-def save_checkpoint(run: Run, step: int, model, optimizer, scheduler) -> Path:
+def save_checkpoint(run: Run, step: int, models, optimizers, schedulers, state: dict | None = None) -> Path:
     from rufus import checkpoint
 
-    return checkpoint.save_checkpoint(run.output_dir, step, accelerator=run.accelerator, model=model,
-                                      optimizer=optimizer, scheduler=scheduler, keep=run.cfg.save_total_limit)
+    return checkpoint.save_checkpoint(run.output_dir, step, accelerator=run.accelerator, models=_named(models),
+                                      optimizers=_named(optimizers), schedulers=_named(schedulers), state=state,
+                                      keep=run.cfg.save_total_limit)
 
 
 def save_final(run: Run, model, tokenizer) -> Path:

@@ -112,7 +112,7 @@ def train_reward_model(config: RMConfig | dict) -> RMResult:
         model = apply_lora(model, cfg.lora, task_type="SEQ_CLS", modules_to_save=head_module_names(model))
     optimizer, scheduler = common.make_optimizer(cfg, model, max_steps)
     model, optimizer = acc.prepare(model, optimizer)
-    start_step = common.maybe_resume(run, acc.unwrap_model(model), optimizer, scheduler)
+    start_step, _ = common.maybe_resume(run, acc.unwrap_model(model), optimizer, scheduler)
     logger = common.open_metrics(run, start_step)
 
     # 3. the loop: pointwise warm-up steps first (if any), then pairwise steps

@@ -73,7 +73,7 @@ def train_sft(config: SFTConfig | dict) -> SFTResult:
     model = common.load_trainable_lm(cfg, tokenizer)
     optimizer, scheduler = common.make_optimizer(cfg, model, max_steps)
     model, optimizer = acc.prepare(model, optimizer)
-    start_step = common.maybe_resume(run, acc.unwrap_model(model), optimizer, scheduler)
+    start_step, _ = common.maybe_resume(run, acc.unwrap_model(model), optimizer, scheduler)
     logger = common.open_metrics(run, start_step)
 
     # 3. the loop: one optimiser step per global batch of cfg.batch_size examples
