@@ -11,6 +11,8 @@ _EXPORTS = {
     "train_reward_model": ("rufus.trainers.reward", "train_reward_model"),
     "RMConfig": ("rufus.trainers.reward", "RMConfig"),
     "eval_reward_model": ("rufus.trainers.reward", "eval_reward_model"),
+    "train_ppo": ("rufus.trainers.ppo", "train_ppo"),
+    "PPOConfig": ("rufus.trainers.ppo", "PPOConfig"),
     "load_config": ("rufus.config", "load_config"),
     "ConfigError": ("rufus.config", "ConfigError"),
     "DataError": ("rufus.data.errors", "DataError"),

@@ -14,6 +14,7 @@ import sys
 COMMANDS = {
     "sft": ("rufus.trainers.sft", "SFTConfig", "train_sft", "supervised fine-tuning on demonstrations"),
     "rm": ("rufus.trainers.reward", "RMConfig", "train_reward_model", "train a reward model on comparisons"),
+    "ppo": ("rufus.trainers.ppo", "PPOConfig", "train_ppo", "RL fine-tuning with PPO (actor, critic, reward, reference)"),
     "eval-rm": ("rufus.trainers.reward", "EvalRMConfig", "eval_reward_model",
                 "evaluate a reward model on comparisons (accuracy, margin, calibration)"),
 }
@@ -63,11 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     from rufus.data.errors import DataError
+    from rufus.rewards.sources import RewardError
 
     try:
         cfg = load_config(cfg_cls, args.config, args.overrides)
         result = fn(cfg)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, RewardError) as e:
         print(f"rufus {args.command}: error: {e}", file=sys.stderr)
         return 2
     print_summary(args.command, result)

@@ -1,0 +1,58 @@
+"""The critic: a value head on a transformer backbone, V(x, y_<t) at every position.
+
+Built from `AutoModelForSequenceClassification(num_labels=1)` so that initialising from a trained
+reward model keeps its head (N+ implementation details D22: start the value network from the RM)
+and initialising from the policy gets a fresh head, zeroed (N implementation details #11). The
+backbone runs once and the head is applied to every position, unlike the reward model, which
+reads only the last real token. Saved, it loads back as a sequence classifier.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rufus.models.reward import head_module_names, load_reward_model
+from rufus.rollout.logprobs import position_ids_from_mask
+
+
+class ValueModel(torch.nn.Module):
+    """Wraps a sequence classifier; forward gives (B, T) values instead of a pooled score."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def _parts(self):
+        model = self.classifier
+        if hasattr(model, "get_base_model"):  # peft: adapters are injected in place
+            model = model.get_base_model()
+        return model.base_model, getattr(model, head_module_names(model)[0])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        backbone, head = self._parts()
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+        return head(hidden).squeeze(-1).float()  # (B, T)
+
+    def save_pretrained(self, path, **kwargs):
+        self.classifier.save_pretrained(path, **kwargs)
+
+
+def load_value_model(name: str, *, tokenizer, from_reward_model: bool, trust_remote_code: bool = False,
+                     gradient_checkpointing: bool = False) -> ValueModel:
+    """A critic from `name`: a reward model (head kept) or a policy checkpoint (new head, zeros)."""
+    classifier = load_reward_model(name, tokenizer=tokenizer, trust_remote_code=trust_remote_code,
+                                   gradient_checkpointing=gradient_checkpointing)
+    if not from_reward_model:
+        head = getattr(classifier, head_module_names(classifier)[0])
+        with torch.no_grad():
+            head.weight.zero_()
+            if getattr(head, "bias", None) is not None:
+                head.bias.zero_()
+    return ValueModel(classifier)
+
+
+def values_at_response(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       prompt_length: int) -> torch.Tensor:
+    """(B, A) V_t: the value at the position that emits response token t (position P - 1 + t)."""
+    return critic(input_ids, attention_mask)[:, prompt_length - 1:-1]

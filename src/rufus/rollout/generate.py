@@ -1,0 +1,88 @@
+"""Sampling responses with Hugging Face `generate` (batched, KV cache).
+
+`generate_responses` is the backend interface: prompts as token ids in, a `Rollout` with the
+sampled sequences and response mask out. A faster backend (vLLM on GPU) implements the same
+function; the trainers only depend on its signature.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rufus.rollout.record import Rollout
+
+
+def left_pad(prompt_ids: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) left-padded ids and attention mask."""
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int | None,
+                           generated: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) mask of the tokens up to and including the first EOS, and (B,) has_eos.
+
+    `generated` (B, A) marks positions the sampler actually produced (generate pads finished rows).
+    """
+    valid = torch.ones_like(response_ids, dtype=torch.bool) if generated is None else generated.bool()
+    if eos_token_id is None:
+        return valid.long(), torch.zeros(response_ids.shape[0], dtype=torch.bool)
+    is_eos = (response_ids == eos_token_id) & valid
+    # position of the first EOS, or A when there is none
+    after = torch.cumsum(is_eos.long(), dim=-1) - is_eos.long()  # number of EOS strictly before t
+    mask = (after == 0) & valid
+    return mask.long(), is_eos.any(-1)
+
+
+@torch.no_grad()
+def generate_responses(model, tokenizer, prompts: list, prompt_ids: list[list[int]], gen, *,
+                       device: torch.device | str = "cpu") -> Rollout:
+    """Sample one response per prompt with the settings in `gen` (a GenerationConfig section).
+
+    stop_at_eos=False samples exactly max_new_tokens (the fixed-length "EOS trick" of N+ details
+    D23): the response mask still ends at the first EOS, so what follows it never counts.
+    """
+    from transformers import GenerationConfig
+
+    ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id)
+    ids, mask = ids.to(device), mask.to(device)
+    greedy = gen.temperature <= 0
+    config = GenerationConfig(
+        max_new_tokens=gen.max_new_tokens,
+        min_new_tokens=0 if gen.stop_at_eos else gen.max_new_tokens,
+        do_sample=not greedy,
+        temperature=None if greedy else gen.temperature,
+        top_k=gen.top_k if gen.top_k > 0 else None,
+        top_p=gen.top_p if gen.top_p < 1.0 else None,
+        eos_token_id=tokenizer.eos_token_id if gen.stop_at_eos else None,
+        pad_token_id=tokenizer.pad_token_id,
+        suppress_tokens=[tokenizer.pad_token_id],  # the pad id marks "not generated" below
+        use_cache=True,
+    )
+    was_training = model.training
+    model.eval()
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    if was_training:
+        model.train()
+    P = ids.shape[1]
+    response = out[:, P:]
+    if response.shape[1] < gen.max_new_tokens:  # every row stopped early: keep a fixed width A
+        pad = torch.full((response.shape[0], gen.max_new_tokens - response.shape[1]), tokenizer.pad_token_id,
+                         dtype=response.dtype, device=response.device)
+        response = torch.cat([response, pad], dim=1)
+    # generate pads rows that finished; the pad id is never sampled, so the tokens before a row's
+    # first pad are the ones it generated
+    generated = torch.cumprod((response != tokenizer.pad_token_id).long(), dim=-1)
+    response_mask, has_eos = response_mask_from_ids(response, tokenizer.eos_token_id, generated)
+    response = torch.where(response_mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
+    input_ids = torch.cat([ids, response], dim=1)
+    attention_mask = torch.cat([mask, response_mask], dim=1)
+    completions = tokenizer.batch_decode(
+        [r[m.bool()].tolist() for r, m in zip(response, response_mask)], skip_special_tokens=True)
+    return Rollout(prompts=list(prompts), completions=completions, input_ids=input_ids,
+                   attention_mask=attention_mask, prompt_length=P, response_mask=response_mask, has_eos=has_eos)

@@ -1,0 +1,50 @@
+"""Teacher-forced forward passes over (prompt, response) sequences: logprobs, entropy, values."""
+
+from __future__ import annotations
+
+import torch
+
+from rufus.losses.sft import token_logprobs
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions counted from each row's first real token, so left padding changes nothing
+    (N implementation details #3). Padding positions get 0; they are masked anyway."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """(B, A, V) the logits that predicted each response token, divided by the sampling temperature
+    (N implementation details #10: the logprobs must be those of the distribution sampled from)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    logits = out.logits[:, prompt_length - 1:-1]  # position P-1+t predicts response token t
+    if temperature != 1.0 and temperature > 0:
+        logits = logits / temperature
+    return logits
+
+
+def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
+                      temperature: float = 1.0, *, with_entropy: bool = False):
+    """(B, A) log pi(y_t | x, y_<t) of the response tokens; with_entropy also returns (B, A) H_t."""
+    logits = response_logits(model, input_ids, attention_mask, prompt_length, temperature)
+    logprobs = token_logprobs(logits, input_ids[:, prompt_length:])
+    if not with_entropy:
+        return logprobs
+    from rufus.losses.ppo import entropy_from_logits
+
+    return logprobs, entropy_from_logits(logits)
+
+
+@torch.no_grad()
+def batched_logprobs(model, input_ids, attention_mask, prompt_length, temperature, micro_batch: int):
+    """`response_logprobs` without gradients, in chunks of `micro_batch` rows (bounded memory).
+
+    Trainers use the same chunking as their first update pass, so the recomputed logprobs match
+    these bit for bit and the first PPO ratio is exactly 1.
+    """
+    parts = [response_logprobs(model, input_ids[i:i + micro_batch], attention_mask[i:i + micro_batch],
+                               prompt_length, temperature)
+             for i in range(0, input_ids.shape[0], micro_batch)]
+    return torch.cat(parts)

@@ -1,0 +1,158 @@
+"""GAE and whitening: hand-derived values, a naive per-row loop, the GAE identities of
+REFERENCES.md section 8.7, and masked positions never moving anything."""
+
+import math
+
+import pytest
+import torch
+
+from rufus.advantages import gae, whiten
+
+
+def _ragged(b: int, a: int, seed: int):
+    """Random rewards / values with prefix masks of lengths a, a-1, ..., (at least 1), one row empty."""
+    g = torch.Generator().manual_seed(seed)
+    rewards = torch.randn(b, a, generator=g, dtype=torch.float64)
+    values = torch.randn(b, a, generator=g, dtype=torch.float64)
+    lengths = [max(a - i, 1) for i in range(b)]
+    lengths[-1] = 0
+    mask = torch.zeros(b, a, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = True
+    return rewards, values, mask, lengths
+
+
+def _naive_gae(rewards, values, lengths, gamma, lam):
+    """Textbook GAE one row at a time: A_t = sum_l (gamma lam)^l delta_{t+l}, V_T = 0 (eq. 16)."""
+    adv = torch.zeros_like(rewards)
+    for b, n in enumerate(lengths):
+        r = rewards[b, :n].tolist()
+        v = values[b, :n].tolist() + [0.0]
+        deltas = [r[t] + gamma * v[t + 1] - v[t] for t in range(n)]
+        for t in range(n):
+            adv[b, t] = sum((gamma * lam) ** k * deltas[t + k] for k in range(n - t))
+    return adv
+
+
+# --- gae ------------------------------------------------------------------------------------------
+
+
+def test_gae_hand_values():
+    # row 0: rewards (1, 2), values (0.5, 1.0), gamma 0.9, lambda 0.5, both tokens valid
+    #   delta_1 = 2 + 0.9 * 0 - 1.0 = 1.0                      A_1 = 1.0
+    #   delta_0 = 1 + 0.9 * 1.0 - 0.5 = 1.4                    A_0 = 1.4 + 0.9 * 0.5 * 1.0 = 1.85
+    #   returns = A + V = (2.35, 2.0)
+    # row 1: only the first token valid; padding holds junk (99, nan) that must not leak in
+    #   delta_0 = 3 + 0.9 * 0 - 1 = 2 = A_0, return 3; padding -> 0
+    rewards = torch.tensor([[1.0, 2.0], [3.0, 99.0]], dtype=torch.float64)
+    values = torch.tensor([[0.5, 1.0], [1.0, float("nan")]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1], [1, 0]])
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    assert torch.allclose(adv, torch.tensor([[1.85, 1.0], [2.0, 0.0]], dtype=torch.float64))
+    assert torch.allclose(ret, torch.tensor([[2.35, 2.0], [3.0, 0.0]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 0.9), (0.5, 1.0), (1.0, 0.0)])
+def test_gae_matches_naive_loop_on_ragged_batches(gamma, lam):
+    rewards, values, mask, lengths = _ragged(6, 7, seed=3)
+    adv, ret = gae(rewards, values, mask, gamma=gamma, lam=lam)
+    expected = _naive_gae(rewards, values, lengths, gamma, lam)
+    assert torch.allclose(adv, expected, atol=1e-12)
+    assert torch.allclose(ret, torch.where(mask, expected + values, torch.zeros(())), atol=1e-12)
+    assert (adv[~mask] == 0).all() and (ret[~mask] == 0).all()
+
+
+def test_gae_lambda_one_gamma_one_is_reward_to_go():
+    # lambda = gamma = 1: the deltas telescope, A_t + V_t = sum_{s >= t} r_s (Monte Carlo return)
+    rewards, values, mask, lengths = _ragged(5, 6, seed=4)
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    for b, n in enumerate(lengths):
+        for t in range(n):
+            to_go = rewards[b, t:n].sum().item()
+            assert (adv[b, t] + values[b, t]).item() == pytest.approx(to_go, abs=1e-12)
+            assert ret[b, t].item() == pytest.approx(to_go, abs=1e-12)
+
+
+def test_gae_lambda_zero_is_td_residual():
+    # lambda = 0: A_t = delta_t = r_t + gamma V_{t+1} - V_t, with V = 0 after the last valid token
+    rewards, values, mask, lengths = _ragged(5, 6, seed=5)
+    gamma = 0.9
+    adv, _ = gae(rewards, values, mask, gamma=gamma, lam=0.0)
+    for b, n in enumerate(lengths):
+        for t in range(n):
+            v_next = values[b, t + 1].item() if t + 1 < n else 0.0
+            delta = rewards[b, t].item() + gamma * v_next - values[b, t].item()
+            assert adv[b, t].item() == pytest.approx(delta, abs=1e-12)
+
+
+def test_gae_returns_are_advantages_plus_values_and_padding_is_inert():
+    rewards, values, mask, _ = _ragged(4, 5, seed=6)
+    adv, ret = gae(rewards, values, mask)
+    assert torch.allclose(ret, torch.where(mask, adv + values, torch.zeros(())), atol=1e-12)
+    junk_r = torch.where(mask, rewards, torch.full_like(rewards, 1e6))
+    junk_v = torch.where(mask, values, torch.full_like(values, float("inf")))
+    adv2, ret2 = gae(junk_r, junk_v, mask)
+    assert torch.equal(adv, adv2) and torch.equal(ret, ret2)
+
+
+def test_gae_skips_holes_in_the_mask():
+    # A hole (e.g. a tool-output token) is skipped: tokens 0 and 2 form the trajectory.
+    # rewards (1, junk, 2), values (0.5, junk, 1.0), gamma 0.9, lambda 0.5 -> as the 2-token row of
+    # test_gae_hand_values: A = (1.85, 0, 1.0)
+    rewards = torch.tensor([[1.0, 50.0, 2.0]], dtype=torch.float64)
+    values = torch.tensor([[0.5, -7.0, 1.0]], dtype=torch.float64)
+    adv, ret = gae(rewards, values, torch.tensor([[1, 0, 1]]), gamma=0.9, lam=0.5)
+    assert torch.allclose(adv, torch.tensor([[1.85, 0.0, 1.0]], dtype=torch.float64))
+    assert torch.allclose(ret, torch.tensor([[2.35, 0.0, 2.0]], dtype=torch.float64))
+
+
+def test_gae_shape_errors_and_dtype():
+    with pytest.raises(ValueError, match="must all be \\(B, A\\)"):
+        gae(torch.zeros(2, 3), torch.zeros(2, 4), torch.ones(2, 3))
+    adv, ret = gae(torch.zeros(2, 3, dtype=torch.bfloat16), torch.zeros(2, 3), torch.ones(2, 3))
+    assert adv.dtype == torch.float32 and ret.dtype == torch.float32
+
+
+# --- whiten ---------------------------------------------------------------------------------------
+
+
+def test_whiten_hand_values_biased_variance():
+    # valid values 1, 2, 4 (the 10 and -3 are padding): mean 7/3,
+    # biased var = ((4/3)^2 + (1/3)^2 + (5/3)^2) / 3 = 42/27 = 1.555556, std = 1.247219
+    #   (1 - 7/3) / 1.247219 = -1.069045, (2 - 7/3) / 1.247219 = -0.267261, (4 - 7/3) / 1.247219 = 1.336306
+    # (the unbiased variance 42/18 would give -0.872872, ... instead)
+    x = torch.tensor([[1.0, 2.0, 10.0], [4.0, -3.0, -3.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    w = whiten(x, mask, eps=0.0)
+    expected = torch.tensor([[-1.069045, -0.267261, 0.0], [1.336306, 0.0, 0.0]], dtype=torch.float64)
+    assert torch.allclose(w, expected, atol=1e-6)
+    # shift_mean=False adds the mean back: -1.069045 + 7/3 = 1.264289, 2.066072, 3.669639
+    w2 = whiten(x, mask, shift_mean=False, eps=0.0)
+    expected2 = torch.tensor([[1.264289, 2.066072, 0.0], [3.669639, 0.0, 0.0]], dtype=torch.float64)
+    assert torch.allclose(w2, expected2, atol=1e-6)
+
+
+def test_whiten_statistics_over_valid_tokens_only():
+    rewards, _, mask, _ = _ragged(6, 9, seed=7)
+    x = rewards * 3 + 5
+    w = whiten(x, mask)
+    valid = w[mask]
+    assert valid.mean().item() == pytest.approx(0.0, abs=1e-12)
+    assert valid.var(unbiased=False).item() == pytest.approx(1.0, abs=1e-7)  # biased: exactly ~1
+    assert (w[~mask] == 0).all()
+    # shift_mean=False keeps the mean, unit std
+    w2 = whiten(x, mask, shift_mean=False)
+    assert w2[mask].mean().item() == pytest.approx(x[mask].mean().item(), abs=1e-12)
+    assert w2[mask].var(unbiased=False).item() == pytest.approx(1.0, abs=1e-7)
+    # padding values do not move anything
+    junk = torch.where(mask, x, torch.full_like(x, 1e9))
+    assert torch.equal(whiten(junk, mask), w)
+
+
+def test_whiten_without_mask_and_degenerate_inputs():
+    x = torch.tensor([1.0, 3.0])  # mean 2, biased std 1 -> (-1, 1)
+    assert torch.allclose(whiten(x, eps=0.0), torch.tensor([-1.0, 1.0]))
+    # all equal: 0 / sqrt(0 + eps) = 0, no nan; no valid token: all 0
+    assert torch.equal(whiten(torch.full((2, 3), 4.0)), torch.zeros(2, 3))
+    out = whiten(torch.randn(2, 3), torch.zeros(2, 3))
+    assert torch.equal(out, torch.zeros(2, 3)) and not math.isnan(out.sum().item())

@@ -1,0 +1,124 @@
+"""PPO trainer: learns a programmatic and a learned reward, keeps frozen models frozen, LoRA, resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from rufus.report.metrics import read_metrics
+from rufus.trainers.ppo import train_ppo
+from tests.helpers import make_tiny_model_dir, write_jsonl
+
+
+def digit_fraction(prompts, completions, **kw):
+    """Programmatic reward: the share of a completion's characters that are digits."""
+    return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    rows = [{"prompt": f"what is {i} plus {i + 2} ?"} for i in range(32)]
+    return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", rows)
+
+
+def ppo_config(tiny, prompts, out, **over):
+    cfg = {"model": str(tiny), "output_dir": str(out), "data": {"train": str(prompts), "max_length": 40},
+           "generation": {"max_new_tokens": 8}, "batch_size": 16, "lr": 3e-3, "max_steps": 25,
+           "dtype": "float32", "progress": False, "seed": 0, "kl": {"coef": 0.05},
+           "critic": {"lr": 3e-3}, "ppo": {"epochs": 2, "minibatches": 2}, "sample_every": 5}
+    for k, v in over.items():
+        section, _, key = k.rpartition(".")
+        (cfg.setdefault(section, {}) if section else cfg)[key] = v
+    return cfg
+
+
+def first_last(rows, key, n=5):
+    values = [r[key] for r in rows]
+    return sum(values[:n]) / n, sum(values[-n:]) / n
+
+
+def test_programmatic_reward_rises_with_bounded_kl(tiny, prompts, tmp_path):
+    result = train_ppo(ppo_config(tiny, prompts, tmp_path / "run", max_steps=40), reward_fn=digit_fraction)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    start, end = first_last(rows, "score/mean")
+    assert end > start + 0.15, (start, end)
+    assert max(r["kl/mean"] for r in rows) < 20.0  # nats over 8 tokens; the penalty holds it there
+    for key in ("reward/mean", "reward/std", "score/mean", "kl/mean", "kl/coef", "entropy", "policy/loss",
+                "policy/clipfrac", "policy/approx_kl", "value/loss", "value/clipfrac", "value/explained_variance",
+                "response/length", "time/rollout_s", "time/train_s", "time/step_s", "tokens_per_s"):
+        assert key in rows[-1], key
+    # dropout off and the same logprobs: the first ratio of every step is exactly 1
+    assert all(r["policy/ratio_dev_first"] == 0.0 for r in rows)
+    samples = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert {"step", "prompt", "response", "score"} <= set(samples[0])
+    # the reference never moved; the actor did
+    ref = result.reference.state_dict()
+    fresh = type(result.reference).from_pretrained(tiny).state_dict()
+    assert all(torch.equal(ref[k], fresh[k]) for k in fresh)
+    assert any(not torch.equal(p, fresh[n]) for n, p in result.actor.state_dict().items() if n in fresh)
+
+
+def test_learned_reward_model_rises_and_stays_frozen(tiny, prompts, tmp_path):
+    from rufus.trainers.reward import train_reward_model
+    from tests.helpers import preference_rows
+
+    # an RM that prefers responses with "yes" in them
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(128, seed=1))
+    rm = train_reward_model({"model": str(tiny), "output_dir": str(tmp_path / "rm"), "dtype": "float32",
+                             "data": {"train": str(prefs), "max_length": 48}, "batch_size": 16, "lr": 3e-3,
+                             "max_steps": 40, "progress": False})
+    before = {k: v.clone() for k, v in rm.model.state_dict().items()}
+    result = train_ppo(ppo_config(tiny, prompts, tmp_path / "ppo_rm", max_steps=25,
+                                  **{"reward.model": [str(rm.final_dir)], "critic.model": str(rm.final_dir)}))
+    rows = read_metrics(tmp_path / "ppo_rm" / "metrics.jsonl")
+    start, end = first_last(rows, "score/mean")
+    assert end > start + 0.3, (start, end)
+    frozen = result.reward.sources[0][1].model.state_dict()
+    saved = type(result.reward.sources[0][1].model).from_pretrained(rm.final_dir).state_dict()
+    assert all(torch.equal(frozen[k], saved[k]) for k in saved)
+    assert before.keys()  # the RM trained above is what PPO read
+
+
+def test_lora_ppo_uses_the_adapter_disabled_base_as_reference(tiny, prompts, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    result = train_ppo(ppo_config(tiny, prompts, tmp_path / "lora", max_steps=8, lr=1e-2,
+                                  **{"lora.r": 4, "lora.alpha": 8}), reward_fn=digit_fraction)
+    assert result.reference is None  # no second copy of the base weights
+    base = AutoModelForCausalLM.from_pretrained(tiny).state_dict()
+    for name, p in result.actor.named_parameters():
+        if "lora_" not in name:
+            key = name.replace("base_model.model.", "").replace(".base_layer", "")
+            assert not p.requires_grad and torch.equal(p.detach(), base[key]), name
+    rows = read_metrics(tmp_path / "lora" / "metrics.jsonl")
+    assert rows[0]["kl/mean"] == pytest.approx(0.0, abs=1e-6)  # adapters start at zero: actor == reference
+    assert rows[-1]["kl/mean"] != 0.0 and all(r["policy/ratio_dev_first"] == 0.0 for r in rows)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny, prompts, tmp_path):
+    common = dict(max_steps=6, save_every=3, save_total_limit=0, **{"kl.target": 1.0, "reward.scale": True})
+    train_ppo(ppo_config(tiny, prompts, tmp_path / "straight", **common), reward_fn=digit_fraction)
+    cut = tmp_path / "cut"
+    (cut / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "step-0000003", cut / "checkpoints" / "step-0000003")
+    shutil.copy(tmp_path / "straight" / "metrics.jsonl", cut / "metrics.jsonl")
+    train_ppo(ppo_config(tiny, prompts, cut, resume=True, **common), reward_fn=digit_fraction)
+
+    def untimed(rows):
+        return [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s"))} for r in rows]
+
+    a = untimed(read_metrics(tmp_path / "straight" / "metrics.jsonl"))
+    b = untimed(read_metrics(cut / "metrics.jsonl"))
+    assert len(a) == len(b) == 6
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            assert rb[k] == pytest.approx(ra[k], rel=1e-6, abs=1e-7), (ra["step"], k)
