@@ -122,3 +122,18 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, prompts, tmp_path):
         assert ra.keys() == rb.keys()
         for k in ra:
             assert rb[k] == pytest.approx(ra[k], rel=1e-6, abs=1e-7), (ra["step"], k)
+
+
+def test_shared_critic_and_ptx_run(tiny, prompts, tmp_path):
+    from tests.helpers import sft_rows
+
+    ptx = write_jsonl(tmp_path / "ptx.jsonl", sft_rows(8))
+    result = train_ppo(ppo_config(tiny, prompts, tmp_path / "shared", max_steps=30,
+                                  **{"critic.shared": True, "ptx.coef": 0.5, "ptx.data": str(ptx), "ptx.batch_size": 4}),
+                       reward_fn=digit_fraction)
+    rows = read_metrics(tmp_path / "shared" / "metrics.jsonl")
+    start, end = first_last(rows, "score/mean")
+    assert end > start + 0.1, (start, end)
+    assert all(r["policy/ratio_dev_first"] == 0.0 for r in rows)
+    assert rows[-1]["value/loss"] > 0 and (tmp_path / "shared" / "final_critic" / "value_head.safetensors").exists()
+    assert (result.final_dir / "config.json").exists()

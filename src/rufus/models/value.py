@@ -56,3 +56,37 @@ def values_at_response(critic, input_ids: torch.Tensor, attention_mask: torch.Te
                        prompt_length: int) -> torch.Tensor:
     """(B, A) V_t: the value at the position that emits response token t (position P - 1 + t)."""
     return critic(input_ids, attention_mask)[:, prompt_length - 1:-1]
+
+
+class SharedActorCritic(torch.nn.Module):
+    """Policy and value head on one backbone (`critic.shared`): one forward gives both.
+
+    Halves the memory of a separate critic, at the price of the policy and value losses pulling
+    on the same weights (separate networks usually do better; 37 PPO details #13). The value head
+    starts at zero. Generation and adapter switching go to the policy.
+    """
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+        hidden = policy.config.get_text_config().hidden_size
+        self.value_head = torch.nn.Linear(hidden, 1)
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+
+    @property
+    def config(self):
+        return self.policy.config
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
+        kwargs.pop("use_cache", None)
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          output_hidden_states=True, use_cache=False, **kwargs)
+        out["values"] = self.value_head(out.hidden_states[-1]).squeeze(-1).float()  # (B, T)
+        return out
+
+    def generate(self, *args, **kwargs):
+        return self.policy.generate(*args, **kwargs)
+
+    def disable_adapter(self):
+        return self.policy.disable_adapter()

@@ -141,17 +141,24 @@ def load_trainable_lm(cfg, tokenizer):
     return model
 
 
-def make_optimizer(cfg, model, max_steps: int):
-    """AdamW over the trainable parameters (no weight decay on biases and norms) + LR schedule."""
+def make_optimizer(cfg, model, max_steps: int, lr_overrides: dict[str, float] | None = None):
+    """AdamW over the trainable parameters (no weight decay on biases and norms) + LR schedule.
+
+    `lr_overrides` maps a parameter-name prefix to its own learning rate (e.g. a value head that
+    shares the actor's optimiser).
+    """
     from transformers import get_scheduler
 
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr = next((v for k, v in (lr_overrides or {}).items() if name.startswith(k)), cfg.lr)
+        decay = cfg.weight_decay if p.ndim >= 2 else 0.0
+        groups.setdefault((lr, decay), []).append(p)
     optimizer = torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps
+        [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()],
+        lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
     )
     warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else int(cfg.warmup_ratio * max_steps)
     name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.scheduler]

@@ -77,6 +77,7 @@ class CriticSection:
 
     model: str | None = opt(None, "start from this model: a reward model keeps its head (recommended), a policy gets a zero head; default: the policy")
     lr: float = opt(1e-5, "critic learning rate")
+    shared: bool = opt(False, "value head on the actor's backbone instead of a separate critic model (less memory)")
 
 
 @dataclass
@@ -163,15 +164,26 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
         reference.requires_grad_(False)
     elif cfg.ref_model:
         raise common.ConfigError("ref_model: with LoRA the reference is the adapter-disabled base; leave ref_model unset")
-    critic = _load_critic(cfg, tokenizer)
-    actor_opt, actor_sched = common.make_optimizer(cfg, actor, max_steps)
-    critic_opt, critic_sched = common.make_optimizer(_with_lr(cfg, cfg.critic.lr), critic, max_steps)
-    actor, critic, actor_opt, critic_opt = acc.prepare(actor, critic, actor_opt, critic_opt)
+    if cfg.critic.shared:
+        from rufus.models.value import SharedActorCritic
+
+        if cfg.critic.model:
+            raise common.ConfigError("critic.model: a shared critic lives on the actor; leave critic.model unset")
+        actor, critic = SharedActorCritic(actor), None
+        actor_opt, actor_sched = common.make_optimizer(cfg, actor, max_steps, {"value_head": cfg.critic.lr})
+        actor, actor_opt = acc.prepare(actor, actor_opt)
+    else:
+        critic = _load_critic(cfg, tokenizer)
+        actor_opt, actor_sched = common.make_optimizer(cfg, actor, max_steps)
+        critic_opt, critic_sched = common.make_optimizer(_with_lr(cfg, cfg.critic.lr), critic, max_steps)
+        actor, critic, actor_opt, critic_opt = acc.prepare(actor, critic, actor_opt, critic_opt)
     kl_ctl = make_kl_controller(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
 
-    models = {"actor": acc.unwrap_model(actor), "critic": acc.unwrap_model(critic)}
-    optimizers = {"actor": actor_opt, "critic": critic_opt}
-    schedulers = {"actor": actor_sched, "critic": critic_sched}
+    models = {"actor": acc.unwrap_model(actor)}
+    optimizers = {"actor": actor_opt}
+    schedulers = {"actor": actor_sched}
+    if critic is not None:
+        models["critic"], optimizers["critic"], schedulers["critic"] = acc.unwrap_model(critic), critic_opt, critic_sched
     start_step, saved = common.maybe_resume(run, models, optimizers, schedulers)
     if saved:
         kl_ctl.load_state_dict(saved["kl_controller"])
@@ -192,19 +204,17 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
 
         # 2. evaluation: pi_old and pi_ref logprobs, values, scores
         with torch.no_grad():
-            from rufus.models.value import values_at_response
             from rufus.rollout.logprobs import batched_logprobs
 
             actor.eval()
             with acc.autocast():
-                ro.logprobs = batched_logprobs(actor, ro.input_ids, ro.attention_mask, ro.prompt_length,
-                                               cfg.generation.temperature, micro_size)
+                parts = [_forward(cfg, actor, critic, ro.input_ids[i:i + micro_size], ro.attention_mask[i:i + micro_size],
+                                  ro.prompt_length) for i in range(0, len(batch), micro_size)]
+                ro.logprobs = torch.cat([p[0] for p in parts])
+                ro.values = torch.cat([p[2] for p in parts])
                 with _reference(models["actor"], reference) as ref:
                     ro.ref_logprobs = batched_logprobs(ref, ro.input_ids, ro.attention_mask, ro.prompt_length,
                                                        cfg.generation.temperature, micro_size)
-                ro.values = torch.cat([values_at_response(critic, ro.input_ids[i:i + micro_size],
-                                                          ro.attention_mask[i:i + micro_size], ro.prompt_length)
-                                       for i in range(0, len(batch), micro_size)])
             ro.scores, reward_stats = reward(ro.prompts, ro.completions, ro.has_eos, **ro.extra)
             ro.scores = ro.scores.to(acc.device)
 
@@ -213,9 +223,9 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
 
         # 4. PPO epochs over minibatches
         t_train = time.perf_counter()
-        stats.update(_ppo_update(cfg, acc, ro, actor, critic, actor_opt, critic_opt, micro_size, ptx, step))
-        actor_sched.step()
-        critic_sched.step()
+        stats.update(_ppo_update(cfg, acc, ro, actor, critic, optimizers, micro_size, ptx, step))
+        for sched in schedulers.values():
+            sched.step()
         t_train = time.perf_counter() - t_train
 
         # 5. KL controller, log, samples, checkpoint
@@ -236,13 +246,20 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
                                    state={"kl_controller": kl_ctl.state_dict(), "reward": reward.state_dict()})
     progress.close()
 
-    final_dir = common.save_final(run, models["actor"], tokenizer)
+    policy = models["actor"].policy if cfg.critic.shared else models["actor"]
+    final_dir = common.save_final(run, policy, tokenizer)
     if acc.is_main_process:
-        models["critic"].save_pretrained(run.output_dir / "final_critic")
+        if cfg.critic.shared:
+            from safetensors.torch import save_file
+
+            (run.output_dir / "final_critic").mkdir(exist_ok=True)
+            save_file(models["actor"].value_head.state_dict(), run.output_dir / "final_critic" / "value_head.safetensors")
+        else:
+            models["critic"].save_pretrained(run.output_dir / "final_critic")
     logger.close()
     common.finish_run(run, ["reward/mean", "score/mean", "kl/mean", "entropy", "policy/loss", "value/loss"])
-    return PPOResult(Path(cfg.output_dir), final_dir, max_steps, logger.rows, models["actor"], models["critic"],
-                     reference, reward)
+    return PPOResult(Path(cfg.output_dir), final_dir, max_steps, logger.rows, policy,
+                     models.get("critic", models["actor"]), reference, reward)
 
 
 def _micro_size(cfg, world: int) -> int:
@@ -320,7 +337,7 @@ def _advantages(cfg, acc, ro, beta: float) -> dict:
     from rufus.losses.kl import kl_penalty
 
     mask = ro.response_mask.float()  # (B, A)
-    ro.kl = kl_penalty(ro.logprobs, ro.ref_logprobs, cfg.kl.estimator) * mask  # (B, A) KL_t
+    ro.kl = torch.where(mask.bool(), kl_penalty(ro.logprobs, ro.ref_logprobs, cfg.kl.estimator), 0.0)  # (B, A) KL_t
     rewards = -beta * ro.kl
     last = ro.last_token_index()
     rewards[torch.arange(len(last)), last] += ro.scores  # the score sits on the last response token
@@ -343,17 +360,37 @@ def _advantages(cfg, acc, ro, beta: float) -> dict:
             "score/mean": s[3] / n, "response/length": s[4] / n}
 
 
-def _ppo_update(cfg, acc, ro, actor, critic, actor_opt, critic_opt, micro_size: int, ptx, step: int) -> dict:
+def _forward(cfg, actor, critic, input_ids, attention_mask, prompt_length, with_entropy: bool = False):
+    """(logprobs, entropy or None, values), each (B, A): one pass for a shared actor-critic, else two."""
+    from rufus.losses.ppo import entropy_from_logits
+    from rufus.losses.sft import token_logprobs
+    from rufus.models.value import values_at_response
+    from rufus.rollout.logprobs import position_ids_from_mask
+
+    out = actor(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    logits = out.logits[:, prompt_length - 1:-1]  # position P-1+t predicts response token t
+    if cfg.generation.temperature > 0 and cfg.generation.temperature != 1.0:
+        logits = logits / cfg.generation.temperature
+    logprobs = token_logprobs(logits, input_ids[:, prompt_length:])
+    entropy = entropy_from_logits(logits) if with_entropy else None
+    if critic is None:
+        values = out["values"][:, prompt_length - 1:-1]
+    else:
+        values = values_at_response(critic, input_ids, attention_mask, prompt_length)
+    return logprobs, entropy, values
+
+
+def _ppo_update(cfg, acc, ro, actor, critic, optimizers, micro_size: int, ptx, step: int) -> dict:
     """ppo.epochs passes over the rollout in ppo.minibatches, each split into grad_accum micro-batches."""
     from rufus.losses.aggregation import masked_mean
     from rufus.losses.ppo import explained_variance, policy_loss, value_loss
-    from rufus.models.value import values_at_response
-    from rufus.rollout.logprobs import response_logprobs
 
     B = ro.input_ids.shape[0]
     mb_size = B // cfg.ppo.minibatches
-    actor.train()
-    critic.train()
+    trained = [actor] + ([critic] if critic is not None else [])
+    for m in trained:
+        m.train()
     totals: dict[str, float] = {}
     count = 0
     first_ratio_dev = None
@@ -373,13 +410,11 @@ def _ppo_update(cfg, acc, ro, actor, critic, actor_opt, critic_opt, micro_size: 
                 part = ro.select(idx)
                 mask = part.response_mask
                 last = k == len(micro) - 1
-                with _no_sync(acc, [actor, critic], last), acc.autocast():
-                    logprobs, entropy = response_logprobs(actor, part.input_ids, part.attention_mask,
-                                                          part.prompt_length, cfg.generation.temperature,
-                                                          with_entropy=True)
+                with _no_sync(acc, trained, last), acc.autocast():
+                    logprobs, entropy, values = _forward(cfg, actor, critic, part.input_ids, part.attention_mask,
+                                                         part.prompt_length, with_entropy=True)
                     pg, pg_stats = policy_loss(logprobs, part.logprobs, part.advantages, mask, clip=cfg.ppo.clip,
                                                aggregation="sum", normalizer=normalizer)
-                    values = values_at_response(critic, part.input_ids, part.attention_mask, part.prompt_length)
                     vf, vf_stats = value_loss(values, part.values, part.returns, mask, clip=cfg.ppo.value_clip,
                                               aggregation="sum", normalizer=normalizer)
                     ent = (entropy * mask).sum() / normalizer
@@ -397,8 +432,8 @@ def _ppo_update(cfg, acc, ro, actor, critic, actor_opt, critic_opt, micro_size: 
                               "policy/approx_kl": float(pg_stats["approx_kl"]) * weight,
                               "value/clipfrac": float(vf_stats["clipfrac"]) * weight,
                               "tokens": weight})
-            common.clip_and_step(cfg, acc, actor, actor_opt, _NoSched())
-            common.clip_and_step(cfg, acc, critic, critic_opt, _NoSched())
+            for m, name in zip(trained, ("actor", "critic")):
+                common.clip_and_step(cfg, acc, m, optimizers[name], _NoSched())
             count += 1
             if cfg.ppo.target_kl is not None:
                 approx = acc.reduce(torch.tensor(totals["policy/approx_kl"] / max(totals["tokens"], 1),
