@@ -110,6 +110,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, prompts, tmp_path):
     (cut / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "straight" / "checkpoints" / "step-0000003", cut / "checkpoints" / "step-0000003")
     shutil.copy(tmp_path / "straight" / "metrics.jsonl", cut / "metrics.jsonl")
+    shutil.copy(tmp_path / "straight" / "samples.jsonl", cut / "samples.jsonl")
     train_ppo(ppo_config(tiny, prompts, cut, resume=True, **common), reward_fn=digit_fraction)
 
     def untimed(rows):
@@ -118,6 +119,8 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, prompts, tmp_path):
     a = untimed(read_metrics(tmp_path / "straight" / "metrics.jsonl"))
     b = untimed(read_metrics(cut / "metrics.jsonl"))
     assert len(a) == len(b) == 6
+    samples = [json.loads(x) for x in (cut / "samples.jsonl").read_text().splitlines()]
+    assert samples == [json.loads(x) for x in (tmp_path / "straight" / "samples.jsonl").read_text().splitlines()]
     for ra, rb in zip(a, b):
         assert ra.keys() == rb.keys()
         for k in ra:

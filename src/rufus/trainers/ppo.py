@@ -190,8 +190,9 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
         reward.load_state_dict(saved["reward"])
     logger = common.open_metrics(run, start_step)
     samples_path = run.output_dir / "samples.jsonl"
-    if acc.is_main_process and not run.resume_from:
-        samples_path.write_text("")
+    if acc.is_main_process:  # a resumed run drops the samples written after its checkpoint
+        kept = [r for r in _read_jsonl(samples_path) if r["step"] <= start_step] if run.resume_from else []
+        samples_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     progress = common.progress_bar(cfg, acc, max_steps, start_step, desc="ppo")
     for step in range(start_step + 1, max_steps + 1):
@@ -499,6 +500,12 @@ def _ptx_loss(cfg, acc, actor, ptx, step, epoch, start, k, n_micro):
     logits = actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     loss, _ = sft_loss(logits, batch["labels"])
     return loss / n_micro
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _write_samples(path: Path, step: int, ro, n: int) -> None:
