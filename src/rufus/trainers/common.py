@@ -240,6 +240,18 @@ class Window:
         return row
 
 
+def whiten_across_processes(x: torch.Tensor, mask: torch.Tensor, acc, shift_mean: bool = True) -> torch.Tensor:
+    """Whiten `x` over the valid tokens of the whole batch, all processes together (biased variance)."""
+    m = mask.float()
+    sums = acc.reduce(torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()]), reduction="sum")
+    mean = sums[0] / sums[2].clamp(min=1)
+    var = (sums[1] / sums[2].clamp(min=1) - mean**2).clamp(min=0)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * m
+
+
 def save_checkpoint(run: Run, step: int, models, optimizers, schedulers, state: dict | None = None) -> Path:
     from rufus import checkpoint
 

@@ -320,18 +320,6 @@ def _rollout(cfg, acc, actor, tokenizer, batch):
     return ro
 
 
-def _global_whiten(x: torch.Tensor, mask: torch.Tensor, acc, shift_mean: bool = True) -> torch.Tensor:
-    """Whiten `x` over the valid tokens of the whole batch, all processes together (biased variance)."""
-    m = mask.float()
-    sums = acc.reduce(torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()]), reduction="sum")
-    mean = sums[0] / sums[2].clamp(min=1)
-    var = (sums[1] / sums[2].clamp(min=1) - mean**2).clamp(min=0)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        out = out + mean
-    return out * m
-
-
 def _advantages(cfg, acc, ro, beta: float) -> dict:
     """Per-token rewards (KL penalty + score on the last token), GAE, whitening; returns stats."""
     from rufus.advantages import gae
@@ -343,11 +331,11 @@ def _advantages(cfg, acc, ro, beta: float) -> dict:
     last = ro.last_token_index()
     rewards[torch.arange(len(last)), last] += ro.scores  # the score sits on the last response token
     if cfg.ppo.whiten_rewards:
-        rewards = _global_whiten(rewards, mask, acc, shift_mean=False)
+        rewards = common.whiten_across_processes(rewards, mask, acc, shift_mean=False)
     ro.rewards = rewards
     ro.advantages, ro.returns = gae(rewards, ro.values * mask, mask, gamma=cfg.gae.gamma, lam=cfg.gae.lam)
     if cfg.ppo.whiten_advantages:
-        ro.advantages = _global_whiten(ro.advantages, mask, acc)
+        ro.advantages = common.whiten_across_processes(ro.advantages, mask, acc)
 
     # statistics over the whole batch (every process)
     seq_kl = ro.kl.sum(-1)

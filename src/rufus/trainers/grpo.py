@@ -1,0 +1,209 @@
+"""GRPO: group-relative policy optimisation, no critic.
+
+DeepSeekMath (Shao et al. 2024, Sec. 4.1): for each prompt sample a group of G responses, score
+them, and use each response's score standardised within its group as the advantage of every one
+of its tokens; optimise the clipped surrogate with a k3 KL penalty to the reference in the loss.
+Options from the follow-ups: Dr. GRPO (Liu et al. 2025: no std division, constant normaliser),
+DAPO (Yu et al. 2025: asymmetric clip-higher, token-level loss, dropping groups with equal rewards).
+Each step:
+  1. sample G responses for each of batch_size prompts from the current policy (pi_old);
+  2. score them (reward sources) and compute pi_old (and pi_ref) logprobs;
+  3. group-relative advantages;
+  4. grpo.iterations passes of clipped updates in grpo.minibatches;
+  5. log, sample, checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from rufus.config import (
+    DataConfig,
+    GenerationConfig,
+    LogArgs,
+    LoraConfig,
+    ModelArgs,
+    OptimArgs,
+    RewardConfig,
+    RunArgs,
+    opt,
+)
+from rufus.trainers import common, online
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GRPOSection:
+    """Groups, advantages and the update."""
+
+    group_size: int = opt(8, "G: responses sampled per prompt")
+    scale_rewards: bool = opt(True, "divide by the group's std (false = Dr. GRPO: centre only)")
+    loss_aggregation: Literal["token", "sequence", "constant"] = opt(
+        "token", "token: mean over all tokens (DAPO); sequence: mean per response, then over responses "
+        "(GRPO paper); constant: sum / (max_new_tokens x responses) (Dr. GRPO)")
+    clip: float = opt(0.2, "lower clip range epsilon of the ratio (and upper, unless clip_high is set)")
+    clip_high: float | None = opt(None, "upper clip range (DAPO clip-higher uses 0.28)")
+    iterations: int = opt(1, "mu: policy updates per generation batch")
+    minibatches: int = opt(1, "optimiser steps per update pass")
+    drop_equal_groups: bool = opt(False, "leave out groups whose rewards are all equal (zero advantage; DAPO)")
+
+
+@dataclass
+class GRPOKL:
+    """KL to the reference, in the loss (k3 estimator)."""
+
+    coef: float = opt(0.04, "beta; 0 = no KL term and no reference model loaded at all")
+
+
+@dataclass
+class GRPOConfig(LogArgs, OptimArgs, RunArgs, ModelArgs):
+    """GRPO: group-relative advantages, no critic."""
+
+    output_dir: str = opt("runs/grpo", "directory for config.yaml, metrics.jsonl, samples.jsonl, checkpoints/ and final/")
+    lr: float = opt(1e-6, "learning rate")
+    batch_size: int = opt(8, "prompts per step, over all processes (each sampled group_size times)")
+    grad_accum: int = opt(1, "micro-batches per minibatch")
+    ref_model: str | None = opt(None, "reference model (default: the starting policy; with LoRA, the adapter-disabled base)")
+    data: DataConfig = opt(DataConfig, "prompts (prompt-only format; extra columns reach reward functions)")
+    generation: GenerationConfig = opt(GenerationConfig, "sampling")
+    reward: RewardConfig = opt(RewardConfig, "reward sources (several, with weights)")
+    grpo: GRPOSection = opt(GRPOSection, "groups and update")
+    kl: GRPOKL = opt(GRPOKL, "KL penalty")
+    lora: LoraConfig = opt(LoraConfig, "LoRA adapters")
+    sample_every: int = opt(10, "write a few (prompt, response, score) rows to samples.jsonl every this many steps")
+    num_samples: int = opt(4, "rows per samples.jsonl entry")
+
+
+@dataclass
+class GRPOResult:
+    output_dir: Path
+    final_dir: Path
+    steps: int
+    metrics: list[dict]
+    model: object = None
+    reference: object = None  # None when kl.coef == 0 or under LoRA
+
+
+def train_grpo(config: GRPOConfig | dict, reward_fn=None) -> GRPOResult:
+    """Run GRPO. `reward_fn(prompts, completions, **kw) -> list[float]` (or a list) adds reward sources."""
+    from rufus.advantages import equal_reward_groups, group_advantages
+    from rufus.losses.grpo import grpo_policy_loss
+    from rufus.models.loading import load_tokenizer, set_dropout
+    from rufus.rewards import build_reward_pipeline
+
+    cfg = common.as_config(GRPOConfig, config)
+    run = common.start_run(cfg)
+    acc = run.accelerator
+    G = cfg.grpo.group_size
+    if G < 2:
+        raise common.ConfigError("grpo.group_size: needs at least 2 responses per prompt to compare")
+    micro_size = _micro_size(cfg, acc.num_processes)
+
+    # 0. prompts and reward sources before the models
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code,
+                               chat_template=cfg.data.chat_template)
+    prompts = online.load_prompts(cfg, acc, tokenizer)
+    fns = [] if reward_fn is None else (list(reward_fn) if isinstance(reward_fn, (list, tuple)) else [reward_fn])
+    reward = build_reward_pipeline(cfg.reward, device=acc.device, dtype=run.compute_dtype, extra_functions=fns,
+                                   trust_remote_code=cfg.trust_remote_code,
+                                   gather=lambda t: acc.gather(t.to(acc.device)).cpu())
+    plan = common.BatchPlan(len(prompts), cfg.batch_size, 1, acc.num_processes, acc.process_index, cfg.seed)
+    max_steps = cfg.max_steps if cfg.max_steps > 0 else plan.steps_for_epochs(cfg.epochs)
+
+    # the policy, and a reference only when the KL term needs one
+    actor = common.load_trainable_lm(cfg, tokenizer)
+    set_dropout(actor, 0.0)
+    use_kl = cfg.kl.coef > 0
+    reference = online.load_reference(cfg, run, tokenizer, needed=use_kl)
+    optimizer, scheduler = common.make_optimizer(cfg, actor, max_steps)
+    actor, optimizer = acc.prepare(actor, optimizer)
+    start_step, saved = common.maybe_resume(run, acc.unwrap_model(actor), optimizer, scheduler)
+    if saved:
+        reward.load_state_dict(saved["reward"])
+    logger = common.open_metrics(run, start_step)
+    samples_path = run.output_dir / "samples.jsonl"
+    online.reset_samples(samples_path, acc, start_step if run.resume_from else None)
+
+    progress = common.progress_bar(cfg, acc, max_steps, start_step, desc="grpo")
+    for step in range(start_step + 1, max_steps + 1):
+        t0 = time.perf_counter()
+        batch = [prompts[i] for i in plan.micro_batches(plan.global_batch(step))[0]]
+
+        # 1. a group of G responses per prompt from pi_old
+        ro = online.sample_groups(cfg, acc, acc.unwrap_model(actor), tokenizer, batch, G)
+        t_rollout = time.perf_counter() - t0
+
+        # 2. scores; pi_old and pi_ref logprobs
+        ro.scores, reward_stats = reward(ro.prompts, ro.completions, ro.has_eos, **ro.extra)
+        ro.scores = ro.scores.to(acc.device)
+        online.old_and_ref_logprobs(cfg, acc, actor, reference, ro, micro_size, with_reference=use_kl)
+        kl_tokens = None
+        if use_kl:
+            from rufus.losses.kl import kl_penalty
+
+            kl_tokens = kl_penalty(ro.logprobs, ro.ref_logprobs, "k1")  # logged as log pi_old - log pi_ref
+        sample_stats = online.batch_stats(acc, ro, kl_tokens)
+
+        # 3. group-relative advantages (B*G,), the same for every token of a response
+        ro.advantages = group_advantages(ro.scores, G, scale=cfg.grpo.scale_rewards)
+        equal = equal_reward_groups(ro.scores, G)  # (B,) groups with no signal
+        if cfg.grpo.drop_equal_groups:
+            keep = (~equal).repeat_interleave(G).long()  # (B*G,)
+            ro.response_mask = ro.response_mask * keep.unsqueeze(-1)
+
+        # 4. clipped updates; the KL term (k3) lives in the loss
+        def loss_fn(part, logprobs, normalizers):
+            normalizer = {"token": normalizers["tokens"], "sequence": normalizers["sequences"],
+                          "constant": normalizers["sequences"] * cfg.generation.max_new_tokens}[cfg.grpo.loss_aggregation]
+            aggregation = {"token": "sum", "sequence": "sequence", "constant": "sum"}[cfg.grpo.loss_aggregation]
+            return grpo_policy_loss(logprobs, part.logprobs, part.ref_logprobs, part.advantages, part.response_mask,
+                                    clip=cfg.grpo.clip, clip_high=cfg.grpo.clip_high, kl_coef=cfg.kl.coef,
+                                    aggregation=aggregation, normalizer=normalizer)
+
+        t_train = time.perf_counter()
+        if ro.response_mask.sum() > 0 or acc.num_processes > 1:
+            stats = online.policy_gradient_epochs(cfg, acc, ro, actor, optimizer, epochs=cfg.grpo.iterations,
+                                                  minibatches=cfg.grpo.minibatches, micro_size=micro_size,
+                                                  step=step, loss_fn=loss_fn)
+        else:
+            stats = {}
+        scheduler.step()
+        t_train = time.perf_counter() - t_train
+
+        # 5. log, samples, checkpoint
+        step_s = time.perf_counter() - t0
+        row = {**sample_stats, **stats, **reward_stats,
+               "groups/equal": acc.reduce(equal.float().mean(), reduction="mean").item(),
+               "lr": scheduler.get_last_lr()[0], "time/rollout_s": t_rollout, "time/train_s": t_train,
+               "time/step_s": step_s}
+        if step % cfg.log_every == 0 or step == max_steps:
+            logger.log(step, row)
+        if acc.is_main_process and cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
+            online.write_samples(samples_path, step, ro, cfg.num_samples)
+        progress.update(1)
+        progress.set_postfix(reward=f"{row['reward/mean']:.3f}")
+        if (cfg.save_every and step % cfg.save_every == 0) or step == max_steps:
+            common.save_checkpoint(run, step, acc.unwrap_model(actor), optimizer, scheduler,
+                                   state={"reward": reward.state_dict()})
+    progress.close()
+
+    final_dir = common.save_final(run, acc.unwrap_model(actor), tokenizer)
+    logger.close()
+    common.finish_run(run, ["reward/mean", "kl/mean", "policy/clipfrac", "response/length"])
+    return GRPOResult(Path(cfg.output_dir), final_dir, max_steps, logger.rows, acc.unwrap_model(actor), reference)
+
+
+def _micro_size(cfg, world: int) -> int:
+    rows = cfg.batch_size * cfg.grpo.group_size
+    per_process, rem0 = divmod(cfg.batch_size, world)
+    size, rem = divmod(per_process * cfg.grpo.group_size, cfg.grpo.minibatches * cfg.grad_accum)
+    if rem0 or rem or size == 0:
+        raise common.ConfigError(
+            f"batch_size: {cfg.batch_size} prompts x group_size {cfg.grpo.group_size} = {rows} responses do not "
+            f"split into {world} processes x grpo.minibatches {cfg.grpo.minibatches} x grad_accum {cfg.grad_accum}")
+    return size
