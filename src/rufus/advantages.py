@@ -1,7 +1,9 @@
-"""Advantage estimation and whitening over response tokens.
+"""Advantage estimation and whitening over response tokens, and the group baselines of the
+critic-free methods (GRPO, Dr. GRPO, RLOO, REINFORCE++, DAPO's dynamic sampling).
 
 Tensors are per response token, (B, A): B sequences, A response positions, with `mask` (B, A) 1 on
-the valid response tokens (padding 0). Everything here is a pure function of its inputs.
+the valid response tokens (padding 0); group functions take one scalar reward per sequence, (N,).
+Everything here is a pure function of its inputs.
 """
 
 from __future__ import annotations
@@ -94,6 +96,119 @@ def gae(
         next_adv = torch.where(m, adv, next_adv)
     returns = torch.where(valid, advantages + values, zero)
     return advantages, returns
+
+
+# --- group baselines (GRPO, Dr. GRPO, RLOO, DAPO) and critic-free returns (REINFORCE++) ------------
+#
+# Sequence rewards come flat, (N,) with N = B * G: prompt b's G sampled responses at positions
+# b*G .. b*G + G - 1 (what generating with num_return_sequences=G, or repeat_interleave over the
+# prompts, gives). Each function returns per-sequence values (N,); the GRPO loss broadcasts them over
+# the response tokens.
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, *, scale: bool = True, eps: float = 1e-4
+) -> torch.Tensor:
+    """Group-relative outcome advantages.
+
+    scale=True   A_i = (r_i - mean_g r) / (std_g r + eps)
+                 GRPO, Shao et al. 2024 ("DeepSeekMath"), Sec. 4.1.2 (outcome supervision).
+    scale=False  A_i = r_i - mean_g r
+                 Dr. GRPO, Liu et al. 2025 ("Understanding R1-Zero-Like Training", Sec. 3): dividing
+                 by the std up-weights questions that are too easy or too hard (tiny std).
+
+    std_g is the UNBIASED sample std (divide by G - 1), as torch.std's default, which TRL's
+    GRPOTrainer, OpenRLHF and verl use; the paper writes std(r) without saying which. With it,
+    the advantages of a group have sample std exactly std / (std + eps), just under 1. eps (TRL's
+    1e-4) keeps near-constant groups finite.
+
+    rewards  (N,)  one scalar per response, N = B * group_size, groups consecutive
+    returns  (N,)  in at least float32; every group's advantages have mean 0 (to rounding). A group
+                   whose rewards are all exactly equal (no signal; see `equal_reward_groups`) gets
+                   exactly 0, never nan, with or without scale; G = 1 gives all 0.
+    """
+    grouped = _grouped(rewards, group_size)  # (B, G)
+    mean = grouped.mean(dim=1, keepdim=True)  # (B, 1)
+    centred = grouped - mean  # (B, G)
+    if scale:
+        # unbiased variance written out, so that G = 1 gives 0 / max(0, 1) instead of nan
+        var = (centred**2).sum(dim=1, keepdim=True) / max(group_size - 1, 1)  # (B, 1)
+        centred = centred / (var.sqrt() + eps)
+    equal = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)  # (B, 1)
+    return torch.where(equal, centred.new_zeros(()), centred).reshape(-1)
+
+
+def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """REINFORCE Leave-One-Out advantages (Ahmadian et al. 2024, "Back to Basics: Revisiting
+    REINFORCE Style Optimization for Learning from Human Feedback in LLMs", arXiv 2402.14740, the
+    RLOO estimator; the leave-one-out baseline of Kool et al. 2019, "Buy 4 REINFORCE Samples"):
+
+        A_i = R_i - 1/(k-1) sum_{j != i} R_j  =  k/(k-1) (R_i - mean R)
+
+    each sample's baseline is the mean of the other k - 1 samples of its prompt, so it does not
+    depend on R_i and the estimator stays unbiased. The advantages of a group sum to 0.
+
+    rewards  (N,)  sequence rewards R_i, N = B * k, groups of k consecutive. In RLHF R includes the
+                   KL penalty: R = score - beta * sum_t (log pi_old - log pi_ref)
+    k              samples per prompt, >= 2 (one sample has no leave-one-out baseline)
+    returns  (N,)  in at least float32
+    """
+    if k < 2:
+        raise ValueError(f"RLOO needs k >= 2 samples per prompt, got k={k}")
+    grouped = _grouped(rewards, k)  # (B, k)
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (k - 1)  # (B, k) mean of the others
+    return (grouped - baseline).reshape(-1)
+
+
+def reinforce_pp_returns(rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0) -> torch.Tensor:
+    """Critic-free discounted returns of REINFORCE++ (Hu et al. 2025, "REINFORCE++: A Simple and
+    Efficient Approach for Aligning Large Language Models", arXiv 2501.03262; REFERENCES.md Sec. 5):
+
+        G_t = sum_{s >= t} gamma^(s - t) r_s        over the valid tokens of the response
+
+    rewards (B, A)  per-token rewards r_t; REINFORCE++ uses r_t = 1[t = T] score - beta KL_t
+    mask    (B, A)  1 on valid response tokens
+    returns (B, A)  G_t in at least float32, 0 outside the mask
+
+    This is `gae` with V = 0 and lambda = 1 (then delta_t = r_t and A_t = G_t), so masking follows
+    gae: padding is skipped, never a zero-reward step, and the discount counts valid tokens. The
+    paper's advantage is G_t normalised over the GLOBAL batch: the trainer applies
+    `whiten(returns, mask)` to the whole batch (not per minibatch, not per group).
+    """
+    if rewards.shape != mask.shape or rewards.dim() != 2:
+        raise ValueError(
+            f"rewards and mask must both be (B, A), got {tuple(rewards.shape)} and {tuple(mask.shape)}"
+        )
+    returns, _ = gae(rewards, torch.zeros_like(_upcast(rewards)), mask, gamma=gamma, lam=1.0)
+    return returns
+
+
+def equal_reward_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B,) bool: True for the groups whose group_size rewards are all exactly equal.
+
+    Such a group has zero advantage under GRPO, Dr. GRPO and RLOO alike, so it contributes no
+    gradient; DAPO's dynamic sampling (Yu et al. 2025, Sec. 3.2; accuracy 0 or 1) drops them and
+    samples more prompts until the batch is full. Exact equality, as for 0/1 accuracy rewards;
+    continuous rewards are rarely exactly equal. nan is never equal to anything (such a group is
+    kept; check rewards for nan before).
+
+    rewards (N,), N = B * group_size, groups consecutive; returns (B,) bool.
+    """
+    grouped = _grouped(rewards, group_size)  # (B, G)
+    return (grouped == grouped[:, :1]).all(dim=1)
+
+
+def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N,) -> (N / group_size, group_size), upcast, with clear errors."""
+    if rewards.dim() != 1:
+        raise ValueError(
+            f"rewards must be (N,) with groups laid out consecutively, got {tuple(rewards.shape)}"
+        )
+    if group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(
+            f"group_size must be a positive divisor of the number of rewards ({rewards.numel()}), got {group_size}"
+        )
+    return _upcast(rewards).reshape(-1, group_size)
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
