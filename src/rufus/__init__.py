@@ -22,6 +22,7 @@ _EXPORTS = {
     "train_bon": ("rufus.trainers.bon", "train_bon"),
     "BoNConfig": ("rufus.trainers.bon", "BoNConfig"),
     "generate": ("rufus.generate", "generate"),
+    "GenerateConfig": ("rufus.generate", "GenerateConfig"),
     "load_config": ("rufus.config", "load_config"),
     "ConfigError": ("rufus.config", "ConfigError"),
     "DataError": ("rufus.data.errors", "DataError"),

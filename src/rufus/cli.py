@@ -86,6 +86,8 @@ def print_summary(command: str, result) -> None:
     if isinstance(result, dict):  # an evaluation: its metrics
         print(f"rufus {command}:")
         for key, value in result.items():
+            if isinstance(value, (list, dict)):
+                continue
             print(f"  {key:<14} {value:.4g}" if isinstance(value, float) else f"  {key:<14} {value}")
         return
     rows = getattr(result, "metrics", None) or []

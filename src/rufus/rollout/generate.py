@@ -57,8 +57,10 @@ def generate_responses(model, tokenizer, prompts: list, prompt_ids: list[list[in
         min_new_tokens=0 if gen.stop_at_eos else gen.max_new_tokens,
         do_sample=not greedy,
         temperature=None if greedy else gen.temperature,
-        top_k=gen.top_k if gen.top_k > 0 else None,
-        top_p=gen.top_p if gen.top_p < 1.0 else None,
+        # explicit 0 and 1.0 switch the filters off; None would let transformers fill in its own
+        # defaults (top_k=50, or a hub model's generation_config)
+        top_k=gen.top_k,
+        top_p=gen.top_p,
         eos_token_id=tokenizer.eos_token_id if gen.stop_at_eos else None,
         pad_token_id=tokenizer.pad_token_id,
         suppress_tokens=[tokenizer.pad_token_id],  # the pad id marks "not generated" below

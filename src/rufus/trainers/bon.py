@@ -1,0 +1,270 @@
+"""Best-of-n rejection-sampling fine-tuning: sample n, keep the best, fine-tune on them, repeat.
+
+Best-of-n sampling against a reward is the baseline of Nakano et al. 2021 (WebGPT, Sec. 5) and
+Stiennon et al. 2020; fine-tuning on the kept samples and sampling again from the improved policy
+is RAFT (Dong et al. 2023), ReST's Improve/Grow loop (Gulcehre et al. 2023), Llama 2's rejection
+sampling (Touvron et al. 2023, Sec. 3.2.3) and expert iteration. Each round:
+  1. sample bon.n responses per prompt from the current policy;
+  2. score them with the reward sources;
+  3. keep the best bon.top_k of each prompt's n (at least bon.threshold, if set): `rufus.bon.select_best`;
+  4. fine-tune on the kept (prompt, response) pairs with the SFT loss, response tokens only;
+  5. log, checkpoint.
+One round of n samples moves the policy at most log n - (n-1)/n nats from the sampler
+(`rufus.bon.bon_kl_bound`, logged as bon/kl_bound); fine-tuning then distils that into the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rufus.config import (
+    DataConfig,
+    GenerationConfig,
+    LogArgs,
+    LoraConfig,
+    ModelArgs,
+    OptimArgs,
+    RewardConfig,
+    RunArgs,
+    opt,
+)
+from rufus.trainers import common
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BoNSection:
+    """Best-of-n rejection sampling: samples per prompt, which are kept, how many rounds."""
+
+    n: int = opt(4, "responses sampled per prompt each round")
+    top_k: int = opt(1, "responses kept per prompt: the top_k highest-scoring of its n")
+    threshold: float | None = opt(None, "keep only responses scoring at least this (among the top_k); None = no threshold")
+    rounds: int = opt(1, "rounds of sample -> score -> keep -> fine-tune, each sampling from the policy as it then is")
+    prompts_per_round: int | None = opt(None, "prompts sampled each round, cycling through the data in a seeded order; None = all")
+    sft_epochs: float = opt(1.0, "passes of SFT over each round's kept set (max_steps > 0 fixes the steps per round instead)")
+    prompts_per_generate: int = opt(0, "prompts per generate call, each repeated n times; 0 = batch_size")
+
+
+@dataclass
+class BoNConfig(LogArgs, OptimArgs, RunArgs, ModelArgs):
+    """Best-of-n rejection-sampling fine-tuning (RAFT / ReST-style expert iteration)."""
+
+    output_dir: str = opt("runs/bon", "directory for config.yaml, metrics.jsonl, samples.jsonl, checkpoints/ and final/")
+    batch_size: int = opt(8, "kept (prompt, response) pairs per SFT optimiser step, over all processes and accumulation steps")
+    max_steps: int = opt(-1, "SFT optimiser steps per round; -1 = as many as bon.sft_epochs passes over the kept set take")
+    epochs: float = opt(1.0, "unused: bon.rounds and bon.sft_epochs set the length of a run")
+    save_every: int = opt(1, "write a checkpoint every this many rounds (and after the last)")
+    data: DataConfig = opt(DataConfig, "prompts (prompt-only format); data.max_prompt_length bounds them")
+    generation: GenerationConfig = opt(GenerationConfig, "sampling")
+    reward: RewardConfig = opt(RewardConfig, "reward sources")
+    lora: LoraConfig = opt(LoraConfig, "LoRA adapters (lora.r > 0 turns them on)")
+    bon: BoNSection = opt(BoNSection, "best-of-n selection and rounds")
+    num_samples: int = opt(4, "kept (prompt, response, score) rows written to samples.jsonl per round (0 = none)")
+
+
+@dataclass
+class BoNResult:
+    output_dir: Path
+    final_dir: Path
+    rounds: int
+    steps: int  # SFT optimiser steps over all rounds
+    metrics: list[dict]  # one row per round written to metrics.jsonl by this process (main process only)
+    model: object = None  # the trained policy (unwrapped; a peft model under LoRA)
+    reward: object = None  # the RewardPipeline
+
+
+def train_bon(config: BoNConfig | dict, reward_fn=None) -> BoNResult:
+    """Run best-of-n fine-tuning as configured. `reward_fn(prompts, completions, **kw) -> list[float]`
+    (or a list of such functions) adds Python reward sources to those in `config.reward`."""
+    from accelerate.utils import gather_object
+
+    from rufus.bon import bon_kl_bound, select_best
+    from rufus.data.loading import load_records
+    from rufus.data.prompts import tokenize_prompts
+    from rufus.data.sft import SFTCollator
+    from rufus.models.loading import load_tokenizer
+    from rufus.rewards import build_reward_pipeline
+    from rufus.rollout.generate import generate_responses
+
+    cfg = common.as_config(BoNConfig, config)
+    _check(cfg)
+    run = common.start_run(cfg)
+    acc = run.accelerator
+    world, rank = acc.num_processes, acc.process_index
+    b = cfg.bon
+
+    # 0. prompts and reward sources first: bad input fails before the model loads
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code,
+                               chat_template=cfg.data.chat_template)
+    max_prompt = cfg.data.max_prompt_length or max(1, cfg.data.max_length - cfg.generation.max_new_tokens)
+    with acc.main_process_first():
+        prompts = tokenize_prompts(load_records(cfg.data.train, format="prompt", split=cfg.data.train_split),
+                                   tokenizer, max_prompt_length=max_prompt, truncation=cfg.data.truncation)
+    fns = [] if reward_fn is None else (list(reward_fn) if isinstance(reward_fn, (list, tuple)) else [reward_fn])
+    # no cross-process gather for reward.scale: each process samples its own number of responses
+    reward = build_reward_pipeline(cfg.reward, device=acc.device, dtype=run.compute_dtype, extra_functions=fns,
+                                   trust_remote_code=cfg.trust_remote_code)
+    per_round = b.prompts_per_round or len(prompts)
+    prompt_plan = common.BatchPlan(len(prompts), per_round, 1, 1, 0, cfg.seed)  # round r's prompts: global_batch(r)
+    common.BatchPlan(1, cfg.batch_size, cfg.grad_accum, world, rank, cfg.seed)  # batch_size splits? (raises if not)
+    # the LR schedule spans the most SFT steps the rounds can take (every prompt keeping top_k)
+    steps_cap = cfg.max_steps if cfg.max_steps > 0 else _sft_steps(cfg, per_round * b.top_k)
+    collate = SFTCollator(tokenizer.pad_token_id)
+
+    model = common.load_trainable_lm(cfg, tokenizer)
+    optimizer, scheduler = common.make_optimizer(cfg, model, b.rounds * steps_cap)
+    model, optimizer = acc.prepare(model, optimizer)
+    policy = acc.unwrap_model(model)
+    start_round, saved = common.maybe_resume(run, policy, optimizer, scheduler)
+    updates = 0
+    if saved:
+        reward.load_state_dict(saved["reward"])
+        updates = saved["updates"]
+    logger = common.open_metrics(run, start_round)
+    samples_path = run.output_dir / "samples.jsonl"
+    if acc.is_main_process:  # a resumed run drops the samples written after its checkpoint
+        kept_rows = [r for r in _read_jsonl(samples_path) if r["step"] <= start_round] if run.resume_from else []
+        samples_path.write_text("".join(json.dumps(r) + "\n" for r in kept_rows))
+
+    chunk = b.prompts_per_generate or cfg.batch_size
+    progress = common.progress_bar(cfg, acc, b.rounds, start_round, desc="bon")
+    for rnd in range(start_round + 1, b.rounds + 1):
+        t0 = time.perf_counter()
+        mine = prompt_plan.global_batch(rnd)[rank::world]  # this process's share of the round's prompts
+        kept, sums = [], torch.zeros(5, dtype=torch.float64)  # score sum, score^2 sum, samples, length sum, no EOS
+        for start in range(0, len(mine), chunk):
+            group = [prompts[i] for i in mine[start:start + chunk]]
+            rep = [p for p in group for _ in range(b.n)]  # prompt g's samples sit at g*n .. g*n+n-1
+
+            # 1. sample n responses per prompt from the current policy
+            ro = generate_responses(policy, tokenizer, [p["prompt"] for p in rep], [p["ids"] for p in rep],
+                                    cfg.generation, device=acc.device)
+
+            # 2. score them
+            extra = {k: [p["extra"][k] for p in rep] for k in rep[0]["extra"]}
+            scores, _ = reward(ro.prompts, ro.completions, ro.has_eos, **extra)  # (G*n,)
+            sums += torch.tensor([scores.sum().item(), (scores.double() ** 2).sum().item(), len(rep),
+                                  ro.response_length.sum().item(), (~ro.has_eos.cpu()).sum().item()],
+                                 dtype=torch.float64)
+
+            # 3. keep the best: top_k of each prompt's n, at least threshold
+            for j in select_best(scores, b.n, top_k=b.top_k, threshold=b.threshold):
+                kept.append(_example(rep[j], ro, j, float(scores[j]), cfg.data.completion_only_loss))
+        t_sample = time.perf_counter() - t0
+        kept = gather_object(kept) if world > 1 else kept  # every process holds the whole kept set, rank order
+        sums = acc.reduce(sums.to(acc.device), reduction="sum").cpu().tolist()
+
+        # 4. fine-tune on the kept pairs with the SFT loss (response tokens only)
+        t_train = time.perf_counter()
+        row = {}
+        if kept:
+            steps = cfg.max_steps if cfg.max_steps > 0 else _sft_steps(cfg, len(kept))
+            row = _fine_tune(cfg, acc, model, optimizer, scheduler, kept, collate, rnd, steps)
+            updates += steps
+        else:
+            log.warning("round %d: no response reached bon.threshold=%s; nothing to fine-tune on", rnd, b.threshold)
+        t_train = time.perf_counter() - t_train
+
+        # 5. log, samples, checkpoint
+        score_mean = sums[0] / sums[2]
+        row.update({"bon/score_mean": score_mean, "bon/score_std": max(sums[1] / sums[2] - score_mean**2, 0.0) ** 0.5,
+                    "bon/kept": len(kept), "bon/kl_bound": bon_kl_bound(b.n), "response/length": sums[3] / sums[2],
+                    "response/no_eos": sums[4] / sums[2], "lr": scheduler.get_last_lr()[0], "sft/updates": updates,
+                    "time/sample_s": t_sample, "time/train_s": t_train, "time/round_s": time.perf_counter() - t0})
+        if kept:
+            row["bon/score_best"] = sum(k["score"] for k in kept) / len(kept)
+        logger.log(rnd, row)
+        if acc.is_main_process and cfg.num_samples:
+            with samples_path.open("a", encoding="utf-8") as f:
+                for k in kept[:cfg.num_samples]:
+                    prompt = k["prompt"] if isinstance(k["prompt"], str) else k["prompt"][-1]["content"]
+                    f.write(json.dumps({"step": rnd, "prompt": prompt, "response": k["response"],
+                                        "score": k["score"]}) + "\n")
+        progress.update(1)
+        progress.set_postfix(score=f"{score_mean:.3f}", kept=len(kept))
+        if rnd % max(cfg.save_every, 1) == 0 or rnd == b.rounds:
+            common.save_checkpoint(run, rnd, policy, optimizer, scheduler,
+                                   state={"reward": reward.state_dict(), "updates": updates})
+    progress.close()
+
+    final_dir = common.save_final(run, policy, tokenizer)
+    logger.close()
+    common.finish_run(run, ["bon/score_mean", "bon/score_best", "bon/kept", "loss"])
+    return BoNResult(Path(cfg.output_dir), final_dir, b.rounds, updates, logger.rows, policy, reward)
+
+
+def _check(cfg: BoNConfig) -> None:
+    """The bon section's values make sense together (before anything loads)."""
+    b = cfg.bon
+    if b.n < 1:
+        raise common.ConfigError(f"bon.n: must be at least 1, got {b.n}")
+    if not 1 <= b.top_k <= b.n:
+        raise common.ConfigError(f"bon.top_k: must be between 1 and bon.n={b.n}, got {b.top_k}")
+    if b.rounds < 1:
+        raise common.ConfigError(f"bon.rounds: must be at least 1, got {b.rounds}")
+    if b.prompts_per_round is not None and b.prompts_per_round < 1:
+        raise common.ConfigError(f"bon.prompts_per_round: must be at least 1 (or null = all), got {b.prompts_per_round}")
+    if not b.sft_epochs > 0:
+        raise common.ConfigError(f"bon.sft_epochs: must be positive, got {b.sft_epochs}")
+    if b.prompts_per_generate < 0:
+        raise common.ConfigError(f"bon.prompts_per_generate: must be 0 (= batch_size) or more, got {b.prompts_per_generate}")
+
+
+def _sft_steps(cfg: BoNConfig, num_kept: int) -> int:
+    return max(1, math.ceil(cfg.bon.sft_epochs * num_kept / cfg.batch_size))
+
+
+def _example(prompt: dict, ro, j: int, score: float, completion_only: bool) -> dict:
+    """One kept sample as an SFT example: the prompt's ids, then the response ids exactly as sampled
+    (EOS included when it had one; no re-tokenisation of the decoded text, which need not round-trip)."""
+    response = ro.response_ids[j][ro.response_mask[j].bool()].tolist()
+    ids = list(prompt["ids"]) + response
+    labels = ([-100] * len(prompt["ids"]) if completion_only else list(prompt["ids"])) + response
+    return {"input_ids": ids, "labels": labels, "score": score, "prompt": prompt["prompt"],
+            "response": ro.completions[j]}
+
+
+def _fine_tune(cfg, acc, model, optimizer, scheduler, examples: list[dict], collate, rnd: int, steps: int) -> dict:
+    """`steps` SFT optimiser steps over `examples`, as trainers/sft.py does them: each step's loss is
+    summed over its micro-batches and divided by the whole global batch's labelled-token count, so
+    gradient accumulation and the number of processes leave the update unchanged."""
+    from rufus.losses.sft import sft_loss
+
+    # a fresh example order every round, a function of (seed, round) alone (resume needs no sampler state)
+    plan = common.BatchPlan(len(examples), cfg.batch_size, cfg.grad_accum, acc.num_processes, acc.process_index,
+                            cfg.seed + 7919 * rnd)
+    label_counts = [sum(1 for t in ex["labels"][1:] if t != -100) for ex in examples]
+    window = common.Window()
+    model.train()
+    for step in range(1, steps + 1):
+        t0 = time.perf_counter()
+        global_idx = plan.global_batch(step)
+        num_tokens = sum(label_counts[i] for i in global_idx)
+        nll_sum = torch.zeros((), device=acc.device)
+        micro = plan.micro_batches(global_idx)
+        for k, idx in enumerate(micro):
+            batch = {n: t.to(acc.device) for n, t in collate([examples[i] for i in idx]).items()}
+            with common.sync_gradients_if(acc, model, last=k == len(micro) - 1), acc.autocast():
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                # DDP averages gradients over processes, hence / num_processes in the denominator
+                loss, stats = sft_loss(logits, batch["labels"], num_tokens=max(num_tokens, 1) / acc.num_processes)
+                acc.backward(loss)
+            nll_sum += stats["nll_sum"]
+        grad_norm = common.clip_and_step(cfg, acc, model, optimizer, scheduler)
+        loss_value = acc.reduce(nll_sum, reduction="sum").item() / max(num_tokens, 1)
+        window.add(loss=loss_value, grad_norm=grad_norm, time=time.perf_counter() - t0, tokens=num_tokens)
+    return window.flush(**{"sft/steps": steps})
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
