@@ -1,0 +1,431 @@
+"""Direct Preference Optimization: learn from comparisons without a reward model or RL.
+
+Rafailov et al. 2023 (arXiv 2305.18290), eq. 7: with h the log-ratio margin
+    h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)],
+minimise -log sigmoid(beta h) (or IPO's / the hinge variant, `rufus.losses.dpo`). log pi(y|x) is a
+SEQUENCE log-probability, the sum over the response tokens. Each round:
+  1. its pairs: data.train as given (offline), or two samples per prompt from the current policy,
+     ranked by the reward sources (online: iterated DPO, Xu et al. 2023 arXiv 2312.16682; online
+     AI feedback, Guo et al. 2024 arXiv 2402.04792). Round 1 is offline on preference data; every
+     later round, and every round of a prompt-only data.train, is online. pi_ref stays the start.
+Each step of the round:
+  2. one forward pass over the batch's pairs, chosen and rejected stacked (2B rows, padded right),
+     and the reference log-probs: precomputed once per dataset (dpo.precompute_ref) or on the fly;
+  3. the loss over the whole optimiser batch's pair count (so grad_accum and processes change nothing);
+  4. clip, step;
+  5. log the implicit rewards beta log pi/pi_ref (chosen, rejected, margin, accuracy), evaluate, save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from rufus.config import (
+    DataConfig,
+    GenerationConfig,
+    LogArgs,
+    LoraConfig,
+    ModelArgs,
+    OptimArgs,
+    RewardConfig,
+    RunArgs,
+    opt,
+)
+from rufus.trainers import common
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DPOSection:
+    """The DPO objective, the reference log-probabilities, and iterated rounds."""
+
+    beta: float = opt(0.1, "beta: KL strength; the implicit reward is beta * log(pi / pi_ref)")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = opt(
+        "sigmoid", "sigmoid = DPO (Rafailov et al.), ipo = (h - 1/(2 beta))^2 (Azar et al.), "
+        "hinge = max(0, 1 - beta h) (SLiC)")
+    label_smoothing: float = opt(0.0, "conservative DPO: assumed share of flipped labels, in [0, 0.5]; sigmoid only")
+    precompute_ref: bool = opt(True, "reference log-probs computed once per dataset before training (false: each step)")
+    rounds: int = opt(1, "rounds of max_steps (or epochs) each; later rounds train on pairs sampled from the policy")
+    prompts_per_round: int = opt(0, "prompts per online round, two samples each (0 = every prompt of data.train)")
+
+
+@dataclass
+class DPOConfig(LogArgs, OptimArgs, RunArgs, ModelArgs):
+    """DPO (and IPO, hinge, cDPO; iterated online DPO with dpo.rounds > 1) on preference pairs."""
+
+    output_dir: str = opt("runs/dpo", "directory for config.yaml, metrics.jsonl, checkpoints/ and final/")
+    lr: float = opt(5e-7, "peak learning rate (AdamW); Zephyr's 5e-7; TRL and the DPO paper use 1e-6")
+    ref_model: str | None = opt(None, "reference model (default: the starting model; with LoRA, the base)")
+    data: DataConfig = opt(DataConfig, "preference pairs (prompt, chosen, rejected), or prompts only (online)")
+    lora: LoraConfig = opt(LoraConfig, "LoRA adapters (lora.r > 0 turns them on; the reference is then the base)")
+    dpo: DPOSection = opt(DPOSection, "DPO objective and rounds")
+    generation: GenerationConfig = opt(GenerationConfig, "sampling in online rounds")
+    reward: RewardConfig = opt(RewardConfig, "reward sources that rank the two samples of an online round")
+
+
+@dataclass
+class DPOResult:
+    output_dir: Path
+    final_dir: Path
+    steps: int
+    metrics: list[dict]
+    model: object = None  # the trained policy (unwrapped; a peft model under LoRA)
+    reference: object = None  # the reference model if one is still loaded (None under LoRA or once freed)
+    eval: dict | None = None  # eval/... metrics on data.eval at the end
+
+
+def train_dpo(config: DPOConfig | dict, reward_fn=None) -> DPOResult:
+    """Run DPO as configured. `reward_fn(prompts, completions, **kw) -> list[float]` (or a list of such
+    functions) adds Python reward sources to `config.reward`, for online rounds."""
+    from rufus.data.dpo import PairCollator
+    from rufus.data.loading import load_records
+    from rufus.data.prompts import tokenize_prompts
+    from rufus.models.loading import load_causal_lm, load_tokenizer, set_dropout
+    from rufus.report.metrics import read_metrics  # reads any JSON-lines file
+
+    cfg = common.as_config(DPOConfig, config)
+    _check(cfg)
+    run = common.start_run(cfg)
+    acc = run.accelerator
+
+    # 0. data (pairs, or prompts for online rounds) and reward sources before any model loads
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code,
+                               chat_template=cfg.data.chat_template)
+    limits = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
+                  truncation=cfg.data.truncation)
+    with acc.main_process_first():
+        records, train = _train_data(cfg, tokenizer, limits)
+        evals = None
+        if cfg.data.eval:
+            from rufus.data.dpo import tokenize_pairs
+
+            evals = tokenize_pairs(load_records(cfg.data.eval, format="preference", split=cfg.data.eval_split,
+                                                key="data.eval"), tokenizer, key="data.eval", **limits)
+    online = [r for r in range(1, cfg.dpo.rounds + 1) if r > 1 or train is None]
+    prompts, reward = None, None
+    if online:
+        from rufus.rewards import build_reward_pipeline
+
+        max_prompt = cfg.data.max_prompt_length or max(1, cfg.data.max_length - cfg.generation.max_new_tokens)
+        prompts = tokenize_prompts(records, tokenizer, max_prompt_length=max_prompt, truncation=cfg.data.truncation)
+        for p in prompts:  # other columns go to reward functions; the pair itself does not
+            p["extra"] = {k: v for k, v in p["extra"].items() if k not in ("chosen", "rejected")}
+        fns = [] if reward_fn is None else (list(reward_fn) if isinstance(reward_fn, (list, tuple)) else [reward_fn])
+        why = "data.train holds prompts only" if train is None else f"dpo.rounds={cfg.dpo.rounds}"
+        try:
+            reward = build_reward_pipeline(cfg.reward, device=acc.device, dtype=run.compute_dtype, extra_functions=fns,
+                                           trust_remote_code=cfg.trust_remote_code,
+                                           gather=lambda t: acc.gather(t.to(acc.device)).cpu())
+        except common.ConfigError as e:
+            raise common.ConfigError(f"{e} ({why}: online rounds rank their own samples with a reward)") from None
+    per_round = cfg.dpo.prompts_per_round or (len(prompts) if prompts else 0)
+    per_round = math.ceil(per_round / acc.num_processes) * acc.num_processes  # equal shares per process
+
+    def steps_for(n):  # optimiser steps of a round over n examples (known before the round's data)
+        return cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * n / cfg.batch_size))
+
+    round_steps = [steps_for(per_round if r in online else len(train)) for r in range(1, cfg.dpo.rounds + 1)]
+    max_steps = sum(round_steps)
+    collate = PairCollator(tokenizer.pad_token_id)
+    no_grad_size = cfg.batch_size // acc.num_processes  # pairs per forward pass without gradients
+
+    # policy (dropout off: pi == pi_ref at the start, loss log 2) and reference
+    model = common.load_trainable_lm(cfg, tokenizer)
+    set_dropout(model, 0.0)
+    reference = None
+    if cfg.lora.r == 0:
+        reference = load_causal_lm(cfg.ref_model or cfg.model, tokenizer=tokenizer, dtype=run.compute_dtype,
+                                   trust_remote_code=cfg.trust_remote_code).to(acc.device).eval()
+        reference.requires_grad_(False)
+    optimizer, scheduler = common.make_optimizer(cfg, model, max_steps)
+    model, optimizer = acc.prepare(model, optimizer)
+    policy = acc.unwrap_model(model)
+    start_step, saved = common.maybe_resume(run, policy, optimizer, scheduler)
+    if reward is not None and saved.get("reward"):
+        reward.load_state_dict(saved["reward"])
+    logger = common.open_metrics(run, start_step)
+    pairs_path = run.output_dir / "pairs.jsonl"  # every online pair, for people to read
+    if online and acc.is_main_process:
+        kept = [r for r in read_metrics(pairs_path) if r["step"] <= start_step] if run.resume_from else []
+        pairs_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def ref_fn():  # the frozen reference: its own model, or (LoRA) the policy with adapters disabled
+        return _reference(policy, reference)
+
+    # reference log-probabilities of the fixed datasets, once
+    if cfg.dpo.precompute_ref:
+        for data in [d for d in (train, evals) if d]:
+            _attach_reference(data, ref_fn, collate, acc, no_grad_size)
+        if reference is not None and not online:
+            reference = None  # no longer needed: free its memory for training
+    progress = common.progress_bar(cfg, acc, max_steps, start_step, desc="dpo")
+    window, pending, row = common.Window(), {}, {}
+    round_end = 0
+    for r in range(1, cfg.dpo.rounds + 1):
+        round_start, round_end = round_end, round_end + round_steps[r - 1]
+        if round_end <= start_step:
+            continue
+        # 1. this round's pairs: the data as given, or two samples per prompt from the current policy
+        if r not in online:
+            pairs = train
+        elif start_step > round_start:  # resumed inside the round: its pairs were saved with the checkpoint
+            pairs = saved["pairs"]
+        else:
+            pairs, pending = _online_pairs(cfg, acc, policy, tokenizer, prompts, reward, r, online.index(r) + 1,
+                                           per_round)
+            if acc.is_main_process:
+                with pairs_path.open("a", encoding="utf-8") as f:
+                    # "step": the first step that trains on the pair (a resume before it samples again)
+                    f.writelines(json.dumps({"step": round_start + 1, "round": r, **p.pop("text")}) + "\n"
+                                 for p in pairs)
+            for p in pairs:
+                p.pop("text", None)
+            if cfg.dpo.precompute_ref and pairs:
+                _attach_reference(pairs, ref_fn, collate, acc, no_grad_size)
+        if not pairs:  # every sample pair tied: nothing to learn this round; keep the schedule in step
+            log.warning("round %d: every pair of samples tied on the reward; no updates this round", r)
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(max(start_step, round_start), round_end):
+                    scheduler.step()
+            progress.update(round_end - max(start_step, round_start))
+            continue
+        plan = common.BatchPlan(len(pairs), cfg.batch_size, cfg.grad_accum, acc.num_processes, acc.process_index,
+                                cfg.seed + r - 1)
+        model.train()
+        for step in range(max(start_step, round_start) + 1, round_end + 1):
+            t0 = time.perf_counter()
+            # 2-3. forward and reference log-probs, loss, backward over the micro-batches
+            stats = _dpo_step(cfg, acc, model, ref_fn, pairs, plan, step - round_start, collate)
+            # 4. clip, step
+            grad_norm = common.clip_and_step(cfg, acc, model, optimizer, scheduler)
+            window.add(grad_norm=grad_norm, time=time.perf_counter() - t0, tokens=stats.pop("tokens"), **stats)
+            progress.update(1)
+            progress.set_postfix(loss=f"{stats['dpo/loss']:.4f}", acc=f"{stats['rewards/accuracy']:.2f}")
+
+            # 5. log, evaluate, checkpoint
+            row = {}
+            if step % cfg.log_every == 0 or step == max_steps:
+                row.update(window.flush(lr=scheduler.get_last_lr()[0], **{"dpo/round": r}))
+                row.update(pending)  # the round's sampling statistics go with its first logged row
+                pending = {}
+            if evals and ((cfg.eval_every and step % cfg.eval_every == 0) or step == max_steps):
+                row.update(evaluate(cfg, acc, model, ref_fn, evals, collate, no_grad_size))
+                model.train()
+            if row:
+                logger.log(step, row)
+            if (cfg.save_every and step % cfg.save_every == 0) or step == max_steps:
+                state = {"reward": reward.state_dict()} if reward is not None else {}
+                if r in online:
+                    state["pairs"] = pairs
+                common.save_checkpoint(run, step, policy, optimizer, scheduler, state=state)
+    progress.close()
+
+    # 6. the final model, loadable with AutoModelForCausalLM.from_pretrained (LoRA merged)
+    final_eval = {k: v for k, v in row.items() if k.startswith("eval/")} or None
+    final_dir = common.save_final(run, policy, tokenizer)
+    logger.close()
+    common.finish_run(run, ["dpo/loss", "rewards/accuracy", "eval/rewards/accuracy", "rewards/margin"])
+    return DPOResult(Path(cfg.output_dir), final_dir, max_steps, logger.rows, policy, reference, final_eval)
+
+
+def _check(cfg) -> None:
+    """Configuration errors, named by key, before anything loads or is written."""
+    d = cfg.dpo
+    problems = [(d.beta <= 0, "dpo.beta must be > 0"), (d.rounds < 1, "dpo.rounds must be >= 1"),
+                (d.prompts_per_round < 0, "dpo.prompts_per_round must be >= 0 (0 = every prompt)"),
+                (not 0 <= d.label_smoothing <= 0.5, "dpo.label_smoothing must be in [0, 0.5]"),
+                (d.label_smoothing > 0 and d.loss_type != "sigmoid",
+                 "dpo.label_smoothing applies to loss_type=sigmoid only"),
+                (cfg.lora.r > 0 and bool(cfg.ref_model),
+                 "ref_model: with LoRA the reference is the adapter-disabled base; leave ref_model unset")]
+    for bad, message in problems:
+        if bad:
+            raise common.ConfigError(message)
+
+
+def _train_data(cfg, tokenizer, limits):
+    """(records, pairs) for preference data; (records, None) for a prompt-only file.
+
+    The rule: data.train is a prompt file when its rows carry neither 'chosen' nor 'rejected'; it is
+    then checked as prompt data and every round is online. Anything else must be valid preference
+    data, and its errors (a missing 'rejected', chosen == rejected) are reported as such.
+    """
+    from rufus.data.dpo import tokenize_pairs
+    from rufus.data.errors import DataError
+    from rufus.data.loading import load_records
+
+    where = dict(split=cfg.data.train_split, key="data.train")
+    try:
+        records = load_records(cfg.data.train, format="preference", **where)
+    except DataError as err:
+        try:
+            records = load_records(cfg.data.train, format="prompt", **where)
+        except DataError:
+            raise err from None
+        if {"chosen", "rejected"} & set(records.dataset.column_names):
+            raise err from None
+        return records, None
+    return records, tokenize_pairs(records, tokenizer, key="data.train", **limits)
+
+
+@contextlib.contextmanager
+def _reference(policy, reference):
+    """The frozen reference: a separate model, or (LoRA) the policy with its adapters disabled, so no
+    second copy of the base weights is held."""
+    if reference is not None:
+        yield reference
+    else:
+        with policy.disable_adapter():
+            yield policy
+
+
+def sequence_logprobs(model, batch: dict) -> torch.Tensor:
+    """(N,) log pi(y|x) = sum_t log pi(y_t | x, y_<t) over each row's response tokens (labels != -100)."""
+    from rufus.losses.sft import IGNORE_INDEX, token_logprobs
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    labels = batch["labels"][:, 1:]  # (N, T-1) position t predicts token t+1; -100 on prompt and padding
+    logprobs = token_logprobs(logits[:, :-1], labels)  # (N, T-1) log pi(y_t | x, y_<t)
+    return torch.where(labels != IGNORE_INDEX, logprobs, 0.0).sum(-1)
+
+
+def _dpo_step(cfg, acc, model, ref_fn, pairs, plan, local_step: int, collate) -> dict:
+    """One optimiser step over the round's global batch `local_step`; returns detached statistics."""
+    from rufus.losses.dpo import dpo_loss
+
+    global_idx = plan.global_batch(local_step)
+    normalizer = len(global_idx) / acc.num_processes  # DDP averages gradients over processes
+    totals = {"dpo/loss": 0.0, "rewards/chosen": 0.0, "rewards/rejected": 0.0, "rewards/margin": 0.0,
+              "rewards/accuracy": 0.0, "logps/chosen": 0.0, "logps/rejected": 0.0, "tokens": 0}
+    micro = plan.micro_batches(global_idx)
+    for k, idx in enumerate(micro):
+        part = [pairs[i] for i in idx]
+        batch = {n: t.to(acc.device) for n, t in collate(part).items()}  # (2b, T): chosen rows, then rejected
+        b = len(idx)
+        if cfg.dpo.precompute_ref:
+            ref = [p["ref_chosen"] for p in part] + [p["ref_rejected"] for p in part]
+            ref = torch.tensor(ref, device=acc.device)  # (2b,) log pi_ref(y|x), precomputed
+        else:
+            with torch.no_grad(), ref_fn() as reference, acc.autocast():
+                ref = sequence_logprobs(reference, batch)  # (2b,) log pi_ref(y|x)
+        with common.sync_gradients_if(acc, model, last=k == len(micro) - 1), acc.autocast():
+            logps = sequence_logprobs(model, batch)  # (2b,) log pi_theta(y|x)
+            loss, stats = dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], beta=cfg.dpo.beta,
+                                   loss_type=cfg.dpo.loss_type, label_smoothing=cfg.dpo.label_smoothing,
+                                   normalizer=normalizer)
+            acc.backward(loss)
+        share = b / len(global_idx) * acc.num_processes  # this micro-batch's share of the step
+        totals["dpo/loss"] += loss.item()
+        for name, value in stats.items():
+            totals[name] += value.item() * share
+        totals["logps/chosen"] += logps[:b].detach().mean().item() * share
+        totals["logps/rejected"] += logps[b:].detach().mean().item() * share
+        totals["tokens"] += int(batch["attention_mask"].sum())
+    keys = sorted(totals)
+    values = torch.tensor([float(totals[k]) for k in keys], device=acc.device)
+    out = dict(zip(keys, acc.reduce(values, reduction="sum").tolist()))
+    for name in keys:  # each process holds its share; all but the token count are means
+        if name != "tokens":
+            out[name] /= acc.num_processes
+    return out
+
+
+@torch.no_grad()
+def _all_logprobs(model, pairs: list[dict], collate, acc, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n,) log pi(y_w|x) and (n,) log pi(y_l|x) of every pair, shared out across processes."""
+    n = len(pairs)
+    per = math.ceil(n / acc.num_processes)
+    mine = list(range(acc.process_index * per, min(n, (acc.process_index + 1) * per)))
+    out = torch.zeros(per, 2, device=acc.device)
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(mine), max(micro, 1)):
+        idx = mine[start:start + max(micro, 1)]
+        batch = {k: t.to(acc.device) for k, t in collate([pairs[i] for i in idx]).items()}
+        with acc.autocast():
+            logps = sequence_logprobs(model, batch).float()
+        out[start:start + len(idx)] = torch.stack([logps[:len(idx)], logps[len(idx):]], dim=-1)
+    model.train(was_training)
+    out = acc.gather(out) if acc.num_processes > 1 else out
+    return out[:n, 0].cpu(), out[:n, 1].cpu()
+
+
+def _attach_reference(pairs: list[dict], ref_fn, collate, acc, micro: int) -> None:
+    """Store log pi_ref(y_w|x), log pi_ref(y_l|x) with each pair (dpo.precompute_ref)."""
+    with ref_fn() as reference:
+        chosen, rejected = _all_logprobs(reference, pairs, collate, acc, micro)
+    for p, c, r in zip(pairs, chosen.tolist(), rejected.tolist()):
+        p["ref_chosen"], p["ref_rejected"] = c, r
+
+
+def evaluate(cfg, acc, model, ref_fn, pairs, collate, micro: int) -> dict:
+    """eval/dpo/loss and the implicit-reward statistics (eval/rewards/accuracy: held-out preference
+    accuracy of beta log pi/pi_ref) over every pair of `pairs`."""
+    from rufus.losses.dpo import dpo_loss
+
+    chosen, rejected = _all_logprobs(acc.unwrap_model(model), pairs, collate, acc, micro)
+    if cfg.dpo.precompute_ref:
+        ref_c = torch.tensor([p["ref_chosen"] for p in pairs])
+        ref_r = torch.tensor([p["ref_rejected"] for p in pairs])
+    else:
+        with ref_fn() as reference:
+            ref_c, ref_r = _all_logprobs(reference, pairs, collate, acc, micro)
+    loss, stats = dpo_loss(chosen, rejected, ref_c, ref_r, beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type,
+                           label_smoothing=cfg.dpo.label_smoothing)
+    return {"eval/dpo/loss": loss.item(), **{f"eval/{k}": v.item() for k, v in stats.items()}}
+
+
+def _online_pairs(cfg, acc, policy, tokenizer, prompts, reward, r: int, k: int, n: int) -> tuple[list, dict]:
+    """Online round r (the k-th online one): two samples per prompt from the current policy, scored by
+    the reward sources; (higher, lower) pairs, ties skipped. Returns the pairs (the same list on every
+    process, each with its "text" for pairs.jsonl) and the round's statistics."""
+    from accelerate.utils import gather_object
+
+    from rufus.data.dpo import pairs_from_samples
+    from rufus.rollout.generate import generate_responses
+
+    # the round's prompts: the next n of a seeded stream of epochs over the data, each process its share
+    plan = common.BatchPlan(len(prompts), n, 1, acc.num_processes, acc.process_index, cfg.seed)
+    mine = [prompts[i] for i in plan.global_batch(k)[acc.process_index::acc.num_processes]]
+    doubled = [p for p in mine for _ in range(2)]  # rows 2j and 2j+1 answer prompt j
+    chunk = max(2, cfg.batch_size // acc.num_processes // 2 * 2)
+    completions, responses, has_eos = [], [], []
+    devices = [torch.cuda.current_device()] if acc.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # samples depend on (seed, round, rank) only: resume-exact
+        torch.manual_seed(cfg.seed * 1_000_003 + r * 1009 + acc.process_index)
+        for start in range(0, len(doubled), chunk):
+            part = doubled[start:start + chunk]
+            ro = generate_responses(policy, tokenizer, [p["prompt"] for p in part], [p["ids"] for p in part],
+                                    cfg.generation, device=acc.device)
+            completions += ro.completions
+            has_eos.append(ro.has_eos.cpu())
+            masks = ro.response_mask.cpu().bool()
+            responses += [ids[m].tolist() for ids, m in zip(ro.response_ids.cpu(), masks)]  # y up to its eos
+    extra = {key: [p["extra"][key] for p in doubled] for key in (doubled[0]["extra"] if doubled else {})}
+    scores, _ = reward([p["prompt"] for p in doubled], completions, torch.cat(has_eos), **extra)  # (2m,)
+
+    pairs, ties = pairs_from_samples(mine, responses, completions, scores.tolist())
+    sums = torch.tensor([scores.sum().item(), sum(p["text"]["score_chosen"] for p in pairs),
+                         sum(p["text"]["score_rejected"] for p in pairs), ties, sum(map(len, responses))])
+    pairs = gather_object(pairs) if acc.num_processes > 1 else pairs
+    s = acc.reduce(sums.to(acc.device), reduction="sum").tolist()  # score, chosen, rejected, ties, length
+    made = max(len(pairs), 1)
+    stats = {"online/pairs": len(pairs), "online/ties": s[3], "online/score_mean": s[0] / (2 * n),
+             "online/score_chosen": s[1] / made, "online/score_rejected": s[2] / made,
+             "online/response_length": s[4] / (2 * n)}
+    log.info("round %d: %d pairs from %d prompts (%d ties), mean score %.4f", r, len(pairs), n, int(s[3]),
+             stats["online/score_mean"])
+    return pairs, stats
+
