@@ -42,12 +42,12 @@ def early_late(rows, key="reward/mean", n=5):
 
 
 def test_grpo_raises_the_reward_with_bounded_kl(tiny, prompts, tmp_path):
-    result = train_grpo(config(tiny, prompts, tmp_path / "grpo", **{"grpo.group_size": 4, "kl.coef": 0.04}),
-                        reward_fn=digit_fraction)
+    result = train_grpo(config(tiny, prompts, tmp_path / "grpo", lr=5e-3, max_steps=40,
+                               **{"grpo.group_size": 4, "kl.coef": 0.1}), reward_fn=digit_fraction)
     rows = read_metrics(tmp_path / "grpo" / "metrics.jsonl")
     start, end = early_late(rows)
     assert end > start + 0.15, (start, end)
-    assert max(r["kl/mean"] for r in rows) < 20.0
+    assert max(r["kl/mean"] for r in rows) < 25.0  # nats per 8-token response
     assert all(r["policy/ratio_dev_first"] == 0.0 for r in rows)
     assert result.reference is not None
 
@@ -69,12 +69,13 @@ def test_grpo_without_kl_loads_no_reference_and_dr_grpo_options_run(tiny, prompt
     assert all(r["kl/mean"] == 0.0 for r in rows) and "groups/equal" in rows[-1]
 
 
-@pytest.mark.parametrize("estimator", ["rloo", "reinforce_pp", "reinforce_pp_baseline"])
-def test_rloo_and_reinforce_pp_raise_the_reward(tiny, prompts, tmp_path, estimator):
-    train_rloo(config(tiny, prompts, tmp_path / estimator, **{"rloo.k": 4, "rloo.advantage": estimator}),
-               reward_fn=digit_fraction)
+@pytest.mark.parametrize("estimator, lr, steps", [("rloo", 1e-2, 40), ("reinforce_pp", 5e-3, 40),
+                                                 ("reinforce_pp_baseline", 5e-3, 60)])
+def test_rloo_and_reinforce_pp_raise_the_reward(tiny, prompts, tmp_path, estimator, lr, steps):
+    train_rloo(config(tiny, prompts, tmp_path / estimator, lr=lr, max_steps=steps,
+                      **{"rloo.k": 4, "rloo.advantage": estimator}), reward_fn=digit_fraction)
     rows = read_metrics(tmp_path / estimator / "metrics.jsonl")
     start, end = early_late(rows, "score/mean" if "score/mean" in rows[0] else "reward/score")
-    assert end > start + 0.1, (estimator, start, end)
+    assert end > start + 0.08 and end > 2.5 * start, (estimator, start, end)
     assert all(r["policy/ratio_dev_first"] == 0.0 for r in rows)
     assert torch.isfinite(torch.tensor([r["kl/mean"] for r in rows])).all()

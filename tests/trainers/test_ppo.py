@@ -131,8 +131,8 @@ def test_shared_critic_and_ptx_run(tiny, prompts, tmp_path):
     from tests.helpers import sft_rows
 
     ptx = write_jsonl(tmp_path / "ptx.jsonl", sft_rows(8))
-    result = train_ppo(ppo_config(tiny, prompts, tmp_path / "shared", max_steps=30,
-                                  **{"critic.shared": True, "ptx.coef": 0.5, "ptx.data": str(ptx), "ptx.batch_size": 4}),
+    result = train_ppo(ppo_config(tiny, prompts, tmp_path / "shared", max_steps=40, lr=5e-3,
+                                  **{"critic.shared": True, "ptx.coef": 0.05, "ptx.data": str(ptx), "ptx.batch_size": 4}),
                        reward_fn=digit_fraction)
     rows = read_metrics(tmp_path / "shared" / "metrics.jsonl")
     start, end = first_last(rows, "score/mean")
