@@ -5,7 +5,6 @@ import yaml
 
 from rufus.cli import main
 from rufus.config import load_config
-from rufus.trainers.reward import RMConfig
 from rufus.trainers.sft import SFTConfig
 from tests.helpers import make_tiny_model_dir, sft_rows, write_jsonl
 
@@ -47,7 +46,18 @@ def test_cli_run_writes_config_metrics_and_final(capsys, tmp_path):
     assert (tmp_path / "out" / "final" / "config.json").exists()
 
 
-@pytest.mark.parametrize("path, cls", [("configs/sft_tiny.yaml", SFTConfig), ("configs/rm_tiny.yaml", RMConfig)])
-def test_shipped_configs_are_valid(path, cls):
-    cfg = load_config(cls, path)
+@pytest.mark.parametrize("command", ["sft", "rm", "ppo", "grpo", "rloo", "dpo", "bon"])
+def test_shipped_configs_are_valid(command):
+    from rufus.cli import _load
+
+    cls, _ = _load(command)
+    cfg = load_config(cls, f"configs/{command}_tiny.yaml")
     assert cfg.model.startswith("builtin:")
+
+
+def test_every_command_has_help(capsys):
+    from rufus.cli import COMMANDS
+
+    for command in COMMANDS:
+        assert main([command, "--help"]) == 0, command
+        assert "config keys" in capsys.readouterr().out
