@@ -198,7 +198,7 @@ def build_reward_pipeline(
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-    extra_functions: Sequence[Callable] | None = None,
+    extra_functions: Callable | Sequence[Callable] | None = None,
     trust_remote_code: bool = False,
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> RewardPipeline:
@@ -211,7 +211,7 @@ def build_reward_pipeline(
     """
     from rufus.config import ConfigError
 
-    extra = list(extra_functions or [])
+    extra = [extra_functions] if callable(extra_functions) else list(extra_functions or [])
     n_sources = len(section.model) + len(section.function) + len(extra)
     if n_sources == 0:
         raise ConfigError("reward: no reward source; set reward.model or reward.function, or pass reward_fn")

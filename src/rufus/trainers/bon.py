@@ -108,9 +108,8 @@ def train_bon(config: BoNConfig | dict, reward_fn=None) -> BoNResult:
     with acc.main_process_first():
         prompts = tokenize_prompts(load_records(cfg.data.train, format="prompt", split=cfg.data.train_split),
                                    tokenizer, max_prompt_length=max_prompt, truncation=cfg.data.truncation)
-    fns = [] if reward_fn is None else (list(reward_fn) if isinstance(reward_fn, (list, tuple)) else [reward_fn])
     # no cross-process gather for reward.scale: each process samples its own number of responses
-    reward = build_reward_pipeline(cfg.reward, device=acc.device, dtype=run.compute_dtype, extra_functions=fns,
+    reward = build_reward_pipeline(cfg.reward, device=acc.device, dtype=run.compute_dtype, extra_functions=reward_fn,
                                    trust_remote_code=cfg.trust_remote_code)
     per_round = b.prompts_per_round or len(prompts)
     prompt_plan = common.BatchPlan(len(prompts), per_round, 1, 1, 0, cfg.seed)  # round r's prompts: global_batch(r)
@@ -236,7 +235,7 @@ def _fine_tune(cfg, acc, model, optimizer, scheduler, examples: list[dict], coll
     """`steps` SFT optimiser steps over `examples`, as trainers/sft.py does them: each step's loss is
     summed over its micro-batches and divided by the whole global batch's labelled-token count, so
     gradient accumulation and the number of processes leave the update unchanged."""
-    from rufus.losses.sft import sft_loss
+    from rufus.trainers.sft import sft_update
 
     # a fresh example order every round, a function of (seed, round) alone (resume needs no sampler state)
     plan = common.BatchPlan(len(examples), cfg.batch_size, cfg.grad_accum, acc.num_processes, acc.process_index,
@@ -246,20 +245,8 @@ def _fine_tune(cfg, acc, model, optimizer, scheduler, examples: list[dict], coll
     model.train()
     for step in range(1, steps + 1):
         t0 = time.perf_counter()
-        global_idx = plan.global_batch(step)
-        num_tokens = sum(label_counts[i] for i in global_idx)
-        nll_sum = torch.zeros((), device=acc.device)
-        micro = plan.micro_batches(global_idx)
-        for k, idx in enumerate(micro):
-            batch = {n: t.to(acc.device) for n, t in collate([examples[i] for i in idx]).items()}
-            with common.sync_gradients_if(acc, model, last=k == len(micro) - 1), acc.autocast():
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                # DDP averages gradients over processes, hence / num_processes in the denominator
-                loss, stats = sft_loss(logits, batch["labels"], num_tokens=max(num_tokens, 1) / acc.num_processes)
-                acc.backward(loss)
-            nll_sum += stats["nll_sum"]
-        grad_norm = common.clip_and_step(cfg, acc, model, optimizer, scheduler)
-        loss_value = acc.reduce(nll_sum, reduction="sum").item() / max(num_tokens, 1)
+        loss_value, grad_norm, num_tokens = sft_update(cfg, acc, model, optimizer, scheduler, examples,
+                                                       plan.global_batch(step), plan, collate, label_counts)
         window.add(loss=loss_value, grad_norm=grad_norm, time=time.perf_counter() - t0, tokens=num_tokens)
     return window.flush(**{"sft/steps": steps})
 

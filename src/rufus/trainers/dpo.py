@@ -121,10 +121,9 @@ def train_dpo(config: DPOConfig | dict, reward_fn=None) -> DPOResult:
         prompts = tokenize_prompts(records, tokenizer, max_prompt_length=max_prompt, truncation=cfg.data.truncation)
         for p in prompts:  # other columns go to reward functions; the pair itself does not
             p["extra"] = {k: v for k, v in p["extra"].items() if k not in ("chosen", "rejected")}
-        fns = [] if reward_fn is None else (list(reward_fn) if isinstance(reward_fn, (list, tuple)) else [reward_fn])
         why = "data.train holds prompts only" if train is None else f"dpo.rounds={cfg.dpo.rounds}"
         try:
-            reward = build_reward_pipeline(cfg.reward, device=acc.device, dtype=run.compute_dtype, extra_functions=fns,
+            reward = build_reward_pipeline(cfg.reward, device=acc.device, dtype=run.compute_dtype, extra_functions=reward_fn,
                                            trust_remote_code=cfg.trust_remote_code,
                                            gather=lambda t: acc.gather(t.to(acc.device)).cpu())
         except common.ConfigError as e:

@@ -146,9 +146,8 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
         prompts = tokenize_prompts(load_records(cfg.data.train, format="prompt", split=cfg.data.train_split),
                                    tokenizer, max_prompt_length=max_prompt, truncation=cfg.data.truncation)
         ptx = _ptx_data(cfg, tokenizer) if cfg.ptx.coef > 0 else None
-    fns = [] if reward_fn is None else (list(reward_fn) if isinstance(reward_fn, (list, tuple)) else [reward_fn])
     # one running score std over all processes, so every process scales alike
-    reward = build_reward_pipeline(cfg.reward, device=acc.device, dtype=run.compute_dtype, extra_functions=fns,
+    reward = build_reward_pipeline(cfg.reward, device=acc.device, dtype=run.compute_dtype, extra_functions=reward_fn,
                                    trust_remote_code=cfg.trust_remote_code,
                                    gather=lambda t: acc.gather(t.to(acc.device)).cpu())
     plan = common.BatchPlan(len(prompts), cfg.batch_size, 1, world, acc.process_index, cfg.seed)

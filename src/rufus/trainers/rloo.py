@@ -106,8 +106,7 @@ def train_rloo(config: RLOOConfig | dict, reward_fn=None) -> RLOOResult:
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code,
                                chat_template=cfg.data.chat_template)
     prompts = online.load_prompts(cfg, acc, tokenizer)
-    fns = [] if reward_fn is None else (list(reward_fn) if isinstance(reward_fn, (list, tuple)) else [reward_fn])
-    reward = build_reward_pipeline(cfg.reward, device=acc.device, dtype=run.compute_dtype, extra_functions=fns,
+    reward = build_reward_pipeline(cfg.reward, device=acc.device, dtype=run.compute_dtype, extra_functions=reward_fn,
                                    trust_remote_code=cfg.trust_remote_code,
                                    gather=lambda t: acc.gather(t.to(acc.device)).cpu())
     plan = common.BatchPlan(len(prompts), cfg.batch_size, 1, acc.num_processes, acc.process_index, cfg.seed)

@@ -17,6 +17,7 @@ import torch
 
 from rufus.config import DataConfig, LogArgs, LoraConfig, ModelArgs, OptimArgs, RunArgs, opt
 from rufus.losses.sft import sft_loss
+from rufus.trainers import common
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,6 @@ class SFTResult:
 
 def train_sft(config: SFTConfig | dict) -> SFTResult:
     """Run SFT as configured; return where the model went and what was logged."""
-    from rufus.trainers import common
-
     cfg = common.as_config(SFTConfig, config)
     run = common.start_run(cfg)  # accelerator, seeds, output_dir checks, resume point, config.yaml
     acc = run.accelerator
@@ -82,20 +81,8 @@ def train_sft(config: SFTConfig | dict) -> SFTResult:
     model.train()
     for step in range(start_step + 1, max_steps + 1):
         t0 = time.perf_counter()
-        global_idx = batches.global_batch(step)
-        num_tokens = sum(label_counts[i] for i in global_idx)
-        nll_sum = torch.zeros((), device=acc.device)
-        micro = batches.micro_batches(global_idx)
-        for k, idx in enumerate(micro):
-            batch = {n: t.to(acc.device) for n, t in collate([train[i] for i in idx]).items()}
-            with common.sync_gradients_if(acc, model, last=k == len(micro) - 1), acc.autocast():
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                # DDP averages gradients over processes, hence * num_processes
-                loss, stats = sft_loss(logits, batch["labels"], num_tokens=max(num_tokens, 1) / acc.num_processes)
-                acc.backward(loss)
-            nll_sum += stats["nll_sum"]
-        grad_norm = common.clip_and_step(cfg, acc, model, optimizer, scheduler)
-        loss_value = acc.reduce(nll_sum, reduction="sum").item() / max(num_tokens, 1)
+        loss_value, grad_norm, num_tokens = sft_update(cfg, acc, model, optimizer, scheduler, train,
+                                                       batches.global_batch(step), batches, collate, label_counts)
         window.add(loss=loss_value, grad_norm=grad_norm, time=time.perf_counter() - t0, tokens=num_tokens)
         progress.update(1)
         progress.set_postfix(loss=f"{loss_value:.4f}")
@@ -118,6 +105,29 @@ def train_sft(config: SFTConfig | dict) -> SFTResult:
     logger.close()
     common.finish_run(run, ["loss", "eval/loss", "lr", "grad_norm"])
     return SFTResult(Path(cfg.output_dir), final_dir, max_steps, logger.rows, acc.unwrap_model(model))
+
+
+def sft_update(cfg, acc, model, optimizer, scheduler, examples: list[dict], global_idx: list[int], plan,
+               collate, label_counts: list[int]) -> tuple[float, float, int]:
+    """One optimiser step of the SFT loss over examples[global_idx]; returns (loss, grad norm, tokens).
+
+    This process runs its share of the batch in grad_accum micro-batches. Each adds its summed NLL
+    divided by the whole batch's labelled-token count, so the step equals one over the whole batch
+    on any number of processes. `label_counts[i]` is example i's number of labelled tokens.
+    """
+    num_tokens = sum(label_counts[i] for i in global_idx)
+    nll_sum = torch.zeros((), device=acc.device)
+    micro = plan.micro_batches(global_idx)
+    for k, idx in enumerate(micro):
+        batch = {n: t.to(acc.device) for n, t in collate([examples[i] for i in idx]).items()}
+        with common.sync_gradients_if(acc, model, last=k == len(micro) - 1), acc.autocast():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            # DDP averages gradients over processes, hence / num_processes in the denominator
+            loss, stats = sft_loss(logits, batch["labels"], num_tokens=max(num_tokens, 1) / acc.num_processes)
+            acc.backward(loss)
+        nll_sum += stats["nll_sum"]
+    grad_norm = common.clip_and_step(cfg, acc, model, optimizer, scheduler)
+    return acc.reduce(nll_sum, reduction="sum").item() / max(num_tokens, 1), grad_norm, num_tokens
 
 
 @torch.no_grad()
