@@ -403,3 +403,16 @@ class RewardConfig:
     scale: bool = opt(False, "divide scores by their running standard deviation (the mean is not shifted)")
     clip: float | None = opt(None, "clip scores to [-clip, clip] after scaling")
     batch_size: int = opt(16, "sequences per reward-model forward pass")
+
+
+@dataclass
+class OnlineArgs:
+    """What the online RL trainers share: prompts, sampling, reward sources, reference, samples."""
+
+    ref_model: str | None = opt(None, "reference model (default: the starting policy; with LoRA, the adapter-disabled base)")
+    data: DataConfig = opt(DataConfig, "prompts (prompt-only format; extra columns reach reward functions)")
+    generation: GenerationConfig = opt(GenerationConfig, "sampling")
+    reward: RewardConfig = opt(RewardConfig, "reward sources (several, with weights)")
+    lora: LoraConfig = opt(LoraConfig, "LoRA adapters; the reference is then the adapter-disabled base")
+    sample_every: int = opt(10, "write a few (prompt, response, score) rows to samples.jsonl every this many steps")
+    num_samples: int = opt(4, "rows per samples.jsonl entry")

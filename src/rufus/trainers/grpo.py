@@ -22,13 +22,10 @@ from pathlib import Path
 from typing import Literal
 
 from rufus.config import (
-    DataConfig,
-    GenerationConfig,
     LogArgs,
-    LoraConfig,
     ModelArgs,
+    OnlineArgs,
     OptimArgs,
-    RewardConfig,
     RunArgs,
     opt,
 )
@@ -61,22 +58,15 @@ class GRPOKL:
 
 
 @dataclass
-class GRPOConfig(LogArgs, OptimArgs, RunArgs, ModelArgs):
+class GRPOConfig(OnlineArgs, LogArgs, OptimArgs, RunArgs, ModelArgs):
     """GRPO: group-relative advantages, no critic."""
 
     output_dir: str = opt("runs/grpo", "directory for config.yaml, metrics.jsonl, samples.jsonl, checkpoints/ and final/")
     lr: float = opt(1e-6, "learning rate")
     batch_size: int = opt(8, "prompts per step, over all processes (each sampled group_size times)")
     grad_accum: int = opt(1, "micro-batches per minibatch")
-    ref_model: str | None = opt(None, "reference model (default: the starting policy; with LoRA, the adapter-disabled base)")
-    data: DataConfig = opt(DataConfig, "prompts (prompt-only format; extra columns reach reward functions)")
-    generation: GenerationConfig = opt(GenerationConfig, "sampling")
-    reward: RewardConfig = opt(RewardConfig, "reward sources (several, with weights)")
     grpo: GRPOSection = opt(GRPOSection, "groups and update")
     kl: GRPOKL = opt(GRPOKL, "KL penalty")
-    lora: LoraConfig = opt(LoraConfig, "LoRA adapters")
-    sample_every: int = opt(10, "write a few (prompt, response, score) rows to samples.jsonl every this many steps")
-    num_samples: int = opt(4, "rows per samples.jsonl entry")
 
 
 @dataclass

@@ -23,13 +23,10 @@ from typing import Literal
 import torch
 
 from rufus.config import (
-    DataConfig,
-    GenerationConfig,
     LogArgs,
-    LoraConfig,
     ModelArgs,
+    OnlineArgs,
     OptimArgs,
-    RewardConfig,
     RunArgs,
     opt,
 )
@@ -90,7 +87,7 @@ class PtxSection:
 
 
 @dataclass
-class PPOConfig(LogArgs, OptimArgs, RunArgs, ModelArgs):
+class PPOConfig(OnlineArgs, LogArgs, OptimArgs, RunArgs, ModelArgs):
     """PPO with actor, critic, reward and reference models."""
 
     output_dir: str = opt("runs/ppo", "directory for config.yaml, metrics.jsonl, samples.jsonl, checkpoints/ and final/")
@@ -98,18 +95,11 @@ class PPOConfig(LogArgs, OptimArgs, RunArgs, ModelArgs):
     batch_size: int = opt(16, "prompts per rollout step (one response each), over all processes")
     grad_accum: int = opt(1, "micro-batches per minibatch")
     max_grad_norm: float = opt(1.0, "clip each model's gradient norm to this (0 = no clipping)")
-    ref_model: str | None = opt(None, "reference model (default: the starting policy; with LoRA, the adapter-disabled base)")
-    data: DataConfig = opt(DataConfig, "prompts (prompt-only format); data.max_prompt_length bounds them")
-    generation: GenerationConfig = opt(GenerationConfig, "sampling")
-    reward: RewardConfig = opt(RewardConfig, "reward sources")
     kl: KLSection = opt(KLSection, "KL penalty")
     gae: GAESection = opt(GAESection, "advantage estimation")
     ppo: PPOSection = opt(PPOSection, "PPO update")
     critic: CriticSection = opt(CriticSection, "value model")
     ptx: PtxSection = opt(PtxSection, "pretraining-loss mix")
-    lora: LoraConfig = opt(LoraConfig, "LoRA on the actor (and critic); the reference is then the adapter-disabled base")
-    sample_every: int = opt(10, "write a few (prompt, response, score) rows to samples.jsonl every this many steps")
-    num_samples: int = opt(4, "rows per samples.jsonl entry")
 
 
 @dataclass

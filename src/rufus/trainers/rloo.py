@@ -21,13 +21,10 @@ from typing import Literal
 import torch
 
 from rufus.config import (
-    DataConfig,
-    GenerationConfig,
     LogArgs,
-    LoraConfig,
     ModelArgs,
+    OnlineArgs,
     OptimArgs,
-    RewardConfig,
     RunArgs,
     opt,
 )
@@ -55,22 +52,15 @@ class RLOOKL:
 
 
 @dataclass
-class RLOOConfig(LogArgs, OptimArgs, RunArgs, ModelArgs):
+class RLOOConfig(OnlineArgs, LogArgs, OptimArgs, RunArgs, ModelArgs):
     """RLOO / REINFORCE++: critic-free policy gradient with a sample baseline."""
 
     output_dir: str = opt("runs/rloo", "directory for config.yaml, metrics.jsonl, samples.jsonl, checkpoints/ and final/")
     lr: float = opt(1e-6, "learning rate")
     batch_size: int = opt(8, "prompts per step, over all processes (each sampled rloo.k times)")
     grad_accum: int = opt(1, "micro-batches per minibatch")
-    ref_model: str | None = opt(None, "reference model (default: the starting policy; with LoRA, the adapter-disabled base)")
-    data: DataConfig = opt(DataConfig, "prompts (prompt-only format)")
-    generation: GenerationConfig = opt(GenerationConfig, "sampling")
-    reward: RewardConfig = opt(RewardConfig, "reward sources")
     rloo: RLOOSection = opt(RLOOSection, "estimator and update")
     kl: RLOOKL = opt(RLOOKL, "KL penalty")
-    lora: LoraConfig = opt(LoraConfig, "LoRA adapters")
-    sample_every: int = opt(10, "write a few (prompt, response, score) rows to samples.jsonl every this many steps")
-    num_samples: int = opt(4, "rows per samples.jsonl entry")
 
 
 @dataclass
