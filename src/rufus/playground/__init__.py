@@ -1,0 +1,1 @@
+"""The built-in offline task: corpus, measurement, gold taste and simulated annotators."""
