@@ -21,8 +21,13 @@ PAD_TOKEN = "<|pad|>"
 
 
 def resolve_model_path(name: str) -> str:
-    """`builtin:tiny-llama` -> its cached directory (built on first use); anything else unchanged."""
+    """`builtin:tiny-llama` (random weights) or `builtin:playground-base` (pretrained on the playground
+    corpus) -> its cached directory, built on first use; anything else unchanged."""
     if name.startswith("builtin:"):
+        if name == "builtin:playground-base":  # pretrained on the playground corpus (issue 6)
+            from rufus.playground.base import base_model_path
+
+            return str(base_model_path())
         from rufus.models.tiny import builtin_model_path
 
         return str(builtin_model_path(name.removeprefix("builtin:")))
