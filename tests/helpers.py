@@ -69,3 +69,21 @@ def ranking_rows(n: int, k: int = 4, seed: int = 0) -> list[dict]:
             responses.append(" " + " ".join(words) + " .")
         rows.append({"prompt": f"what is {rng.randint(0, 9)} ?", "responses": responses})
     return rows
+
+
+def digit_fraction(prompts, completions, **kw):
+    """Programmatic reward for the RL tests: the share of a completion's characters that are digits."""
+    return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
+
+
+def arithmetic_prompts(n: int = 32) -> list[dict]:
+    """Prompt-only rows for the RL tests."""
+    return [{"prompt": f"what is {i} plus {i + 2} ?"} for i in range(n)]
+
+
+def with_overrides(cfg: dict, over: dict) -> dict:
+    """Apply {"a.b": value, "c": value} overrides to a nested config dict, in place; return it."""
+    for k, v in over.items():
+        section, _, key = k.rpartition(".")
+        (cfg.setdefault(section, {}) if section else cfg)[key] = v
+    return cfg

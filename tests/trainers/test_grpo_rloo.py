@@ -8,11 +8,7 @@ import torch
 from rufus.report.metrics import read_metrics
 from rufus.trainers.grpo import train_grpo
 from rufus.trainers.rloo import train_rloo
-from tests.helpers import make_tiny_model_dir, write_jsonl
-
-
-def digit_fraction(prompts, completions, **kw):
-    return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
+from tests.helpers import arithmetic_prompts, digit_fraction, make_tiny_model_dir, with_overrides, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -22,18 +18,14 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory):
-    rows = [{"prompt": f"what is {i} plus {i + 2} ?"} for i in range(32)]
-    return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", rows)
+    return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", arithmetic_prompts())
 
 
 def config(tiny, prompts, out, **over):
     cfg = {"model": str(tiny), "output_dir": str(out), "data": {"train": str(prompts), "max_length": 40},
            "generation": {"max_new_tokens": 8}, "batch_size": 4, "lr": 2e-3, "max_steps": 30,
            "dtype": "float32", "progress": False, "seed": 0}
-    for k, v in over.items():
-        section, _, key = k.rpartition(".")
-        (cfg.setdefault(section, {}) if section else cfg)[key] = v
-    return cfg
+    return with_overrides(cfg, over)
 
 
 def early_late(rows, key="reward/mean", n=5):

@@ -10,12 +10,7 @@ import torch
 
 from rufus.report.metrics import read_metrics
 from rufus.trainers.ppo import train_ppo
-from tests.helpers import make_tiny_model_dir, write_jsonl
-
-
-def digit_fraction(prompts, completions, **kw):
-    """Programmatic reward: the share of a completion's characters that are digits."""
-    return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
+from tests.helpers import arithmetic_prompts, digit_fraction, make_tiny_model_dir, with_overrides, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +20,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory):
-    rows = [{"prompt": f"what is {i} plus {i + 2} ?"} for i in range(32)]
-    return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", rows)
+    return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", arithmetic_prompts())
 
 
 def ppo_config(tiny, prompts, out, **over):
@@ -34,10 +28,7 @@ def ppo_config(tiny, prompts, out, **over):
            "generation": {"max_new_tokens": 8}, "batch_size": 16, "lr": 3e-3, "max_steps": 25,
            "dtype": "float32", "progress": False, "seed": 0, "kl": {"coef": 0.05},
            "critic": {"lr": 3e-3}, "ppo": {"epochs": 2, "minibatches": 2}, "sample_every": 5}
-    for k, v in over.items():
-        section, _, key = k.rpartition(".")
-        (cfg.setdefault(section, {}) if section else cfg)[key] = v
-    return cfg
+    return with_overrides(cfg, over)
 
 
 def first_last(rows, key, n=5):

@@ -13,7 +13,7 @@ from rufus.data.reward import RewardCollator, encode_for_reward
 from rufus.models.loading import load_tokenizer
 from rufus.models.reward import load_reward_model, raw_scores, score
 from rufus.trainers.reward import eval_reward_model, train_reward_model
-from tests.helpers import make_tiny_model_dir, preference_rows, ranking_rows, write_jsonl
+from tests.helpers import make_tiny_model_dir, preference_rows, ranking_rows, with_overrides, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +30,7 @@ def prefs(tmp_path_factory):
 def rm_config(tiny, train, out, **over):
     cfg = {"model": str(tiny), "output_dir": str(out), "data": {"train": str(train), "max_length": 48},
            "batch_size": 16, "lr": 3e-3, "max_steps": 60, "dtype": "float32", "progress": False, "log_every": 10}
-    for k, v in over.items():
-        section, _, key = k.rpartition(".")
-        (cfg.setdefault(section, {}) if section else cfg)[key] = v
-    return cfg
+    return with_overrides(cfg, over)
 
 
 def test_new_head_init_scale(tiny):
