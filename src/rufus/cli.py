@@ -20,6 +20,12 @@ COMMANDS = {
     "dpo": ("rufus.trainers.dpo", "DPOConfig", "train_dpo", "DPO and variants (IPO, hinge, conservative), offline or iterated"),
     "bon": ("rufus.trainers.bon", "BoNConfig", "train_bon", "best-of-n rejection-sampling fine-tuning"),
     "generate": ("rufus.generate", "GenerateConfig", "generate", "sample responses, optionally best-of-n by a reward"),
+    "eval": ("rufus.evaluate", "EvalConfig", "evaluate",
+             "evaluate a policy: reward score, KL, length, diversity, win rate (and gold, on the playground)"),
+    "pipeline": ("rufus.pipeline", "PipelineConfig", "run_pipeline",
+                 "the whole loop: sft -> collect comparisons -> rm -> rl -> eval -> report"),
+    "demo": ("rufus.pipeline", "DemoConfig", "run_demo",
+             "the pipeline on the built-in offline playground, minutes on a laptop CPU"),
     "eval-rm": ("rufus.trainers.reward", "EvalRMConfig", "eval_reward_model",
                 "evaluate a reward model on comparisons (accuracy, margin, calibration)"),
 }
@@ -83,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_summary(command: str, result) -> None:
     """The last logged values and where the outputs are, as a small table."""
+    if hasattr(result, "summary"):  # the pipeline prints its own summary table
+        return
     if isinstance(result, dict):  # an evaluation: its metrics
         print(f"rufus {command}:")
         for key, value in result.items():

@@ -7,6 +7,9 @@ sections such as `data` and `lora` are fields). Values come from a YAML file fir
 values are errors that name the key and suggest the closest valid one.
 
 Every field is declared with `opt(default, "one-line doc")`; that doc is the `--help` text.
+A field typed `dict[str, Any]` is an open mapping handed on to another config (the pipeline's
+per-stage settings): `sft.lr=1e-4` and `rl.kl.coef=0` set keys inside it, nested by the dots, and
+the config that receives the mapping checks them.
 """
 
 from __future__ import annotations
@@ -182,9 +185,44 @@ def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _is_open(tp: Any) -> bool:
+    """A `dict[str, Any]` field: an open mapping whose dotted sub-keys are accepted (module docstring)."""
+    return typing.get_origin(tp) is dict and typing.get_args(tp) == (str, Any)
+
+
+def _open_fields(cls: type, prefix: str = "") -> list[str]:
+    """The dotted names of every open-mapping field of `cls`."""
+    out = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_section(tp):
+            out += _open_fields(tp, prefix + f.name + ".")
+        elif _is_open(tp):
+            out.append(prefix + f.name)
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    """`extra` laid over `base`, mappings merged key by key (neither is modified)."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _nest(dotted: str, value: Any) -> dict:
+    """"a.b.c", v -> {"a": {"b": {"c": v}}}."""
+    for part in reversed(dotted.split(".")):
+        value = {part: value}
+    return value
+
+
 def _coerce(value: Any, tp: Any, key: str, raw: str | None = None) -> Any:
     """Check `value` against type `tp`; return it (converted where lossless). `raw` is the
     override's original text, used as-is for string-typed keys so `name=123` stays "123"."""
+    if tp is Any:
+        return value
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
@@ -307,8 +345,16 @@ def load_config(cls: type, path: str | os.PathLike | None = None, overrides: lis
     Raises ConfigError naming the key for unknown keys, wrong types and missing required values.
     """
     values: dict[str, tuple[Any, str | None]] = {}
+    opened = _open_fields(cls)
+
+    def put(k: str, v: Any, raw: str | None = None) -> None:
+        # an open mapping given again (defaults, then YAML) is merged, not replaced
+        if k in opened and isinstance(v, dict) and isinstance(values.get(k, (None,))[0], dict):
+            v = _merge(values[k][0], v)
+        values[k] = (v, raw)
+
     for k, v in _flatten(defaults or {}, cls).items():
-        values[k] = (v, None)
+        put(k, v)
     if path is not None:
         try:
             loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
@@ -319,14 +365,22 @@ def load_config(cls: type, path: str | os.PathLike | None = None, overrides: lis
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
         for k, v in _flatten(loaded, cls).items():
-            values[k] = (v, None)
+            put(k, v)
     for item in overrides or []:
         key, value, raw = _parse_override(item)
         values[key] = (value, raw)
     valid = all_keys(cls)
-    for key in values:
-        if key not in valid:
+    for key in list(values):
+        if key in valid:
+            continue
+        owner = next((o for o in opened if key.startswith(o + ".")), None)
+        if owner is None:
             raise ConfigError(f"unknown key '{key}'{_closest(key, valid)}")
+        value, _ = values.pop(key)  # a key inside an open mapping: merged into it, in order
+        inner = values.get(owner, ({}, None))[0]
+        if not isinstance(inner, dict):
+            raise ConfigError(f"{owner}: expected a mapping, got {type(inner).__name__} {inner!r}")
+        values[owner] = (_merge(inner, _nest(key[len(owner) + 1:], value)), None)
     cfg = _build(cls, values)
     _check_required(cfg)
     return cfg
@@ -336,18 +390,34 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename, so readers never see half a file."""
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write `data` to `path` through a temporary file and a rename, so readers never see half a file.
+
+    The file gets the permissions a plain `open(path, "w")` would (0666 less the umask; mkstemp
+    alone would leave it owner-only).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """`atomic_write` for text (UTF-8)."""
+    atomic_write(path, text)
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
