@@ -59,7 +59,7 @@ class PlaygroundSection:
     temperature: float = opt(0.5, "Bradley-Terry temperature of each choice (0 = no noise)")
     disagreement: float = opt(0.3, "spread of the annotators' own weights (lognormal sigma; 0 = all alike)")
     sft_demos: int = opt(2000, "demonstrations of middling quality for SFT")
-    comparison_prompts: int = opt(1500, "prompts whose SFT samples are compared")
+    comparison_prompts: int = opt(2000, "prompts whose SFT samples are compared")
     rl_prompts: int = opt(2000, "prompts for RL")
     eval_prompts: int = opt(256, "held-out prompts for evaluation")
     base_seed: int = opt(0, "seed of the cached base model (builtin:playground-base)")
@@ -79,7 +79,7 @@ class PipelineData:
 class CollectSection:
     """Sampling the SFT model's responses for comparison."""
 
-    responses: int = opt(2, "K responses per prompt: 2 = pairs, more = K-way rankings")
+    responses: int = opt(4, "K responses per prompt: 2 = pairs, more = K-way rankings (all K(K-1)/2 pairs learnt at once)")
     held_out: float = opt(0.15, "share of the comparisons kept out of RM training, for evaluation")
     batch_size: int = opt(64, "prompts per generate call")
     generation: GenerationConfig = opt(GenerationConfig, "sampling")
@@ -124,11 +124,11 @@ class PipelineResult:
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "sft": {"lr": 1e-3, "batch_size": 32, "max_steps": 120, "warmup_steps": 10, "log_every": 10,
             "save_every": 0, "data": {"max_length": 128, "truncation": "truncate"}},
-    "rm": {"lr": 3e-4, "batch_size": 32, "epochs": 2, "warmup_steps": 10, "log_every": 10, "save_every": 0,
+    "rm": {"lr": 1e-3, "batch_size": 32, "epochs": 3, "warmup_steps": 10, "log_every": 10, "save_every": 0,
            "data": {"max_length": 128, "truncation": "truncate"}},
-    "ppo": {"lr": 1e-4, "batch_size": 32, "max_steps": 100, "log_every": 5, "save_every": 0, "sample_every": 0,
+    "ppo": {"lr": 5e-5, "batch_size": 32, "max_steps": 100, "log_every": 5, "save_every": 0, "sample_every": 0,
             "data": {"max_length": 128}, "generation": {"max_new_tokens": 72},
-            "kl": {"coef": 0.05}, "ppo": {"epochs": 2, "minibatches": 2}, "critic": {"lr": 1e-4}},
+            "kl": {"coef": 0.1}, "ppo": {"epochs": 2, "minibatches": 2}, "critic": {"lr": 1e-4}},
     "grpo": {"lr": 1e-4, "batch_size": 8, "max_steps": 100, "log_every": 5, "save_every": 0, "sample_every": 0,
              "data": {"max_length": 128}, "generation": {"max_new_tokens": 72}, "grpo": {"group_size": 4},
              "kl": {"coef": 0.05}},
@@ -154,9 +154,25 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def _fingerprint(*parts: Any) -> str:
-    text = json.dumps(parts, sort_keys=True, default=str)
+def _fingerprint(out: Path, *parts: Any) -> str:
+    """A stage's identity: its settings, with paths inside the run written relative to it, so a
+    run directory that is copied or moved is still up to date."""
+    def settings_only(x: Any) -> Any:  # how a stage shows progress does not change its output
+        if isinstance(x, dict):
+            return {k: settings_only(v) for k, v in x.items() if k not in ("progress", "overwrite")}
+        return [settings_only(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+    text = json.dumps(settings_only(parts), sort_keys=True, default=str).replace(str(out.resolve()), "<run>")
+    text = text.replace(str(out), "<run>")
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _file_facts(spec: str | None) -> Any:
+    """What identifies an input file's content cheaply: size and modification time (a hub id: itself)."""
+    if spec is None or not Path(spec).exists():
+        return spec
+    stat = Path(spec).stat()
+    return [spec, stat.st_size, stat.st_mtime_ns]
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -278,7 +294,7 @@ def run_pipeline(config: PipelineConfig | dict) -> PipelineResult:
     files = _prepare_data(cfg, out)
     base = _base_model(cfg)
 
-    key = _fingerprint("base", base, files)
+    key = _fingerprint(out, "base", base, {k: _file_facts(v) if not pg.enabled else v for k, v in files.items()})
     sft_model = base
     if "sft" in cfg.stages or (out / "sft" / "final").exists():
         sft_model = str(out / "sft" / "final")
@@ -361,7 +377,7 @@ def _run_sft(cfg: PipelineConfig, st: _Stages, base: str, files: dict, upstream:
     values = _stage_config(cfg, "sft", cfg.sft, {"model": base, "output_dir": str(st.out / "sft"),
                                                  "data": {"train": files["sft"]}})
     sft_cfg = _validated(SFTConfig, "sft", values)
-    key = _fingerprint(upstream, to_dict(sft_cfg))
+    key = _fingerprint(st.out, upstream, to_dict(sft_cfg))
     if not st.up_to_date("sft", key):
         t0 = st.begin("sft", f"fine-tuning {base} on demonstrations ({files['sft']})")
         result = train_sft(sft_cfg)
@@ -374,7 +390,7 @@ def _run_collect(cfg: PipelineConfig, st: _Stages, sft_model: str, files: dict, 
     pg, c = cfg.playground, cfg.collect
     settings = {"collect": to_dict(c), "seed": cfg.seed, "dtype": cfg.dtype, "model": sft_model,
                 "playground": to_dict(pg) if pg.enabled else None, "comparisons": files["comparisons"]}
-    key = _fingerprint(upstream, settings)
+    key = _fingerprint(st.out, upstream, settings)
     if st.up_to_date("collect", key):
         return key
     out = st.out / "collect"
@@ -420,6 +436,9 @@ def _run_collect(cfg: PipelineConfig, st: _Stages, sft_model: str, files: dict, 
     _write_jsonl(out / "train.jsonl", train_rows)
     _write_jsonl(out / "pairs.jsonl", pairs)
     _write_jsonl(out / "eval.jsonl", eval_rows)
+    if k > 2:  # the reward model reads one format: its held-out pairs as rankings of two
+        _write_jsonl(out / "eval_ranking.jsonl", [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]],
+                                                   "annotator": r["annotator"]} for r in eval_rows])
     agreement = gold_label_accuracy([r["prompt"] for r in pairs], [r["chosen"] for r in pairs],
                                     [r["rejected"] for r in pairs], pg.preference)
     print(f"[collect] {len(train_rows)} training comparisons, {len(eval_rows)} held out; "
@@ -462,12 +481,13 @@ def sample_responses(model_path: str, prompts: list[str], k: int, generation: Ge
 def _run_rm(cfg: PipelineConfig, st: _Stages, sft_model: str, upstream: str) -> str:
     from rufus.trainers.reward import RMConfig, train_reward_model
 
-    collected = st.info("collect")
+    fmt = st.info("collect").get("format", "preference")
+    held_out = "eval.jsonl" if fmt == "preference" else "eval_ranking.jsonl"
     wiring = {"model": sft_model, "output_dir": str(st.out / "rm"),
-              "data": {"train": str(st.out / "collect" / "train.jsonl"), "eval": str(st.out / "collect" / "eval.jsonl")},
-              "rm": {"format": collected.get("format", "preference")}}
+              "data": {"train": str(st.out / "collect" / "train.jsonl"), "eval": str(st.out / "collect" / held_out)},
+              "rm": {"format": fmt}}
     rm_cfg = _validated(RMConfig, "rm", _stage_config(cfg, "rm", cfg.rm, wiring))
-    key = _fingerprint(upstream, to_dict(rm_cfg))
+    key = _fingerprint(st.out, upstream, to_dict(rm_cfg))
     if not st.up_to_date("rm", key):
         t0 = st.begin("rm", f"training a reward model on {rm_cfg.data.train}")
         result = train_reward_model(rm_cfg)
@@ -511,7 +531,7 @@ def _run_rl(cfg: PipelineConfig, st: _Stages, algo: str, settings: dict, sft_mod
         n = len(reward.get("model", [])) + len(reward.get("function", []))
         values["reward"] = {**reward, "weights": list(reward.get("weights") or [1.0] * n) + [0.0]}
     rl_cfg = _validated(cls, "rl", values)
-    key = _fingerprint(upstream, algo, to_dict(rl_cfg))
+    key = _fingerprint(st.out, upstream, algo, to_dict(rl_cfg))
     if not st.up_to_date("rl", key):
         t0 = st.begin("rl", f"{algo} from the SFT model" + (" on the comparisons" if algo == "dpo"
                                                               else " against the reward model"))
@@ -532,7 +552,7 @@ def _run_eval(cfg: PipelineConfig, st: _Stages, final_model: str, sft_model: str
     values = _stage_config(cfg, "eval", cfg.eval, wiring)
     values.pop("overwrite", None)
     eval_cfg = _validated(EvalConfig, "eval", values)
-    key = _fingerprint(upstream, to_dict(eval_cfg))
+    key = _fingerprint(st.out, upstream, to_dict(eval_cfg))
     if not st.up_to_date("eval", key):
         t0 = st.begin("eval", f"the final policy against the SFT model on {eval_cfg.prompts}")
         metrics = evaluate(eval_cfg)
@@ -595,7 +615,7 @@ def _run_report(cfg: PipelineConfig, st: _Stages, algo: str, summary: dict, upst
     from rufus.report.metrics import read_metrics
 
     t0 = st.begin("report", "summary.json, report.html, report.md")
-    st.keys["report"] = _fingerprint(upstream)
+    st.keys["report"] = _fingerprint(st.out, upstream)
     curves = {}
     for stage in ("sft", "rm", "rl"):
         path = st.out / stage / "metrics.jsonl"
