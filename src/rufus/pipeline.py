@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,7 +247,14 @@ def _validated(cls: type, name: str, values: dict):
     try:
         return load_config(cls, defaults=values)
     except ConfigError as e:
-        raise ConfigError(f"{name}.{e}") from None
+        msg = str(e)
+        if msg.startswith("unknown key"):  # unknown key 'lrr'; did you mean 'lr'?
+            msg = re.sub(r"'([^']+)'", lambda m: f"'{name}.{m.group(1)}'", msg)
+        elif re.match(r"[\w.\[\]]+: ", msg):  # kl.coef: expected float, ...
+            msg = f"{name}.{msg}"
+        else:
+            msg = f"{name}: {msg}"
+        raise ConfigError(msg) from None
 
 
 # --- the pipeline -----------------------------------------------------------------------------
@@ -288,39 +296,99 @@ def run_pipeline(config: PipelineConfig | dict) -> PipelineResult:
         raise ConfigError(f"collect.held_out: must be in (0, 1), got {cfg.collect.held_out}")
 
     out = Path(cfg.output_dir)
+    files = _data_files(cfg, out)
+    plan = _plan(cfg, out, algo, rl_settings, files)  # every stage's config, checked before anything runs
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "pipeline.yaml")
+    _quiet_libraries()
     st = _Stages(cfg, out)
-    files = _prepare_data(cfg, out)
+    _write_playground_data(cfg, files)
     base = _base_model(cfg)
 
     key = _fingerprint(out, "base", base, {k: _file_facts(v) if not pg.enabled else v for k, v in files.items()})
-    sft_model = base
-    if "sft" in cfg.stages or (out / "sft" / "final").exists():
-        sft_model = str(out / "sft" / "final")
-    if "sft" in cfg.stages:
-        key = _run_sft(cfg, st, base, files, key)
-    key = st.keys.get("sft", key)
-
-    if "collect" in cfg.stages:
-        key = _run_collect(cfg, st, sft_model, files, key)
-    if "rm" in cfg.stages:
-        key = _run_rm(cfg, st, sft_model, key)
-    rm_model = str(out / "rm" / "final")
-    final_model = sft_model
-    if "rl" in cfg.stages:
-        key = _run_rl(cfg, st, algo, rl_settings, sft_model, rm_model, files, key)
-    if (out / "rl" / "final").exists():
-        final_model = str(out / "rl" / "final")
-    if "eval" in cfg.stages:
-        key = _run_eval(cfg, st, final_model, sft_model, rm_model, files, key)
+    for stage in STAGES[:-1]:
+        if stage in cfg.stages:
+            key = RUNNERS[stage](cfg, st, plan, files, key)
+        else:  # not run now: a later stage reads what an earlier run left, if anything
+            key = st.info(stage).get("fingerprint", key)
     summary = _summary(cfg, st, algo, t_start)
     if "report" in cfg.stages:
         _run_report(cfg, st, algo, summary, key)
-        summary["seconds"] = round(sum(st.seconds.values()), 1)
+        summary["seconds"] = round(sum(st.seconds.values()), 1)  # now with the report's own time
+        summary["stage_seconds"] = {s: round(v, 1) for s, v in st.seconds.items()}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     print_pipeline_summary(summary, st.status, out)
     return PipelineResult(out, summary, dict(st.status))
+
+
+def _plan(cfg: PipelineConfig, out: Path, algo: str, rl_settings: dict, files: dict) -> dict:
+    """The validated config of every stage, wired to the others' outputs (paths fixed in advance)."""
+    import importlib
+
+    from rufus.cli import COMMANDS
+
+    base = _base_path(cfg)
+    sft_model = str(out / "sft" / "final") if "sft" in cfg.stages or (out / "sft" / "final").exists() else base
+    rm_model = str(out / "rm" / "final")
+    collect = out / "collect"
+    plan: dict[str, Any] = {"sft_model": sft_model, "rm_model": rm_model, "algo": algo}
+
+    from rufus.trainers.sft import SFTConfig
+
+    plan["sft"] = _validated(SFTConfig, "sft", _stage_config(cfg, "sft", cfg.sft, {
+        "model": base, "output_dir": str(out / "sft"), "data": {"train": files["sft"]}}))
+
+    from rufus.trainers.reward import RMConfig
+
+    fmt = "ranking" if cfg.playground.enabled and cfg.collect.responses > 2 else "preference"
+    plan["format"] = fmt
+    plan["rm"] = _validated(RMConfig, "rm", _stage_config(cfg, "rm", cfg.rm, {
+        "model": sft_model, "output_dir": str(out / "rm"), "rm": {"format": fmt},
+        "data": {"train": str(collect / "train.jsonl"),
+                 "eval": str(collect / ("eval.jsonl" if fmt == "preference" else "eval_ranking.jsonl"))}}))
+
+    module, cls_name, fn_name, _ = COMMANDS[algo]
+    mod = importlib.import_module(module)
+    plan["rl_train"] = getattr(mod, fn_name)
+    wiring: dict[str, Any] = {"model": sft_model, "output_dir": str(out / "rl")}
+    if algo == "dpo":  # offline DPO on the same comparisons the reward model learnt from
+        wiring["data"] = {"train": str(collect / "pairs.jsonl"), "eval": str(collect / "eval.jsonl")}
+    else:
+        wiring["data"] = {"train": files["prompts"]}
+        wiring["reward"] = {"model": [rm_model]}
+        if algo == "ppo":
+            wiring["critic"] = {"model": rm_model}  # a reward model is the usual critic initialisation
+    values = _stage_config(cfg, algo, rl_settings, wiring)
+    plan["monitor"] = None
+    if cfg.playground.enabled and algo != "dpo":
+        plan["monitor"] = _gold_monitor(cfg.playground.preference)
+        reward = values.get("reward", {})
+        n = len(reward.get("model", [])) + len(reward.get("function", []))
+        values["reward"] = {**reward, "weights": list(reward.get("weights") or [1.0] * n) + [0.0]}
+    plan["rl"] = _validated(getattr(mod, cls_name), "rl", values)
+
+    from rufus.evaluate import EvalConfig
+
+    final_model = str(out / "rl" / "final") if "rl" in cfg.stages or (out / "rl" / "final").exists() else sft_model
+    wiring = {"model": final_model, "baseline": sft_model, "ref_model": sft_model, "prompts": files["eval_prompts"],
+              "output_dir": str(out / "eval"), "reward": {"model": [rm_model]}, "pairs": str(collect / "eval.jsonl")}
+    if cfg.playground.enabled:
+        wiring["preference"] = cfg.playground.preference
+    values = _stage_config(cfg, "eval", cfg.eval, wiring)
+    values.pop("overwrite", None)
+    plan["eval"] = _validated(EvalConfig, "eval", values)
+    return plan
+
+
+def _quiet_libraries() -> None:
+    """The stages' own progress bars are the pipeline's; the libraries' (dataset caching, shard
+    writing, weight loading reports) only bury them."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
 
 
 def run_demo(config: DemoConfig | dict) -> PipelineResult:
@@ -330,64 +398,77 @@ def run_demo(config: DemoConfig | dict) -> PipelineResult:
     return run_pipeline(as_config(DemoConfig, config))
 
 
-def _prepare_data(cfg: PipelineConfig, out: Path) -> dict[str, str]:
-    """Paths of the data files: the user's, or the playground's written to out/data (deterministic)."""
+def _data_files(cfg: PipelineConfig, out: Path) -> dict[str, str | None]:
+    """Paths of the data files: the user's, or those the playground writes into out/data."""
     if not cfg.playground.enabled:
         d = cfg.data
         return {"sft": d.sft, "prompts": d.prompts, "comparisons": d.comparisons,
                 "eval_prompts": d.eval_prompts or d.prompts}
+    names = ("sft", "comparison_prompts", "prompts", "eval_prompts")
+    return {**{name: str(out / "data" / f"{name}.jsonl") for name in names}, "comparisons": None}
+
+
+def _write_playground_data(cfg: PipelineConfig, files: dict) -> None:
+    """The playground's demonstrations and prompt sets (deterministic; rewritten only if different)."""
+    if not cfg.playground.enabled:
+        return
     from rufus.playground.base import make_prompts, make_sft_demos
 
-    pg, data = cfg.playground, out / "data"
+    pg = cfg.playground
     # distinct seeds per use keep the prompt sets apart (held-out prompts are never trained on)
     made = {"sft": make_sft_demos(pg.sft_demos, cfg.seed * 7 + 1),
             "comparison_prompts": make_prompts(pg.comparison_prompts, cfg.seed * 7 + 2),
             "prompts": make_prompts(pg.rl_prompts, cfg.seed * 7 + 3),
             "eval_prompts": make_prompts(pg.eval_prompts, cfg.seed * 7 + 4)}
-    files = {}
     for name, rows in made.items():
-        path = data / f"{name}.jsonl"
+        path = Path(files[name])
         text = "".join(json.dumps(r) + "\n" for r in rows)
         if not path.exists() or path.read_text(encoding="utf-8") != text:
             atomic_write_text(path, text)
-        files[name] = str(path)
-    files["comparisons"] = None
-    return files
+
+
+def _base_path(cfg: PipelineConfig) -> str:
+    """Where the base model is (on the playground: its cache entry, which may not be built yet)."""
+    if cfg.playground.enabled and cfg.model == "builtin:playground-base":
+        from rufus.models.tiny import cache_dir
+        from rufus.playground.base import BASE_VERSION
+
+        return str(cache_dir() / "playground" / f"base-{BASE_VERSION}-seed{cfg.playground.base_seed}")
+    return cfg.model
 
 
 def _base_model(cfg: PipelineConfig) -> str:
     """The base model's path; on the playground, builds it on first use (the one slow first step)."""
+    path = _base_path(cfg)
     if cfg.playground.enabled and cfg.model == "builtin:playground-base":
-        from rufus.models.tiny import cache_dir
-        from rufus.playground.base import BASE_VERSION, base_model_path
+        from rufus.playground.base import base_model_path
 
-        if not (cache_dir() / "playground" / f"base-{BASE_VERSION}-seed{cfg.playground.base_seed}" / "config.json").exists():
+        if not (Path(path) / "config.json").exists():
             print("\n[0] base: building the playground base model (first run only: a tokenizer and a tiny "
-                  "Llama pretrained on the task's text)", flush=True)
-        return str(base_model_path(seed=cfg.playground.base_seed))
-    return cfg.model
+                  "Llama pretrained on the task's text, about 2-3 minutes)", flush=True)
+        base_model_path(seed=cfg.playground.base_seed)
+    return path
 
 
 # --- the stages ---------------------------------------------------------------------------------
 
 
-def _run_sft(cfg: PipelineConfig, st: _Stages, base: str, files: dict, upstream: str) -> str:
-    from rufus.trainers.sft import SFTConfig, train_sft
+def _run_sft(cfg: PipelineConfig, st: _Stages, plan: dict, files: dict, upstream: str) -> str:
+    from rufus.trainers.sft import train_sft
 
-    values = _stage_config(cfg, "sft", cfg.sft, {"model": base, "output_dir": str(st.out / "sft"),
-                                                 "data": {"train": files["sft"]}})
-    sft_cfg = _validated(SFTConfig, "sft", values)
+    sft_cfg = plan["sft"]
     key = _fingerprint(st.out, upstream, to_dict(sft_cfg))
     if not st.up_to_date("sft", key):
-        t0 = st.begin("sft", f"fine-tuning {base} on demonstrations ({files['sft']})")
+        t0 = st.begin("sft", f"fine-tuning {sft_cfg.model} on demonstrations ({files['sft']})")
         result = train_sft(sft_cfg)
         st.done("sft", t0, {"final": str(result.final_dir), "steps": result.steps})
     return key
 
 
-def _run_collect(cfg: PipelineConfig, st: _Stages, sft_model: str, files: dict, upstream: str) -> str:
-    """comparisons/{train,eval}.jsonl (preference rows; K > 2: rankings for training) + pairs.jsonl."""
-    pg, c = cfg.playground, cfg.collect
+def _run_collect(cfg: PipelineConfig, st: _Stages, plan: dict, files: dict, upstream: str) -> str:
+    """collect/{train,eval,pairs}.jsonl: training comparisons (K > 2: rankings), held-out pairs, and
+    pairs for DPO (a ranking's best against its worst)."""
+    pg, c, sft_model = cfg.playground, cfg.collect, plan["sft_model"]
     settings = {"collect": to_dict(c), "seed": cfg.seed, "dtype": cfg.dtype, "model": sft_model,
                 "playground": to_dict(pg) if pg.enabled else None, "comparisons": files["comparisons"]}
     key = _fingerprint(st.out, upstream, settings)
@@ -478,15 +559,10 @@ def sample_responses(model_path: str, prompts: list[str], k: int, generation: Ge
     return out
 
 
-def _run_rm(cfg: PipelineConfig, st: _Stages, sft_model: str, upstream: str) -> str:
-    from rufus.trainers.reward import RMConfig, train_reward_model
+def _run_rm(cfg: PipelineConfig, st: _Stages, plan: dict, files: dict, upstream: str) -> str:
+    from rufus.trainers.reward import train_reward_model
 
-    fmt = st.info("collect").get("format", "preference")
-    held_out = "eval.jsonl" if fmt == "preference" else "eval_ranking.jsonl"
-    wiring = {"model": sft_model, "output_dir": str(st.out / "rm"),
-              "data": {"train": str(st.out / "collect" / "train.jsonl"), "eval": str(st.out / "collect" / held_out)},
-              "rm": {"format": fmt}}
-    rm_cfg = _validated(RMConfig, "rm", _stage_config(cfg, "rm", cfg.rm, wiring))
+    rm_cfg = plan["rm"]
     key = _fingerprint(st.out, upstream, to_dict(rm_cfg))
     if not st.up_to_date("rm", key):
         t0 = st.begin("rm", f"training a reward model on {rm_cfg.data.train}")
@@ -506,58 +582,31 @@ def _gold_monitor(preference: str):
     return gold
 
 
-def _run_rl(cfg: PipelineConfig, st: _Stages, algo: str, settings: dict, sft_model: str, rm_model: str,
-            files: dict, upstream: str) -> str:
-    import importlib
-
-    from rufus.cli import COMMANDS
-
-    module, cls_name, fn_name, _ = COMMANDS[algo]
-    mod = importlib.import_module(module)
-    cls, train = getattr(mod, cls_name), getattr(mod, fn_name)
-    wiring: dict[str, Any] = {"model": sft_model, "output_dir": str(st.out / "rl")}
-    monitor = None
-    if algo == "dpo":  # offline DPO on the same comparisons the reward model learnt from
-        wiring["data"] = {"train": str(st.out / "collect" / "pairs.jsonl"), "eval": str(st.out / "collect" / "eval.jsonl")}
-    else:
-        wiring["data"] = {"train": files["prompts"]}
-        wiring["reward"] = {"model": [rm_model]}
-        if algo == "ppo":
-            wiring["critic"] = {"model": rm_model}  # a reward model is the usual critic initialisation
-    values = _stage_config(cfg, algo, settings, wiring)
-    if cfg.playground.enabled and algo != "dpo":
-        monitor = _gold_monitor(cfg.playground.preference)
-        reward = values.get("reward", {})
-        n = len(reward.get("model", [])) + len(reward.get("function", []))
-        values["reward"] = {**reward, "weights": list(reward.get("weights") or [1.0] * n) + [0.0]}
-    rl_cfg = _validated(cls, "rl", values)
+def _run_rl(cfg: PipelineConfig, st: _Stages, plan: dict, files: dict, upstream: str) -> str:
+    algo, rl_cfg, monitor = plan["algo"], plan["rl"], plan["monitor"]
     key = _fingerprint(st.out, upstream, algo, to_dict(rl_cfg))
     if not st.up_to_date("rl", key):
         t0 = st.begin("rl", f"{algo} from the SFT model" + (" on the comparisons" if algo == "dpo"
                                                               else " against the reward model"))
+        train = plan["rl_train"]
         result = train(rl_cfg, reward_fn=monitor) if monitor is not None else train(rl_cfg)
         st.done("rl", t0, {"algo": algo, "final": str(result.final_dir), "steps": result.steps})
     return key
 
 
-def _run_eval(cfg: PipelineConfig, st: _Stages, final_model: str, sft_model: str, rm_model: str, files: dict,
-              upstream: str) -> str:
-    from rufus.evaluate import EvalConfig, evaluate
+def _run_eval(cfg: PipelineConfig, st: _Stages, plan: dict, files: dict, upstream: str) -> str:
+    from rufus.evaluate import evaluate
 
-    wiring = {"model": final_model, "baseline": sft_model, "ref_model": sft_model, "prompts": files["eval_prompts"],
-              "output_dir": str(st.out / "eval"), "reward": {"model": [rm_model]},
-              "pairs": str(st.out / "collect" / "eval.jsonl")}
-    if cfg.playground.enabled:
-        wiring["preference"] = cfg.playground.preference
-    values = _stage_config(cfg, "eval", cfg.eval, wiring)
-    values.pop("overwrite", None)
-    eval_cfg = _validated(EvalConfig, "eval", values)
+    eval_cfg = plan["eval"]
     key = _fingerprint(st.out, upstream, to_dict(eval_cfg))
     if not st.up_to_date("eval", key):
         t0 = st.begin("eval", f"the final policy against the SFT model on {eval_cfg.prompts}")
         metrics = evaluate(eval_cfg)
         st.done("eval", t0, {k: v for k, v in metrics.items() if k != "generations"})
     return key
+
+
+RUNNERS = {"sft": _run_sft, "collect": _run_collect, "rm": _run_rm, "rl": _run_rl, "eval": _run_eval}
 
 
 # --- summary and report -------------------------------------------------------------------------

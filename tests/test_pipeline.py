@@ -1,0 +1,207 @@
+"""`rufus pipeline` / `rufus demo`: stages wire together, skip when up to date, re-run downstream of a
+change, every rl.algo runs, the summary matches the evaluation, the report's images decode, and a
+different playground taste moves the final policy towards it."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+import statistics
+
+import pytest
+from PIL import Image
+
+from rufus.config import ConfigError
+from rufus.pipeline import run_pipeline
+from rufus.playground import base
+from rufus.playground.corpus import measure
+from rufus.playground.taste import gold_score
+
+# A base model that writes the task's kind of text (openers, closers, rambling or not) in ~20 s;
+# its samples rarely answer, but politeness and length vary, which is what the tests below need.
+SMALL_BASE = dict(corpus_size=1200, steps=200, hidden_size=64, num_layers=2, num_heads=4, vocab_size=600,
+                  batch_size=32, lr=5e-3, max_length=96, progress=False)
+NEW = 16  # max_new_tokens everywhere: short samples keep the runs fast
+
+
+def tiny(model, output_dir, **over) -> dict:
+    """A pipeline config that runs every stage in seconds on the small base model."""
+    cfg = {
+        "model": str(model), "output_dir": str(output_dir), "progress": False,
+        "playground": {"sft_demos": 48, "comparison_prompts": 40, "rl_prompts": 32, "eval_prompts": 12},
+        "collect": {"responses": 3, "held_out": 0.5, "generation": {"max_new_tokens": NEW}},
+        "sft": {"max_steps": 4, "batch_size": 8, "log_every": 1},
+        "rm": {"epochs": 1, "batch_size": 8, "log_every": 1},
+        "rl": {"max_steps": 2, "batch_size": 4, "log_every": 1, "generation": {"max_new_tokens": NEW}},
+        "eval": {"batch_size": 16, "generation": {"max_new_tokens": NEW}},
+    }
+    for key, value in over.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def small_base(tmp_path_factory):
+    return base.build_base_model(tmp_path_factory.mktemp("base") / "model", seed=0, **SMALL_BASE)
+
+
+@pytest.fixture(scope="module")
+def finished_run(small_base, tmp_path_factory):
+    """One complete ppo pipeline run (shared: later tests copy it and change a stage)."""
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    result = run_pipeline(tiny(small_base, out))
+    return out, result
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_every_stage_runs_and_the_summary_matches_the_evaluation(finished_run):
+    out, result = finished_run
+    assert result.stages == {s: "ran" for s in ("sft", "collect", "rm", "rl", "eval", "report")}
+    for stage in ("sft", "rm", "rl"):
+        assert (out / stage / "final" / "config.json").exists()
+        assert json.loads((out / stage / "stage.json").read_text())["fingerprint"]
+
+    # comparisons: K=3 rankings for training (best first), held-out pairs, DPO pairs best-vs-worst
+    train = read_jsonl(out / "collect" / "train.jsonl")
+    assert train and all(2 <= len(r["responses"]) <= 3 for r in train)
+    held_out = read_jsonl(out / "collect" / "eval.jsonl")
+    assert held_out and all({"prompt", "chosen", "rejected"} <= set(r) for r in held_out)
+    pairs = read_jsonl(out / "collect" / "pairs.jsonl")
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [(r["responses"][0], r["responses"][-1]) for r in train]
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == result.summary
+    for key in ("gold_score_sft", "gold_score_final", "gold_win_rate", "kl", "rm_gold_accuracy", "seconds"):
+        assert isinstance(summary[key], (int, float)), key
+    evaluation = json.loads((out / "eval" / "eval.json").read_text())
+    assert summary["gold_win_rate"] == evaluation["gold/win_rate"]
+    assert summary["kl"] == evaluation["kl"]
+    rows = read_jsonl(out / "eval" / "generations.jsonl")
+    assert len(rows) == 12
+    # the gold scores are the hidden taste applied to the very responses the eval sampled
+    final = [gold_score(r["prompt"], r["response"], "default") for r in rows]
+    sft = [gold_score(r["prompt"], r["baseline_response"], "default") for r in rows]
+    assert summary["gold_score_final"] == pytest.approx(statistics.mean(final))
+    assert summary["gold_score_sft"] == pytest.approx(statistics.mean(sft))
+    wins = sum(1.0 if f > s else 0.5 if f == s else 0.0 for f, s in zip(final, sft)) / len(rows)
+    assert summary["gold_win_rate"] == pytest.approx(wins)
+    assert evaluation["rm/gold_pairs"] >= 5 and 0.0 <= summary["rm_gold_accuracy"] <= 1.0
+    assert summary["seconds"] == pytest.approx(sum(summary["stage_seconds"].values()), abs=0.5)
+
+
+def test_report_is_self_contained_and_its_images_decode(finished_run):
+    out, _ = finished_run
+    html = (out / "report.html").read_text()
+    assert "<script" not in html and "http://" not in html and "https://" not in html
+    images = re.findall(r'<img[^>]*src="data:image/png;base64,([^"]+)"', html)
+    # curves for sft, rm and rl, plus the over-optimisation figure (ppo logs reward/gold)
+    assert len(images) == 4
+    for data in images:
+        image = Image.open(io.BytesIO(base64.b64decode(data)))
+        image.load()
+        assert image.width > 100 and image.height > 100
+        lo, hi = image.convert("L").getextrema()
+        assert lo < hi  # not a blank canvas
+    md = (out / "report.md").read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(links) == 4
+    for link in links:
+        with Image.open(out / link) as image:
+            assert image.width > 100
+    summary = json.loads((out / "summary.json").read_text())
+    assert f"{summary['gold_score_final']:.4g}" in html
+
+
+def test_up_to_date_stages_are_skipped_and_a_change_reruns_downstream(finished_run, tmp_path):
+    out, _ = finished_run
+    copy = tmp_path / "moved"
+    shutil.copytree(out, copy)  # a moved run is still up to date: fingerprints are relative to it
+    again = run_pipeline(tiny(finished_run_base(out), copy))
+    assert {s: again.stages[s] for s in ("sft", "collect", "rm", "rl", "eval")} == dict.fromkeys(
+        ("sft", "collect", "rm", "rl", "eval"), "skipped")
+    before = (copy / "rl" / "final" / "model.safetensors").read_bytes()
+
+    changed = run_pipeline(tiny(finished_run_base(out), copy, rl={"max_steps": 3}))
+    assert [changed.stages[s] for s in ("sft", "collect", "rm", "rl", "eval")] == [
+        "skipped", "skipped", "skipped", "ran", "ran"]
+    assert (copy / "rl" / "final" / "model.safetensors").read_bytes() != before
+    assert json.loads((copy / "rl" / "stage.json").read_text())["steps"] == 3
+
+
+def finished_run_base(out):
+    """The base model a finished run started from (its sft stage's config names it)."""
+    import yaml
+
+    return yaml.safe_load((out / "sft" / "config.yaml").read_text())["model"]
+
+
+@pytest.mark.parametrize("algo,settings", [
+    ("grpo", {"grpo": {"group_size": 2}}),
+    ("rloo", {"rloo": {"k": 2}}),
+    ("dpo", {"batch_size": 4}),
+    ("bon", {"bon": {"n": 2, "rounds": 1, "prompts_per_round": 8}, "batch_size": 4, "max_steps": 2}),
+])
+def test_every_rl_algo_runs_on_the_same_comparisons(finished_run, tmp_path, algo, settings):
+    out, _ = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    rl = {"algo": algo, **settings}
+    result = run_pipeline(tiny(finished_run_base(out), copy, rl=rl))
+    assert [result.stages[s] for s in ("sft", "collect", "rm", "rl", "eval")] == [
+        "skipped", "skipped", "skipped", "ran", "ran"]
+    assert result.summary["algo"] == algo
+    assert json.loads((copy / "rl" / "stage.json").read_text())["algo"] == algo
+    assert (copy / "rl" / "final" / "config.json").exists()
+    html = (copy / "report.html").read_text()
+    # offline DPO has no rollouts, so no proxy-vs-gold picture; the online algorithms log reward/gold
+    assert ("Not available" in html) == (algo in ("dpo", "bon"))
+
+
+def test_bad_settings_fail_before_any_stage_runs(small_base, tmp_path):
+    with pytest.raises(ConfigError, match="rl.algo"):
+        run_pipeline(tiny(small_base, tmp_path / "a", rl={"algo": "a2c"}))
+    with pytest.raises(ConfigError, match=r"sft\.lrr"):
+        run_pipeline(tiny(small_base, tmp_path / "b", sft={"lrr": 1.0}))
+    with pytest.raises(ConfigError, match="playground.preference"):
+        run_pipeline(tiny(small_base, tmp_path / "c", playground={"preference": "grumpy"}))
+    with pytest.raises(ConfigError, match="output_dir"):
+        run_pipeline(tiny(small_base, tmp_path / "d", rm={"output_dir": "elsewhere"}))
+    with pytest.raises(ConfigError, match="data.comparisons"):
+        run_pipeline(tiny(small_base, tmp_path / "e", playground={"enabled": False},
+                          data={"sft": "x.jsonl", "prompts": "p.jsonl"}))
+    assert not (tmp_path / "b" / "sft" / "stage.json").exists()
+
+
+def test_a_different_taste_moves_the_final_policy_towards_it(finished_run, tmp_path):
+    """Same base and SFT model; annotators with the "concise" taste vs the "polite" one. The reward
+    model learns each only from comparisons, and PPO against it must move the policy that way:
+    shorter responses under "concise", more polite ones under "polite" (measured from the text)."""
+    out, _ = finished_run
+    finals = {}
+    for taste in ("concise", "polite"):
+        run = tmp_path / taste
+        shutil.copytree(out, run, ignore=shutil.ignore_patterns("collect", "rm", "rl", "eval"))
+        result = run_pipeline(tiny(
+            finished_run_base(out), run,
+            playground={"preference": taste, "comparison_prompts": 300, "eval_prompts": 64, "temperature": 0.2},
+            collect={"responses": 4, "generation": {"max_new_tokens": 48}},
+            rm={"epochs": 2, "batch_size": 16},
+            rl={"max_steps": 30, "batch_size": 16, "lr": 1e-4, "kl": {"coef": 0.02},
+                "generation": {"max_new_tokens": 48}},
+            eval={"generation": {"max_new_tokens": 48}}))
+        assert result.stages["sft"] == "skipped" and result.stages["rl"] == "ran"
+        rows = read_jsonl(run / "eval" / "generations.jsonl")
+        qualities = [measure(r["prompt"], r["response"]) for r in rows]
+        finals[taste] = {q: statistics.mean(m[q] for m in qualities) for q in ("concise", "polite")}
+        finals[taste]["gold_win_rate"] = result.summary["gold_win_rate"]
+        print(taste, finals[taste], result.summary)
+    assert finals["concise"]["concise"] > finals["polite"]["concise"] + 0.05
+    assert finals["polite"]["polite"] > finals["concise"]["polite"] + 0.05
+    # and by its own taste each final policy beats the SFT model it started from
+    assert finals["concise"]["gold_win_rate"] > 0.5 and finals["polite"]["gold_win_rate"] > 0.5
