@@ -46,7 +46,7 @@ def test_cli_run_writes_config_metrics_and_final(capsys, tmp_path):
     assert (tmp_path / "out" / "final" / "config.json").exists()
 
 
-@pytest.mark.parametrize("command", ["sft", "rm", "ppo", "grpo", "rloo", "dpo", "bon"])
+@pytest.mark.parametrize("command", ["sft", "rm", "ppo", "grpo", "rloo", "dpo", "bon", "pipeline"])
 def test_shipped_configs_are_valid(command):
     from rufus.cli import _load
 

@@ -84,3 +84,28 @@ def test_help_lists_every_key_with_type_default_and_doc():
         assert line is not None, key
         assert len(line.split()) >= 4, line  # key, type, default, doc
     assert "auto|float32|bfloat16" in text
+
+
+def test_open_mappings_take_dotted_keys_and_merge_over_defaults(tmp_path):
+    """A dict[str, Any] field (the pipeline's stage settings) takes `stage.a.b=value` overrides,
+    nested by the dots, merged over the YAML and the defaults rather than replacing them."""
+    from dataclasses import dataclass
+    from typing import Any
+
+    from rufus.config import ConfigError, load_config, opt
+
+    @dataclass
+    class Staged:
+        rl: dict[str, Any] = opt({}, "stage settings")
+        lr: float = opt(1.0, "a plain key")
+
+    path = tmp_path / "p.yaml"
+    path.write_text("rl:\n  kl: {target: 6}\n  batch_size: 8\n")
+    cfg = load_config(Staged, path, ["rl.kl.coef=0", "rl.algo=grpo", "lr=2"],
+                      defaults={"rl": {"algo": "ppo", "kl": {"coef": 0.1}, "max_steps": 100}})
+    assert cfg.rl == {"algo": "grpo", "kl": {"coef": 0, "target": 6}, "max_steps": 100, "batch_size": 8}
+    assert cfg.lr == 2.0
+    with pytest.raises(ConfigError, match="unknown key 'rll.a'; did you mean 'rl'"):
+        load_config(Staged, None, ["rll.a=1"])
+    with pytest.raises(ConfigError, match="unknown key 'lr.x'"):
+        load_config(Staged, None, ["lr.x=1"])  # a plain key has no inside

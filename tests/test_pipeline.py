@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 import statistics
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -205,3 +206,25 @@ def test_a_different_taste_moves_the_final_policy_towards_it(finished_run, tmp_p
     assert finals["polite"]["polite"] > finals["concise"]["polite"] + 0.05
     # and by its own taste each final policy beats the SFT model it started from
     assert finals["concise"]["gold_win_rate"] > 0.5 and finals["polite"]["gold_win_rate"] > 0.5
+
+
+def test_own_data_without_the_playground(tmp_path):
+    """configs/pipeline_tiny.yaml: labelled comparisons instead of annotators, no gold taste."""
+    from rufus.config import load_config
+    from rufus.pipeline import PipelineConfig
+
+    cfg = load_config(PipelineConfig, "configs/pipeline_tiny.yaml", [
+        f"output_dir={tmp_path / 'run'}", "progress=false", "sft.max_steps=2", "rm.epochs=1",
+        "rl.max_steps=2", "rl.batch_size=4"])
+    result = run_pipeline(cfg)
+    assert result.stages["rl"] == "ran" and result.stages["eval"] == "ran"
+    given = read_jsonl(tmp_path / "run" / "collect" / "train.jsonl")
+    held_out = read_jsonl(tmp_path / "run" / "collect" / "eval.jsonl")
+    rows = read_jsonl(Path("configs/data/prefs_tiny_train.jsonl"))
+    key = lambda r: (r["prompt"], r["chosen"], r["rejected"])  # noqa: E731
+    assert len(held_out) == round(0.2 * len(rows)) and len(given) == len(rows) - len(held_out)
+    assert sorted(map(key, given + held_out)) == sorted(map(key, rows))  # a split, nothing lost or made up
+    summary = result.summary
+    assert "gold_score_final" not in summary and "rm_gold_accuracy" not in summary
+    assert {"kl", "rm_label_accuracy", "rm_score_final", "rm_win_rate"} <= set(summary)
+    assert (tmp_path / "run" / "report.html").exists()

@@ -303,9 +303,11 @@ def run_pipeline(config: PipelineConfig | dict) -> PipelineResult:
     _quiet_libraries()
     st = _Stages(cfg, out)
     _write_playground_data(cfg, files)
-    base = _base_model(cfg)
+    t_base = time.perf_counter()
+    if _base_model(cfg):  # built now (first run): part of this run's time
+        st.seconds["base"] = time.perf_counter() - t_base
 
-    key = _fingerprint(out, "base", base, {k: _file_facts(v) if not pg.enabled else v for k, v in files.items()})
+    key = _fingerprint(out, "base", _base_path(cfg), {k: _file_facts(v) if not pg.enabled else v for k, v in files.items()})
     for stage in STAGES[:-1]:
         if stage in cfg.stages:
             key = RUNNERS[stage](cfg, st, plan, files, key)
@@ -437,17 +439,18 @@ def _base_path(cfg: PipelineConfig) -> str:
     return cfg.model
 
 
-def _base_model(cfg: PipelineConfig) -> str:
-    """The base model's path; on the playground, builds it on first use (the one slow first step)."""
-    path = _base_path(cfg)
-    if cfg.playground.enabled and cfg.model == "builtin:playground-base":
-        from rufus.playground.base import base_model_path
+def _base_model(cfg: PipelineConfig) -> bool:
+    """Build the playground's base model if it is not cached yet (the one slow first step); return
+    whether it was built."""
+    path = Path(_base_path(cfg))
+    if not (cfg.playground.enabled and cfg.model == "builtin:playground-base") or (path / "config.json").exists():
+        return False
+    from rufus.playground.base import base_model_path
 
-        if not (Path(path) / "config.json").exists():
-            print("\n[0] base: building the playground base model (first run only: a tokenizer and a tiny "
-                  "Llama pretrained on the task's text, about 2-3 minutes)", flush=True)
-        base_model_path(seed=cfg.playground.base_seed)
-    return path
+    print("\n[0] base: building the playground base model (first run only: a tokenizer and a tiny "
+          "Llama pretrained on the task's text, about 2-3 minutes)", flush=True)
+    base_model_path(seed=cfg.playground.base_seed)
+    return True
 
 
 # --- the stages ---------------------------------------------------------------------------------
@@ -479,7 +482,8 @@ def _run_collect(cfg: PipelineConfig, st: _Stages, plan: dict, files: dict, upst
         t0 = st.begin("collect", f"splitting the labelled comparisons {files['comparisons']}")
         from rufus.data.loading import load_records
 
-        rows = [dict(r) for r in load_records(files["comparisons"], format="preference", key="data.comparisons")]
+        records = load_records(files["comparisons"], format="preference", key="data.comparisons")
+        rows = [dict(r) for r in records.dataset]
         random.Random(cfg.seed).shuffle(rows)
         n_eval = max(1, round(len(rows) * c.held_out))
         _write_jsonl(out / "eval.jsonl", rows[:n_eval])
@@ -644,7 +648,8 @@ def _summary(cfg: PipelineConfig, st: _Stages, algo: str, t_start: float) -> dic
     for name, key in SUMMARY_FROM_EVAL.items():
         if isinstance(metrics.get(key), (int, float)):
             summary[name] = metrics[key]
-    summary["seconds"] = round(sum(st.seconds.values()), 1)  # every stage's time, earlier runs' included
+    # every stage's time, earlier runs' included (the base model's when this run built it)
+    summary["seconds"] = round(sum(st.seconds.values()), 1)
     summary["seconds_this_run"] = round(time.perf_counter() - t_start, 1)
     summary["stage_seconds"] = {s: round(v, 1) for s, v in st.seconds.items()}
     return summary
@@ -694,8 +699,9 @@ def print_pipeline_summary(summary: dict, status: dict[str, str], out: Path) -> 
     print("\n" + "=" * 64)
     print(f"rufus pipeline summary ({out})")
     secs = summary.get("stage_seconds", {})
-    print("  stages: " + ", ".join(f"{s} {status[s]}" + (f" ({secs[s]:.0f} s)" if s in secs else "")
-                                   for s in STAGES if status.get(s) != "not run"))
+    shown = (["base"] if "base" in secs else []) + [s for s in STAGES if status.get(s) != "not run"]
+    print("  stages: " + ", ".join(f"{s} {status.get(s, 'built')}" + (f" ({secs[s]:.0f} s)" if s in secs else "")
+                                   for s in shown))
     rows = [("gold score, SFT", "gold_score_sft"), ("gold score, final", "gold_score_final"),
             ("gold score, best possible", "gold_score_best"), ("gold win rate, final vs SFT", "gold_win_rate"),
             ("KL(final || SFT), nats", "kl"), ("RM agrees with gold (held-out)", "rm_gold_accuracy"),
