@@ -689,7 +689,9 @@ def _run_report(cfg: PipelineConfig, st: _Stages, algo: str, summary: dict, upst
                             **({"score_sft": r["baseline_score"], "score_final": r["score"]} if "score" in r else {})})
     notes = [f"rufus pipeline: {', '.join(cfg.stages)} in {st.out}",
              f"rl.algo={algo}" + (f", playground.preference={cfg.playground.preference}" if cfg.playground.enabled else "")]
-    write_report(st.out, title=f"Rufus pipeline report ({algo})", summary=summary, curves=curves,
+    table = {k: v for k, v in summary.items() if not isinstance(v, dict)}
+    table.update({f"seconds/{s}": v for s, v in summary.get("stage_seconds", {}).items()})
+    write_report(st.out, title=f"Rufus pipeline report ({algo})", summary=table, curves=curves,
                  overopt=overopt or None, samples=samples, notes=notes)
     st.done("report", t0)
 
