@@ -208,23 +208,24 @@ def test_a_different_taste_moves_the_final_policy_towards_it(finished_run, tmp_p
     assert finals["concise"]["gold_win_rate"] > 0.5 and finals["polite"]["gold_win_rate"] > 0.5
 
 
-def test_own_data_without_the_playground(tmp_path):
-    """configs/pipeline_tiny.yaml: labelled comparisons instead of annotators, no gold taste."""
-    from rufus.config import load_config
-    from rufus.pipeline import PipelineConfig
+def test_own_data_without_the_playground_through_the_cli(tmp_path, capsys):
+    """`rufus pipeline --config configs/pipeline_tiny.yaml`: labelled comparisons instead of
+    annotators, no gold taste; the summary table is printed."""
+    from rufus.cli import main
 
-    cfg = load_config(PipelineConfig, "configs/pipeline_tiny.yaml", [
-        f"output_dir={tmp_path / 'run'}", "progress=false", "sft.max_steps=2", "rm.epochs=1",
-        "rl.max_steps=2", "rl.batch_size=4"])
-    result = run_pipeline(cfg)
-    assert result.stages["rl"] == "ran" and result.stages["eval"] == "ran"
+    assert main(["pipeline", "--config", "configs/pipeline_tiny.yaml", f"output_dir={tmp_path / 'run'}",
+                 "progress=false", "sft.max_steps=2", "rm.epochs=1", "rl.max_steps=2", "rl.batch_size=4"]) == 0
+    printed = capsys.readouterr().out
+    assert "rufus pipeline summary" in printed and "KL(final || SFT), nats" in printed
+    assert "gold score" not in printed  # no hidden taste without the playground
     given = read_jsonl(tmp_path / "run" / "collect" / "train.jsonl")
     held_out = read_jsonl(tmp_path / "run" / "collect" / "eval.jsonl")
     rows = read_jsonl(Path("configs/data/prefs_tiny_train.jsonl"))
     key = lambda r: (r["prompt"], r["chosen"], r["rejected"])  # noqa: E731
     assert len(held_out) == round(0.2 * len(rows)) and len(given) == len(rows) - len(held_out)
     assert sorted(map(key, given + held_out)) == sorted(map(key, rows))  # a split, nothing lost or made up
-    summary = result.summary
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert "gold_score_final" not in summary and "rm_gold_accuracy" not in summary
     assert {"kl", "rm_label_accuracy", "rm_score_final", "rm_win_rate"} <= set(summary)
+    assert f"{summary['kl']:.4g}" in printed
     assert (tmp_path / "run" / "report.html").exists()
