@@ -41,11 +41,12 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int | None,
 
 @torch.no_grad()
 def generate_responses(model, tokenizer, prompts: list, prompt_ids: list[list[int]], gen, *,
-                       device: torch.device | str = "cpu") -> Rollout:
+                       device: torch.device | str = "cpu", use_cache: bool = True) -> Rollout:
     """Sample one response per prompt with the settings in `gen` (a GenerationConfig section).
 
     stop_at_eos=False samples exactly max_new_tokens (the fixed-length "EOS trick" of N+ details
     D23): the response mask still ends at the first EOS, so what follows it never counts.
+    `use_cache=False` recomputes every position at every step (for checking the KV cache only).
     """
     from transformers import GenerationConfig
 
@@ -64,7 +65,7 @@ def generate_responses(model, tokenizer, prompts: list, prompt_ids: list[list[in
         eos_token_id=tokenizer.eos_token_id if gen.stop_at_eos else None,
         pad_token_id=tokenizer.pad_token_id,
         suppress_tokens=[tokenizer.pad_token_id],  # the pad id marks "not generated" below
-        use_cache=True,
+        use_cache=use_cache,
     )
     was_training = model.training
     model.eval()
