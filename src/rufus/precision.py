@@ -1,0 +1,87 @@
+"""bfloat16 compute with float32 master weights: mixed precision without autocast.
+
+Autocast keeps float32 parameters and casts each weight to bfloat16 at every matrix product, in
+the forward and again in the backward pass; on a CPU with AMX that casting costs about what the
+bfloat16 product saves at small widths. Here the model's parameters *are* bfloat16, so every
+product runs in bfloat16 with nothing to cast, and the optimiser updates float32 copies of them
+(Micikevicius et al. 2018, "Mixed Precision Training", Sec. 3.1: the master copy keeps updates that
+are smaller than half a bfloat16 ulp of the weight, which a bfloat16 weight would round away):
+
+    mw = MasterWeights(model)                 # trainable parameters -> bfloat16; float32 masters
+    optimizer = torch.optim.AdamW(mw.parameters(), lr=...)
+    loss.backward()                           # bfloat16 gradients on the model
+    mw.grads_to_master()                      # master.grad = float32(param.grad); param.grad = None
+    torch.nn.utils.clip_grad_norm_(mw.parameters(), 1.0)
+    optimizer.step()
+    mw.master_to_model()                      # param = bfloat16(master)
+    optimizer.zero_grad()
+
+Frozen parameters are cast to bfloat16 and get no master. Checkpoints must save `state_dict()`
+(the masters), since the bfloat16 model alone has lost their low bits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class MasterWeights:
+    """float32 master copies of a model's trainable parameters, which become `dtype` (module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16):
+        self.dtype = dtype
+        self.pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = []  # (model param, master)
+        for param in _unique_parameters(model):
+            if not param.is_floating_point():
+                continue
+            if param.requires_grad:
+                master = torch.nn.Parameter(param.detach().to(torch.float32).clone())
+                self.pairs.append((param, master))
+            param.data = param.data.to(dtype)
+        model.to(dtype)  # buffers too (e.g. rotary inverse frequencies are recomputed in float32 by HF)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """The float32 masters: what the optimiser updates and gradient clipping measures."""
+        return [master for _, master in self.pairs]
+
+    @torch.no_grad()
+    def grads_to_master(self) -> None:
+        """Move the model's gradients onto the masters as float32 (a missing gradient stays missing)."""
+        for param, master in self.pairs:
+            if param.grad is None:
+                master.grad = None
+                continue
+            grad = param.grad.to(torch.float32)
+            master.grad = grad if master.grad is None else master.grad.copy_(grad)
+            param.grad = None
+
+    @torch.no_grad()
+    def master_to_model(self) -> None:
+        """Round the updated masters into the model's parameters."""
+        for param, master in self.pairs:
+            param.copy_(master)
+
+    def state_dict(self) -> dict[str, list[torch.Tensor]]:
+        return {"masters": [master.detach().clone() for _, master in self.pairs]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        masters = state["masters"]
+        if len(masters) != len(self.pairs):
+            raise ValueError(f"master weights: checkpoint has {len(masters)} tensors, the model {len(self.pairs)}")
+        for (_, master), saved in zip(self.pairs, masters):
+            if saved.shape != master.shape:
+                raise ValueError(f"master weights: shape {tuple(saved.shape)} in the checkpoint, "
+                                 f"{tuple(master.shape)} in the model")
+            master.copy_(saved)
+        self.master_to_model()
+
+
+def _unique_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Parameters once each (tied embeddings share one tensor)."""
+    seen, out = set(), []
+    for param in model.parameters():
+        if id(param) not in seen:
+            seen.add(id(param))
+            out.append(param)
+    return out
