@@ -53,6 +53,8 @@ def make_timer():
         def __init__(self):
             self.last = None
             self.seconds: list[float] = []
+            self.trainer = None  # set after the trainer is built, to read GRPO's completion lengths
+            self.lengths: list[float] = []
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.last = time.perf_counter()
@@ -64,7 +66,11 @@ def make_timer():
         def on_step_end(self, args, state, control, **kwargs):
             now = time.perf_counter()
             self.seconds.append(now - self.last)
-            self.last = now
+            metrics = getattr(self.trainer, "_metrics", None)
+            if isinstance(metrics, dict) and metrics.get("train", {}).get("completions/min_length"):
+                self.lengths += [metrics["train"]["completions/min_length"][-1],
+                                 metrics["train"]["completions/max_length"][-1]]
+            self.last = time.perf_counter()  # the bookkeeping above is not counted
 
     return StepTimer()
 
@@ -219,9 +225,12 @@ def main() -> None:
     timer = make_timer()
     with tempfile.TemporaryDirectory(prefix="trl_run_") as out:
         trainer = BUILDERS[a.algo](a, out, bf16, tok, path, timer)
-        if bf16 and a.algo != "ppo" and trainer.accelerator.mixed_precision != "bf16":
+        timer.trainer = trainer
+        if bf16 and trainer.accelerator.mixed_precision != "bf16":
             notes.append(f"trainer refused bf16 (mixed_precision={trainer.accelerator.mixed_precision})")
         trainer.train()
+    if timer.lengths:  # GRPO: shortest and longest completion over all steps (64 and 64: no early stop)
+        notes.append(f"completion lengths {min(timer.lengths):.0f}-{max(timer.lengths):.0f} tokens")
     if len(timer.seconds) != a.steps:
         notes.append(f"timed {len(timer.seconds)} steps, asked for {a.steps}")
     used = "bf16-autocast" if bf16 and not any("refused" in n for n in notes) else "float32"

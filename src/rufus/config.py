@@ -62,7 +62,7 @@ class ModelArgs:
     tokenizer: str | None = opt(None, "tokenizer path or hub id (default: the model's)")
     dtype: Literal["auto", "float32", "bfloat16"] = opt(
         "auto",
-        "compute dtype; bfloat16 = bf16 autocast over float32 master weights; "
+        "compute dtype; bfloat16 = bfloat16 weights updated through float32 master copies (frozen models in bfloat16); "
         "auto = bfloat16 where the hardware runs it fast (CUDA with bf16, CPU with AMX), else float32",
     )
     trust_remote_code: bool = opt(False, "allow model code from the hub to run (off: untrusted code never runs)")

@@ -39,6 +39,7 @@ class MasterWeights:
                 self.pairs.append((param, master))
             param.data = param.data.to(dtype)
         model.to(dtype)  # buffers too (e.g. rotary inverse frequencies are recomputed in float32 by HF)
+        model._rufus_master_weights = self  # for restore_float32 before the final save
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """The float32 masters: what the optimiser updates and gradient clipping measures."""
@@ -85,3 +86,40 @@ def _unique_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
             seen.add(id(param))
             out.append(param)
     return out
+
+
+class MasterAdamW(torch.optim.AdamW):
+    """AdamW over the float32 masters of a `MasterWeights`, whose state_dict carries the masters
+    too, so a checkpoint restores the weights' low bits (the model's own state is bfloat16)."""
+
+    def __init__(self, params, master_weights: MasterWeights, **kwargs):
+        super().__init__(params, **kwargs)
+        self.master_weights = master_weights
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["master_weights"] = self.master_weights.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict):
+        state = dict(state_dict)
+        masters = state.pop("master_weights", None)
+        super().load_state_dict(state)
+        if masters is not None:
+            self.master_weights.load_state_dict(masters)
+
+
+def master_weights_of(optimizer) -> MasterWeights | None:
+    """The `MasterWeights` behind an optimiser (also through accelerate's wrapper), or None."""
+    return getattr(getattr(optimizer, "optimizer", optimizer), "master_weights", None)
+
+
+@torch.no_grad()
+def restore_float32(model: torch.nn.Module) -> None:
+    """Put a bfloat16-trained model back in float32 with its masters' exact values (before saving)."""
+    mw = getattr(model, "_rufus_master_weights", None)
+    if mw is None:
+        return
+    model.to(torch.float32)
+    for param, master in mw.pairs:
+        param.data = master.detach().clone()

@@ -57,6 +57,17 @@ def test_programmatic_reward_rises_with_bounded_kl(tiny, prompts, tmp_path):
     assert any(not torch.equal(p, fresh[n]) for n, p in result.actor.state_dict().items() if n in fresh)
 
 
+def test_bfloat16_ppo_still_raises_the_reward(tiny, prompts, tmp_path):
+    """dtype=bfloat16: actor and critic in bfloat16 with float32 masters, reference in bfloat16."""
+    result = train_ppo(ppo_config(tiny, prompts, tmp_path / "run", max_steps=40, dtype="bfloat16"),
+                       reward_fn=digit_fraction)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    start, end = first_last(rows, "score/mean")
+    assert end > start + 0.15, (start, end)
+    assert all(r["policy/ratio_dev_first"] == 0.0 for r in rows)  # same precision, same logprobs
+    assert result.reference.get_input_embeddings().weight.dtype == torch.bfloat16
+
+
 def test_learned_reward_model_rises_and_stays_frozen(tiny, prompts, tmp_path):
     from rufus.trainers.reward import train_reward_model
     from tests.helpers import preference_rows

@@ -63,11 +63,20 @@ def test_memorises_eight_examples_and_final_reloads(tiny, train_file, tmp_path):
     assert torch.allclose(logits_of(reloaded, ids), logits_of(result.model, ids), atol=1e-6)
 
 
-def test_bfloat16_autocast_trains(tiny, train_file, tmp_path):
-    train_sft(base_config(tiny, train_file, tmp_path / "bf16", dtype="bfloat16", max_steps=30, log_every=5))
+def test_bfloat16_trains_through_float32_masters_and_saves_them(tiny, train_file, tmp_path):
+    """dtype=bfloat16: bfloat16 weights compute, float32 masters update (rufus.precision); the loss
+    tracks the float32 run's, and final/ holds the float32 masters, not the rounded weights."""
+    result = train_sft(base_config(tiny, train_file, tmp_path / "bf16", dtype="bfloat16", max_steps=30, log_every=5))
     losses = [r["loss"] for r in read_metrics(tmp_path / "bf16" / "metrics.jsonl")]
     assert all(map(torch.isfinite, torch.tensor(losses)))
     assert losses[-1] < 0.8 * losses[0]
+    train_sft(base_config(tiny, train_file, tmp_path / "fp32", dtype="float32", max_steps=30, log_every=5))
+    reference = [r["loss"] for r in read_metrics(tmp_path / "fp32" / "metrics.jsonl")]
+    for a, b in zip(reference, losses):
+        assert b == pytest.approx(a, rel=0.05, abs=0.05)
+    saved = load_file(result.final_dir / "model.safetensors")
+    assert all(t.dtype == torch.float32 for t in saved.values())
+    assert any(not torch.equal(t, t.to(torch.bfloat16).float()) for t in saved.values())  # low bits kept
 
 
 def test_lora_changes_only_adapters_and_merged_model_reloads(tiny, train_file, tmp_path):
@@ -92,9 +101,10 @@ def test_lora_changes_only_adapters_and_merged_model_reloads(tiny, train_file, t
     assert not torch.allclose(logits_of(reloaded, ids), logits_of(AutoModelForCausalLM.from_pretrained(tiny), ids))
 
 
-def test_resume_reproduces_the_uninterrupted_run(tiny, train_file, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: the masters are in the checkpoint
+def test_resume_reproduces_the_uninterrupted_run(tiny, train_file, tmp_path, dtype):
     common = dict(max_steps=20, save_every=10, save_total_limit=0, batch_size=4, grad_accum=2, lr=1e-3,
-                  warmup_steps=3, scheduler="cosine")
+                  warmup_steps=3, scheduler="cosine", dtype=dtype)
     straight = train_sft(base_config(tiny, train_file, tmp_path / "straight", **common))
     # an interrupted run: only its step-10 checkpoint and what it logged up to then survive
     cut = tmp_path / "cut"

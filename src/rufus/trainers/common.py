@@ -60,7 +60,8 @@ def start_run(cfg) -> Run:
     # accelerate keeps its state as a singleton, so forget the previous stage's choice first.
     # The process group (PartialState) is kept.
     AcceleratorState._reset_state()
-    acc = Accelerator(cpu=cpu, mixed_precision="bf16" if compute_dtype == torch.bfloat16 else "no")
+    # bfloat16 runs hold bfloat16 weights with float32 masters (rufus.precision), not autocast
+    acc = Accelerator(cpu=cpu, mixed_precision="no")
     set_seed(cfg.seed + acc.process_index)
     out = Path(cfg.output_dir)
 
@@ -125,7 +126,8 @@ class BatchPlan:
 
 
 def load_trainable_lm(cfg, tokenizer):
-    """The model that trains: float32 master weights (bf16 compute comes from autocast), LoRA if set."""
+    """The model that trains, in float32, LoRA if set (make_optimizer turns it bfloat16 with float32
+    masters when the run computes in bfloat16)."""
     from rufus.models.loading import apply_lora, load_causal_lm
 
     model = load_causal_lm(
@@ -147,7 +149,17 @@ def make_optimizer(cfg, model, max_steps: int, lr_overrides: dict[str, float] | 
     `lr_overrides` maps a parameter-name prefix to its own learning rate (e.g. a value head that
     shares the actor's optimiser).
     """
+    from accelerate import PartialState
     from transformers import get_scheduler
+
+    from rufus.models.loading import resolve_dtype
+    from rufus.precision import MasterAdamW, MasterWeights
+
+    # bfloat16 compute: the model's weights become bfloat16 and AdamW updates float32 masters
+    masters = None
+    if resolve_dtype(cfg.dtype, PartialState().device) == torch.bfloat16:
+        masters = MasterWeights(model)
+    master_of = {id(p): m for p, m in masters.pairs} if masters else {}
 
     groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
@@ -155,11 +167,11 @@ def make_optimizer(cfg, model, max_steps: int, lr_overrides: dict[str, float] | 
             continue
         lr = next((v for k, v in (lr_overrides or {}).items() if name.startswith(k)), cfg.lr)
         decay = cfg.weight_decay if p.ndim >= 2 else 0.0
-        groups.setdefault((lr, decay), []).append(p)
-    optimizer = torch.optim.AdamW(
-        [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()],
-        lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-    )
+        groups.setdefault((lr, decay), []).append(master_of.get(id(p), p))
+    param_groups = [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+    kwargs = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    optimizer = (MasterAdamW(param_groups, masters, **kwargs) if masters
+                 else torch.optim.AdamW(param_groups, **kwargs))
     warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else int(cfg.warmup_ratio * max_steps)
     name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.scheduler]
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps)
@@ -210,9 +222,16 @@ def sync_gradients_if(acc, model, last: bool):
 
 def clip_and_step(cfg, acc, model, optimizer, scheduler) -> float:
     """Clip the global gradient norm (when max_grad_norm > 0), step, zero; return the pre-clip norm."""
+    from rufus.precision import master_weights_of
+
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm)
+    masters = master_weights_of(optimizer)
+    if masters is not None:  # gradients (all-reduced already) move onto the float32 masters
+        masters.grads_to_master()
+    grad_norm = acc.clip_grad_norm_(masters.parameters() if masters else model.parameters(), max_norm)
     optimizer.step()
+    if masters is not None:
+        masters.master_to_model()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return float(grad_norm)
@@ -263,8 +282,10 @@ def save_checkpoint(run: Run, step: int, models, optimizers, schedulers, state: 
 def save_final(run: Run, model, tokenizer) -> Path:
     """output_dir/final/: the model (LoRA merged when lora.merge) and tokenizer, Hugging Face format."""
     from rufus.models.loading import save_model
+    from rufus.precision import restore_float32
 
     final_dir = run.output_dir / "final"
+    restore_float32(model)  # a bfloat16-trained model is saved with its float32 masters' values
     if run.accelerator.is_main_process:
         lora = getattr(run.cfg, "lora", None)
         save_model(model, tokenizer, final_dir, merge_lora=lora.merge if lora is not None else True)
