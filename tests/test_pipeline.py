@@ -180,32 +180,38 @@ def test_bad_settings_fail_before_any_stage_runs(small_base, tmp_path):
 
 
 def test_a_different_taste_moves_the_final_policy_towards_it(finished_run, tmp_path):
-    """Same base and SFT model; annotators with the "concise" taste vs the "polite" one. The reward
-    model learns each only from comparisons, and PPO against it must move the policy that way:
-    shorter responses under "concise", more polite ones under "polite" (measured from the text)."""
+    """Same base and SFT model; annotators who care only for brevity vs only for manners. The reward
+    model learns each taste from comparisons alone, and PPO against it must move the policy that way:
+    each final policy beats the SFT model on its own quality and beats the other final policy on it
+    (qualities measured from the text, on held-out prompts)."""
     out, _ = finished_run
-    finals = {}
-    for taste in ("concise", "polite"):
-        run = tmp_path / taste
+    finals, sft = {}, None
+    for taste, quality in (("concise=1", "concise"), ("polite=1", "polite")):
+        run = tmp_path / quality
         shutil.copytree(out, run, ignore=shutil.ignore_patterns("collect", "rm", "rl", "eval"))
         result = run_pipeline(tiny(
             finished_run_base(out), run,
             playground={"preference": taste, "comparison_prompts": 300, "eval_prompts": 64, "temperature": 0.2},
             collect={"responses": 4, "generation": {"max_new_tokens": 48}},
             rm={"epochs": 2, "batch_size": 16},
-            rl={"max_steps": 30, "batch_size": 16, "lr": 1e-4, "kl": {"coef": 0.02},
+            rl={"max_steps": 40, "batch_size": 16, "lr": 1e-4, "kl": {"coef": 0.02},
                 "generation": {"max_new_tokens": 48}},
             eval={"generation": {"max_new_tokens": 48}}))
         assert result.stages["sft"] == "skipped" and result.stages["rl"] == "ran"
         rows = read_jsonl(run / "eval" / "generations.jsonl")
-        qualities = [measure(r["prompt"], r["response"]) for r in rows]
-        finals[taste] = {q: statistics.mean(m[q] for m in qualities) for q in ("concise", "polite")}
-        finals[taste]["gold_win_rate"] = result.summary["gold_win_rate"]
-        print(taste, finals[taste], result.summary)
+
+        def mean_quality(key, rows=rows):
+            measured = [measure(r["prompt"], r[key]) for r in rows]
+            return {q: statistics.mean(m[q] for m in measured) for q in ("concise", "polite")}
+
+        finals[quality] = mean_quality("response")
+        sft = mean_quality("baseline_response")  # the same SFT model and prompts in both runs
+        print(taste, "final", finals[quality], "sft", sft, "gold win rate", result.summary["gold_win_rate"])
+        assert result.summary["gold_win_rate"] > 0.55  # better by the taste it was taught
+    assert finals["concise"]["concise"] > sft["concise"] + 0.05
+    assert finals["polite"]["polite"] > sft["polite"] + 0.05
     assert finals["concise"]["concise"] > finals["polite"]["concise"] + 0.05
     assert finals["polite"]["polite"] > finals["concise"]["polite"] + 0.05
-    # and by its own taste each final policy beats the SFT model it started from
-    assert finals["concise"]["gold_win_rate"] > 0.5 and finals["polite"]["gold_win_rate"] > 0.5
 
 
 def test_own_data_without_the_playground_through_the_cli(tmp_path, capsys):
