@@ -22,6 +22,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -42,7 +43,36 @@ def peer_python(algo: str) -> Path:
     return VENVS / ("trl029" if algo == "ppo" else "trl1") / "bin" / "python"
 
 
-def run_one(side: str, algo: str, model: str, precision: str, steps: int, warmup: int, timeout: int) -> dict:
+def busy_cpu_seconds() -> float:
+    """CPU-seconds all processes on this machine have used since boot (user + nice + system + irq)."""
+    fields = open("/proc/stat").readline().split()[1:]
+    user, nice, system, idle, iowait, irq, softirq = (int(x) for x in fields[:7])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def wait_until_idle(max_wait: float, threshold: float = 0.25) -> float:
+    """Wait (at most `max_wait` s) until other work uses under `threshold` cores; returns their use.
+
+    With OMP_NUM_THREADS=2 on two cores, one core taken by another process slows a run several-fold
+    (OpenMP threads wait on each other), so timings taken on a busy machine mean little.
+    """
+    deadline = time.monotonic() + max_wait
+    while True:
+        b0, t0 = busy_cpu_seconds(), time.monotonic()
+        time.sleep(2.0)
+        load = (busy_cpu_seconds() - b0) / (time.monotonic() - t0)
+        if load < threshold or time.monotonic() > deadline:
+            return load
+        time.sleep(5.0)
+
+
+def run_one(side: str, algo: str, model: str, precision: str, steps: int, warmup: int, timeout: int,
+            idle_wait: float = 0.0) -> dict:
     if side == "rufus":
         cmd = [sys.executable, str(HERE / "rufus_run.py")]
     else:
@@ -54,7 +84,10 @@ def run_one(side: str, algo: str, model: str, precision: str, steps: int, warmup
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"{side}-{algo}-{model}-{precision}.log"
     print(f"  {side:>5} {algo} {model} {precision} ...", end=" ", flush=True)
+    if idle_wait > 0:
+        wait_until_idle(idle_wait)
     t0 = time.perf_counter()
+    busy0, mine0 = busy_cpu_seconds(), children_cpu_seconds()
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
         output, rc = proc.stdout + proc.stderr, proc.returncode
@@ -66,13 +99,18 @@ def run_one(side: str, algo: str, model: str, precision: str, steps: int, warmup
         output, rc = f"cannot run {cmd[0]}: {e}", -1
     log_path.write_text(" ".join(cmd) + "\n\n" + output)
     wall = time.perf_counter() - t0
+    # cores used by other processes while this one ran (machine-wide CPU time minus the run's own)
+    others = max(0.0, (busy_cpu_seconds() - busy0) - (children_cpu_seconds() - mine0)) / max(wall, 1e-9)
+    contended = others > 0.25
     rows = [json.loads(line[len("RESULT "):]) for line in output.splitlines() if line.startswith("RESULT ")]
     if rc != 0 or not rows:
         print(f"failed (rc {rc}, {wall:.0f}s; log {log_path.relative_to(REPO)})", flush=True)
         return {"side": side, "impl": side, "algo": algo, "model": model, "precision": precision, "failed": True, "rc": rc,
-                "log": str(log_path.relative_to(REPO)), "error": output.strip().splitlines()[-1:] or [""]}
-    row = dict(rows[-1], side=side)  # side: "peer" or "rufus", whatever the row's impl says
-    print(f"{row['median_s']:.3f} s/step ({wall:.0f}s)", flush=True)
+                "log": str(log_path.relative_to(REPO)), "error": output.strip().splitlines()[-1:] or [""],
+                "other_cores": round(others, 2)}
+    row = dict(rows[-1], side=side, other_cores=round(others, 2))  # side: "peer" or "rufus", whatever its impl
+    print(f"{row['median_s']:.3f} s/step ({wall:.0f}s{'; machine busy: other work used %.1f cores' % others if contended else ''})",
+          flush=True)
     return row
 
 
@@ -108,6 +146,8 @@ def table(rows: list[dict], algos, models, peak: dict, peer_label: str) -> str:
             return ["failed"] * 4
         share = r["flops_per_s"] / 1e9 / peak[dtype_of(r)] if peak.get(dtype_of(r)) else float("nan")
         tag = f" ({'bf16' if dtype_of(r) == 'bfloat16' else 'fp32'})" if mode == "best" else ""
+        if r.get("other_cores", 0) > 0.25:
+            tag += " *"  # timed while other work used the CPU
         return [f"{r['median_s']:.3f}{tag}", f"{r['tokens_per_s']:.0f}", f"{r['peak_rss_mb']:.0f}", f"{100 * share:.1f}%"]
 
     for algo in algos:
@@ -132,6 +172,8 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of the median")
     p.add_argument("--skip-peer", action="store_true", help="run Rufus only")
     p.add_argument("--timeout", type=int, default=1800, help="seconds before one run counts as failed")
+    p.add_argument("--idle-wait", type=float, default=900,
+                   help="before each run, wait up to this many seconds for other work to leave the CPU (0 = never)")
     args = p.parse_args(argv)
     algos = [a for a in args.algos.split(",") if a]
     models = [m for m in args.models.split(",") if m]
@@ -166,8 +208,10 @@ def main(argv=None) -> None:
             print(f"{algo} {model}", flush=True)
             for precision in precisions:
                 if run_peer:
-                    rows.append(run_one("peer", algo, model, precision, args.steps, args.warmup, args.timeout))
-                rows.append(run_one("rufus", algo, model, precision, args.steps, args.warmup, args.timeout))
+                    rows.append(run_one("peer", algo, model, precision, args.steps, args.warmup, args.timeout,
+                                        args.idle_wait))
+                rows.append(run_one("rufus", algo, model, precision, args.steps, args.warmup, args.timeout,
+                                    args.idle_wait))
 
     # 3. raw rows and the table
     (common.CACHE / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -177,6 +221,9 @@ def main(argv=None) -> None:
               f"the last {args.steps - args.warmup}, OMP_NUM_THREADS=2. Peak (peak.json): float32 "
               f"{peak['float32']:.0f}, bfloat16 {peak['bfloat16']:.0f} GFLOP/s. rufus x = peer s/step / Rufus s/step.")
     text = header + "\n\n" + md + "\n"
+    if any(r.get("other_cores", 0) > 0.25 for r in rows):
+        text += ("\n* timed while other processes used more than a quarter of a core (see other_cores in "
+                 "results.jsonl): with two threads on two cores such a run can be several times slower; rerun it.\n")
     (common.CACHE / "table.md").write_text(text)
     print("\n" + text)
     print(f"rows: {common.CACHE / 'results.jsonl'}; table: {common.CACHE / 'table.md'}")
