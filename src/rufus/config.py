@@ -203,11 +203,11 @@ def _open_fields(cls: type, prefix: str = "") -> list[str]:
     return out
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_mappings(base: dict, extra: dict) -> dict:
     """`extra` laid over `base`, mappings merged key by key (neither is modified)."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_mappings(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -350,7 +350,7 @@ def load_config(cls: type, path: str | os.PathLike | None = None, overrides: lis
     def put(k: str, v: Any, raw: str | None = None) -> None:
         # an open mapping given again (defaults, then YAML) is merged, not replaced
         if k in opened and isinstance(v, dict) and isinstance(values.get(k, (None,))[0], dict):
-            v = _merge(values[k][0], v)
+            v = merge_mappings(values[k][0], v)
         values[k] = (v, raw)
 
     for k, v in _flatten(defaults or {}, cls).items():
@@ -380,7 +380,7 @@ def load_config(cls: type, path: str | os.PathLike | None = None, overrides: lis
         inner = values.get(owner, ({}, None))[0]
         if not isinstance(inner, dict):
             raise ConfigError(f"{owner}: expected a mapping, got {type(inner).__name__} {inner!r}")
-        values[owner] = (_merge(inner, _nest(key[len(owner) + 1:], value)), None)
+        values[owner] = (merge_mappings(inner, _nest(key[len(owner) + 1:], value)), None)
     cfg = _build(cls, values)
     _check_required(cfg)
     return cfg

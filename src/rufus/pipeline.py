@@ -39,10 +39,12 @@ from rufus.config import (
     GenerationConfig,
     atomic_write_text,
     load_config,
+    merge_mappings,
     opt,
     save_config,
     to_dict,
 )
+from rufus.report.metrics import read_metrics as read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -148,13 +150,6 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
 # --- the pieces every stage uses ---------------------------------------------------------------
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def _fingerprint(out: Path, *parts: Any) -> str:
     """A stage's identity: its settings, with paths inside the run written relative to it, so a
     run directory that is copied or moved is still up to date."""
@@ -178,11 +173,6 @@ def _file_facts(spec: str | None) -> Any:
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 class _Stages:
@@ -239,7 +229,7 @@ def _stage_config(cfg: PipelineConfig, name: str, settings: dict, wiring: dict) 
         raise ConfigError(f"{name}.output_dir: set by the pipeline ({wiring['output_dir']}); "
                           "choose the pipeline's output_dir instead")
     common = {"seed": cfg.seed, "dtype": cfg.dtype, "progress": cfg.progress, "overwrite": True}
-    return _merge(_merge(_merge(common, STAGE_DEFAULTS.get(name, {})), wiring), settings)
+    return merge_mappings(merge_mappings(merge_mappings(common, STAGE_DEFAULTS.get(name, {})), wiring), settings)
 
 
 def _validated(cls: type, name: str, values: dict):
@@ -456,16 +446,25 @@ def _base_model(cfg: PipelineConfig) -> bool:
 # --- the stages ---------------------------------------------------------------------------------
 
 
+def _run_trainer(st: _Stages, stage: str, upstream: str, config, what: str, train) -> str:
+    """Fingerprint a trainer stage's config; unless it is up to date, run `train()` (which returns
+    what stage.json records) between the stage's header and its marker."""
+    key = _fingerprint(st.out, upstream, to_dict(config))
+    if not st.up_to_date(stage, key):
+        t0 = st.begin(stage, what)
+        st.done(stage, t0, train())
+    return key
+
+
 def _run_sft(cfg: PipelineConfig, st: _Stages, plan: dict, files: dict, upstream: str) -> str:
     from rufus.trainers.sft import train_sft
 
-    sft_cfg = plan["sft"]
-    key = _fingerprint(st.out, upstream, to_dict(sft_cfg))
-    if not st.up_to_date("sft", key):
-        t0 = st.begin("sft", f"fine-tuning {sft_cfg.model} on demonstrations ({files['sft']})")
-        result = train_sft(sft_cfg)
-        st.done("sft", t0, {"final": str(result.final_dir), "steps": result.steps})
-    return key
+    def train():
+        result = train_sft(plan["sft"])
+        return {"final": str(result.final_dir), "steps": result.steps}
+
+    return _run_trainer(st, "sft", upstream, plan["sft"],
+                        f"fine-tuning {plan['sft'].model} on demonstrations ({files['sft']})", train)
 
 
 def _run_collect(cfg: PipelineConfig, st: _Stages, plan: dict, files: dict, upstream: str) -> str:
@@ -494,7 +493,7 @@ def _run_collect(cfg: PipelineConfig, st: _Stages, plan: dict, files: dict, upst
 
     from rufus.playground.taste import Annotators, gold_label_accuracy
 
-    prompts = [r["prompt"] for r in _read_jsonl(Path(files["comparison_prompts"]))]
+    prompts = [r["prompt"] for r in read_jsonl(Path(files["comparison_prompts"]))]
     k = c.responses
     t0 = st.begin("collect", f"sampling {k} responses to each of {len(prompts)} prompts from the SFT model; "
                              f"{pg.annotators} simulated annotators compare them")
@@ -566,13 +565,11 @@ def sample_responses(model_path: str, prompts: list[str], k: int, generation: Ge
 def _run_rm(cfg: PipelineConfig, st: _Stages, plan: dict, files: dict, upstream: str) -> str:
     from rufus.trainers.reward import train_reward_model
 
-    rm_cfg = plan["rm"]
-    key = _fingerprint(st.out, upstream, to_dict(rm_cfg))
-    if not st.up_to_date("rm", key):
-        t0 = st.begin("rm", f"training a reward model on {rm_cfg.data.train}")
-        result = train_reward_model(rm_cfg)
-        st.done("rm", t0, {"final": str(result.final_dir), "steps": result.steps, "eval": result.eval})
-    return key
+    def train():
+        result = train_reward_model(plan["rm"])
+        return {"final": str(result.final_dir), "steps": result.steps, "eval": result.eval}
+
+    return _run_trainer(st, "rm", upstream, plan["rm"], f"training a reward model on {plan['rm'].data.train}", train)
 
 
 def _gold_monitor(preference: str):
@@ -587,27 +584,25 @@ def _gold_monitor(preference: str):
 
 
 def _run_rl(cfg: PipelineConfig, st: _Stages, plan: dict, files: dict, upstream: str) -> str:
-    algo, rl_cfg, monitor = plan["algo"], plan["rl"], plan["monitor"]
-    key = _fingerprint(st.out, upstream, algo, to_dict(rl_cfg))
-    if not st.up_to_date("rl", key):
-        t0 = st.begin("rl", f"{algo} from the SFT model" + (" on the comparisons" if algo == "dpo"
-                                                              else " against the reward model"))
-        train = plan["rl_train"]
-        result = train(rl_cfg, reward_fn=monitor) if monitor is not None else train(rl_cfg)
-        st.done("rl", t0, {"algo": algo, "final": str(result.final_dir), "steps": result.steps})
-    return key
+    algo, monitor = plan["algo"], plan["monitor"]
+
+    def train():
+        kwargs = {"reward_fn": monitor} if monitor is not None else {}
+        result = plan["rl_train"](plan["rl"], **kwargs)
+        return {"algo": algo, "final": str(result.final_dir), "steps": result.steps}
+
+    what = f"{algo} from the SFT model" + (" on the comparisons" if algo == "dpo" else " against the reward model")
+    return _run_trainer(st, "rl", _fingerprint(st.out, upstream, algo), plan["rl"], what, train)
 
 
 def _run_eval(cfg: PipelineConfig, st: _Stages, plan: dict, files: dict, upstream: str) -> str:
     from rufus.evaluate import evaluate
 
-    eval_cfg = plan["eval"]
-    key = _fingerprint(st.out, upstream, to_dict(eval_cfg))
-    if not st.up_to_date("eval", key):
-        t0 = st.begin("eval", f"the final policy against the SFT model on {eval_cfg.prompts}")
-        metrics = evaluate(eval_cfg)
-        st.done("eval", t0, {k: v for k, v in metrics.items() if k != "generations"})
-    return key
+    def train():
+        return {k: v for k, v in evaluate(plan["eval"]).items() if k != "generations"}
+
+    what = f"the final policy against the SFT model on {plan['eval'].prompts}"
+    return _run_trainer(st, "eval", upstream, plan["eval"], what, train)
 
 
 RUNNERS = {"sft": _run_sft, "collect": _run_collect, "rm": _run_rm, "rl": _run_rl, "eval": _run_eval}
@@ -683,7 +678,7 @@ def _run_report(cfg: PipelineConfig, st: _Stages, algo: str, summary: dict, upst
     samples = []
     gen_path = st.out / "eval" / "generations.jsonl"
     if gen_path.exists():
-        for r in _read_jsonl(gen_path)[:12]:
+        for r in read_jsonl(gen_path)[:12]:
             samples.append({"prompt": r["prompt"], "sft": r.get("baseline_response", ""), "final": r["response"],
                             **({"gold_sft": r["baseline_gold"], "gold_final": r["gold"]} if "gold" in r else {}),
                             **({"score_sft": r["baseline_score"], "score_final": r["score"]} if "score" in r else {})})

@@ -35,6 +35,7 @@ from rufus.config import (
     RunArgs,
     opt,
 )
+from rufus.report.metrics import read_metrics
 from rufus.trainers import common
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def train_bon(config: BoNConfig | dict, reward_fn=None) -> BoNResult:
     logger = common.open_metrics(run, start_round)
     samples_path = run.output_dir / "samples.jsonl"
     if acc.is_main_process:  # a resumed run drops the samples written after its checkpoint
-        kept_rows = [r for r in _read_jsonl(samples_path) if r["step"] <= start_round] if run.resume_from else []
+        kept_rows = [r for r in read_metrics(samples_path) if r["step"] <= start_round] if run.resume_from else []
         samples_path.write_text("".join(json.dumps(r) + "\n" for r in kept_rows))
 
     chunk = b.prompts_per_generate or cfg.batch_size
@@ -249,9 +250,3 @@ def _fine_tune(cfg, acc, model, optimizer, scheduler, examples: list[dict], coll
                                                        plan.global_batch(step), plan, collate, label_counts)
         window.add(loss=loss_value, grad_norm=grad_norm, time=time.perf_counter() - t0, tokens=num_tokens)
     return window.flush(**{"sft/steps": steps})
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -30,6 +30,7 @@ from rufus.config import (
     RunArgs,
     opt,
 )
+from rufus.report.metrics import read_metrics
 from rufus.trainers import common
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
     logger = common.open_metrics(run, start_step)
     samples_path = run.output_dir / "samples.jsonl"
     if acc.is_main_process:  # a resumed run drops the samples written after its checkpoint
-        kept = [r for r in _read_jsonl(samples_path) if r["step"] <= start_step] if run.resume_from else []
+        kept = [r for r in read_metrics(samples_path) if r["step"] <= start_step] if run.resume_from else []
         samples_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     progress = common.progress_bar(cfg, acc, max_steps, start_step, desc="ppo")
@@ -477,12 +478,6 @@ def _ptx_loss(cfg, acc, actor, ptx, step, epoch, start, k, n_micro):
     logits = actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     loss, _ = sft_loss(logits, batch["labels"])
     return loss / n_micro
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _write_samples(path: Path, step: int, ro, n: int) -> None:
