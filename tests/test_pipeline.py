@@ -193,7 +193,7 @@ def test_a_different_taste_moves_the_final_policy_towards_it(finished_run, tmp_p
             finished_run_base(out), run,
             playground={"preference": taste, "comparison_prompts": 300, "eval_prompts": 64, "temperature": 0.2},
             collect={"responses": 4, "generation": {"max_new_tokens": 48}},
-            rm={"epochs": 2, "batch_size": 16},
+            rm={"epochs": 4, "batch_size": 16},
             rl={"max_steps": 40, "batch_size": 16, "lr": 1e-4, "kl": {"coef": 0.02},
                 "generation": {"max_new_tokens": 48}},
             eval={"generation": {"max_new_tokens": 48}}))

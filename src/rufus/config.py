@@ -67,7 +67,11 @@ class ModelArgs:
     )
     trust_remote_code: bool = opt(False, "allow model code from the hub to run (off: untrusted code never runs)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
-    attn_implementation: str | None = opt(None, "attention kernel: eager, sdpa, flash_attention_2 (default: transformers' choice)")
+    attn_implementation: str | None = opt(
+        None, "attention kernel: eager, sdpa, flash_attention_2 (default: eager for bfloat16 on CPU, else transformers' choice)")
+    compile: bool = opt(
+        False, "torch.compile each transformer block of the trained and frozen models (one-off compile of some "
+        "seconds per input shape, then faster training and scoring passes; generation stays eager)")
 
 
 @dataclass

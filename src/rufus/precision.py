@@ -31,6 +31,7 @@ class MasterWeights:
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16):
         self.dtype = dtype
         self.pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = []  # (model param, master)
+        self._grad_buffers: dict[int, torch.Tensor] = {}
         for param in _unique_parameters(model):
             if not param.is_floating_point():
                 continue
@@ -41,6 +42,14 @@ class MasterWeights:
         model.to(dtype)  # buffers too (e.g. rotary inverse frequencies are recomputed in float32 by HF)
         model._rufus_master_weights = self  # for restore_float32 before the final save
 
+    def _grad_buffer(self, master: torch.nn.Parameter) -> torch.Tensor:
+        """A float32 gradient buffer per master, allocated once (a fresh 4-bytes-per-weight
+        allocation at every step costs more than the copy into it)."""
+        buf = self._grad_buffers.get(id(master))
+        if buf is None:
+            buf = self._grad_buffers[id(master)] = torch.empty_like(master)
+        return buf
+
     def parameters(self) -> list[torch.nn.Parameter]:
         """The float32 masters: what the optimiser updates and gradient clipping measures."""
         return [master for _, master in self.pairs]
@@ -48,19 +57,24 @@ class MasterWeights:
     @torch.no_grad()
     def grads_to_master(self) -> None:
         """Move the model's gradients onto the masters as float32 (a missing gradient stays missing)."""
+        dst, src = [], []
         for param, master in self.pairs:
             if param.grad is None:
                 master.grad = None
                 continue
-            grad = param.grad.to(torch.float32)
-            master.grad = grad if master.grad is None else master.grad.copy_(grad)
+            if master.grad is None:  # the optimiser's zero_grad drops it; the buffer is reused
+                master.grad = self._grad_buffer(master)
+            dst.append(master.grad)
+            src.append(param.grad)
             param.grad = None
+        if dst:
+            torch._foreach_copy_(dst, src)  # one batched, converting copy
 
     @torch.no_grad()
     def master_to_model(self) -> None:
         """Round the updated masters into the model's parameters."""
-        for param, master in self.pairs:
-            param.copy_(master)
+        if self.pairs:
+            torch._foreach_copy_([p for p, _ in self.pairs], [m for _, m in self.pairs])
 
     def state_dict(self) -> dict[str, list[torch.Tensor]]:
         return {"masters": [master.detach().clone() for _, master in self.pairs]}

@@ -79,6 +79,47 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False, chat_template:
     return tokenizer
 
 
+def default_attention(attn_implementation: str | None, compute_dtype: torch.dtype) -> str | None:
+    """The attention kernel to ask transformers for: the user's choice, else eager attention for
+    bfloat16 on CPU, else transformers' own default (SDPA).
+
+    SDPA's bfloat16 CPU kernels are slow at training shapes: on the small benchmark model (hidden
+    512, 8 layers, 16 x 64 tokens) a forward + backward takes 0.51 s with SDPA and 0.39 s with
+    eager attention; in float32 the two are even (1.09 vs 1.14 s), and so is decoding.
+    """
+    if attn_implementation:
+        return attn_implementation
+    if compute_dtype == torch.bfloat16 and not torch.cuda.is_available():
+        return "eager"
+    return None
+
+
+def compile_blocks(model) -> int:
+    """`torch.compile` every transformer block of `model` (regional compilation); returns how many.
+
+    The blocks are the classes a Hugging Face model lists in `_no_split_modules` (LlamaDecoderLayer,
+    ...), found through any wrapper (LoRA, value model). All blocks share one compiled graph per
+    shape family, so compiling takes seconds, not minutes, and fuses the element-wise work (norms,
+    rotary embeddings, activations, residual adds) around the matrix products. Compilation happens
+    at a block's first call; a second input shape compiles once more with dynamic sizes.
+    Generation runs the blocks eagerly (`rollout.generate`), where compiled blocks would recompile
+    at every new cache length.
+    """
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if blocks:
+        import torch._dynamo
+
+        # grad and no-grad passes of the policy, critic, reference and reward model, each static
+        # then dynamic, are separate entries of the one shared block graph
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
 def load_causal_lm(
     name: str,
     *,
@@ -87,11 +128,19 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     gradient_checkpointing: bool = False,
     attn_implementation: str | None = None,
+    compute_dtype: torch.dtype | None = None,
+    compile: bool = False,
 ):
-    """Load a causal LM with weights in `dtype`, its vocabulary matched to `tokenizer`."""
+    """Load a causal LM with weights in `dtype`, its vocabulary matched to `tokenizer`.
+
+    `compute_dtype` (default `dtype`) is the dtype it will compute in (a trainable model loads in
+    float32 and turns bfloat16 with float32 masters later); it picks the attention kernel.
+    `compile` compiles its transformer blocks (`compile_blocks`).
+    """
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    attn_implementation = default_attention(attn_implementation, compute_dtype or dtype)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), **kwargs)
@@ -104,6 +153,8 @@ def load_causal_lm(
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
+    if compile:
+        compile_blocks(model)
     return model
 
 

@@ -28,11 +28,19 @@ def load_reward_model(
     trust_remote_code: bool = False,
     gradient_checkpointing: bool = False,
     attn_implementation: str | None = None,
+    compute_dtype: torch.dtype | None = None,
+    compile: bool = False,
 ):
-    """Load a reward model; a new head (from a plain causal LM) is initialised N(0, 1/(d_model + 1))."""
+    """Load a reward model; a new head (from a plain causal LM) is initialised N(0, 1/(d_model + 1)).
+
+    `compute_dtype` and `compile` as in `models.loading.load_causal_lm`.
+    """
     from transformers import AutoModelForSequenceClassification
 
+    from rufus.models.loading import compile_blocks, default_attention
+
     kwargs = dict(num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True)
+    attn_implementation = default_attention(attn_implementation, compute_dtype or dtype)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model, info = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(name), **kwargs)
@@ -52,6 +60,8 @@ def load_reward_model(
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     model.config.use_cache = False
+    if compile:
+        compile_blocks(model)
     return model
 
 

@@ -39,10 +39,15 @@ class ValueModel(torch.nn.Module):
 
 
 def load_value_model(name: str, *, tokenizer, from_reward_model: bool, trust_remote_code: bool = False,
-                     gradient_checkpointing: bool = False) -> ValueModel:
-    """A critic from `name`: a reward model (head kept) or a policy checkpoint (new head, zeros)."""
+                     gradient_checkpointing: bool = False, attn_implementation: str | None = None,
+                     compute_dtype: torch.dtype | None = None, compile: bool = False) -> ValueModel:
+    """A critic from `name`: a reward model (head kept) or a policy checkpoint (new head, zeros).
+
+    Loads in float32; `compute_dtype`, `attn_implementation` and `compile` as in `load_reward_model`."""
     classifier = load_reward_model(name, tokenizer=tokenizer, trust_remote_code=trust_remote_code,
-                                   gradient_checkpointing=gradient_checkpointing)
+                                   gradient_checkpointing=gradient_checkpointing,
+                                   attn_implementation=attn_implementation, compute_dtype=compute_dtype,
+                                   compile=compile)
     if not from_reward_model:
         head = getattr(classifier, head_module_names(classifier)[0])
         with torch.no_grad():

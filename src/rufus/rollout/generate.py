@@ -69,7 +69,9 @@ def generate_responses(model, tokenizer, prompts: list, prompt_ids: list[list[in
     )
     was_training = model.training
     model.eval()
-    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    # compiled transformer blocks (`compile=true`) would recompile at every cache length: decode eagerly
+    with torch.compiler.set_stance("force_eager"):
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
     if was_training:
         model.train()
     P = ids.shape[1]

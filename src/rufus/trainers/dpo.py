@@ -145,7 +145,8 @@ def train_dpo(config: DPOConfig | dict, reward_fn=None) -> DPOResult:
     reference = None
     if cfg.lora.r == 0:
         reference = load_causal_lm(cfg.ref_model or cfg.model, tokenizer=tokenizer, dtype=run.compute_dtype,
-                                   trust_remote_code=cfg.trust_remote_code).to(acc.device).eval()
+                                   trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
+                                   compile=cfg.compile).to(acc.device).eval()
         reference.requires_grad_(False)
     optimizer, scheduler = common.make_optimizer(cfg, model, max_steps)
     model, optimizer = acc.prepare(model, optimizer)

@@ -36,7 +36,8 @@ def load_reference(cfg, run, tokenizer, needed: bool):
             raise common.ConfigError("ref_model: with LoRA the reference is the adapter-disabled base; leave it unset")
         return None
     reference = load_causal_lm(cfg.ref_model or cfg.model, tokenizer=tokenizer, dtype=run.compute_dtype,
-                               trust_remote_code=cfg.trust_remote_code).to(run.accelerator.device).eval()
+                               trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
+                               compile=cfg.compile).to(run.accelerator.device).eval()
     reference.requires_grad_(False)
     return reference
 

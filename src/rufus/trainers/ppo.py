@@ -150,7 +150,8 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
     reference = None
     if cfg.lora.r == 0:
         reference = load_causal_lm(cfg.ref_model or cfg.model, tokenizer=tokenizer, dtype=run.compute_dtype,
-                                   trust_remote_code=cfg.trust_remote_code).to(acc.device).eval()
+                                   trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
+                                   compile=cfg.compile).to(acc.device).eval()
         reference.requires_grad_(False)
     elif cfg.ref_model:
         raise common.ConfigError("ref_model: with LoRA the reference is the adapter-disabled base; leave ref_model unset")
@@ -280,7 +281,9 @@ def _load_critic(cfg, tokenizer):
     arch = AutoConfig.from_pretrained(resolve_model_path(name), trust_remote_code=cfg.trust_remote_code).architectures or []
     from_rm = any(a.endswith("ForSequenceClassification") for a in arch)
     critic = load_value_model(name, tokenizer=tokenizer, from_reward_model=from_rm,
-                              trust_remote_code=cfg.trust_remote_code, gradient_checkpointing=cfg.gradient_checkpointing)
+                              trust_remote_code=cfg.trust_remote_code, gradient_checkpointing=cfg.gradient_checkpointing,
+                              attn_implementation=cfg.attn_implementation, compute_dtype=common.compute_dtype(cfg),
+                              compile=cfg.compile)
     if critic.classifier.get_input_embeddings().weight.shape[0] < len(tokenizer):
         raise common.ConfigError(f"critic.model: {name} has a smaller vocabulary than the policy's tokenizer")
     set_dropout(critic, 0.0)
