@@ -71,3 +71,33 @@ def test_rloo_and_reinforce_pp_raise_the_reward(tiny, prompts, tmp_path, estimat
     assert end > start + 0.08 and end > 2.5 * start, (estimator, start, end)
     assert all(r["policy/ratio_dev_first"] == 0.0 for r in rows)
     assert torch.isfinite(torch.tensor([r["kl/mean"] for r in rows])).all()
+
+
+def test_grpo_single_update_takes_pi_old_from_its_own_pass_with_the_same_result(tiny, prompts, tmp_path,
+                                                                                monkeypatch):
+    """grpo.iterations = minibatches = 1: no separate pi_old forward pass; the run (weights, logged KL,
+    loss) is the one where pi_old has a pass of its own."""
+    import rufus.trainers.online as online
+
+    calls = []
+    original = online.old_and_ref_logprobs
+
+    def spy(*args, with_old=True, **kwargs):
+        calls.append(with_old)
+        return original(*args, with_old=with_old, **kwargs)
+
+    def separate_pass(*args, with_old=True, **kwargs):
+        return original(*args, with_old=True, **kwargs)
+
+    cfg = dict(max_steps=4, **{"grpo.group_size": 4, "kl.coef": 0.1})
+    monkeypatch.setattr(online, "old_and_ref_logprobs", spy)
+    fast = train_grpo(config(tiny, prompts, tmp_path / "fast", **cfg), reward_fn=digit_fraction)
+    assert calls == [False] * 4
+    monkeypatch.setattr(online, "old_and_ref_logprobs", separate_pass)
+    plain = train_grpo(config(tiny, prompts, tmp_path / "plain", **cfg), reward_fn=digit_fraction)
+    a, b = read_metrics(tmp_path / "fast" / "metrics.jsonl"), read_metrics(tmp_path / "plain" / "metrics.jsonl")
+    for key in ("kl/mean", "kl", "entropy", "reward/mean", "response/length"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-4, abs=1e-6), key
+    assert all(r["kl/mean"] != 0 for r in a[1:])  # the policy moved, so the logged KL is not trivially 0
+    for (name, p), q in zip(fast.model.named_parameters(), plain.model.parameters()):
+        assert torch.allclose(p, q, atol=1e-5), name

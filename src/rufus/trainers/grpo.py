@@ -130,13 +130,12 @@ def train_grpo(config: GRPOConfig | dict, reward_fn=None) -> GRPOResult:
         # 2. scores; pi_old and pi_ref logprobs
         ro.scores, reward_stats = reward(ro.prompts, ro.completions, ro.has_eos, **ro.extra)
         ro.scores = ro.scores.to(acc.device)
-        online.old_and_ref_logprobs(cfg, acc, actor, reference, ro, micro_size, with_reference=use_kl)
-        kl_tokens = None
-        if use_kl:
-            from rufus.losses.kl import kl_penalty
-
-            kl_tokens = kl_penalty(ro.logprobs, ro.ref_logprobs, "k1")  # logged as log pi_old - log pi_ref
-        sample_stats = online.batch_stats(acc, ro, kl_tokens)
+        # one update over the whole batch (grpo.iterations = minibatches = 1): pi_old comes from the
+        # update's own forward pass, not from a pass of its own
+        single_update = cfg.grpo.iterations == 1 and cfg.grpo.minibatches == 1
+        online.old_and_ref_logprobs(cfg, acc, actor, reference, ro, micro_size, with_reference=use_kl,
+                                    with_old=not single_update)
+        sampled_mask = ro.response_mask
 
         # 3. group-relative advantages (B*G,), the same for every token of a response
         ro.advantages = group_advantages(ro.scores, G, scale=cfg.grpo.scale_rewards)
@@ -163,6 +162,14 @@ def train_grpo(config: GRPOConfig | dict, reward_fn=None) -> GRPOResult:
             stats = {}
         scheduler.step()
         t_train = time.perf_counter() - t_train
+        if ro.logprobs is None:  # nothing was trained (every group equal): pi_old for the log only
+            online.old_and_ref_logprobs(cfg, acc, actor, reference, ro, micro_size, with_reference=False)
+        kl_tokens = None
+        if use_kl:
+            from rufus.losses.kl import kl_penalty
+
+            kl_tokens = kl_penalty(ro.logprobs, ro.ref_logprobs, "k1")  # logged as log pi_old - log pi_ref
+        sample_stats = online.batch_stats(acc, ro, kl_tokens, mask=sampled_mask)
 
         # 5. log, samples, checkpoint
         step_s = time.perf_counter() - t0

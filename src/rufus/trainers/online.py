@@ -64,17 +64,23 @@ def sample_groups(cfg, acc, actor, tokenizer, batch: list[dict], n: int):
 
 
 @torch.no_grad()
-def old_and_ref_logprobs(cfg, acc, actor, reference, ro, micro_size: int, with_reference: bool) -> None:
+def old_and_ref_logprobs(cfg, acc, actor, reference, ro, micro_size: int, with_reference: bool,
+                         with_old: bool = True) -> None:
     """Fill ro.logprobs (pi_old) and, when asked, ro.ref_logprobs (pi_ref), in micro-batch chunks.
 
     The chunks are those of the first update pass, so the first ratio is exactly 1.
+    `with_old=False` leaves ro.logprobs None: with one update over the whole batch pi_old is the
+    policy of that update, and `policy_gradient_epochs` takes pi_old from its own forward pass
+    (one forward pass fewer per step).
     """
     from rufus.rollout.logprobs import batched_logprobs
 
     actor.eval()
+    ro.logprobs = None
     with acc.autocast():
-        ro.logprobs = batched_logprobs(actor, ro.input_ids, ro.attention_mask, ro.prompt_length,
-                                       cfg.generation.temperature, micro_size)
+        if with_old:
+            ro.logprobs = batched_logprobs(actor, ro.input_ids, ro.attention_mask, ro.prompt_length,
+                                           cfg.generation.temperature, micro_size)
         if with_reference:
             with reference_model(acc.unwrap_model(actor), reference) as ref:
                 ro.ref_logprobs = batched_logprobs(ref, ro.input_ids, ro.attention_mask, ro.prompt_length,
@@ -90,11 +96,19 @@ def policy_gradient_epochs(cfg, acc, ro, actor, optimizer, *, epochs: int, minib
     minibatch's token and sequence counts over all processes (divided by the process count that DDP
     averages back), so micro-batching leaves the update unchanged. Returns token-weighted means of
     the stats, plus the first micro-batch's max |ratio - 1| (0 when everything is consistent).
+
+    When ro.logprobs is None (`old_and_ref_logprobs(with_old=False)`), there must be a single
+    update (epochs = minibatches = 1): pi_old is the detached logprobs of that update's own forward
+    pass (ratio 1, the gradient of the plain policy gradient), and ro.logprobs is filled from them.
     """
     from rufus.rollout.logprobs import response_logprobs
 
     N = ro.input_ids.shape[0]
     mb_size = N // minibatches
+    fill_old = ro.logprobs is None
+    if fill_old and (epochs, minibatches) != (1, 1):
+        raise ValueError("old logprobs can come from the update pass only with one epoch and one minibatch")
+    old_parts = []
     actor.train()
     totals: dict[str, float] = {}
     first_dev = None
@@ -115,6 +129,9 @@ def policy_gradient_epochs(cfg, acc, ro, actor, optimizer, *, epochs: int, minib
                     logprobs, entropy = response_logprobs(actor, part.input_ids, part.attention_mask,
                                                           part.prompt_length, cfg.generation.temperature,
                                                           with_entropy=True)
+                    if fill_old:
+                        part.logprobs = logprobs.detach()
+                        old_parts.append(part.logprobs)
                     loss, stats = loss_fn(part, logprobs, normalizers)
                     acc.backward(loss)
                 mask = part.response_mask
@@ -126,6 +143,8 @@ def policy_gradient_epochs(cfg, acc, ro, actor, optimizer, *, epochs: int, minib
                 for k2, v in values.items():
                     totals[k2] = totals.get(k2, 0.0) + v
             common.clip_and_step(cfg, acc, actor, optimizer, _NoScheduler())
+    if fill_old:  # one epoch, one minibatch in rollout order: the parts are the rows in order
+        ro.logprobs = torch.cat(old_parts)
     keys = sorted(totals)
     summed = dict(zip(keys, acc.reduce(torch.tensor([totals[k] for k in keys], device=acc.device),
                                        reduction="sum").tolist()))
@@ -142,9 +161,9 @@ class _NoScheduler:
         pass
 
 
-def batch_stats(acc, ro, kl_per_token: torch.Tensor | None) -> dict:
-    """Score, KL, length statistics over every process's samples."""
-    mask = ro.response_mask.float()
+def batch_stats(acc, ro, kl_per_token: torch.Tensor | None, mask: torch.Tensor | None = None) -> dict:
+    """Score, KL, length statistics over every process's samples (`mask` default ro.response_mask)."""
+    mask = (ro.response_mask if mask is None else mask).float()
     seq_kl = (kl_per_token * mask).sum(-1) if kl_per_token is not None else torch.zeros_like(ro.scores)
     sums = torch.stack([ro.scores.sum(), (ro.scores**2).sum(), seq_kl.sum(), mask.sum(),
                         torch.tensor(float(len(ro.scores)), device=ro.scores.device)])
