@@ -77,6 +77,7 @@ def main(argv=None) -> dict:
     p.add_argument("--precision", choices=("float32", "bf16"), default="float32")
     p.add_argument("--steps", type=int, default=8, help="optimiser steps in all, warm-up included")
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of the median")
+    p.add_argument("--compile", action="store_true", help="compile=true: torch.compile each transformer block")
     p.add_argument("--ref-per-step", action="store_true",
                    help="dpo: reference log-probs in every step (dpo.precompute_ref=false) instead of once up front")
     args = p.parse_args(argv)
@@ -96,6 +97,7 @@ def main(argv=None) -> dict:
 
     with tempfile.TemporaryDirectory(prefix=f"rufus-bench-{args.algo}-") as out:
         cfg = build_config(args.algo, model_dir, dtype, args.steps, out, args.ref_per_step)
+        cfg["compile"] = args.compile
         t0 = time.perf_counter()
         if args.algo == "sft":
             result = sft.train_sft(cfg)
@@ -122,8 +124,10 @@ def main(argv=None) -> dict:
         notes.append(f"response/length {min(lengths):.0f}-{max(lengths):.0f}")
     if args.algo == "ppo":
         notes.append("critic and reward model from the policy dir (new heads)")
+    if args.compile:
+        notes.append("compile=true (compiling happens in the first steps)")
     row = common.result_row(impl="rufus", version=rufus.__version__, algo=args.algo, model=args.model,
-                            precision=args.precision, dtype_used="bfloat16" if dtype == "bfloat16" else "float32",
+                            precision=args.precision + ("+compile" if args.compile else ""), dtype_used="bfloat16" if dtype == "bfloat16" else "float32",
                             step_seconds=step_seconds, warmup=args.warmup, notes="; ".join(notes))
     common.print_row(row)
     return row

@@ -5,11 +5,12 @@
 
 1. the shared models and data (common.prepare), the machine's matmul peak (peak.py, once), and the
    peer's virtual environments (peers/setup_trl.sh, once; TRL 1.x, and TRL 0.29 for PPO);
-2. for each (algo, model) and each precision (float32, bf16): the peer, then Rufus, each in its own
+2. for each (algo, model) and each precision (float32, bf16, bf16+compile): the peer, then Rufus, each in its own
    process with OMP_NUM_THREADS=2 (so peak RSS is per run), one process at a time;
 3. one table (also benchmarks/.cache/table.md), two rows per (algo, model):
      float32  both sides in float32
-     best     each side's faster of its float32 and bf16 runs (the dtype it used in brackets)
+     best     each side's fastest of its float32, bf16 and bf16+compile runs (in brackets: the dtype
+              it used, +c when compiled; compile time falls in the warm-up steps)
    s/step is the median after the warm-up steps, "% peak" the run's FLOP/s (common.flops_per_step)
    over peak.json's peak for the dtype the run computed in, and "rufus x" = peer s/step / Rufus
    s/step (above 1: Rufus is faster). Raw RESULT rows go to benchmarks/.cache/results.jsonl.
@@ -35,7 +36,7 @@ sys.path.insert(0, str(HERE))
 import common  # noqa: E402
 
 VENVS = HERE / ".venvs"
-PRECISIONS = ("float32", "bf16")
+PRECISIONS = ("float32", "bf16", "bf16+compile")
 
 
 def peer_python(algo: str) -> Path:
@@ -77,7 +78,8 @@ def run_one(side: str, algo: str, model: str, precision: str, steps: int, warmup
         cmd = [sys.executable, str(HERE / "rufus_run.py")]
     else:
         cmd = [str(peer_python(algo)), str(HERE / "peers" / "trl_run.py")]
-    cmd += ["--algo", algo, "--model", model, "--precision", precision, "--steps", str(steps), "--warmup", str(warmup)]
+    cmd += ["--algo", algo, "--model", model, "--precision", precision.removesuffix("+compile"),
+            "--steps", str(steps), "--warmup", str(warmup)] + (["--compile"] if precision.endswith("+compile") else [])
     env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     logs = common.CACHE / "logs"
@@ -145,7 +147,9 @@ def table(rows: list[dict], algos, models, peak: dict, peer_label: str) -> str:
         if r.get("failed"):
             return ["failed"] * 4
         share = r["flops_per_s"] / 1e9 / peak[dtype_of(r)] if peak.get(dtype_of(r)) else float("nan")
-        tag = f" ({'bf16' if dtype_of(r) == 'bfloat16' else 'fp32'})" if mode == "best" else ""
+        tag = ""
+        if mode == "best":
+            tag = f" ({'bf16' if dtype_of(r) == 'bfloat16' else 'fp32'}{'+c' if 'compile' in r['precision'] else ''})"
         if r.get("other_cores", 0) > 0.25:
             tag += " *"  # timed while other work used the CPU
         return [f"{r['median_s']:.3f}{tag}", f"{r['tokens_per_s']:.0f}", f"{r['peak_rss_mb']:.0f}", f"{100 * share:.1f}%"]
@@ -167,7 +171,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--algos", default=",".join(common.ALGOS))
     p.add_argument("--models", default="tiny,small")
-    p.add_argument("--precisions", default=",".join(PRECISIONS), help="float32,bf16 (best needs both)")
+    p.add_argument("--precisions", default=",".join(PRECISIONS),
+                   help="float32,bf16,bf16+compile (best is the fastest of those run; +compile: torch.compile on "
+                        "both sides, TRL's torch_compile=True and Rufus's compile=true)")
     p.add_argument("--steps", type=int, default=8, help="optimiser steps per run, warm-up included")
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of the median")
     p.add_argument("--skip-peer", action="store_true", help="run Rufus only")

@@ -37,6 +37,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=12, help="optimiser steps to run and time")
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of the median")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="TrainingArguments(torch_compile=True)")
     return p.parse_args()
 
 
@@ -93,6 +94,7 @@ def common_args(a: argparse.Namespace, out: str, bf16: bool) -> dict:
         disable_tqdm=True,
         dataloader_num_workers=0,
         seed=a.seed,
+        torch_compile=a.compile,
     )
 
 
@@ -236,7 +238,10 @@ def main() -> None:
     used = "bf16-autocast" if bf16 and not any("refused" in n for n in notes) else "float32"
     notes.append(f"transformers {transformers.__version__}, torch {torch.__version__}, "
                  f"optim {trainer.args.optim}")
-    row = common.result_row(impl="trl", version=trl.__version__, algo=a.algo, model=a.model, precision=a.precision,
+    if a.compile:
+        notes.append("torch_compile=True")
+    row = common.result_row(impl="trl", version=trl.__version__, algo=a.algo, model=a.model,
+                            precision=a.precision + ("+compile" if a.compile else ""),
                             dtype_used=used, step_seconds=timer.seconds, warmup=a.warmup, notes="; ".join(notes))
     common.print_row(row)
 

@@ -478,7 +478,8 @@ def _ptx_loss(cfg, acc, actor, ptx, step, epoch, start, k, n_micro):
         return torch.zeros((), device=acc.device)
     pad_id = acc.unwrap_model(actor).config.pad_token_id
     batch = {n: t.to(acc.device) for n, t in SFTCollator(pad_id)([ptx[i] for i in idx]).items()}
-    logits = actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   use_cache=False).logits
     loss, _ = sft_loss(logits, batch["labels"])
     return loss / n_micro
 

@@ -121,7 +121,7 @@ def sft_update(cfg, acc, model, optimizer, scheduler, examples: list[dict], glob
     for k, idx in enumerate(micro):
         batch = {n: t.to(acc.device) for n, t in collate([examples[i] for i in idx]).items()}
         with common.sync_gradients_if(acc, model, last=k == len(micro) - 1), acc.autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
             # DDP averages gradients over processes, hence / num_processes in the denominator
             loss, stats = sft_loss(logits, batch["labels"], num_tokens=max(num_tokens, 1) / acc.num_processes)
             acc.backward(loss)
@@ -141,7 +141,7 @@ def evaluate(model, examples: list[dict], collate, acc, micro_batch: int) -> dic
         batch = collate([examples[i] for i in mine[start:start + max(micro_batch, 1)]])
         batch = {n: t.to(acc.device) for n, t in batch.items()}
         with acc.autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         _, stats = sft_loss(logits, batch["labels"])
         nll += stats["nll_sum"]
         count += stats["num_tokens"]
