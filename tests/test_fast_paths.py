@@ -121,3 +121,81 @@ def test_the_fused_adamw_step_equals_the_textbook_update(dtype):
     for n, (_, _, w) in state.items():
         assert torch.allclose(updated[n].detach(), w, atol=1e-5, rtol=1e-4), n
         assert not torch.equal(updated[n].detach(), start[n])
+
+
+def test_auto_dtype_falls_back_to_float32_with_one_notice_on_cpus_without_amx(monkeypatch, caplog):
+    import logging
+
+    import rufus.models.loading as loading
+
+    monkeypatch.setattr(loading, "amx_available", lambda: False)
+    monkeypatch.setattr(loading, "_NOTICES", set())
+    with caplog.at_level(logging.WARNING, logger="rufus.models.loading"):
+        assert loading.resolve_dtype("auto", "cpu") == torch.float32
+        assert loading.resolve_dtype("auto", "cpu") == torch.float32
+    notices = [r for r in caplog.records if "no AMX" in r.getMessage()]
+    assert len(notices) == 1
+    monkeypatch.setattr(loading, "amx_available", lambda: True)
+    assert loading.resolve_dtype("auto", "cpu") == torch.bfloat16
+    assert loading.resolve_dtype("float32", "cpu") == torch.float32  # an explicit choice is kept
+
+
+def test_pick_tokens_filters_like_the_definitions():
+    """top-k keeps the k largest logits; top-p keeps the fewest most likely tokens whose mass reaches
+    p; the pad token is never picked; temperature 0 is the argmax. Checked against a naive loop."""
+    from types import SimpleNamespace
+
+    from rufus.rollout.generate import pick_tokens
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 10) * 2
+    logits[0, 4] = 50.0  # row 0: the pad token (4) is by far the most likely
+    pad = 4
+    greedy = pick_tokens(logits, SimpleNamespace(temperature=0.0, top_k=0, top_p=1.0), pad)
+    masked = logits.clone()
+    masked[:, pad] = float("-inf")
+    assert torch.equal(greedy, masked.argmax(-1))
+
+    def allowed_naive(row, k, p):
+        order = sorted(range(10), key=lambda j: -float(masked[row, j]))
+        order = [j for j in order if j != pad]
+        if k:
+            order = order[:k]
+        probs = torch.softmax(torch.tensor([float(masked[row, j]) for j in order]), 0).tolist()
+        kept, mass = [], 0.0
+        for j, q in zip(order, probs):
+            kept.append(j)
+            mass += q
+            if mass >= p:
+                break
+        return set(kept)
+
+    for k, p in ((3, 1.0), (0, 0.6), (5, 0.5)):
+        gen = SimpleNamespace(temperature=1.0, top_k=k, top_p=p)
+        seen = [set() for _ in range(3)]
+        for _ in range(300):
+            for row, tok in enumerate(pick_tokens(logits, gen, pad).tolist()):
+                seen[row].add(tok)
+        for row in range(3):
+            assert seen[row] == allowed_naive(row, k, p), (k, p, row)
+
+
+def test_static_cache_decoding_equals_generate_under_greedy():
+    """compile=true models decode through a static cache with a compiled step: greedy tokens equal
+    those of transformers' generate (left-padded prompts of different lengths, stop at EOS)."""
+    from types import SimpleNamespace
+
+    from rufus.rollout.generate import generate_responses, has_compiled_blocks
+
+    plain, compiled = tiny_llama("eager"), tiny_llama("eager")
+    compile_blocks(compiled)
+    assert has_compiled_blocks(compiled) and not has_compiled_blocks(plain)
+    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=2,
+                                batch_decode=lambda rows, **kw: [" ".join(map(str, r)) for r in rows])
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    for stop in (False, True):
+        gen = SimpleNamespace(max_new_tokens=7, stop_at_eos=stop, temperature=0.0, top_k=0, top_p=1.0)
+        a = generate_responses(plain, tokenizer, ["a", "b", "c"], prompts, gen)
+        b = generate_responses(compiled, tokenizer, ["a", "b", "c"], prompts, gen)
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.response_mask, b.response_mask)
+    assert compiled.__dict__["_rufus_decoder"]  # the static path ran and kept its cache

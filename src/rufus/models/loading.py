@@ -55,8 +55,21 @@ def resolve_dtype(dtype: str, device: torch.device | str = "cpu") -> torch.dtype
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if device.type == "cpu":
-        return torch.bfloat16 if amx_available() else torch.float32
+        if amx_available():
+            return torch.bfloat16
+        _notice_once("dtype=auto: this CPU has no AMX bfloat16 units, so the run computes in float32")
+        return torch.float32
     return torch.float32
+
+
+_NOTICES: set[str] = set()
+
+
+def _notice_once(message: str) -> None:
+    """Log `message` once per process (a run resolves its dtype in several places)."""
+    if message not in _NOTICES:
+        _NOTICES.add(message)
+        log.warning(message)
 
 
 def load_tokenizer(name: str, *, trust_remote_code: bool = False, chat_template: str | None = None):
@@ -102,8 +115,9 @@ def compile_blocks(model) -> int:
     shape family, so compiling takes seconds, not minutes, and fuses the element-wise work (norms,
     rotary embeddings, activations, residual adds) around the matrix products. Compilation happens
     at a block's first call; a second input shape compiles once more with dynamic sizes.
-    Generation runs the blocks eagerly (`rollout.generate`), where compiled blocks would recompile
-    at every new cache length.
+    Generation then decodes through a static KV cache with a compiled single-token step
+    (`rollout.generate.sample_static`), since compiled blocks under a growing cache would recompile
+    at every new length.
     """
     names: set[str] = set()
     for module in model.modules():
@@ -117,6 +131,7 @@ def compile_blocks(model) -> int:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for block in blocks:
         block.compile()
+        block._rufus_compiled = True  # rollout.generate then decodes through a static cache
     return len(blocks)
 
 

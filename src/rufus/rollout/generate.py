@@ -69,13 +69,16 @@ def generate_responses(model, tokenizer, prompts: list, prompt_ids: list[list[in
     )
     was_training = model.training
     model.eval()
-    # compiled transformer blocks (`compile=true`) would recompile at every cache length: decode eagerly
-    with torch.compiler.set_stance("force_eager"):
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    P = ids.shape[1]
+    if use_cache and has_compiled_blocks(model):
+        response = sample_static(getattr(model, "policy", model), ids, mask, gen, tokenizer.pad_token_id,
+                                 tokenizer.eos_token_id if gen.stop_at_eos else None)
+    else:
+        # compiled blocks would recompile at every cache length: generate runs them eagerly
+        with torch.compiler.set_stance("force_eager"):
+            response = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, P:]
     if was_training:
         model.train()
-    P = ids.shape[1]
-    response = out[:, P:]
     if response.shape[1] < gen.max_new_tokens:  # every row stopped early: keep a fixed width A
         pad = torch.full((response.shape[0], gen.max_new_tokens - response.shape[1]), tokenizer.pad_token_id,
                          dtype=response.dtype, device=response.device)
@@ -91,3 +94,82 @@ def generate_responses(model, tokenizer, prompts: list, prompt_ids: list[list[in
         [r[m.bool()].tolist() for r, m in zip(response, response_mask)], skip_special_tokens=True)
     return Rollout(prompts=list(prompts), completions=completions, input_ids=input_ids,
                    attention_mask=attention_mask, prompt_length=P, response_mask=response_mask, has_eos=has_eos)
+
+
+def has_compiled_blocks(model) -> bool:
+    """True when `models.loading.compile_blocks` compiled this model's transformer blocks."""
+    return any(getattr(m, "_rufus_compiled", False) for m in model.modules())
+
+
+def pick_tokens(logits: torch.Tensor, gen, pad_token_id: int) -> torch.Tensor:
+    """(B,) next tokens from (B, V) logits: the pad token suppressed, then greedy (temperature <= 0)
+    or sampled after temperature, top-k (0 = off) and top-p (1.0 = off; the smallest set of most
+    likely tokens whose mass reaches top_p, at least one) -- the order `generate` applies them in."""
+    logits = logits.float().clone()
+    logits[:, pad_token_id] = float("-inf")
+    if gen.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / gen.temperature
+    if gen.top_k and gen.top_k > 0:
+        kth = torch.topk(logits, min(gen.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if gen.top_p is not None and gen.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs  # mass of the more likely tokens
+        drop = mass_before >= gen.top_p  # the first token always stays (mass before it is 0)
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+
+
+def _last_logits(model, input_ids, attention_mask, position_ids, cache_position, cache):
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=cache, cache_position=cache_position, use_cache=True)
+    return out.logits[:, -1]
+
+
+@torch.no_grad()
+def sample_static(model, ids: torch.Tensor, mask: torch.Tensor, gen, pad_token_id: int,
+                  eos_token_id: int | None) -> torch.Tensor:
+    """(B, A) sampled tokens (pad after a row's EOS) through a static KV cache and a compiled decode step.
+
+    The path for models with compiled blocks (`compile=true`): the prompt is encoded eagerly into a
+    `StaticCache` of fixed length P + A, then each new token is one call of a `torch.compile`d
+    single-token forward whose shapes never change, so it compiles once per (batch, length) and
+    runs without Python overhead per operation. The cache and the compiled step are kept on the
+    model and reused. Same distribution as `generate` (pick_tokens); different random draws.
+    `eos_token_id` None samples all A tokens.
+    """
+    from transformers import StaticCache
+
+    from rufus.rollout.logprobs import position_ids_from_mask
+
+    B, P = ids.shape
+    A = gen.max_new_tokens
+    state = model.__dict__.setdefault("_rufus_decoder", {})
+    key = (B, P + A, ids.device.type)
+    cache = state.get(key)
+    if cache is None:
+        cache = state[key] = StaticCache(config=model.config, max_cache_len=P + A)
+    else:
+        cache.reset()
+    if "step" not in state:
+        state["step"] = torch.compile(_last_logits, dynamic=False)
+    full_mask = torch.cat([mask, torch.ones((B, A), dtype=mask.dtype, device=mask.device)], dim=1)
+    with torch.compiler.set_stance("force_eager"):
+        logits = _last_logits(model, ids, full_mask, position_ids_from_mask(mask),
+                              torch.arange(P, device=ids.device), cache)
+    next_position = mask.sum(-1, keepdim=True)  # (B, 1) each row's first response position
+    out = torch.full((B, A), pad_token_id, dtype=torch.long, device=ids.device)
+    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    for t in range(A):
+        tokens = torch.where(done, pad_token_id, pick_tokens(logits, gen, pad_token_id))
+        out[:, t] = tokens
+        if eos_token_id is not None:
+            done |= tokens == eos_token_id
+            if bool(done.all()):
+                break
+        if t < A - 1:
+            logits = state["step"](model, tokens[:, None], full_mask, next_position + t,
+                                   torch.tensor([P + t], device=ids.device), cache)
+    return out
