@@ -31,7 +31,6 @@ class MasterWeights:
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16):
         self.dtype = dtype
         self.pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = []  # (model param, master)
-        self._grad_buffers: dict[int, torch.Tensor] = {}
         for param in _unique_parameters(model):
             if not param.is_floating_point():
                 continue
@@ -41,14 +40,6 @@ class MasterWeights:
             param.data = param.data.to(dtype)
         model.to(dtype)  # buffers too (e.g. rotary inverse frequencies are recomputed in float32 by HF)
         model._rufus_master_weights = self  # for restore_float32 before the final save
-
-    def _grad_buffer(self, master: torch.nn.Parameter) -> torch.Tensor:
-        """A float32 gradient buffer per master, allocated once (a fresh 4-bytes-per-weight
-        allocation at every step costs more than the copy into it)."""
-        buf = self._grad_buffers.get(id(master))
-        if buf is None:
-            buf = self._grad_buffers[id(master)] = torch.empty_like(master)
-        return buf
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """The float32 masters: what the optimiser updates and gradient clipping measures."""
@@ -62,8 +53,10 @@ class MasterWeights:
             if param.grad is None:
                 master.grad = None
                 continue
-            if master.grad is None:  # the optimiser's zero_grad drops it; the buffer is reused
-                master.grad = self._grad_buffer(master)
+            if master.grad is None:
+                # allocated here and dropped by the optimiser's zero_grad, so the float32 gradients
+                # exist only between backward and step, not on top of the activations in backward
+                master.grad = torch.empty_like(master)
             dst.append(master.grad)
             src.append(param.grad)
             param.grad = None
