@@ -177,6 +177,9 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=8, help="optimiser steps per run, warm-up included")
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of the median")
     p.add_argument("--skip-peer", action="store_true", help="run Rufus only")
+    p.add_argument("--reuse-peer", action="store_true",
+                   help="take the peer's rows from the last results.jsonl instead of running the peer again "
+                        "(the peer does not change when Rufus does); Rufus runs afresh")
     p.add_argument("--timeout", type=int, default=1800, help="seconds before one run counts as failed")
     p.add_argument("--idle-wait", type=float, default=900,
                    help="before each run, wait up to this many seconds for other work to leave the CPU (0 = never)")
@@ -209,11 +212,21 @@ def main(argv=None) -> None:
 
     # 2. the runs: peer then Rufus, per precision, one process at a time
     rows = []
+    stored = {}
+    if args.reuse_peer:
+        results = common.CACHE / "results.jsonl"
+        previous = [json.loads(x) for x in results.read_text().splitlines()] if results.exists() else []
+        stored = {(r["algo"], r["model"], r["precision"]): r for r in previous if r["side"] == "peer"}
+        run_peer = False
     for algo in algos:
         for model in models:
             print(f"{algo} {model}", flush=True)
             for precision in precisions:
-                if run_peer:
+                if (algo, model, precision) in stored:
+                    rows.append(dict(stored[(algo, model, precision)], reused=True))
+                    print(f"   peer {algo} {model} {precision} ... {rows[-1].get('median_s', float('nan')):.3f} s/step "
+                          f"(stored row)", flush=True)
+                elif run_peer:
                     rows.append(run_one("peer", algo, model, precision, args.steps, args.warmup, args.timeout,
                                         args.idle_wait))
                 rows.append(run_one("rufus", algo, model, precision, args.steps, args.warmup, args.timeout,
@@ -223,7 +236,8 @@ def main(argv=None) -> None:
     (common.CACHE / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     peer_versions = sorted({f"{r['impl']} {r['version']}" for r in rows if r["side"] == "peer" and not r.get("failed")})
     md = table(rows, algos, models, peak, "trl")
-    header = (f"Rufus {rufus_version(rows)} vs peer ({', '.join(peer_versions) or 'not run'}), {datetime.date.today()}: {args.steps} steps, median of "
+    reused = " (peer rows from an earlier run of this script, --reuse-peer)" if any(r.get("reused") for r in rows) else ""
+    header = (f"Rufus {rufus_version(rows)} vs peer ({', '.join(peer_versions) or 'not run'}{reused}), {datetime.date.today()}: {args.steps} steps, median of "
               f"the last {args.steps - args.warmup}, OMP_NUM_THREADS=2. Peak (peak.json): float32 "
               f"{peak['float32']:.0f}, bfloat16 {peak['bfloat16']:.0f} GFLOP/s. rufus x = peer s/step / Rufus s/step.")
     text = header + "\n\n" + md + "\n"
