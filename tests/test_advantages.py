@@ -156,3 +156,40 @@ def test_whiten_without_mask_and_degenerate_inputs():
     assert torch.equal(whiten(torch.full((2, 3), 4.0)), torch.zeros(2, 3))
     out = whiten(torch.randn(2, 3), torch.zeros(2, 3))
     assert torch.equal(out, torch.zeros(2, 3)) and not math.isnan(out.sum().item())
+
+
+def test_gae_with_episode_ends_and_a_bootstrap_value_hand_values():
+    """Classic-RL layout: one environment, 3 steps, the episode ends at t = 1, the segment stops
+    mid-episode after t = 2 with V(s_3) = 2. gamma 0.9, lam 0.8, r = 1, V = 0.5 everywhere:
+      t=2: delta = 1 + 0.9 * 2 - 0.5 = 2.3;               A_2 = 2.3
+      t=1: episode ends: delta = 1 + 0 - 0.5 = 0.5;       A_1 = 0.5
+      t=0: delta = 1 + 0.9 * 0.5 - 0.5 = 0.95;            A_0 = 0.95 + 0.9 * 0.8 * 0.5 = 1.31
+    """
+    rewards = torch.ones(1, 3)
+    values = torch.full((1, 3), 0.5)
+    adv, ret = gae(rewards, values, torch.ones(1, 3), gamma=0.9, lam=0.8,
+                   dones=torch.tensor([[0.0, 1.0, 0.0]]), bootstrap=torch.tensor([2.0]))
+    assert torch.allclose(adv, torch.tensor([[1.31, 0.5, 2.3]]))
+    assert torch.allclose(ret, adv + 0.5)
+
+
+@pytest.mark.parametrize("gamma, lam", [(0.99, 0.95), (0.9, 0.0), (1.0, 1.0)])
+def test_gae_with_dones_matches_a_naive_loop(gamma, lam):
+    """Against the textbook loop over (envs, time) with 'episode ended at t' flags and a bootstrap."""
+    g = torch.Generator().manual_seed(3)
+    B, T = 4, 9
+    rewards, values = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    dones = (torch.rand(B, T, generator=g) < 0.25).float()
+    boot = torch.randn(B, generator=g)
+    expected = torch.zeros(B, T)
+    for b in range(B):
+        last = 0.0
+        for t in reversed(range(T)):
+            next_value = boot[b] if t == T - 1 else values[b, t + 1]
+            alive = 1.0 - dones[b, t]
+            delta = rewards[b, t] + gamma * next_value * alive - values[b, t]
+            last = delta + gamma * lam * alive * last
+            expected[b, t] = last
+    adv, ret = gae(rewards, values, torch.ones(B, T), gamma=gamma, lam=lam, dones=dones, bootstrap=boot)
+    assert torch.allclose(adv, expected, atol=1e-5)
+    assert torch.allclose(ret, expected + values, atol=1e-5)

@@ -50,6 +50,8 @@ def gae(
     *,
     gamma: float = 1.0,
     lam: float = 0.95,
+    dones: torch.Tensor | None = None,
+    bootstrap: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation (Schulman et al. 2016, "High-Dimensional Continuous Control
     Using Generalized Advantage Estimation", eq. 16), as a backward recursion over time:
@@ -71,6 +73,12 @@ def gae(
     usual mask (valid tokens first, then padding) this is exactly the recursion above; for a mask with
     holes (e.g. tool output inside a multi-turn response) the valid tokens form one trajectory, as in
     verl's multi-turn GAE. Vectorised over the batch; one reverse loop over the A positions.
+
+    Classic RL (rows = parallel environments, columns = time steps of a rollout segment) adds:
+    dones     (B, A)  1 where the episode ended *at* step t: nothing flows back from t + 1
+                      (next V and next A count as 0 there), so one row holds several episodes
+    bootstrap (B,)    V(s) of the state after the segment's last step, for a segment that stops in
+                      the middle of an episode (None: 0, the sequence is terminal, as in RLHF)
     """
     if rewards.shape != values.shape or rewards.shape != mask.shape or rewards.dim() != 2:
         raise ValueError(
@@ -86,8 +94,16 @@ def gae(
 
     advantages = torch.zeros_like(rewards)  # (B, A)
     next_value = rewards.new_zeros(rewards.shape[0])  # (B,) V of the next valid token, 0 past the end
+    if bootstrap is not None:
+        next_value = _upcast(bootstrap).to(rewards.dtype).reshape(rewards.shape[0]).clone()
     next_adv = rewards.new_zeros(rewards.shape[0])  # (B,) A of the next valid token, 0 past the end
+    if dones is not None and dones.shape != rewards.shape:
+        raise ValueError(f"dones must be (B, A) like rewards, got {tuple(dones.shape)}")
     for t in reversed(range(rewards.shape[1])):
+        if dones is not None:  # the episode ended at t: no value or advantage from step t + 1
+            ended = dones[:, t].bool()
+            next_value = torch.where(ended, zero, next_value)
+            next_adv = torch.where(ended, zero, next_adv)
         delta = rewards[:, t] + gamma * next_value - values[:, t]  # (B,) TD residual
         adv = delta + gamma * lam * next_adv  # (B,)
         m = valid[:, t]

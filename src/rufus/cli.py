@@ -50,6 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-h", "--help", action="store_true", help="list every config key and exit")
         p.add_argument("--config", "-c", help="YAML config file (key=value overrides win)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lr=1e-5 data.train=x.jsonl")
+    from rufus.classic import ALGOS
+
+    desc = "classic RL on gymnasium: tabular Q-learning / SARSA / TD(0) vs MC, DQN, REINFORCE, A2C, PPO, DDPG, TD3"
+    p = sub.add_parser("classic", help=desc, description=desc, add_help=False,
+                       usage="rufus classic {%s} [--config cfg.yaml] [key=value ...]" % ",".join(ALGOS))
+    p.add_argument("algo", nargs="?", choices=list(ALGOS), metavar="algo", help="one of: " + ", ".join(ALGOS))
+    p.add_argument("-h", "--help", action="store_true", help="list every config key and exit")
+    p.add_argument("--config", "-c", help="YAML config file (key=value overrides win)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. env=CartPole-v1 seed=1")
     return parser
 
 
@@ -66,7 +75,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from rufus.config import ConfigError, config_help, load_config
 
-    cfg_cls, fn = _load(args.command)
+    if args.command == "classic":
+        from rufus.classic import load as load_classic
+
+        if not args.algo:
+            sub = parser._subparsers._group_actions[0].choices["classic"]  # noqa: SLF001
+            print(sub.format_help())
+            return 0 if args.help else 2
+
+        cfg_cls, fn = load_classic(args.algo)
+    else:
+        cfg_cls, fn = _load(args.command)
     if args.help:
         sub = parser._subparsers._group_actions[0].choices[args.command]  # noqa: SLF001
         print(sub.format_help())
@@ -83,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, RewardError) as e:
         print(f"rufus {args.command}: error: {e}", file=sys.stderr)
         return 2
-    print_summary(args.command, result)
+    print_summary(args.command if args.command != "classic" else f"classic {args.algo}", result)
     return 0
 
 
@@ -99,6 +118,14 @@ def print_summary(command: str, result) -> None:
             print(f"  {key:<14} {value:.4g}" if isinstance(value, float) else f"  {key:<14} {value}")
         return
     rows = getattr(result, "metrics", None) or []
+    if hasattr(result, "episodes"):  # a classic agent: episodes, the recent mean return, its extras
+        print(f"\nrufus {command}: {len(result.episodes)} episodes; mean return of the last 20: "
+              f"{result.mean_return(20):.4g}")
+        for key, value in result.extra.items():
+            if isinstance(value, (int, float)):
+                print(f"  {key:<22} {value:.4g}")
+        print(f"rufus {command}: outputs in {result.output_dir} (metrics.jsonl, agent.pt, plots/episodic_return.png)")
+        return
     if rows:
         last = {}
         for row in rows:  # the latest value of every metric, eval ones included
