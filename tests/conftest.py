@@ -13,3 +13,16 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 if "HF_DATASETS_CACHE" not in os.environ:
     os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="rufus-tests-datasets-")
     atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` (long end-to-end checks) run only when -m selects them: `pytest -m slow`."""
+    import pytest
+
+    markexpr = config.option.markexpr or ""
+    if "slow" in markexpr and "not slow" not in markexpr:
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
