@@ -61,3 +61,19 @@ def test_every_command_has_help(capsys):
     for command in COMMANDS:
         assert main([command, "--help"]) == 0, command
         assert "config keys" in capsys.readouterr().out
+
+
+def test_classic_command_runs_an_agent_and_lists_its_keys(tmp_path, capsys):
+    """`rufus classic <algo> key=value ...`: the same config system; outputs and a summary."""
+    from rufus.cli import main
+
+    assert main(["classic", "q_learning", "env=FrozenLake-v1", "slippery=false", "total_steps=3000",
+                 f"output_dir={tmp_path / 'q'}", "progress=false", "eval_episodes=10"]) == 0
+    printed = capsys.readouterr().out
+    assert "rufus classic q_learning" in printed and "greedy_success_rate" in printed
+    assert (tmp_path / "q" / "metrics.jsonl").exists() and (tmp_path / "q" / "agent.pt").exists()
+    assert (tmp_path / "q" / "plots" / "episodic_return.png").exists()
+    assert main(["classic", "ppo", "--help"]) == 0
+    assert "clip_coef" in capsys.readouterr().out
+    assert main(["classic", "dqn", "no_such_key=1", f"output_dir={tmp_path / 'd'}"]) == 2
+    assert "no_such_key" in capsys.readouterr().err
