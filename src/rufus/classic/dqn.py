@@ -2,17 +2,18 @@
 
 A network Q_theta(s, .) gives one value per discrete action. The agent acts epsilon-greedily on it,
 stores every transition (s, a, r, s', terminated) in a replay buffer, and every `train_every`
-environment steps takes one gradient step on a uniformly sampled minibatch:
+environment steps takes one gradient step (Adam) on a uniformly sampled minibatch:
 
-    y      = r + gamma * (1 - terminated) * max_a' Q_target(s', a')
-    loss   = mean over the batch of Huber(Q_theta(s, a) - y)        (smooth L1, delta = 1)
+    y    = r + gamma * (1 - terminated) * max_a' Q_target(s', a')
+    loss = mean over the batch of  l(Q_theta(s, a) - y)
 
-where Q_target is a copy of Q_theta that lags behind it: a hard copy every `target_update_every`
-steps (tau = 1), or a Polyak average target <- tau * online + (1 - tau) * target at those steps
-(tau < 1). No gradient flows through y.
+with l the squared error (`loss=mse`, the default) or the Huber loss (`loss=huber`: smooth L1,
+0.5 d^2 for |d| <= 1, |d| - 0.5 beyond). Q_target is a copy of Q_theta that lags behind it: a
+hard copy every `target_update_every` steps (tau = 1), or a Polyak average
+target <- tau * online + (1 - tau) * target at those steps (tau < 1). No gradient flows through y.
 
-Only *termination* stops the bootstrap (the pole fell: the true value of s' is 0). An episode cut
-by a time limit (gymnasium's `truncated`) still had a future, so its target bootstraps from s'.
+Only *termination* stops the bootstrap (the pole fell: the value of s' is 0). An episode cut by a
+time limit (gymnasium's `truncated`) still had a future, so its target bootstraps from s'.
 
 With `double_dqn=true` the next action is chosen by the online network and valued by the target
 network (van Hasselt et al., 2016): y = r + gamma * (1 - terminated) * Q_target(s', argmax_a' Q_theta(s', a')).
@@ -20,12 +21,19 @@ network (van Hasselt et al., 2016): y = r + gamma * (1 - terminated) * Q_target(
 Epsilon falls linearly from `epsilon_start` to `epsilon_end` over the first
 `exploration_fraction * total_steps` steps, then stays; learning starts after `learning_starts`
 steps of acting (the buffer fills with exploratory transitions first).
+
+Why squared error by default: the Nature paper clips the error (Huber), but on CartPole the
+rare terminal transitions are exactly the large errors (y = 1 against Q near 100), and Huber's
+bounded gradient lets the network all but ignore them; with these defaults its Q-values climb far
+past the largest possible return (1 / (1 - gamma) = 100) and the policy never learns. The squared
+error weighs those transitions fully.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -39,7 +47,7 @@ from rufus.config import ConfigError, opt
 @dataclass
 class DQNConfig(ClassicArgs):
     env: str = opt("CartPole-v1", "gymnasium environment id (Discrete actions, Box observations)")
-    total_steps: int = opt(100_000, "environment steps in all")
+    total_steps: int = opt(300_000, "environment steps in all")
     lr: float = opt(2.5e-4, "Adam learning rate")
     buffer_size: int = opt(10_000, "transitions the replay buffer holds (the oldest are overwritten)")
     batch_size: int = opt(128, "transitions per gradient step, sampled uniformly from the buffer")
@@ -52,6 +60,7 @@ class DQNConfig(ClassicArgs):
     epsilon_start: float = opt(1.0, "exploration rate at step 0")
     epsilon_end: float = opt(0.05, "exploration rate after the decay")
     exploration_fraction: float = opt(0.5, "fraction of total_steps over which epsilon falls linearly")
+    loss: Literal["mse", "huber"] = opt("mse", "TD-error loss: mse (squared error) or huber (smooth L1, delta 1)")
     max_grad_norm: float = opt(0.0, "clip the gradient norm to this (0 = no clipping)")
     double_dqn: bool = opt(False, "choose the next action with the online network, value it with the target network")
     eval_episodes: int = opt(10, "greedy episodes at the end for extra['greedy_mean_return'] (0 = none)")
@@ -131,14 +140,16 @@ def td_targets(rewards: torch.Tensor, terminated: torch.Tensor, next_q_target: t
 
 
 def dqn_loss(q_network: nn.Module, target_network: nn.Module, batch: dict[str, torch.Tensor], gamma: float,
-             double_dqn: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Huber loss of Q(s, a) against the TD target, Q(s, a) of the batch)."""
+             double_dqn: bool = False, loss: str = "mse") -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss of Q(s, a) against the TD target -- mean squared error or Huber --, Q(s, a) of the batch)."""
     q_taken = q_network(batch["obs"]).gather(1, batch["actions"].long().unsqueeze(1)).squeeze(1)
     with torch.no_grad():
         next_q_target = target_network(batch["next_obs"])
         next_q_online = q_network(batch["next_obs"]) if double_dqn else None
         y = td_targets(batch["rewards"], batch["terminated"], next_q_target, gamma, next_q_online)
-    return F.smooth_l1_loss(q_taken, y), q_taken
+    if loss == "huber":
+        return F.smooth_l1_loss(q_taken, y), q_taken
+    return F.mse_loss(q_taken, y), q_taken
 
 
 @torch.no_grad()
@@ -261,7 +272,7 @@ def train_dqn(config) -> ClassicResult:
         if step > cfg.learning_starts:
             if step % cfg.train_every == 0:
                 loss, q_taken = dqn_loss(q_network, target_network, buffer.sample(cfg.batch_size), cfg.gamma,
-                                         cfg.double_dqn)
+                                         cfg.double_dqn, cfg.loss)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.max_grad_norm > 0:
