@@ -40,7 +40,7 @@ from rufus.classic.common import (
     ClassicResult,
     as_config,
     finish_run,
-    make_env,
+    greedy_returns,
     make_vec_env,
     start_run,
     vector_episode_stats,
@@ -132,23 +132,6 @@ def env_dims(env, env_id: str) -> tuple[int, int]:
     return int(np.prod(obs_space.shape)), int(act_space.n)
 
 
-def greedy_returns(agent: ActorCritic, env_id: str, seed: int, episodes: int) -> list[float]:
-    """Returns of `episodes` episodes with the argmax action, on a fresh environment."""
-    env = make_env(env_id, seed)
-    out = []
-    for i in range(episodes):
-        obs, _ = env.reset(seed=seed + i)
-        total, done = 0.0, False
-        while not done:
-            with torch.no_grad():
-                logits = agent.actor(torch.as_tensor(obs, dtype=torch.float32).reshape(1, -1))
-            obs, reward, terminated, truncated, _ = env.step(int(logits.argmax(-1)))
-            total += float(reward)
-            done = terminated or truncated
-        out.append(total)
-    env.close()
-    return out
-
 
 def train_a2c(config) -> ClassicResult:
     cfg = as_config(A2CConfig, config)
@@ -222,7 +205,7 @@ def train_a2c(config) -> ClassicResult:
                     explained_variance=ev, lr=optimizer.param_groups[0]["lr"])
     envs.close()
 
-    greedy = greedy_returns(agent, cfg.env, cfg.seed + 10_000, cfg.eval_episodes)
+    greedy = greedy_returns(agent.actor, cfg.env, cfg.seed + 10_000, cfg.eval_episodes)
     state = {"actor": agent.actor.state_dict(), "critic": agent.critic.state_dict(),
              "obs_dim": obs_dim, "n_actions": n_actions, "hidden": cfg.hidden}
     extra = {"greedy_mean_return": float(np.mean(greedy)) if greedy else float("nan"), "greedy_returns": greedy}

@@ -31,6 +31,7 @@ import torch
 
 from rufus.config import ConfigError, opt, save_config
 from rufus.report.metrics import MetricsLogger
+from rufus.trainers.common import as_config  # noqa: F401 (re-exported: a config object or a dict)
 
 
 @dataclass
@@ -45,17 +46,6 @@ class ClassicArgs:
     log_every: int = opt(1000, "environment steps between rows of training statistics (losses, epsilon)")
     threads: int = opt(1, "torch threads during the run (small networks: one thread is fastest; "
                           "several threads on busy cores can be 30x slower)")
-
-
-def as_config(cls: type, config):
-    """A config object, or a dict of key -> value (dotted or nested) as a YAML file would hold it."""
-    from rufus.config import load_config
-
-    if isinstance(config, cls):
-        return config
-    if isinstance(config, dict):
-        return load_config(cls, defaults=config)
-    raise TypeError(f"expected {cls.__name__} or dict, got {type(config).__name__}")
 
 
 def seed_everything(seed: int) -> None:
@@ -214,3 +204,22 @@ def vector_episode_stats(infos: dict) -> list[tuple[float, int]]:
     if ended is None:
         return []
     return [(float(infos["episode"]["r"][i]), int(infos["episode"]["l"][i])) for i in np.flatnonzero(ended)]
+
+
+def greedy_returns(logits_fn, env_id: str, seed: int, episodes: int) -> list[float]:
+    """Returns of `episodes` episodes taking argmax of `logits_fn(obs (1, d)) -> (1, n_actions)`,
+    on a fresh environment (episode i reset with seed + i)."""
+    env = make_env(env_id, seed)
+    out = []
+    for i in range(episodes):
+        obs, _ = env.reset(seed=seed + i)
+        total, done = 0.0, False
+        while not done:
+            with torch.no_grad():
+                logits = logits_fn(torch.as_tensor(obs, dtype=torch.float32).reshape(1, -1))
+            obs, reward, terminated, truncated, _ = env.step(int(logits.argmax(-1)))
+            total += float(reward)
+            done = terminated or truncated
+        out.append(total)
+    env.close()
+    return out

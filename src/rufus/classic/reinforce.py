@@ -33,7 +33,15 @@ from torch import nn
 from torch.distributions import Categorical
 
 from rufus import advantages as adv_fns
-from rufus.classic.common import ClassicArgs, ClassicResult, as_config, finish_run, make_env, start_run
+from rufus.classic.common import (
+    ClassicArgs,
+    ClassicResult,
+    as_config,
+    finish_run,
+    greedy_returns,
+    make_env,
+    start_run,
+)
 from rufus.config import ConfigError, opt
 from rufus.losses import ppo as ppo_losses
 
@@ -86,23 +94,6 @@ def env_dims(env, env_id: str) -> tuple[int, int]:
         raise ConfigError(f"env: {env_id} needs a Box observation space, got {env.observation_space}")
     return int(np.prod(env.observation_space.shape)), int(env.action_space.n)
 
-
-def greedy_returns(policy: nn.Module, env_id: str, seed: int, episodes: int) -> list[float]:
-    """Returns of `episodes` episodes with the argmax action, on a fresh environment."""
-    env = make_env(env_id, seed)
-    out = []
-    for i in range(episodes):
-        obs, _ = env.reset(seed=seed + i)
-        total, done = 0.0, False
-        while not done:
-            with torch.no_grad():
-                logits = policy(torch.as_tensor(obs, dtype=torch.float32).reshape(1, -1))
-            obs, reward, terminated, truncated, _ = env.step(int(logits.argmax(-1)))
-            total += float(reward)
-            done = terminated or truncated
-        out.append(total)
-    env.close()
-    return out
 
 
 def train_reinforce(config) -> ClassicResult:
