@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-h", "--help", action="store_true", help="list every config key and exit")
     p.add_argument("--config", "-c", help="YAML config file (key=value overrides win)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. env=CartPole-v1 seed=1")
+    from rufus.studio.commands import add_parser as add_studio
+
+    add_studio(sub)
     return parser
 
 
@@ -73,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    if args.command == "studio":
+        from rufus.studio.commands import run as run_studio
+
+        return run_studio(args, parser)
     from rufus.config import ConfigError, config_help, load_config
 
     if args.command == "classic":

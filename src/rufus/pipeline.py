@@ -45,6 +45,7 @@ from rufus.config import (
     to_dict,
 )
 from rufus.report.metrics import read_metrics as read_jsonl
+from rufus.rollout.sample import sample_responses
 
 log = logging.getLogger(__name__)
 
@@ -530,36 +531,6 @@ def _run_collect(cfg: PipelineConfig, st: _Stages, plan: dict, files: dict, upst
     st.done("collect", t0, {"format": "preference" if k == 2 else "ranking", "train": len(train_rows),
                             "eval": len(eval_rows), "label_gold_agreement": agreement})
     return key
-
-
-def sample_responses(model_path: str, prompts: list[str], k: int, generation: GenerationConfig, *,
-                     batch_size: int = 64, seed: int = 0, dtype: str = "auto", progress: bool = True,
-                     desc: str = "sample") -> list[list[str]]:
-    """`k` sampled responses (text) to each prompt: one list per prompt."""
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import set_seed
-
-    from rufus.data.sft import encode_prompt
-    from rufus.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
-    from rufus.rollout.generate import generate_responses
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_tokenizer(model_path)
-    model = load_causal_lm(model_path, tokenizer=tokenizer, dtype=resolve_dtype(dtype, device)).to(device).eval()
-    set_seed(seed)
-    out: list[list[str]] = []
-    per_call = max(1, batch_size // k) if k <= batch_size else 1
-    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", dynamic_ncols=True, disable=not progress)
-    for start in range(0, len(prompts), per_call):
-        group = prompts[start:start + per_call]
-        rep = [p for p in group for _ in range(k)]  # prompt g's samples at g*k .. g*k+k-1
-        ro = generate_responses(model, tokenizer, rep, [encode_prompt(tokenizer, p) for p in rep], generation,
-                                device=device)
-        out += [ro.completions[g * k:(g + 1) * k] for g in range(len(group))]
-        bar.update(len(group))
-    bar.close()
-    return out
 
 
 def _run_rm(cfg: PipelineConfig, st: _Stages, plan: dict, files: dict, upstream: str) -> str:

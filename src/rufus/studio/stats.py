@@ -1,0 +1,107 @@
+"""What the admin pages show of a round's labels: the label distribution and the most disputed items.
+
+Disagreement of one item among its n >= 2 labels, in [0, 1]:
+- pairwise: 1 - (votes for the most common outcome) / n, outcomes being "this response better",
+  "that response better", tie, both bad;
+- ranking: the mean, over pairs of labels, of the fraction of response pairs the two order
+  differently (a pair one label ties and the other orders counts half): Kendall's distance, normalised;
+- rating: the mean over responses of the ratings' standard deviation, divided by 3 (the largest
+  standard deviation two ratings on a 1-7 scale can have).
+Annotator agreement statistics proper (kappas, alpha) belong to the agreement module.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter, defaultdict
+from itertools import combinations
+
+from sqlalchemy import select
+
+from rufus.studio.db import Assignment, Database, Item, Label, Prompt
+from rufus.studio.rounds import get_round
+
+
+def _position(ranking: list[list[int]]) -> dict[int, int]:
+    return {int(rid): t for t, tier in enumerate(ranking) for rid in tier}
+
+
+def _kendall(a: dict[int, int], b: dict[int, int]) -> float:
+    pairs = list(combinations(sorted(a), 2))
+    if not pairs:
+        return 0.0
+    total = 0.0
+    for x, y in pairs:
+        sa = (a[x] > a[y]) - (a[x] < a[y])
+        sb = (b[x] > b[y]) - (b[x] < b[y])
+        if sa != sb:
+            total += 0.5 if sa == 0 or sb == 0 else 1.0
+    return total / len(pairs)
+
+
+def item_disagreement(task: str, labels: list[Label]) -> float:
+    """Disagreement in [0, 1] among one item's labels (module docstring)."""
+    n = len(labels)
+    if n < 2:
+        return 0.0
+    if task == "pairwise":
+        votes = Counter((lb.outcome, lb.winner_id) for lb in labels)
+        return 1.0 - max(votes.values()) / n
+    if task == "ranking":
+        pos = [_position(lb.ranking) for lb in labels]
+        return statistics.fmean(_kendall(a, b) for a, b in combinations(pos, 2))
+    ids = list(labels[0].ratings)
+    return statistics.fmean(statistics.pstdev([lb.ratings[r] for lb in labels]) for r in ids) / 3.0
+
+
+def label_distribution(db: Database, round_name: str) -> dict:
+    """Counts an admin reads at a glance: outcomes (and whether the first- or second-shown response
+    won, for position bias), strengths, ties in rankings, the rating histogram, flags, better answers."""
+    with db.session() as s:
+        rnd = get_round(s, round_name)
+        rows = s.execute(select(Label, Assignment.order).join(Assignment, Assignment.id == Label.assignment_id)
+                         .where(Label.round_id == rnd.id)).all()
+    out: dict = {"labels": len(rows), "flags": Counter(), "better_answers": 0, "comments": 0}
+    if rnd.task == "pairwise":
+        out.update(outcomes=Counter(), shown_first_won=0, shown_second_won=0, strengths=Counter())
+    elif rnd.task == "ranking":
+        out.update(with_ties=0)
+    else:
+        out.update(ratings=Counter())
+    for lb, order in rows:
+        out["flags"].update(lb.flags or [])
+        out["better_answers"] += bool(lb.better_answer)
+        out["comments"] += bool(lb.comment)
+        if rnd.task == "pairwise":
+            out["outcomes"][lb.outcome] += 1
+            if lb.outcome == "win":
+                out["strengths"][lb.strength or "unspecified"] += 1
+                out["shown_first_won" if lb.winner_id == order[0] else "shown_second_won"] += 1
+        elif rnd.task == "ranking":
+            out["with_ties"] += any(len(t) > 1 for t in lb.ranking)
+        else:
+            out["ratings"].update(lb.ratings.values())
+    for key in ("flags", "outcomes", "strengths", "ratings"):
+        if key in out:
+            out[key] = dict(sorted(out[key].items(), key=lambda kv: str(kv[0])))
+    return out
+
+
+def disputed_items(db: Database, round_name: str, limit: int = 10) -> list[dict]:
+    """The `limit` items with the highest disagreement (at least two labels), most disputed first."""
+    with db.session() as s:
+        rnd = get_round(s, round_name)
+        by_item: dict[int, list[Label]] = defaultdict(list)
+        for lb in s.scalars(select(Label).where(Label.round_id == rnd.id)):
+            by_item[lb.item_id].append(lb)
+        scored = sorted(((item_disagreement(rnd.task, labels), item_id, len(labels))
+                         for item_id, labels in by_item.items() if len(labels) >= 2), key=lambda t: (-t[0], t[1]))
+        out = []
+        for score, item_id, n in scored[:limit]:
+            if score <= 0:
+                break
+            prompt = s.scalar(select(Prompt.content).join(Item, Item.prompt_id == Prompt.id).where(Item.id == item_id))
+            text = prompt if isinstance(prompt, str) else " / ".join(str(m.get("content", "")) for m in prompt)
+            out.append({"item_id": item_id, "disagreement": score, "labels": n,
+                        "prompt": text if len(text) <= 160 else text[:157] + "..."})
+        return out
