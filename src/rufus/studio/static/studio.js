@@ -18,8 +18,9 @@
     var skipForm = document.getElementById("skip-form");
 
     function submitForm(f) {
-      var button = f && f.querySelector("button[type=submit]");
-      if (!f || (button && button.disabled)) { return; }
+      if (!f) { return; }
+      var button = (f.id && document.querySelector("button[form='" + f.id + "']")) || f.querySelector("button[type=submit]");
+      if (button && button.disabled) { return; }
       if (f.requestSubmit) { f.requestSubmit(button || undefined); } else { f.submit(); }
     }
 
