@@ -113,8 +113,10 @@ def export_rows(db: Database, round_name: str, format: str, *, tie: str = "drop"
         for lb in labels:
             item = items[lb.item_id]
             scores = _label_scores(lb, list(item.response_ids))
-            if scores is None:
-                continue
+            if scores is None:  # both bad: no preference between them; as grades, 0 each
+                if format != "graded":
+                    continue
+                scores = {rid: 0.0 for rid in item.response_ids}
             prov = {"annotator_id": lb.user_id, "label_id": lb.id}
             if lb.task == "pairwise" and lb.strength:
                 prov["strength"] = lb.strength
@@ -132,11 +134,14 @@ def export_rows(db: Database, round_name: str, format: str, *, tie: str = "drop"
                 votes = {"labels": len(group), "tie": sum(lb.outcome == "tie" for lb in group),
                          "both_bad": sum(lb.outcome == "both_bad" for lb in group)}
                 wins = {rid: sum(lb.outcome == "win" and lb.winner_id == rid for lb in group) for rid in ids}
-                if votes["both_bad"] == len(group):
-                    continue
                 a, b = ids
-                scores = ({a: 0.5, b: 0.5} if wins[a] == wins[b] else
-                          {a: 1.0, b: 0.0} if wins[a] > wins[b] else {a: 0.0, b: 1.0})
+                if votes["both_bad"] == len(group):
+                    if format != "graded":
+                        continue
+                    scores = {a: 0.0, b: 0.0}
+                else:
+                    scores = ({a: 0.5, b: 0.5} if wins[a] == wins[b] else
+                              {a: 1.0, b: 0.0} if wins[a] > wins[b] else {a: 0.0, b: 1.0})
                 votes["responses"] = {str(rid): wins[rid] for rid in ids}
             else:
                 per = [_label_scores(lb, ids) for lb in group]
