@@ -115,8 +115,11 @@ def test_host_header_parsing_and_allowlist():
     assert "0.0.0.0" not in auth.allowed_hosts("0.0.0.0")
 
 
-def test_rate_limiter_counts_within_its_window():
+def test_rate_limiter_counts_failures_within_its_window():
     limiter = auth.RateLimiter(limit=3, window=10.0)
-    assert [limiter.allow("a", now=t) for t in (0, 1, 2, 3)] == [True, True, True, False]
+    for t in (0, 1, 2):
+        assert limiter.allow("a", now=t)
+        limiter.fail("a", now=t)
+    assert not limiter.allow("a", now=3)
     assert limiter.allow("b", now=3)  # per key
-    assert limiter.allow("a", now=10.5)  # the first attempt has left the window
+    assert limiter.allow("a", now=10.5)  # the first failure has left the window

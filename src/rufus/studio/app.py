@@ -125,8 +125,8 @@ def create_app(db: Database, *, allowed_hosts: list[str] | None = None, secure_c
     def wants_json(request: Request) -> bool:
         return "application/json" in request.headers.get("accept", "")
 
-    def page(name: str, code: int = 200, **context) -> HTMLResponse:
-        return HTMLResponse(env.get_template(name).render(**context), status_code=code)
+    def page(template: str, code: int = 200, **context) -> HTMLResponse:
+        return HTMLResponse(env.get_template(template).render(**context), status_code=code)
 
     def error_page(request: Request, status: int, message: str, who=None) -> Response:
         if wants_json(request):
@@ -205,6 +205,7 @@ def create_app(db: Database, *, allowed_hosts: list[str] | None = None, secure_c
         with db.session() as s:
             user = auth.user_for_token(s, token)
             if user is None:
+                limiter.fail(client)
                 raise HTTPError(403, "This login link is not valid (mistyped, or replaced by a newer one). "
                                      "Ask the studio's admin for yours.")
             cookie = auth.start_session(s, user)

@@ -138,26 +138,32 @@ def end_session(s: Session, cookie: str | None) -> None:
 
 
 class RateLimiter:
-    """At most `limit` events per `window` seconds per key (a sliding window, in memory)."""
+    """At most `limit` failures per `window` seconds per key (a sliding window, in memory): `allow`
+    says whether another attempt may be made, `fail` counts one that failed."""
 
     def __init__(self, limit: int = 20, window: float = 60.0):
         self.limit, self.window = limit, window
         self._events: dict[str, deque] = {}
         self._lock = threading.Lock()
 
+    def _recent(self, key: str, now: float) -> deque:
+        events = self._events.setdefault(key, deque())
+        while events and events[0] <= now - self.window:
+            events.popleft()
+        return events
+
     def allow(self, key: str, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
         with self._lock:
-            events = self._events.setdefault(key, deque())
-            while events and events[0] <= now - self.window:
-                events.popleft()
-            if len(events) >= self.limit:
-                return False
-            events.append(now)
+            return len(self._recent(key, now)) < self.limit
+
+    def fail(self, key: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._recent(key, now).append(now)
             if len(self._events) > 10_000:  # forget idle keys
                 for k in [k for k, v in self._events.items() if not v]:
                     del self._events[k]
-            return True
 
 
 def split_host(header: str) -> str:

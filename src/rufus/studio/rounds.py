@@ -104,6 +104,8 @@ def create_round(db: Database, name: str, task: str, candidates: list[Candidate]
         raise StudioError("a round needs a non-empty name")
     if len(name) > 200:
         raise StudioError("round names are at most 200 characters")
+    if "/" in name or "\\" in name or any(ord(c) < 32 for c in name):
+        raise StudioError(f"round names cannot contain slashes or control characters: {name!r}")
     if task not in TASKS:
         raise StudioError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
     if labels_per_item < 1:
