@@ -390,6 +390,15 @@ def load_config(cls: type, path: str | os.PathLike | None = None, overrides: lis
     return cfg
 
 
+def as_config(cls: type, config):
+    """Accept a config object, or a dict of key -> value as a YAML file would hold it."""
+    if isinstance(config, cls):
+        return config
+    if isinstance(config, dict):
+        return load_config(cls, defaults=config)
+    raise TypeError(f"expected {cls.__name__} or dict, got {type(config).__name__}")
+
+
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 

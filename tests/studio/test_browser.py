@@ -29,6 +29,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -50,7 +51,8 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 INSTALL_HINT = "apt-get install chromium chromium-driver"
 REPO = Path(__file__).resolve().parents[2]
-WAIT_S = 15  # longest wait for one page or one server start
+WAIT_S = 20  # longest wait for one page to load (they take well under a second)
+SERVER_START_S = 60  # longest wait for the server to answer (it imports for some seconds; more on a busy machine)
 
 ROUND = "pilot round"  # a space, so that every link to the round must quote its name
 MODELS = ("sft-ckpt-7f3a", "base-ckpt-9c1e")  # distinctive: they must never appear on an annotator page
@@ -136,19 +138,18 @@ def studio(tmp_path):
         with open(out_path, "w") as out, open(err_path, "w") as err:
             proc = subprocess.Popen([sys.executable, "-m", "rufus.cli", "studio", "serve", "--db", str(db_path),
                                      "--port", str(port)], stdout=out, stderr=err, cwd=tmp_path, env=env)
-        base, admin_url = f"http://127.0.0.1:{port}", None
-        deadline = time.monotonic() + WAIT_S
-        while time.monotonic() < deadline and proc.poll() is None:
-            admin_url = admin_url or _admin_link(out_path.read_text())
-            if admin_url and _answers(f"{base}/login"):
-                break
+        base, admin_url, up = f"http://127.0.0.1:{port}", None, False
+        deadline = time.monotonic() + SERVER_START_S
+        while not up and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.1)
-        if proc.poll() is None and admin_url:
+            admin_url = admin_url or _admin_link(out_path.read_text())
+            up = admin_url is not None and _answers(f"{base}/login")
+        if up:
             break
         _stop(proc)
         logs = f"stdout:\n{out_path.read_text()}\nstderr:\n{err_path.read_text()}"
         if "address already in use" not in logs.lower():
-            pytest.fail(f"the studio server did not start within {WAIT_S} s\n{logs}")
+            pytest.fail(f"the studio server did not answer within {SERVER_START_S} s\n{logs}")
     else:
         pytest.fail("the studio server found no free port in 3 attempts")
     assert admin_url.startswith(f"{base}/login?token="), admin_url
@@ -171,39 +172,46 @@ def _stop(proc: subprocess.Popen) -> None:
 # --- the browsers -------------------------------------------------------------------------------
 
 
+def _start_chromium(profile: str):
+    """A headless Chromium driver on a fresh profile, or a skip saying why the browser cannot start."""
+    options = ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--window-size=1280,900", "--no-proxy-server", f"--user-data-dir={profile}"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # to read the console
+    try:
+        driver = Chrome(service=Service(CHROMEDRIVER), options=options)  # a path: no Selenium Manager
+    except WebDriverException as e:
+        first_line = (e.msg or str(e)).strip().splitlines()[0]
+        pytest.skip(f"chromium could not start ({first_line}): check {CHROMIUM} and {CHROMEDRIVER} "
+                    f"({INSTALL_HINT})")
+    driver.set_page_load_timeout(WAIT_S)
+    return driver
+
+
 @pytest.fixture
 def browser(tmp_path):
-    """A factory of headless Chromium drivers, each with its own fresh profile (so its own cookies);
-    all are quit at the end. Skips when chromium, chromedriver or selenium is missing or the browser
-    cannot start. The first driver is started right away, so a skip comes before the server starts."""
+    """`browser()` hands out one of three headless Chromium drivers (the admin's and each annotator's),
+    each on its own fresh profile, so with its own cookies; all are quit at the end.
+
+    Skips when chromium or chromedriver is missing or the browser cannot start. The first driver is
+    started right away (so a skip comes before the server starts); the other two start in the
+    background meanwhile, while the server (which takes some seconds to import) starts."""
     for path, what in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromedriver")):
         if not (os.path.isfile(path) and os.access(path, os.X_OK)):
             pytest.skip(f"{what} not installed (no {path}): {INSTALL_HINT}")
-    drivers = []
-
-    def start():
-        options = ChromeOptions()
-        options.binary_location = CHROMIUM
-        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                    "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                    "--disable-sync", "--window-size=1280,900", "--no-proxy-server",
-                    f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-', dir=tmp_path)}"):
-            options.add_argument(arg)
-        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # to read the console
-        try:
-            driver = Chrome(service=Service(CHROMEDRIVER), options=options)
-        except WebDriverException as e:
-            pytest.skip(f"chromium could not start ({(e.msg or str(e)).strip().splitlines()[0]}): "
-                        f"check {CHROMIUM} and {CHROMEDRIVER} ({INSTALL_HINT})")
-        driver.set_page_load_timeout(WAIT_S)
-        drivers.append(driver)
-        return driver
-
-    first = [start()]
+    profiles = [tempfile.mkdtemp(prefix=f"chromium-{i}-", dir=tmp_path) for i in range(3)]
+    first = _start_chromium(profiles[0])
+    pool = ThreadPoolExecutor(max_workers=2)
+    later = [pool.submit(_start_chromium, profile) for profile in profiles[1:]]
+    handed_out = iter([lambda: first] + [future.result for future in later])
     try:
-        yield lambda: first.pop() if first else start()
+        yield lambda: next(handed_out)()
     finally:
-        for driver in drivers:
+        pool.shutdown(wait=True)
+        for driver in [first] + [f.result() for f in later if f.exception() is None]:
             driver.quit()
 
 

@@ -8,7 +8,8 @@ import sqlite3
 import pytest
 from sqlalchemy import inspect, select, text
 
-from rufus.studio import auth, db as studio_db
+from rufus.studio import auth
+from rufus.studio import db as studio_db
 from rufus.studio.db import Meta, StudioError, User, open_database
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from rufus.config import REQUIRED, ConfigError, GenerationConfig, opt
+from rufus.config import REQUIRED, ConfigError, GenerationConfig, as_config, opt
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,6 @@ def serve(config: ServeConfig | dict) -> None:
     from rufus.studio import auth
     from rufus.studio.app import create_app
     from rufus.studio.db import open_database
-    from rufus.trainers.common import as_config
 
     cfg = as_config(ServeConfig, config)
     db, _ = open_database(cfg.db)
@@ -104,7 +103,6 @@ def new_round(config: NewRoundConfig | dict) -> dict:
     from rufus.studio.db import open_database
     from rufus.studio.files import read_candidates, read_prompts
     from rufus.studio.rounds import Candidate, create_round
-    from rufus.trainers.common import as_config
 
     cfg = as_config(NewRoundConfig, config)
     if (cfg.responses is None) == (cfg.prompts is None):
@@ -177,7 +175,6 @@ def add_annotator(config: AddAnnotatorConfig | dict) -> str:
     from rufus.studio import auth
     from rufus.studio.db import open_database
     from rufus.studio.rounds import add_member, get_round
-    from rufus.trainers.common import as_config
 
     cfg = as_config(AddAnnotatorConfig, config)
     db, _ = open_database(cfg.db)
@@ -205,7 +202,6 @@ class AdminTokenConfig:
 def admin_token(config: AdminTokenConfig | dict) -> str:
     from rufus.studio import auth
     from rufus.studio.db import StudioError, User, open_database
-    from rufus.trainers.common import as_config
 
     cfg = as_config(AdminTokenConfig, config)
     db, _ = open_database(cfg.db, create=False)
@@ -243,7 +239,6 @@ class ExportConfig:
 def export(config: ExportConfig | dict) -> int:
     from rufus.studio.db import open_database
     from rufus.studio.export import export_round
-    from rufus.trainers.common import as_config
 
     cfg = as_config(ExportConfig, config)
     db, _ = open_database(cfg.db, create=False)
@@ -281,7 +276,6 @@ def demo(config: StudioDemoConfig | dict) -> dict:
     from rufus.studio import auth
     from rufus.studio.db import Round, User, open_database
     from rufus.studio.rounds import Candidate, create_round
-    from rufus.trainers.common import as_config
 
     cfg = as_config(StudioDemoConfig, config)
     out = Path(cfg.output_dir)

@@ -159,11 +159,11 @@ def export_rows(db: Database, round_name: str, format: str, *, tie: str = "drop"
                 for b in ids[i + 1:]:
                     if scores[a] == scores[b]:
                         if tie == "half":
-                            for w, l in ((a, b), (b, a)):
-                                rows.append(_pref(prompt, w, l, content, common, responses, with_models, tie=True))
+                            for win, lose in ((a, b), (b, a)):
+                                rows.append(_pref(prompt, win, lose, content, common, responses, with_models, tie=True))
                         continue
-                    w, l = (a, b) if scores[a] > scores[b] else (b, a)
-                    rows.append(_pref(prompt, w, l, content, common, responses, with_models))
+                    win, lose = (a, b) if scores[a] > scores[b] else (b, a)
+                    rows.append(_pref(prompt, win, lose, content, common, responses, with_models))
         elif format == "ranking":
             if len(set(scores.values())) == 1:
                 continue
@@ -189,13 +189,13 @@ def export_rows(db: Database, round_name: str, format: str, *, tie: str = "drop"
     return rows
 
 
-def _pref(prompt, w: int, l: int, content, common: dict, responses, with_models: bool, tie: bool = False) -> dict:
-    row = {"prompt": prompt, "chosen": content(w), "rejected": content(l), **common,
-           "chosen_id": w, "rejected_id": l}
+def _pref(prompt, win: int, lose: int, content, common: dict, responses, with_models: bool, tie: bool = False) -> dict:
+    row = {"prompt": prompt, "chosen": content(win), "rejected": content(lose), **common,
+           "chosen_id": win, "rejected_id": lose}
     if tie:
         row["tie"] = True
     if with_models:
-        row["chosen_model"], row["rejected_model"] = responses[w].model, responses[l].model
+        row["chosen_model"], row["rejected_model"] = responses[win].model, responses[lose].model
     return row
 
 

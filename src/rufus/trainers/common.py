@@ -14,18 +14,9 @@ from pathlib import Path
 
 import torch
 
-from rufus.config import REQUIRED, ConfigError, load_config, save_config, to_dict  # noqa: F401 (re-exported)
+from rufus.config import REQUIRED, ConfigError, as_config, load_config, save_config, to_dict  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
-
-
-def as_config(cls: type, config):
-    """Accept a config object, or a dict of key -> value as a YAML file would hold it."""
-    if isinstance(config, cls):
-        return config
-    if isinstance(config, dict):
-        return load_config(cls, defaults=config)
-    raise TypeError(f"expected {cls.__name__} or dict, got {type(config).__name__}")
 
 
 @dataclass
