@@ -22,9 +22,9 @@ What it does, and what it measures:
    latencies (ms) of the label POST, of the claim (GET .../next -> 303) and of the item page
    (GET /items/{id}), then the checks and a RESULT json line. Exit status 1 if a check fails.
 
-Logins happen before the clock starts (the studio allows 20 logins a minute per client address;
-with more annotators the extra ones wait for the limit, counted as login retries). Everything binds
-and talks on 127.0.0.1 only; the run is bounded by --timeout seconds; the server is stopped and the
+Logins happen before the clock starts; a login answered 429 (the studio's per-address limit on failed
+logins; every login here is valid, so none is expected) is retried and counted. Everything binds and
+talks on 127.0.0.1 only; the run is bounded by --timeout seconds; the server is stopped and the
 temporary directory removed at the end (--keep keeps it, with the server's log).
 """
 
@@ -37,6 +37,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -161,6 +162,13 @@ def stop_server(proc: subprocess.Popen) -> int | None:
     return proc.returncode
 
 
+def exit_status(code: int | None) -> str:
+    """A process's exit status in words: uvicorn stops gracefully on SIGTERM, then re-raises it (-15)."""
+    if code is not None and code < 0:
+        return f"exit status {code} (by {signal.Signals(-code).name})"
+    return f"exit status {code}"
+
+
 def tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -244,7 +252,7 @@ class Tally:
 
 
 def login(client, person: dict, tally: Tally, deadline: float) -> bool:
-    """Open the login link like a browser (following the redirect); wait out the login rate limit."""
+    """Open the login link like a browser (following the redirect); wait out a login rate limit (429)."""
     while True:
         r = client.get(f"/login?token={person['token']}", follow_redirects=True)
         if r.status_code == 429 and time.monotonic() < deadline - 5:
@@ -440,7 +448,7 @@ def print_report(args, items: int, tally: Tally, wall: float, code: int | None,
     rate = n / wall if wall else 0.0
     print(f"load       {args.annotators} annotators, {n} labels acknowledged in {wall:.2f}s = "
           f"{rate:.1f} labels/s (logins before the clock, {tally.login_retries} login retries); "
-          f"server exit status {code}")
+          f"server stopped: {exit_status(code)}")
     print(f"{'latency (ms)':36s} {'n':>6s} {'p50':>8s} {'p95':>8s} {'p99':>8s} {'max':>8s}")
     names = {"post": "label POST /items/{id} -> 303", "claim": "next GET /rounds/{r}/next -> 303",
              "page": "item GET /items/{id} -> 200"}

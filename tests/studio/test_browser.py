@@ -18,6 +18,7 @@ RUFUS_UPDATE_DOCS_IMAGES=1.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -26,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -114,7 +114,7 @@ def _answers(url: str) -> bool:
     try:
         with opener.open(url, timeout=2) as response:
             return response.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
+    except (OSError, http.client.HTTPException):  # not listening yet, or closed the connection
         return False
 
 

@@ -359,7 +359,7 @@ def add_parser(sub) -> None:
                 continue
             flag = "--" + f.name.replace("_", "-")
             if tp is bool:
-                p.add_argument(flag, dest=f"flag_{f.name}", action="store_const", const="true", help=doc)
+                p.add_argument(flag, dest=f"flag_{f.name}", nargs="?", const="true", metavar="true|false", help=doc)
             elif typing.get_origin(tp) is list:
                 p.add_argument(flag, dest=f"flag_{f.name}", nargs="+", metavar="VALUE", help=doc)
             else:
