@@ -238,7 +238,9 @@ def ctrl_enter(driver) -> None:
 
 
 def h1(driver) -> str:
-    return driver.find_element(By.TAG_NAME, "h1").text
+    """The page's heading, or what the page says instead (an error page without one fails readably)."""
+    found = driver.find_elements(By.TAG_NAME, "h1")
+    return found[0].text if found else f"(no h1 on {driver.current_url}: {driver.page_source[:500]!r})"
 
 
 def text_of(driver, css: str) -> str:

@@ -163,6 +163,20 @@ def test_an_abandoned_claim_stops_blocking_others(db):
     assert R.next_assignment(db, ub, "r", now=1000.0 + R.CLAIM_SECONDS + 1) is not None
 
 
+def test_a_stale_claim_is_not_handed_back_once_others_completed_the_item(db):
+    R.create_round(db, "r", "pairwise", pairwise_candidates(1), labels_per_item=2)
+    people = add_people(db, "x", "y", "z")
+    ux, uy, uz = (people[n][0] for n in "xyz")
+    R.next_assignment(db, ux, "r", now=0.0)  # x opens the item and walks away
+    later = R.CLAIM_SECONDS + 1
+    for u in (uy, uz):
+        R.submit_label(db, u, R.next_assignment(db, u, "r", now=later), {"choice": "A"}, now=later)
+    assert R.next_assignment(db, ux, "r", now=later + 1) is None  # complete: x's old claim is dropped
+    with db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Label)) == 2
+        assert s.scalar(select(func.count()).select_from(Assignment).where(Assignment.user_id == ux)) == 0
+
+
 def test_bad_submissions_change_nothing(db, pairwise_round):
     people = add_people(db, "a", "b")
     (ua, _), (ub, _) = people["a"], people["b"]

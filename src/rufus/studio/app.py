@@ -134,7 +134,7 @@ def create_app(db: Database, *, allowed_hosts: list[str] | None = None, secure_c
         return page("error.html", status, message=message, status=status, me=who)
 
     def current(request: Request) -> tuple[User, Any] | None:
-        with db.session() as s:
+        with db.read() as s:
             found = auth.load_session(s, request.cookies.get(auth.SESSION_COOKIE))
             if found is None:
                 return None
@@ -247,7 +247,7 @@ def create_app(db: Database, *, allowed_hosts: list[str] | None = None, secure_c
         if found is None:
             return page("login.html", me=None, message=None)
         user, sess = found
-        with db.session() as s:
+        with db.read() as s:
             rows = []
             for rnd in R.rounds_for(s, user):
                 mine = R.user_progress(s, user, rnd)
@@ -261,14 +261,14 @@ def create_app(db: Database, *, allowed_hosts: list[str] | None = None, secure_c
         name = request.path_params["name"]
         aid = R.next_assignment(db, user.id, name)
         if aid is None:
-            with db.session() as s:
+            with db.read() as s:
                 done = R.user_progress(s, user, R.get_round(s, name))["labelled"]
             return page("done.html", me=user, csrf=sess.csrf, round_name=name, labelled=done)
         return redirect(f"/items/{aid}")
 
     def _item_page(user, sess, aid: int, status: int = 200, error: str | None = None, form=None) -> Response:
         view = R.view_assignment(db, user.id, aid)
-        with db.session() as s:
+        with db.read() as s:
             done = R.user_progress(s, user, R.get_round(s, view.round_name))["labelled"]
         return page("item.html", status, me=user, csrf=sess.csrf, item=view, labelled=done, error=error,
                     form=form or {}, flags=R.FLAGS, scale=list(range(R.RATING_SCALE[0], R.RATING_SCALE[1] + 1)))
@@ -312,7 +312,7 @@ def create_app(db: Database, *, allowed_hosts: list[str] | None = None, secure_c
 
     def admin_home(request: Request) -> Response:
         user, sess = need(request, admin=True)
-        with db.session() as s:
+        with db.read() as s:
             from sqlalchemy import select
 
             rounds = [R.round_progress(s, r) for r in s.scalars(select(Round).order_by(Round.created_at, Round.id))]
@@ -326,7 +326,7 @@ def create_app(db: Database, *, allowed_hosts: list[str] | None = None, secure_c
 
         user, sess = need(request, admin=True)
         name = request.path_params["name"]
-        with db.session() as s:
+        with db.read() as s:
             rnd = R.get_round(s, name)
             prog = R.round_progress(s, rnd)
         return page("admin_round.html", me=user, csrf=sess.csrf, p=prog, dist=label_distribution(db, name),

@@ -210,7 +210,8 @@ def _sqlite_setup(engine: Engine) -> None:
     then write (claiming an item, submitting a label) queue on `busy_timeout` instead of one failing
     with "database is locked" when it tries to upgrade its read lock (SQLite's deferred default).
     This is SQLAlchemy's documented pysqlite recipe: the driver's own transaction handling is turned
-    off and the BEGIN is emitted here.
+    off and the BEGIN is emitted here. Sessions that only read (`Database.read`) begin deferred, so
+    page renders never queue behind writers (WAL readers see the last committed state).
     """
 
     @event.listens_for(engine, "connect")
@@ -225,7 +226,8 @@ def _sqlite_setup(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _begin(conn):
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # read-only sessions (Database.read) begin deferred: in WAL mode they never wait for writers
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("studio_read") else "BEGIN IMMEDIATE")
 
 
 class Database:
@@ -234,6 +236,7 @@ class Database:
     def __init__(self, url: str, engine: Engine):
         self.url, self.engine = url, engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._readers = sessionmaker(engine.execution_options(studio_read=True), expire_on_commit=False)
         self.is_sqlite = engine.dialect.name == "sqlite"
 
     @contextmanager
@@ -241,6 +244,12 @@ class Database:
         """One transaction: committed when the block ends normally (before the caller answers
         anyone), rolled back when it raises."""
         with self._sessions() as s, s.begin():
+            yield s
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A transaction for reading (on SQLite it takes no write lock: callers must not write in it)."""
+        with self._readers() as s, s.begin():
             yield s
 
     def dispose(self) -> None:

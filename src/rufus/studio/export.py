@@ -92,7 +92,7 @@ def export_rows(db: Database, round_name: str, format: str, *, tie: str = "drop"
         raise StudioError(f"aggregate must be label or majority, not {aggregate!r}")
     if scale not in ("unit", "raw"):
         raise StudioError(f"scale must be unit or raw, not {scale!r}")
-    with db.session() as s:
+    with db.read() as s:
         rnd = get_round(s, round_name)
         if scale == "raw" and format == "graded" and rnd.task != "rating":
             raise StudioError("scale=raw keeps 1-7 ratings, so it needs a rating round; this one is " + rnd.task)
@@ -228,7 +228,7 @@ def table_rows(db: Database, table: str, round_name: str | None = None) -> list[
     their models) and annotators (no token hashes). Admin only."""
     if table not in TABLES:
         raise StudioError(f"table must be one of {', '.join(TABLES)}")
-    with db.session() as s:
+    with db.read() as s:
         rounds = {r.id: r.name for r in s.scalars(select(Round))}
         rid = None
         if round_name is not None:

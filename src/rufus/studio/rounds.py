@@ -231,11 +231,18 @@ def next_assignment(db: Database, user_id: int, round_name: str, *, now: float |
             raise NotFound(f"no round named {round_name!r} for you")
         if rnd.status != "open":
             raise Conflict(f"round {round_name!r} is closed")
-        open_one = s.scalar(select(Assignment.id).where(
+        open_one = s.scalar(select(Assignment).where(
             Assignment.round_id == rnd.id, Assignment.user_id == user.id, Assignment.status == "active")
             .order_by(Assignment.id).limit(1))
         if open_one is not None:
-            return open_one
+            # a claim older than CLAIM_SECONDS stopped holding its item; if others have since given it
+            # all its labels, the claim is dropped rather than handed back (no item gets extra labels)
+            labelled = s.scalar(select(func.count()).select_from(Assignment).where(
+                Assignment.item_id == open_one.item_id, Assignment.status == "done"))
+            if labelled < rnd.labels_per_item:
+                return open_one.id
+            s.delete(open_one)
+            s.flush()
         held = (select(Assignment.item_id, func.count().label("n"))
                 .where(Assignment.round_id == rnd.id,
                        or_(Assignment.status == "done",
@@ -272,7 +279,7 @@ class ItemView:
 
 
 def view_assignment(db: Database, user_id: int, assignment_id: int) -> ItemView:
-    with db.session() as s:
+    with db.read() as s:
         a = s.get(Assignment, assignment_id)
         if a is None or a.user_id != user_id:
             raise NotFound("no such item for you")

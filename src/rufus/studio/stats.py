@@ -57,7 +57,7 @@ def item_disagreement(task: str, labels: list[Label]) -> float:
 def label_distribution(db: Database, round_name: str) -> dict:
     """Counts an admin reads at a glance: outcomes (and whether the first- or second-shown response
     won, for position bias), strengths, ties in rankings, the rating histogram, flags, better answers."""
-    with db.session() as s:
+    with db.read() as s:
         rnd = get_round(s, round_name)
         rows = s.execute(select(Label, Assignment.order).join(Assignment, Assignment.id == Label.assignment_id)
                          .where(Label.round_id == rnd.id)).all()
@@ -89,7 +89,7 @@ def label_distribution(db: Database, round_name: str) -> dict:
 
 def disputed_items(db: Database, round_name: str, limit: int = 10) -> list[dict]:
     """The `limit` items with the highest disagreement (at least two labels), most disputed first."""
-    with db.session() as s:
+    with db.read() as s:
         rnd = get_round(s, round_name)
         by_item: dict[int, list[Label]] = defaultdict(list)
         for lb in s.scalars(select(Label).where(Label.round_id == rnd.id)):
