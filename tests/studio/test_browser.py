@@ -314,15 +314,21 @@ def artifacts_dir() -> Path:
 
 
 def screenshot(driver, key: str) -> Path:
-    """A screenshot of the whole page (the window grows to the page's height for it) as a test
-    artefact, and into docs/images/ when RUFUS_UPDATE_DOCS_IMAGES=1."""
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1280, min(max(900, height), 3000))
+    """A screenshot of the whole page, 1280 px wide (the viewport is stretched to the page's height
+    for it), as a test artefact, and into docs/images/ when RUFUS_UPDATE_DOCS_IMAGES=1."""
+    height = 0
+    for _ in range(3):  # the page may reflow at the new size; stop once its height holds
+        page = driver.execute_script("return document.documentElement.scrollHeight")
+        if page == height:
+            break
+        height = page
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                               {"width": 1280, "height": height, "deviceScaleFactor": 1, "mobile": False})
     path = artifacts_dir() / SCREENSHOTS[key]
     try:
         assert driver.save_screenshot(str(path)), f"could not write {path}"
     finally:
-        driver.set_window_size(1280, 900)
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
     if os.environ.get("RUFUS_UPDATE_DOCS_IMAGES") == "1":
         docs = REPO / "docs" / "images"
         docs.mkdir(parents=True, exist_ok=True)

@@ -268,9 +268,7 @@ def create_app(db: Database, *, allowed_hosts: list[str] | None = None, secure_c
 
     def _item_page(user, sess, aid: int, status: int = 200, error: str | None = None, form=None) -> Response:
         view = R.view_assignment(db, user.id, aid)
-        with db.read() as s:
-            done = R.user_progress(s, user, R.get_round(s, view.round_name))["labelled"]
-        return page("item.html", status, me=user, csrf=sess.csrf, item=view, labelled=done, error=error,
+        return page("item.html", status, me=user, csrf=sess.csrf, item=view, labelled=view.labelled, error=error,
                     form=form or {}, flags=R.FLAGS, scale=list(range(R.RATING_SCALE[0], R.RATING_SCALE[1] + 1)))
 
     def item_get(request: Request) -> Response:
@@ -283,23 +281,22 @@ def create_app(db: Database, *, allowed_hosts: list[str] | None = None, secure_c
         aid = _int(request.path_params["aid"])
         form = request.state.form
         try:
-            R.submit_label(db, user.id, aid, form)
+            done = R.submit_label(db, user.id, aid, form)
         except R.LabelError as e:
             if wants_json(request):
                 raise
             return _item_page(user, sess, aid, 400, str(e), form)
-        view = R.view_assignment(db, user.id, aid)
+        following = f"/rounds/{quote(done.round_name, safe='')}/next"
         if wants_json(request):
-            return JSONResponse({"ok": True, "next": f"/rounds/{quote(view.round_name, safe='')}/next"})
-        return redirect(f"/rounds/{quote(view.round_name, safe='')}/next")
+            return JSONResponse({"ok": True, "label": done.label_id, "next": following})
+        return redirect(following)
 
     @posts()
     def item_skip(request: Request) -> Response:
         user, _ = request.state.auth
         aid = _int(request.path_params["aid"])
-        R.skip(db, user.id, aid)
-        view = R.view_assignment(db, user.id, aid)
-        return redirect(f"/rounds/{quote(view.round_name, safe='')}/next")
+        name = R.skip(db, user.id, aid)
+        return redirect(f"/rounds/{quote(name, safe='')}/next")
 
     @posts()
     def undo(request: Request) -> Response:

@@ -27,6 +27,16 @@ def _base_url(host: str, port: int) -> str:
     return f"http://{shown}:{port}"
 
 
+def _quiet_datasets() -> None:
+    """No progress bars from `datasets` (which reads round files): set before it is imported, or told."""
+    import os
+
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    else:
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
 def login_url(url_base: str, token: str) -> str:
     return f"{url_base.rstrip('/')}/login?token={token}"
 
@@ -54,6 +64,7 @@ def serve(config: ServeConfig | dict) -> None:
     from rufus.studio.db import open_database
 
     cfg = as_config(ServeConfig, config)
+    _quiet_datasets()  # uploaded round files are read through datasets: no progress bars in the server log
     db, _ = open_database(cfg.db)
     with db.session() as s:
         token = auth.ensure_admin(s)
@@ -105,6 +116,7 @@ def new_round(config: NewRoundConfig | dict) -> dict:
     from rufus.studio.rounds import Candidate, create_round
 
     cfg = as_config(NewRoundConfig, config)
+    _quiet_datasets()
     if (cfg.responses is None) == (cfg.prompts is None):
         raise ConfigError("responses / prompts: give exactly one: --responses FILE (responses made elsewhere), or "
                           "--prompts FILE with --models A B ... (sampled here)")

@@ -209,7 +209,9 @@ def get_round(s: Session, name: str) -> Round:
 
 
 def may_work_on(s: Session, user: User, rnd: Round) -> bool:
-    return any(r.id == rnd.id for r in rounds_for(s, user))
+    """Members of the round, or anyone who is a member of no round."""
+    rows = s.execute(select(RoundMember.round_id).where(RoundMember.user_id == user.id)).scalars().all()
+    return not rows or rnd.id in rows
 
 
 def add_member(s: Session, user: User, rnd: Round) -> None:
@@ -276,6 +278,7 @@ class ItemView:
     responses: list[tuple[str, Any]]  # (letter, content) in this annotator's order
     status: str
     round_open: bool
+    labelled: int = 0  # labels this annotator has given in the round
 
 
 def view_assignment(db: Database, user_id: int, assignment_id: int) -> ItemView:
@@ -288,8 +291,10 @@ def view_assignment(db: Database, user_id: int, assignment_id: int) -> ItemView:
         prompt = s.get(Prompt, item.prompt_id)
         by_id = {r.id: r for r in s.scalars(select(Response).where(Response.id.in_(a.order)))}
         responses = [(LETTERS[k], by_id[rid].content) for k, rid in enumerate(a.order)]
+        labelled = s.scalar(select(func.count()).select_from(Label).where(Label.round_id == rnd.id,
+                                                                          Label.user_id == user_id)) or 0
         return ItemView(a.id, rnd.name, rnd.task, rnd.instructions, prompt.content, responses, a.status,
-                        rnd.status == "open")
+                        rnd.status == "open", labelled)
 
 
 # --- labels -------------------------------------------------------------------------------------
@@ -371,10 +376,16 @@ def parse_label(task: str, form: dict[str, Any], order: list[int]) -> dict[str, 
     return out
 
 
+@dataclass
+class Submitted:
+    label_id: int
+    round_name: str
+
+
 def submit_label(db: Database, user_id: int, assignment_id: int, form: dict[str, Any], *,
-                 now: float | None = None) -> int:
-    """Validate and store a label for the user's assignment; return the label id. The transaction
-    is committed when this returns."""
+                 now: float | None = None) -> Submitted:
+    """Validate and store a label for the user's assignment; return its id and round. The
+    transaction is committed when this returns."""
     now = time.time() if now is None else now
     with db.session() as s:
         a = s.get(Assignment, assignment_id)
@@ -398,21 +409,24 @@ def submit_label(db: Database, user_id: int, assignment_id: int, form: dict[str,
         s.add(label)
         s.flush()
         log_event(s, "label", user_id, assignment=a.id, label=label.id)
-        return label.id
+        return Submitted(label.id, rnd.name)
 
 
-def skip(db: Database, user_id: int, assignment_id: int) -> None:
+def skip(db: Database, user_id: int, assignment_id: int) -> str:
+    """Skip the user's open assignment (the item goes to others); return the round's name."""
     with db.session() as s:
         a = s.get(Assignment, assignment_id)
         if a is None or a.user_id != user_id:
             raise NotFound("no such item for you")
-        if s.get(Round, a.round_id).status != "open":
+        rnd = s.get(Round, a.round_id)
+        if rnd.status != "open":
             raise Conflict("this round is closed")
         done = s.execute(update(Assignment).where(Assignment.id == a.id, Assignment.status == "active")
                          .values(status="skipped", done_at=time.time()).execution_options(synchronize_session=False))
         if done.rowcount != 1:
             raise Conflict("only an item you are working on can be skipped")
         log_event(s, "skip", user_id, assignment=a.id)
+        return rnd.name
 
 
 def undo_last(db: Database, user_id: int, round_name: str | None = None) -> int:
