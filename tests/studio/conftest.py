@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from sqlalchemy import select
 
@@ -10,10 +12,38 @@ from rufus.studio.db import User, open_database
 from rufus.studio.rounds import Candidate, create_round
 
 
-@pytest.fixture()
-def db(tmp_path):
-    database, created = open_database(tmp_path / "studio.db")
+POSTGRES = os.environ.get("RUFUS_TEST_POSTGRES_URL")  # e.g. postgresql+psycopg://studio:studio@127.0.0.1/studio_test
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request, tmp_path):
+    """A fresh studio database: an SQLite file, and the same tests again on PostgreSQL where
+    RUFUS_TEST_POSTGRES_URL names an empty database the tests may fill and clear (.ci/run starts one)."""
+    if request.param == "sqlite":
+        database, created = open_database(tmp_path / "studio.db")
+    else:
+        if not POSTGRES:
+            pytest.skip("PostgreSQL: set RUFUS_TEST_POSTGRES_URL=postgresql+psycopg://user:pw@127.0.0.1/db to run")
+        _clear_postgres(POSTGRES)
+        database, created = open_database(POSTGRES)
     assert created
+    yield database
+    database.dispose()
+
+
+def _clear_postgres(url: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+
+
+@pytest.fixture()
+def sqlite_db(tmp_path):
+    database, _ = open_database(tmp_path / "studio.db")
     yield database
     database.dispose()
 

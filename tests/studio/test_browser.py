@@ -119,8 +119,8 @@ def _answers(url: str) -> bool:
 
 
 def _admin_link(stdout: str) -> str | None:
-    """The URL on the line after "admin login" in the server's output, once it is there."""
-    lines = stdout.splitlines()
+    """The URL on the line after "admin login" in the server's output, once that line is complete."""
+    lines = stdout.split("\n")[:-1]  # the last piece may be a line still being written
     for i, line in enumerate(lines[:-1]):
         if "admin login" in line:
             return lines[i + 1].strip()
@@ -130,10 +130,10 @@ def _admin_link(stdout: str) -> str | None:
 @pytest.fixture
 def studio(tmp_path):
     """`rufus studio serve` on a fresh database and a free port, until it answers; stopped at the end."""
-    db_path = tmp_path / "studio.db"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for attempt in range(3):  # a free port can be taken by someone else before the server binds it
         port = _free_port()
+        db_path = tmp_path / f"studio-{attempt}.db"  # fresh each time: only a new studio prints the admin link
         out_path, err_path = tmp_path / f"server-{attempt}.out", tmp_path / f"server-{attempt}.err"
         with open(out_path, "w") as out, open(err_path, "w") as err:
             proc = subprocess.Popen([sys.executable, "-m", "rufus.cli", "studio", "serve", "--db", str(db_path),

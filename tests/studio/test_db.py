@@ -27,8 +27,8 @@ def test_new_database_has_the_schema_and_its_version(tmp_path):
     again.dispose()
 
 
-def test_sqlite_runs_wal_with_full_sync_and_foreign_keys(db):
-    with db.engine.connect() as conn:
+def test_sqlite_runs_wal_with_full_sync_and_foreign_keys(sqlite_db):
+    with sqlite_db.engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar().lower() == "wal"
         assert conn.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
         assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
@@ -85,8 +85,8 @@ def test_tokens_are_stored_only_as_hashes(db):
         admin_token = auth.ensure_admin(s)
         assert auth.ensure_admin(s) is None  # printed once
         user, token = auth.create_user(s, "ann")
-    raw = sqlite3.connect(db.url.split(":///", 1)[1]).execute("SELECT token_hash FROM users").fetchall()
-    stored = {h for (h,) in raw}
+    with db.engine.connect() as conn:  # what is on disk, read past the ORM
+        stored = {h for (h,) in conn.execute(text("SELECT token_hash FROM users"))}
     for t in (admin_token, token):
         assert t not in stored and hashlib.sha256(t.encode()).hexdigest() in stored
     with db.session() as s:
