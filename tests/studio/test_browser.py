@@ -52,7 +52,7 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 INSTALL_HINT = "apt-get install chromium chromium-driver"
 REPO = Path(__file__).resolve().parents[2]
 WAIT_S = 20  # longest wait for one page to load (they take well under a second)
-SERVER_START_S = 60  # longest wait for the server to answer (it imports for some seconds; more on a busy machine)
+SERVER_START_S = 60  # longest wait for the server to answer (a few seconds; more on a busy machine)
 
 ROUND = "pilot round"  # a space, so that every link to the round must quote its name
 MODELS = ("sft-ckpt-7f3a", "base-ckpt-9c1e")  # distinctive: they must never appear on an annotator page
@@ -133,11 +133,12 @@ def studio(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for attempt in range(3):  # a free port can be taken by someone else before the server binds it
         port = _free_port()
-        db_path = tmp_path / f"studio-{attempt}.db"  # fresh each time: only a new studio prints the admin link
+        db_path = tmp_path / f"studio-{attempt}.db"  # fresh: only a new studio prints the admin link
         out_path, err_path = tmp_path / f"server-{attempt}.out", tmp_path / f"server-{attempt}.err"
         with open(out_path, "w") as out, open(err_path, "w") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "rufus.cli", "studio", "serve", "--db", str(db_path),
-                                     "--port", str(port)], stdout=out, stderr=err, cwd=tmp_path, env=env)
+            command = [sys.executable, "-m", "rufus.cli", "studio", "serve", "--db", str(db_path),
+                       "--port", str(port)]
+            proc = subprocess.Popen(command, stdout=out, stderr=err, cwd=tmp_path, env=env)
         base, admin_url, up = f"http://127.0.0.1:{port}", None, False
         deadline = time.monotonic() + SERVER_START_S
         while not up and time.monotonic() < deadline and proc.poll() is None:
@@ -176,9 +177,10 @@ def _start_chromium(profile: str):
     """A headless Chromium driver on a fresh profile, or a skip saying why the browser cannot start."""
     options = ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--window-size=1280,900", "--no-proxy-server", f"--user-data-dir={profile}"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--window-size=1280,900", "--no-proxy-server",
+                f"--user-data-dir={profile}"):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # to read the console
     try:
@@ -293,7 +295,8 @@ def assert_selected(driver, choice: str, strength: str) -> None:
     assert driver.find_element(By.CSS_SELECTOR, f"input[name=choice][value='{choice}']").is_selected()
     value = {"not sure": "", "slightly": "slightly", "much": "much"}[strength]
     assert driver.find_element(By.CSS_SELECTOR, f"input[name=strength][value='{value}']").is_selected()
-    winners = [c.get_attribute("data-letter") for c in driver.find_elements(By.CSS_SELECTOR, ".response.winner")]
+    cards = driver.find_elements(By.CSS_SELECTOR, ".response.winner")
+    winners = [c.get_attribute("data-letter") for c in cards]
     assert winners == ([choice] if choice in "AB" else [])
 
 
@@ -405,13 +408,14 @@ def label_with_keyboard(driver, name: str, made: dict, skipped: list) -> None:
         if undo_next:  # on the page after prompt 1's label: undo it, which reopens prompt 1's item
             assert_annotator_page(driver)
             after(driver, lambda: press(driver, "u"))
+            assert text_of(driver, ".prompt .turn .text") == PROMPTS[1]["prompt"], "u reopened another item"
             del made[name, 1]
             undo_next, undone = False, True
             continue
         if on_done_page(driver):
             break
         index, shown = read_item(driver, labelled=sum(k[0] == name for k in made))
-        if index in first_seen:  # an item reopened by undo keeps the order it was shown in
+        if index == 1 and undone:  # the item reopened by undo keeps the order it was shown in
             assert shown == first_seen[index]
         first_seen[index] = shown
         if index == 2:
@@ -519,19 +523,23 @@ def test_admin_and_two_annotators_label_a_round_in_a_browser(browser, studio, tm
         strength = None if label["strength"] == "not sure" else label["strength"]
         other = "B" if choice == "A" else "A"
         expected.append((ids[name], prompt, shown[choice], shown[other], strength))
-    got = [(r["annotator_id"], r["prompt"], r["chosen"], r["rejected"], r.get("strength")) for r in preference]
+    got = [(r["annotator_id"], r["prompt"], r["chosen"], r["rejected"], r.get("strength"))
+           for r in preference]
     assert sorted(got, key=repr) == sorted(expected, key=repr)
     assert Counter(r["annotator_id"] for r in preference) == {ids["alice"]: 3, ids["bob"]: 3}
     # the plan, in terms of responses (whatever the A/B order was): bob's re-label of prompt 1 counts
     assert (ids["bob"], PROMPTS[1]["prompt"], PROMPTS[1]["responses"][1], PROMPTS[1]["responses"][0],
             "slightly") in got
     assert all(r["prompt"] != PROMPTS[2]["prompt"] or r["annotator_id"] == ids["alice"] for r in with_ties)
-    tie_rows = [(r["annotator_id"], r["prompt"], r["chosen"], r["rejected"]) for r in with_ties if r.get("tie")]
+    tie_rows = [(r["annotator_id"], r["prompt"], r["chosen"], r["rejected"])
+                for r in with_ties if r.get("tie")]
     assert sorted(tie_rows, key=repr) == sorted(ties, key=repr) and len(tie_rows) == 2
     assert len(with_ties) == len(preference) + 2
 
-    assert [(r["annotator_id"], r["prompt"], r["completion"]) for r in sft] == \
-        [(ids["bob"], PROMPTS[0]["prompt"], BETTER_ANSWER)]
+    written = [(ids[name], PROMPTS[index]["prompt"], label["better_answer"])
+               for (name, index), label in made.items() if label["better_answer"]]
+    assert written == [(ids["bob"], PROMPTS[0]["prompt"], BETTER_ANSWER)]
+    assert [(r["annotator_id"], r["prompt"], r["completion"]) for r in sft] == written
     # every stored label is one made on the page (bob's undone label is gone, his skip left none)
     assert sorted((r["annotator_id"], item_prompt[r["item_id"]]) for r in labels) == \
         sorted((ids[name], PROMPTS[index]["prompt"]) for name, index in made)

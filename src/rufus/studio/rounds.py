@@ -314,6 +314,20 @@ def parse_label(task: str, form: dict[str, Any], order: list[int]) -> dict[str, 
             raise LabelError(f"field '{name}' must be text")
         return value
 
+    def whole(name: str, letter: str, what: str, low: int, high: int) -> int:
+        """The whole number in [low, high] of field `name` (response `letter`'s rank or rating)."""
+        text = one(name)
+        if text is None or not text.strip():
+            raise LabelError(f"response {letter} has no {what} (field '{name}'); {'rank' if what == 'rank' else 'rate'} "
+                             "every response")
+        try:
+            value = int(text)
+        except ValueError:
+            raise LabelError(f"field '{name}' must be a whole number, got {text[:20]!r}") from None
+        if not low <= value <= high:
+            raise LabelError(f"field '{name}' must be between {low} and {high}, got {value}")
+        return value
+
     letters = LETTERS[:len(order)]
     out: dict[str, Any] = {"outcome": None, "winner_id": None, "strength": None, "ranking": None, "ratings": None}
     if task == "pairwise":
@@ -329,36 +343,13 @@ def parse_label(task: str, form: dict[str, Any], order: list[int]) -> dict[str, 
             if strength is not None:
                 raise LabelError(f"a strength goes with A or B better, not with {choice}")
             out["outcome"] = choice
-    elif task == "ranking":
-        ranks = {}
-        for k, letter in enumerate(letters):
-            text = one(f"rank_{letter}")
-            if text is None or not text.strip():
-                raise LabelError(f"response {letter} has no rank (field 'rank_{letter}'); rank every response")
-            try:
-                value = int(text)
-            except ValueError:
-                raise LabelError(f"field 'rank_{letter}' must be a whole number, got {text[:20]!r}") from None
-            if not 1 <= value <= len(order):
-                raise LabelError(f"field 'rank_{letter}' must be between 1 and {len(order)}, got {value}")
-            ranks[order[k]] = value
-        tiers = [[rid for rid in order if ranks[rid] == v] for v in sorted(set(ranks.values()))]
-        out["ranking"] = tiers
+    elif task == "ranking":  # a rank 1..K for every response; equal ranks are a tie
+        ranks = {order[k]: whole(f"rank_{letter}", letter, "rank", 1, len(order)) for k, letter in enumerate(letters)}
+        out["ranking"] = [[rid for rid in order if ranks[rid] == v] for v in sorted(set(ranks.values()))]
     elif task == "rating":
         low, high = RATING_SCALE
-        ratings = {}
-        for k, letter in enumerate(letters):
-            text = one(f"rating_{letter}")
-            if text is None or not text.strip():
-                raise LabelError(f"response {letter} has no rating (field 'rating_{letter}'); rate every response")
-            try:
-                value = int(text)
-            except ValueError:
-                raise LabelError(f"field 'rating_{letter}' must be a whole number, got {text[:20]!r}") from None
-            if not low <= value <= high:
-                raise LabelError(f"field 'rating_{letter}' must be between {low} and {high}, got {value}")
-            ratings[str(order[k])] = value
-        out["ratings"] = ratings
+        out["ratings"] = {str(order[k]): whole(f"rating_{letter}", letter, "rating", low, high)
+                          for k, letter in enumerate(letters)}
     else:
         raise LabelError(f"unknown task {task!r}")
     for name in ("better_answer", "comment"):
