@@ -104,9 +104,11 @@ def _prompt_turns(prompt: Any) -> list[dict[str, str]]:
 
 
 def _response_text(content: Any) -> str:
+    """A response as shown: its text (turns joined), without the leading and trailing blank space
+    that tokenizers often leave (the stored text is unchanged)."""
     if isinstance(content, str):
-        return content
-    return "\n\n".join(str(m.get("content", "")) for m in content)
+        return content.strip()
+    return "\n\n".join(str(m.get("content", "")) for m in content).strip()
 
 
 def create_app(db: Database, *, allowed_hosts: list[str] | None = None, secure_cookies: bool = False,

@@ -303,8 +303,9 @@ def demo(config: StudioDemoConfig | dict) -> dict:
         sft, base = str(pipe.output_dir / "sft" / "final"), _playground_base()
         prompts = [r["prompt"] for r in make_prompts(cfg.prompts, 1000 + cfg.seed)]
         gen = Gen(max_new_tokens=72, temperature=0.7)
-        answers = {name: sample_responses(path, prompts, 1, gen, seed=cfg.seed, progress=cfg.progress, desc=f"sample {name}")
-                   for name, path in (("sft", sft), ("base", base))}
+        answers = {name: sample_responses(path, prompts, 1, gen, seed=cfg.seed + j, progress=cfg.progress,
+                                          desc=f"sample {name}")
+                   for j, (name, path) in enumerate((("sft", sft), ("base", base)))}
         cands = [Candidate(p, [answers["sft"][i][0], answers["base"][i][0]], ["sft", "base"]) for i, p in enumerate(prompts)]
         create_round(db, "demo", "pairwise", cands, labels_per_item=cfg.labels_per_item, pairs="models",
                      instructions="Which answer helps the person more: on topic, polite, concise, answering the request?",

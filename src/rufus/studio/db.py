@@ -32,11 +32,12 @@ version n to n + 1 and bumps `SCHEMA_VERSION`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -238,15 +239,20 @@ class Database:
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._readers = sessionmaker(engine.execution_options(studio_read=True), expire_on_commit=False)
         self.is_sqlite = engine.dialect.name == "sqlite"
+        # SQLite has one writer at a time, and a writer that finds the lock taken polls for it with
+        # growing sleeps (up to 100 ms each), so under load the wait, not the work, is most of a
+        # request. Threads of this process therefore queue on a lock of their own before BEGIN
+        # IMMEDIATE; other processes on the same file still meet SQLite's busy timeout.
+        self._write_lock = threading.RLock() if self.is_sqlite else contextlib.nullcontext()
 
-    @contextmanager
+    @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
         """One transaction: committed when the block ends normally (before the caller answers
         anyone), rolled back when it raises."""
-        with self._sessions() as s, s.begin():
+        with self._write_lock, self._sessions() as s, s.begin():
             yield s
 
-    @contextmanager
+    @contextlib.contextmanager
     def read(self) -> Iterator[Session]:
         """A transaction for reading (on SQLite it takes no write lock: callers must not write in it)."""
         with self._readers() as s, s.begin():
