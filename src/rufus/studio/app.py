@@ -79,7 +79,7 @@ class Guard:
         host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
         if not auth.host_allowed(host, self.allowed):
             body = (f"Host {host!r} is not allowed here. Open the studio by an allowed name "
-                    f"({', '.join(self.allowed)}), or start it with --allowed-host NAME.").encode()
+                    f"({', '.join(self.allowed)}), or start it with --allowed-hosts NAME.").encode()
             await send({"type": "http.response.start", "status": 400,
                         "headers": [(b"content-type", b"text/plain; charset=utf-8"),
                                     (b"content-length", str(len(body)).encode())] + SECURITY_HEADERS})
