@@ -168,3 +168,15 @@ def test_raw_tables_and_csv(db, pairwise):
     assert {r["model"] for r in responses} == {"m1", "m2"}
     text = E.to_csv(labels)
     assert text.splitlines()[0].startswith("label_id,round,item_id") and len(text.splitlines()) == 5
+
+
+def test_conversational_rounds_export_assistant_turns(db, tmp_path):
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
+    R.create_round(db, "chat", "pairwise", [R.Candidate(prompt, ["Hello.", "Go away."])])
+    (uid, _), = add_people(db, "a").values()
+    label(db, uid, "chat", lambda v: {"choice": by_text(v, "Hello."), "better_answer": "Hello there."})
+    (row,) = E.export_rows(db, "chat", "preference")
+    assert row["prompt"] == prompt and row["chosen"] == [{"role": "assistant", "content": "Hello."}]
+    for fmt in ("preference", "ranking", "sft", "graded"):
+        E.export_round(db, "chat", fmt, tmp_path / f"{fmt}.jsonl")
+        assert len(load_records(str(tmp_path / f"{fmt}.jsonl"), format=fmt)) >= 1

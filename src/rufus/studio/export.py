@@ -98,12 +98,21 @@ def export_rows(db: Database, round_name: str, format: str, *, tie: str = "drop"
             raise StudioError("scale=raw keeps 1-7 ratings, so it needs a rating round; this one is " + rnd.task)
         items, prompts, responses, labels = _load(s, rnd)
 
+    # a round with message-list prompts writes each response as a list of assistant turns, as the
+    # data formats ask (a prompt and its responses in one style), whatever form it was stored in
+    conversational = any(isinstance(p.content, list) for p in prompts.values())
+
+    def styled(value: Any) -> Any:
+        if conversational and isinstance(value, str):
+            return [{"role": "assistant", "content": value}]
+        return value
+
     def content(rid: int) -> Any:
-        return responses[rid].content
+        return styled(responses[rid].content)
 
     base = {"round": rnd.name}
     if format == "sft":
-        return [{"prompt": prompts[items[lb.item_id].prompt_id].content, "completion": lb.better_answer,
+        return [{"prompt": prompts[items[lb.item_id].prompt_id].content, "completion": styled(lb.better_answer),
                  **base, "item_id": lb.item_id, "annotator_id": lb.user_id, "label_id": lb.id}
                 for lb in labels if lb.better_answer]
 
