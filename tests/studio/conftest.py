@@ -11,7 +11,6 @@ from rufus.studio import auth
 from rufus.studio.db import User, open_database
 from rufus.studio.rounds import Candidate, create_round
 
-
 POSTGRES = os.environ.get("RUFUS_TEST_POSTGRES_URL")  # e.g. postgresql+psycopg://studio:studio@127.0.0.1/studio_test
 
 

@@ -281,11 +281,17 @@ class ItemView:
     labelled: int = 0  # labels this annotator has given in the round
 
 
+def _own_assignment(s: Session, user_id: int, assignment_id: int) -> Assignment:
+    """The assignment, if it is this user's (someone else's is as unknown as a missing one)."""
+    a = s.get(Assignment, assignment_id)
+    if a is None or a.user_id != user_id:
+        raise NotFound("no such item for you")
+    return a
+
+
 def view_assignment(db: Database, user_id: int, assignment_id: int) -> ItemView:
     with db.read() as s:
-        a = s.get(Assignment, assignment_id)
-        if a is None or a.user_id != user_id:
-            raise NotFound("no such item for you")
+        a = _own_assignment(s, user_id, assignment_id)
         rnd = s.get(Round, a.round_id)
         item = s.get(Item, a.item_id)
         prompt = s.get(Prompt, item.prompt_id)
@@ -379,9 +385,7 @@ def submit_label(db: Database, user_id: int, assignment_id: int, form: dict[str,
     transaction is committed when this returns."""
     now = time.time() if now is None else now
     with db.session() as s:
-        a = s.get(Assignment, assignment_id)
-        if a is None or a.user_id != user_id:
-            raise NotFound("no such item for you")
+        a = _own_assignment(s, user_id, assignment_id)
         rnd = s.get(Round, a.round_id)
         if rnd.status != "open":
             raise Conflict(f"round {rnd.name!r} is closed; labels are no longer accepted")
@@ -406,9 +410,7 @@ def submit_label(db: Database, user_id: int, assignment_id: int, form: dict[str,
 def skip(db: Database, user_id: int, assignment_id: int) -> str:
     """Skip the user's open assignment (the item goes to others); return the round's name."""
     with db.session() as s:
-        a = s.get(Assignment, assignment_id)
-        if a is None or a.user_id != user_id:
-            raise NotFound("no such item for you")
+        a = _own_assignment(s, user_id, assignment_id)
         rnd = s.get(Round, a.round_id)
         if rnd.status != "open":
             raise Conflict("this round is closed")
