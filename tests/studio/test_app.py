@@ -60,13 +60,27 @@ def test_login_link_starts_a_session_with_safe_cookie(studio):
     _, app, people = studio
     c = TestClient(app, base_url=BASE)
     r = c.get("/login", params={"token": people["ann"][1]}, follow_redirects=False)
-    assert r.status_code == 303 and r.headers["location"] == "/"
+    assert r.status_code == 303 and r.headers["location"].startswith("/items/")  # straight to the next item
     cookie = r.headers["set-cookie"].lower()
     assert cookie.startswith(SESSION_COOKIE) and "httponly" in cookie and "samesite=lax" in cookie
     assert people["ann"][1] not in cookie  # the session is not the login token
     assert "ann" in c.get("/").text
     admin = TestClient(app, base_url=BASE).get("/login", params={"token": people["admin"][1]}, follow_redirects=False)
     assert admin.headers["location"] == "/admin"
+
+
+def test_login_lands_on_the_next_item_or_the_rounds(studio):
+    db, app, people = studio
+    ann = TestClient(app, base_url=BASE)
+    r = ann.get("/login", params={"token": people["ann"][1]}, follow_redirects=False)
+    page = ann.get(r.headers["location"])
+    assert page.status_code == 200 and 'id="label-form"' in page.text
+    from rufus.studio.rounds import set_round_status
+
+    for name in ("r1", "<b onclick=x>r2"):
+        set_round_status(db, name, "closed")
+    again = TestClient(app, base_url=BASE).get("/login", params={"token": people["ann"][1]}, follow_redirects=False)
+    assert again.headers["location"] == "/"  # nothing open: the list of rounds
 
 
 def test_requests_without_a_valid_token_or_session_are_refused(studio):

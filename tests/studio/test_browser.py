@@ -369,13 +369,17 @@ def create_annotator(driver, studio: Studio, name: str, round_name: str) -> str:
 
 
 def log_in_and_start(driver, studio: Studio, login_url: str) -> None:
-    """Open the login link (it redirects to the annotator's rounds, dropping the token from the URL)
-    and follow the round's Label link."""
+    """Open the login link: it starts a session and lands on the annotator's first item, at a URL
+    without the token. The annotator's list of rounds is checked on the way."""
     driver.get(login_url)
-    assert driver.current_url == f"{studio.base}/"
+    item_url = driver.current_url
+    assert item_url.startswith(f"{studio.base}/items/") and "token" not in item_url
+    assert_annotator_page(driver)
+    driver.get(f"{studio.base}/")
     assert h1(driver) == "Your rounds"
     assert_annotator_page(driver)
     after(driver, driver.find_element(By.LINK_TEXT, "Label").click)
+    assert driver.current_url == item_url  # the same open item
 
 
 def label_with_mouse(driver, name: str, made: dict) -> None:

@@ -211,11 +211,23 @@ def create_app(db: Database, *, allowed_hosts: list[str] | None = None, secure_c
                 raise HTTPError(403, "This login link is not valid (mistyped, or replaced by a newer one). "
                                      "Ask the studio's admin for yours.")
             cookie = auth.start_session(s, user)
-            target = "/admin" if user.role == "admin" else "/"
-        response = redirect(target)
+            user_id, is_admin = user.id, user.role == "admin"
+        response = redirect("/admin" if is_admin else _first_item(user_id))
         response.set_cookie(auth.SESSION_COOKIE, cookie, max_age=auth.SESSION_SECONDS, httponly=True,
                             samesite="lax", secure=secure_cookies, path="/")
         return response
+
+    def _first_item(user_id: int) -> str:
+        """Where an annotator's login link lands: their next item in the first open round that has one
+        for them, else their rounds."""
+        with db.read() as s:
+            user = s.get(User, user_id)
+            names = [r.name for r in R.rounds_for(s, user) if r.status == "open"]
+        for name in names:
+            aid = R.next_assignment(db, user_id, name)
+            if aid is not None:
+                return f"/items/{aid}"
+        return "/"
 
     def login_get(request: Request) -> Response:
         token = request.query_params.get("token")
