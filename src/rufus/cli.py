@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    if args.command == "studio":
+    if args.command in ("studio", "leaderboard"):
         from rufus.studio.commands import run as run_studio
 
         return run_studio(args, parser)

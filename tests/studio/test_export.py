@@ -87,7 +87,7 @@ def test_ranking_sft_and_graded_from_pairwise(db, pairwise):
 
 def test_borda_points_by_hand():
     # a first, b and c tied second, d last: a beats 3; b and c beat d and tie each other: 1 + 0.5
-    assert E._borda([[1], [2, 3], [4]]) == {1: 3.0, 2: 1.5, 3: 1.5, 4: 0.0}
+    assert E.borda([[1], [2, 3], [4]]) == {1: 3.0, 2: 1.5, 3: 1.5, 4: 0.0}
 
 
 def test_ranking_round_exports(db):

@@ -1,6 +1,6 @@
 """What a row of each data format must hold, checked one row at a time, and how rows are normalised.
 
-Five formats, named after what a trainer consumes (field names follow TRL's, so datasets written for
+Six formats, named after what a trainer (or the leaderboard) consumes (field names follow TRL's, so datasets written for
 it load here unchanged):
 
 ``sft``
@@ -20,6 +20,10 @@ it load here unchanged):
 ``prompt``
     ``prompt``: a string or a message list; other columns are kept (e.g. reference answers for a
     reward function). Normalised: unchanged.
+``comparison``
+    ``model_a``, ``model_b`` (two different non-empty model names) and ``winner`` (``a``, ``b`` or ``tie``):
+    one comparison of two models, for the leaderboard (`rufus leaderboard`). Other columns (the prompt,
+    the responses) are kept and ignored. Normalised: unchanged.
 ``graded``
     ``prompt`` + ``completion`` (as for ``sft``: strings, or a message-list prompt with a list of
     assistant turns) + ``score``, one finite number grading the completion (higher = better; not a
@@ -43,7 +47,7 @@ from typing import Any
 
 from rufus.data.errors import DataError, describe
 
-FORMATS = ("sft", "preference", "ranking", "prompt", "graded")
+FORMATS = ("sft", "preference", "ranking", "prompt", "graded", "comparison")
 ROLES = ("system", "user", "assistant", "tool")
 
 Row = dict[str, Any]
@@ -316,12 +320,26 @@ def check_graded(row: Row, where: str) -> str:
     return style
 
 
+def check_comparison(row: Row, where: str) -> str:
+    for field in ("model_a", "model_b", "winner"):
+        if not _present(row, field):
+            raise _missing(row, field, where, "a comparison row needs 'model_a', 'model_b' and 'winner' (a, b or tie)")
+    _text(row["model_a"], "model_a", where)
+    _text(row["model_b"], "model_b", where)
+    if row["model_a"] == row["model_b"]:
+        raise DataError("is the same model as 'model_a'; a comparison needs two models", where=where, field="model_b")
+    if row["winner"] not in ("a", "b", "tie"):
+        raise DataError(f"expected a, b or tie, got {describe(row['winner'])}", where=where, field="winner")
+    return "plain"
+
+
 CHECKS: dict[str, Callable[[Row, str], str]] = {
     "sft": check_sft,
     "preference": check_preference,
     "ranking": check_ranking,
     "prompt": check_prompt,
     "graded": check_graded,
+    "comparison": check_comparison,
 }
 
 # Fields that hold a number, per format. csv cells are all text (see loading.py), so these are parsed

@@ -335,6 +335,107 @@ def _playground_base() -> str:
     return str(base_model_path(seed=0))
 
 
+# --- leaderboard and agreement ----------------------------------------------------------------------
+
+
+@dataclass
+class LeaderboardConfig:
+    """Rank models from comparisons: Bradley-Terry ratings with bootstrap intervals, and online Elo."""
+
+    file: str | None = opt(None, "comparisons (.jsonl/.json/.csv/.parquet): rows with model_a, model_b, winner (a, b or tie)")
+    db: str | None = opt(None, "instead of a file: a studio database, with --rounds")
+    rounds: list[str] = opt([], "studio rounds whose labels compare models (rankings count as all their pairs)")
+    anchor: str | None = opt(None, "the model rated 1000 (default: the first one seen)")
+    resamples: int = opt(1000, "bootstrap resamples for the intervals (0 = none)")
+    seed: int = opt(0, "seed of the bootstrap")
+    prior: float = opt(0.0, "Gaussian prior precision on the log-odds strengths (0 = maximum likelihood); "
+                            "keeps ratings finite when a model never wins or never loses")
+    elo_k: float = opt(4.0, "K of the online Elo view")
+    out: str | None = opt(None, "write the table as JSON here")
+    plot: str | None = opt(None, "write a PNG of the ratings with their intervals here")
+
+
+def leaderboard(config: LeaderboardConfig | dict) -> list:
+    import json
+
+    from rufus.studio import leaderboard as L
+
+    cfg = as_config(LeaderboardConfig, config)
+    if (cfg.file is None) == (cfg.db is None):
+        raise ConfigError("file / db: give a comparisons FILE, or --db with --rounds")
+    if cfg.file is not None:
+        from rufus.data.loading import load_records
+
+        _quiet_datasets()
+        records = load_records(cfg.file, format="comparison", key="file")
+        comparisons = [L.Comparison(r["model_a"], r["model_b"], r["winner"]) for r in records.dataset]
+    else:
+        from rufus.studio.db import open_database
+        from rufus.studio.stats import round_comparisons
+
+        if not cfg.rounds:
+            raise ConfigError("rounds: --db needs --rounds NAME [NAME ...]")
+        db, _ = open_database(cfg.db, create=False)
+        comparisons = round_comparisons(db, cfg.rounds)
+        if not comparisons:
+            raise ConfigError(f"rounds: {', '.join(cfg.rounds)} hold no labels comparing two different models")
+    try:
+        rows = L.leaderboard(comparisons, anchor=cfg.anchor, resamples=cfg.resamples, seed=cfg.seed,
+                             prior=cfg.prior, elo_k=cfg.elo_k)
+    except L.LeaderboardError as e:
+        raise ConfigError(str(e)) from None
+    print(L.format_table(rows))
+    print(f"({len(comparisons)} comparisons; intervals from {cfg.resamples} bootstrap resamples; online Elo depends "
+          "on the order of the comparisons)")
+    if cfg.out:
+        from rufus.config import atomic_write_text
+
+        atomic_write_text(cfg.out, json.dumps([r.as_dict() for r in rows], indent=1) + "\n")
+    if cfg.plot:
+        L.plot(rows, cfg.plot)
+    return rows
+
+
+@dataclass
+class StatsConfig:
+    """Agreement among a round's annotators, and progress: raw agreement, Cohen's / Fleiss' kappa, Krippendorff's alpha."""
+
+    db: str = opt(REQUIRED, "studio database: an SQLite file or an SQLAlchemy URL")
+    round: str = opt(REQUIRED, "the round")
+    out: str | None = opt(None, "also write the figures as JSON here")
+
+
+def stats(config: StatsConfig | dict) -> dict:
+    import json
+
+    from rufus.studio.db import open_database
+    from rufus.studio.rounds import get_round, round_progress
+    from rufus.studio.stats import round_agreement
+
+    cfg = as_config(StatsConfig, config)
+    db, _ = open_database(cfg.db, create=False)
+    with db.read() as s:
+        progress = round_progress(s, get_round(s, cfg.round))
+    figures = round_agreement(db, cfg.round)
+    print(f"round {cfg.round!r} ({figures['task']}): {progress['labels']} of {progress['labels_wanted']} labels, "
+          f"{progress['complete_items']} of {progress['items']} items complete; {figures['shared_units']} units "
+          "labelled by two or more people")
+    for key, name in (("raw_agreement", "raw agreement"), ("fleiss_kappa", "Fleiss' kappa"),
+                      ("krippendorff_alpha", "Krippendorff's alpha (ordinal)")):
+        if key in figures:
+            value = figures[key]
+            print(f"  {name:<32} {'-' if value is None else f'{value:.3f}'}")
+    for pair in figures["cohen"]:
+        kappa = "-" if pair["kappa"] is None else f"{pair['kappa']:.3f}"
+        print(f"  Cohen's kappa {pair['annotators'][0]} / {pair['annotators'][1]}: {kappa} "
+              f"(agreement {pair['agreement']:.3f} on {pair['units']} units)")
+    if cfg.out:
+        from rufus.config import atomic_write_text
+
+        atomic_write_text(cfg.out, json.dumps({"progress": progress, "agreement": figures}, indent=1, default=str) + "\n")
+    return figures
+
+
 # --- the command line ---------------------------------------------------------------------------
 
 COMMANDS = {
@@ -343,45 +444,71 @@ COMMANDS = {
     "add-annotator": (AddAnnotatorConfig, add_annotator, "create an annotator and print their login URL", ("name",)),
     "export": (ExportConfig, export, "write a round's labels as a training file", ()),
     "admin-token": (AdminTokenConfig, admin_token, "print a new admin login URL (the old one stops working)", ()),
+    "stats": (StatsConfig, stats, "agreement among a round's annotators (kappas, alpha) and its progress", ()),
     "demo": (StudioDemoConfig, demo, "a studio pre-filled with playground responses, served on loopback", ()),
+}
+TOP_COMMANDS = {
+    "leaderboard": (LeaderboardConfig, leaderboard, "rank models from comparisons: Bradley-Terry with intervals, Elo",
+                    ("file",)),
 }
 
 
 def add_parser(sub) -> None:
-    """Add `rufus studio ...` to the main parser's subcommands."""
-    import argparse
-    import dataclasses
-    import typing
-
+    """Add `rufus studio ...` and `rufus leaderboard` to the main parser's subcommands."""
     desc = "the labelling studio: people compare, rank and rate responses; exports feed rufus rm / dpo / sft"
     studio = sub.add_parser("studio", help=desc, description=desc)
     inner = studio.add_subparsers(dest="studio_command", metavar="command")
     for name, (cls, _, help_text, positional) in COMMANDS.items():
-        p = inner.add_parser(name, help=help_text, description=(cls.__doc__ or help_text).strip(), add_help=False,
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("-h", "--help", action="store_true", help="list every config key and exit")
-        p.add_argument("--config", "-c", help="YAML config file (flags and key=value overrides win)")
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            tp = hints[f.name]
-            if dataclasses.is_dataclass(tp):
-                continue
-            doc = f.metadata.get("help", "")
-            if f.name in positional:
-                p.add_argument(f.name, nargs="?", metavar=f.name.upper(), help=doc)
-                continue
-            flag = "--" + f.name.replace("_", "-")
-            if tp is bool:
-                p.add_argument(flag, dest=f"flag_{f.name}", nargs="?", const="true", metavar="true|false", help=doc)
-            elif typing.get_origin(tp) is list:
-                p.add_argument(flag, dest=f"flag_{f.name}", nargs="+", metavar="VALUE", help=doc)
-            else:
-                p.add_argument(flag, dest=f"flag_{f.name}", metavar="VALUE", help=doc)
-        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. generation.max_new_tokens=32")
+        _add_command(inner, name, cls, help_text, positional)
+    for name, (cls, _, help_text, positional) in TOP_COMMANDS.items():
+        _add_command(sub, name, cls, help_text, positional)
+
+
+def _add_command(sub, name: str, cls: type, help_text: str, positional: tuple[str, ...]) -> None:
+    """A subcommand whose top-level config keys are flags (--key VALUE, lists --key A B, bools --key)."""
+    import argparse
+    import dataclasses
+    import typing
+
+    p = sub.add_parser(name, help=help_text, description=(cls.__doc__ or help_text).strip(), add_help=False,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-h", "--help", action="store_true", help="list every config key and exit")
+    p.add_argument("--config", "-c", help="YAML config file (flags and key=value overrides win)")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            continue
+        doc = f.metadata.get("help", "")
+        if f.name in positional:
+            p.add_argument(f.name, nargs="?", metavar=f.name.upper(), help=doc)
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if tp is bool:
+            p.add_argument(flag, dest=f"flag_{f.name}", nargs="?", const="true", metavar="true|false", help=doc)
+        elif typing.get_origin(tp) is list:
+            p.add_argument(flag, dest=f"flag_{f.name}", nargs="+", metavar="VALUE", help=doc)
+        else:
+            p.add_argument(flag, dest=f"flag_{f.name}", metavar="VALUE", help=doc)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. generation.max_new_tokens=32")
 
 
 def run(args, parser) -> int:
-    """Run `rufus studio <command>` from parsed arguments; return the exit code."""
+    """Run `rufus studio <command>` or `rufus leaderboard` from parsed arguments; return the exit code."""
+    choices = parser._subparsers._group_actions[0].choices  # noqa: SLF001
+    if args.command != "studio":
+        cls, fn, _, positional = TOP_COMMANDS[args.command]
+        return _run_command(args, choices[args.command], f"rufus {args.command}", cls, fn, positional)
+    studio = choices["studio"]
+    if not args.studio_command:
+        studio.print_help()
+        return 2
+    cls, fn, _, positional = COMMANDS[args.studio_command]
+    sub = studio._subparsers._group_actions[0].choices[args.studio_command]  # noqa: SLF001
+    return _run_command(args, sub, f"rufus studio {args.studio_command}", cls, fn, positional)
+
+
+def _run_command(args, sub, label: str, cls: type, fn, positional: tuple[str, ...]) -> int:
     import dataclasses
     import json
 
@@ -389,13 +516,8 @@ def run(args, parser) -> int:
     from rufus.data.errors import DataError
     from rufus.studio.db import StudioError
 
-    studio = parser._subparsers._group_actions[0].choices["studio"]  # noqa: SLF001
-    if not args.studio_command:
-        studio.print_help()
-        return 2
-    cls, fn, _, positional = COMMANDS[args.studio_command]
     if args.help:
-        print(studio._subparsers._group_actions[0].choices[args.studio_command].format_help())  # noqa: SLF001
+        print(sub.format_help())
         print(config_help(cls))
         return 0
     overrides = []
@@ -409,7 +531,7 @@ def run(args, parser) -> int:
         cfg = load_config(cls, args.config, overrides + list(args.overrides))
         fn(cfg)
     except (ConfigError, DataError, StudioError) as e:
-        print(f"rufus studio {args.studio_command}: error: {e}", file=sys.stderr)
+        print(f"{label}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

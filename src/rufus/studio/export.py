@@ -46,7 +46,7 @@ TIES = ("drop", "half")
 AGGREGATES = ("label", "majority")
 
 
-def _borda(ranking: list[list[int]]) -> dict[int, float]:
+def borda(ranking: list[list[int]]) -> dict[int, float]:
     """Points per response of one ranking (tiers best first): responses below it + half the others
     in its tier."""
     total = sum(len(t) for t in ranking)
@@ -59,7 +59,7 @@ def _borda(ranking: list[list[int]]) -> dict[int, float]:
     return points
 
 
-def _label_scores(label: Label, response_ids: list[int]) -> dict[int, float] | None:
+def label_scores(label: Label, response_ids: list[int]) -> dict[int, float] | None:
     """Per-response scores of one label (higher = better), or None when it orders nothing
     (pairwise both bad)."""
     if label.task == "pairwise":
@@ -69,7 +69,7 @@ def _label_scores(label: Label, response_ids: list[int]) -> dict[int, float] | N
             return {rid: 0.5 for rid in response_ids}
         return None
     if label.task == "ranking":
-        return _borda([[int(r) for r in tier] for tier in label.ranking])
+        return borda([[int(r) for r in tier] for tier in label.ranking])
     return {int(rid): float(v) for rid, v in label.ratings.items()}
 
 
@@ -121,7 +121,7 @@ def export_rows(db: Database, round_name: str, format: str, *, tie: str = "drop"
     if aggregate == "label":
         for lb in labels:
             item = items[lb.item_id]
-            scores = _label_scores(lb, list(item.response_ids))
+            scores = label_scores(lb, list(item.response_ids))
             if scores is None:  # both bad: no preference between them; as grades, 0 each
                 if format != "graded":
                     continue
@@ -153,7 +153,7 @@ def export_rows(db: Database, round_name: str, format: str, *, tie: str = "drop"
                               {a: 1.0, b: 0.0} if wins[a] > wins[b] else {a: 0.0, b: 1.0})
                 votes["responses"] = {str(rid): wins[rid] for rid in ids}
             else:
-                per = [_label_scores(lb, ids) for lb in group]
+                per = [label_scores(lb, ids) for lb in group]
                 scores = {rid: sum(p[rid] for p in per) / len(per) for rid in ids}
                 votes = {"labels": len(group)}
             units.append((item, scores, {"votes": votes}))

@@ -18,7 +18,7 @@ from itertools import combinations
 
 from sqlalchemy import select
 
-from rufus.studio.db import Assignment, Database, Item, Label, Prompt
+from rufus.studio.db import Assignment, Database, Item, Label, Prompt, Response, User
 from rufus.studio.rounds import get_round
 
 
@@ -105,3 +105,77 @@ def disputed_items(db: Database, round_name: str, limit: int = 10) -> list[dict]
             out.append({"item_id": item_id, "disagreement": score, "labels": n,
                         "prompt": text if len(text) <= 160 else text[:157] + "..."})
         return out
+
+
+# --- the studio's labels as input to the leaderboard and the agreement coefficients ----------------
+
+
+def _labels_with_models(db: Database, round_names: list[str]):
+    with db.read() as s:
+        ids = []
+        for name in round_names:
+            ids.append(get_round(s, name).id)
+        labels = list(s.scalars(select(Label).where(Label.round_id.in_(ids)).order_by(Label.id)))
+        items = {i.id: i for i in s.scalars(select(Item).where(Item.round_id.in_(ids)))}
+        response_ids = {rid for i in items.values() for rid in i.response_ids}
+        models = dict(s.execute(select(Response.id, Response.model).where(Response.id.in_(response_ids))).all())
+    return labels, items, models
+
+
+def round_comparisons(db: Database, round_names: list[str]):
+    """Every model-vs-model comparison the rounds' labels make, in label order, as leaderboard
+    Comparisons: a pairwise label is one (a tie or "both bad" is a tie); a ranking or rating label
+    gives every pair of its responses from different models (equal ranks or ratings: a tie).
+    Responses without a model name, or two from the same model, compare nothing here."""
+    from rufus.studio.export import label_scores
+    from rufus.studio.leaderboard import Comparison
+
+    labels, items, models = _labels_with_models(db, round_names)
+    out = []
+    for lb in labels:
+        ids = list(items[lb.item_id].response_ids)
+        scores = label_scores(lb, ids) or {rid: 0.5 for rid in ids}  # both bad: a tie
+        for i, a in enumerate(ids):
+            for b in ids[i + 1:]:
+                ma, mb = models.get(a), models.get(b)
+                if not ma or not mb or ma == mb:
+                    continue
+                winner = "tie" if scores[a] == scores[b] else ("a" if scores[a] > scores[b] else "b")
+                out.append(Comparison(ma, mb, winner))
+    return out
+
+
+def round_agreement(db: Database, round_name: str) -> dict:
+    """Agreement among a round's annotators (rufus.studio.agreement): raw agreement and Cohen's
+    kappa per pair of annotators always; Fleiss' kappa for pairwise rounds (the outcome, with the
+    responses in id order: first better, second better, tie, both bad); Krippendorff's alpha
+    (ordinal) for ranking and rating rounds, each response of an item being a unit whose value is its
+    rank (tier) or rating."""
+    from rufus.studio import agreement as A
+
+    with db.read() as s:
+        rnd = get_round(s, round_name)
+        labels = list(s.scalars(select(Label).where(Label.round_id == rnd.id)))
+        items = {i.id: i for i in s.scalars(select(Item).where(Item.round_id == rnd.id))}
+        names = dict(s.execute(select(User.id, User.name)).all())
+    units: dict = defaultdict(dict)
+    for lb in labels:
+        who = names.get(lb.user_id, lb.user_id)
+        ids = sorted(items[lb.item_id].response_ids)
+        if rnd.task == "pairwise":
+            value = lb.outcome if lb.outcome != "win" else ("first" if lb.winner_id == ids[0] else "second")
+            units[lb.item_id][who] = value
+        elif rnd.task == "ranking":
+            for rid, tier in _position(lb.ranking).items():
+                units[(lb.item_id, rid)][who] = tier
+        else:
+            for rid, value in lb.ratings.items():
+                units[(lb.item_id, int(rid))][who] = value
+    shared = sum(1 for by in units.values() if len(by) >= 2)
+    out = {"round": round_name, "task": rnd.task, "labels": len(labels), "shared_units": shared,
+           "raw_agreement": A.raw_agreement(units), "cohen": A.pairwise_cohen(units)}
+    if rnd.task == "pairwise":
+        out["fleiss_kappa"] = A.fleiss_kappa(units)
+    else:
+        out["krippendorff_alpha"] = A.krippendorff_alpha(units, "ordinal")
+    return out
