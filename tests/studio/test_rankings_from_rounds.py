@@ -99,7 +99,7 @@ def test_leaderboard_command_from_a_file_and_from_rounds(db, tmp_path, capsys):
 
     R.create_round(db, "r", "pairwise", [R.Candidate(f"q{i}", ["strong", f"weak {i}"], ["S", "W"]) for i in range(6)])
     (uid, _), = add_people(db, "a").values()
-    for i in range(6):
+    for _ in range(6):
         label_next(db, uid, "r", lambda v: {"choice": letter(v, "strong") if not v.prompt.endswith("5") else "tie"})
     if db.is_sqlite:
         url = db.url.split(":///", 1)[1]
