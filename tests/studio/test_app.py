@@ -305,3 +305,13 @@ def test_admin_creates_a_round_and_an_annotator_and_exports(studio):
     csv_text = admin.get("/admin/download/labels.csv", params={"round": "up"}).text
     assert csv_text.splitlines()[0].startswith("label_id") and len(csv_text.splitlines()) == 2
     assert admin.get("/admin/download/secrets.csv").status_code == 400
+
+
+def test_admin_round_page_shows_agreement_and_the_models(studio):
+    _, app, people = studio
+    pages = dict((who, html) for who, html in all_pages(app, people) if who == "admin")  # labels are in now
+    admin = client(app, people["admin"][1])
+    html = admin.get("/admin/rounds/r1").text
+    assert "Fleiss' kappa: " in html and "Cohen's kappa" in html and "raw agreement: " in html
+    assert "secret-model-alpha" in html and "secret-model-beta" in html  # the admin may see the models
+    assert pages  # the admin pages rendered on the way too

@@ -333,16 +333,25 @@ def create_app(db: Database, *, allowed_hosts: list[str] | None = None, secure_c
                     created=None)
 
     def admin_round(request: Request) -> Response:
-        from rufus.studio.stats import disputed_items, label_distribution
+        from rufus.studio.leaderboard import LeaderboardError, leaderboard
+        from rufus.studio.stats import disputed_items, label_distribution, round_agreement, round_comparisons
 
         user, sess = need(request, admin=True)
         name = request.path_params["name"]
         with db.read() as s:
             rnd = R.get_round(s, name)
             prog = R.round_progress(s, rnd)
+        board, board_note = [], None
+        comparisons = round_comparisons(db, [name])
+        if comparisons:
+            try:  # a light prior keeps an unbeaten model finite while few labels are in
+                board = leaderboard(comparisons, resamples=200, seed=0, prior=0.01)
+            except LeaderboardError as e:
+                board_note = str(e)
         return page("admin_round.html", me=user, csrf=sess.csrf, p=prog, dist=label_distribution(db, name),
                     disputed=disputed_items(db, name, limit=10), formats=("preference", "ranking", "sft", "graded"),
-                    tables=("labels", "items", "responses", "annotators"))
+                    tables=("labels", "items", "responses", "annotators"), agreement=round_agreement(db, name),
+                    board=board, board_note=board_note, comparisons=len(comparisons))
 
     @posts("admin", upload=True)
     def admin_new_round(request: Request) -> Response:
