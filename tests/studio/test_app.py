@@ -21,13 +21,14 @@ BASE = "http://127.0.0.1:8765"
 XSS_PROMPT = 'Tell me <script>window.__xss=1</script> about "quotes" & things'
 XSS_RESPONSE = '<img src=x onerror="window.__xss=2"> and </div><b>bold</b>'
 MODELS = ("secret-model-alpha", "secret-model-beta")
+RANKED = ("secret-model-gamma", "secret-model-delta", "secret-model-epsilon")  # long: no random token holds them
 
 
 @pytest.fixture()
 def studio(db):
     create_round(db, "r1", "pairwise", [Candidate(XSS_PROMPT, [XSS_RESPONSE, "plain answer"], list(MODELS)),
                                         Candidate("second prompt", ["one", "two"], list(MODELS))], labels_per_item=2)
-    create_round(db, "<b onclick=x>r2", "ranking", [Candidate("rank these", ["x", "y", "z"], ["m1", "m2", "m3"])])
+    create_round(db, "<b onclick=x>r2", "ranking", [Candidate("rank these", ["x", "y", "z"], list(RANKED))])
     people = add_people(db, "ann", "bob", admin=True)
     app = create_app(db, login_limit=5, login_window=60)
     return db, app, people
@@ -184,7 +185,7 @@ def test_annotator_pages_never_name_a_model(studio):
     annotator_pages = [html for who, html in all_pages(app, people) if who != "admin"]
     assert len(annotator_pages) >= 6
     for html in annotator_pages:
-        for name in MODELS + ("m1", "m2", "m3"):
+        for name in MODELS + RANKED:
             assert name not in html
         assert "response_id" not in html and "winner" not in html
 
