@@ -22,6 +22,8 @@ What is stored, and why it is shaped this way:
 ``labels``       one per assignment (unique): the outcome in terms of response ids, never of screen
                  positions; the optional better answer, comment and flags; how long it took.
 ``sessions``     browser sessions (a hash of the cookie value) with their CSRF token.
+``exclusions``   annotators an admin left out of a round (exports, agreement and leaderboard skip
+                 their labels).
 ``events``       an append-only log of what happened (labels, skips, undos, logins), for audit.
 
 Schema versions: ``meta.schema_version`` holds the version a database was written by. Opening an
@@ -55,13 +57,22 @@ from sqlalchemy import (
     event,
     inspect,
     select,
+    text,
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-# version n -> a function taking a database at version n to n + 1 (see the module docstring)
+
+def _v1_to_v2(conn: Connection) -> None:
+    """Version 2: gold items (items.gold) and per-round exclusions of annotators."""
+    conn.execute(text("ALTER TABLE items ADD COLUMN gold JSON"))
+    Exclusion.__table__.create(conn)
+
+
+# version n -> a function taking a database at version n to n + 1 (see the module docstring);
+# filled in below the models they refer to
 UPGRADES: dict[int, Callable[[Connection], None]] = {}
 
 TASKS = ("pairwise", "ranking", "rating")
@@ -136,6 +147,18 @@ class Item(Base):
     prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id", ondelete="CASCADE"))
     response_ids: Mapped[list[Any]] = mapped_column()  # the responses this item compares
     position: Mapped[int] = mapped_column(Integer)
+    # a gold item's known answer: {"scores": {"response id": score}} (higher = better); None otherwise
+    gold: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+
+
+class Exclusion(Base):
+    """An annotator whose labels of a round are left out of its exports, agreement and leaderboard."""
+
+    __tablename__ = "exclusions"
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
 
 
 class Assignment(Base):
@@ -191,6 +214,9 @@ class EventRow(Base):
     user_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     kind: Mapped[str] = mapped_column(String(32))
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+UPGRADES[1] = _v1_to_v2
 
 
 # --- opening a database -------------------------------------------------------------------------

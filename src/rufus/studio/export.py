@@ -21,6 +21,9 @@ per-label rows ``annotator_id`` and ``label_id``; ``chosen_model`` / ``rejected_
                 winner 1, the loser 0 (a tie 0.5 each, both bad 0 each); a ranking gives each
                 response its Borda share (responses it beats + half the ties) / (K - 1).
 
+Labels on gold items (which measure annotators) and labels by annotators an admin excluded from the
+round (`rufus.studio.quality.exclude`) are left out of every format.
+
 Aggregation: ``label`` (one row per label) or ``majority`` (one per item). Majority for pairwise
 items: the response with more "better" votes is chosen; equal votes make a tie (or, when every
 label says both bad, no row); the vote counts go into ``votes``. For rankings the responses are
@@ -38,7 +41,18 @@ from typing import Any
 
 from sqlalchemy import select
 
-from rufus.studio.db import Assignment, Database, Item, Label, Prompt, Response, Round, StudioError, User
+from rufus.studio.db import (
+    Assignment,
+    Database,
+    Exclusion,
+    Item,
+    Label,
+    Prompt,
+    Response,
+    Round,
+    StudioError,
+    User,
+)
 from rufus.studio.rounds import RATING_SCALE, get_round
 
 FORMATS = ("preference", "ranking", "sft", "graded")
@@ -74,10 +88,14 @@ def label_scores(label: Label, response_ids: list[int]) -> dict[int, float] | No
 
 
 def _load(s, rnd: Round):
+    """The round's items, prompts, responses, and the labels that train: not on gold items (those
+    measure annotators), not by annotators the admin excluded."""
     items = {i.id: i for i in s.scalars(select(Item).where(Item.round_id == rnd.id))}
     prompts = {p.id: p for p in s.scalars(select(Prompt).where(Prompt.round_id == rnd.id))}
     responses = {r.id: r for r in s.scalars(select(Response).where(Response.prompt_id.in_(list(prompts))))}
-    labels = list(s.scalars(select(Label).where(Label.round_id == rnd.id).order_by(Label.id)))
+    left_out = set(s.scalars(select(Exclusion.user_id).where(Exclusion.round_id == rnd.id)))
+    labels = [lb for lb in s.scalars(select(Label).where(Label.round_id == rnd.id).order_by(Label.id))
+              if lb.user_id not in left_out and not items[lb.item_id].gold]
     return items, prompts, responses, labels
 
 

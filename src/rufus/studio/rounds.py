@@ -90,6 +90,7 @@ class Candidate:
     models: list[str | None] = field(default_factory=list)  # one per response (None = unknown)
     samples: list[int] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    gold: list[float] | None = None  # a gold prompt: the known score of each response (higher = better)
 
 
 def _canonical(content: Any) -> str:
@@ -97,8 +98,14 @@ def _canonical(content: Any) -> str:
 
 
 def create_round(db: Database, name: str, task: str, candidates: list[Candidate], *, labels_per_item: int = 1,
-                 pairs: str = "all", instructions: str = "", source: dict | None = None) -> dict:
-    """Store a new round; return a summary (items, prompts, skipped prompts)."""
+                 pairs: str = "all", instructions: str = "", source: dict | None = None,
+                 gold: list[Candidate] | None = None) -> dict:
+    """Store a new round; return a summary (items, gold items, prompts, skipped prompts).
+
+    `gold` candidates carry known answers (`Candidate.gold`): their items are spread evenly among the
+    others, shown like any item, offered to every annotator (not capped by `labels_per_item`), left
+    out of training exports, and scored by `rufus.studio.quality` as each annotator's accuracy.
+    """
     name = name.strip()
     if not name:
         raise StudioError("a round needs a non-empty name")
@@ -114,6 +121,9 @@ def create_round(db: Database, name: str, task: str, candidates: list[Candidate]
         raise StudioError(f"pairs must be all or models, not {pairs!r}")
     if not candidates:
         raise StudioError("no prompts to build the round from")
+    for k, cand in enumerate(gold or []):
+        if cand.gold is None or len(cand.gold) != len(cand.responses):
+            raise StudioError(f"gold prompt {k}: needs one known score per response")
     with db.session() as s:
         if s.scalar(select(Round.id).where(Round.name == name)) is not None:
             raise StudioError(f"there is already a round named {name!r}")
@@ -121,9 +131,11 @@ def create_round(db: Database, name: str, task: str, candidates: list[Candidate]
                     instructions=instructions, source=source or {}, created_at=time.time())
         s.add(rnd)
         s.flush()
-        items, skipped = 0, 0
-        for position, cand in enumerate(candidates):
-            prompt = Prompt(round_id=rnd.id, position=position, content=cand.prompt, extra=cand.extra or {})
+        specs, gold_specs, skipped = [], [], 0  # (prompt id, response ids, gold answer)
+        for position, cand in enumerate(list(candidates) + list(gold or [])):
+            is_gold = position >= len(candidates)
+            prompt = Prompt(round_id=rnd.id, position=position, content=cand.prompt,
+                            extra={**(cand.extra or {}), **({"gold": True} if is_gold else {})})
             s.add(prompt)
             s.flush()
             models = cand.models or [None] * len(cand.responses)
@@ -132,6 +144,7 @@ def create_round(db: Database, name: str, task: str, candidates: list[Candidate]
                     for j, (c, m, k) in enumerate(zip(cand.responses, models, samples))]
             s.add_all(rows)
             s.flush()
+            known = {r.id: float(g) for r, g in zip(rows, cand.gold)} if is_gold else None
             distinct, seen = [], set()
             for r in rows:  # identical texts are shown once (the first keeps the item's place)
                 key = _canonical(r.content)
@@ -143,21 +156,29 @@ def create_round(db: Database, name: str, task: str, candidates: list[Candidate]
                 continue
             if task == "pairwise":
                 groups = [[a.id, b.id] for i, a in enumerate(distinct) for b in distinct[i + 1:]
-                          if pairs == "all" or a.model != b.model]
+                          if pairs == "all" or is_gold or a.model != b.model]
             else:
                 groups = [[r.id for r in distinct]]
             for ids in groups:
-                s.add(Item(round_id=rnd.id, prompt_id=prompt.id, response_ids=ids, position=items))
-                items += 1
-        if items == 0:
+                answer = {"scores": {str(rid): known[rid] for rid in ids}} if known else None
+                (gold_specs if known else specs).append((prompt.id, ids, answer))
+        if not specs:
             raise StudioError(f"round {name!r} has no items: no prompt has two different responses"
                               + (" from different models" if pairs == "models" else ""))
-        log_event(s, "round_created", None, round=name, task=task, items=items, prompts=len(candidates))
+        # gold items spread evenly through the round, so they are met all along the way
+        ordered, every = list(specs), (len(specs) + len(gold_specs)) / max(len(gold_specs), 1)
+        for k, spec in enumerate(gold_specs):
+            ordered.insert(min(len(ordered), int((k + 0.5) * every)), spec)
+        for position, (prompt_id, ids, answer) in enumerate(ordered):
+            s.add(Item(round_id=rnd.id, prompt_id=prompt_id, response_ids=ids, position=position, gold=answer))
+        items = len(specs)
+        log_event(s, "round_created", None, round=name, task=task, items=items, gold=len(gold_specs),
+                  prompts=len(candidates))
     if skipped:
         log.warning("round %s: %d of %d prompts have fewer than two different responses and get no item",
-                    name, skipped, len(candidates))
-    return {"round": name, "task": task, "prompts": len(candidates), "items": items, "skipped_prompts": skipped,
-            "labels_per_item": labels_per_item}
+                    name, skipped, len(candidates) + len(gold or []))
+    return {"round": name, "task": task, "prompts": len(candidates), "items": items, "gold_items": len(gold_specs),
+            "skipped_prompts": skipped, "labels_per_item": labels_per_item}
 
 
 def candidates_from_rows(rows: list[dict], where) -> list[Candidate]:
@@ -253,7 +274,8 @@ def next_assignment(db: Database, user_id: int, round_name: str, *, now: float |
         mine = select(Assignment.item_id).where(Assignment.round_id == rnd.id, Assignment.user_id == user.id)
         n = func.coalesce(held.c.n, 0)
         row = s.execute(select(Item.id, Item.response_ids).outerjoin(held, held.c.item_id == Item.id)
-                        .where(Item.round_id == rnd.id, Item.id.not_in(mine), n < rnd.labels_per_item)
+                        .where(Item.round_id == rnd.id, Item.id.not_in(mine),
+                               or_(n < rnd.labels_per_item, Item.gold.is_not(None)))
                         .order_by(n.desc(), Item.position).limit(1)).first()
         if row is None:
             return None

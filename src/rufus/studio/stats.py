@@ -18,7 +18,7 @@ from itertools import combinations
 
 from sqlalchemy import select
 
-from rufus.studio.db import Assignment, Database, Item, Label, Prompt, Response, User
+from rufus.studio.db import Assignment, Database, Exclusion, Item, Label, Prompt, Response, User
 from rufus.studio.rounds import get_round
 
 
@@ -115,7 +115,10 @@ def _labels_with_models(db: Database, round_names: list[str]):
         ids = []
         for name in round_names:
             ids.append(get_round(s, name).id)
-        labels = list(s.scalars(select(Label).where(Label.round_id.in_(ids)).order_by(Label.id)))
+        left_out = {(r, u) for r, u in s.execute(select(Exclusion.round_id, Exclusion.user_id)
+                                                 .where(Exclusion.round_id.in_(ids)))}
+        labels = [lb for lb in s.scalars(select(Label).where(Label.round_id.in_(ids)).order_by(Label.id))
+                  if (lb.round_id, lb.user_id) not in left_out]
         items = {i.id: i for i in s.scalars(select(Item).where(Item.round_id.in_(ids)))}
         response_ids = {rid for i in items.values() for rid in i.response_ids}
         models = dict(s.execute(select(Response.id, Response.model).where(Response.id.in_(response_ids))).all())
@@ -155,7 +158,8 @@ def round_agreement(db: Database, round_name: str) -> dict:
 
     with db.read() as s:
         rnd = get_round(s, round_name)
-        labels = list(s.scalars(select(Label).where(Label.round_id == rnd.id)))
+        left_out = set(s.scalars(select(Exclusion.user_id).where(Exclusion.round_id == rnd.id)))
+        labels = [lb for lb in s.scalars(select(Label).where(Label.round_id == rnd.id)) if lb.user_id not in left_out]
         items = {i.id: i for i in s.scalars(select(Item).where(Item.round_id == rnd.id))}
         names = dict(s.execute(select(User.id, User.name)).all())
     units: dict = defaultdict(dict)
