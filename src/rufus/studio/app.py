@@ -334,6 +334,7 @@ def create_app(db: Database, *, allowed_hosts: list[str] | None = None, secure_c
 
     def admin_round(request: Request) -> Response:
         from rufus.studio.leaderboard import LeaderboardError, leaderboard
+        from rufus.studio.quality import annotator_quality
         from rufus.studio.stats import disputed_items, label_distribution, round_agreement, round_comparisons
 
         user, sess = need(request, admin=True)
@@ -351,6 +352,7 @@ def create_app(db: Database, *, allowed_hosts: list[str] | None = None, secure_c
         return page("admin_round.html", me=user, csrf=sess.csrf, p=prog, dist=label_distribution(db, name),
                     disputed=disputed_items(db, name, limit=10), formats=("preference", "ranking", "sft", "graded"),
                     tables=("labels", "items", "responses", "annotators"), agreement=round_agreement(db, name),
+                    quality={q.annotator: q for q in annotator_quality(db, name)},
                     board=board, board_note=board_note, comparisons=len(comparisons))
 
     @posts("admin", upload=True)
@@ -385,6 +387,19 @@ def create_app(db: Database, *, allowed_hosts: list[str] | None = None, secure_c
         base = str(request.base_url).rstrip("/")
         return page("annotator_created.html", me=user, csrf=sess.csrf, name=new.name,
                     url=f"{base}/login?token={token}")
+
+    @posts("admin")
+    def admin_exclude(request: Request) -> Response:
+        from rufus.studio.quality import exclude, include
+
+        form = request.state.form
+        name = request.path_params["name"]
+        who = str(form.get("annotator") or "")
+        if form.get("action") == "include":
+            include(db, name, who)
+        else:
+            exclude(db, name, who, str(form.get("reason") or "excluded on the admin page"))
+        return redirect(f"/admin/rounds/{quote(name, safe='')}")
 
     @posts("admin")
     def admin_round_status(request: Request) -> Response:
@@ -438,6 +453,7 @@ def create_app(db: Database, *, allowed_hosts: list[str] | None = None, secure_c
         Route("/admin/rounds", wrap(admin_new_round), methods=["POST"]),
         Route("/admin/rounds/{name}", wrap(admin_round)),
         Route("/admin/rounds/{name}/status", wrap(admin_round_status), methods=["POST"]),
+        Route("/admin/rounds/{name}/exclude", wrap(admin_exclude), methods=["POST"]),
         Route("/admin/rounds/{name}/export", wrap(admin_export)),
         Route("/admin/annotators", wrap(admin_new_annotator), methods=["POST"]),
         Route("/admin/download/{table}.{ext}", wrap(admin_download)),

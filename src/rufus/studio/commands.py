@@ -96,6 +96,8 @@ class NewRoundConfig:
     prompts: str | None = opt(None, "prompt-format file (.jsonl/.json/.csv/.parquet) whose prompts the models answer")
     models: list[str] = opt([], "models or checkpoints to sample from (local path, hub id, builtin:...), with --prompts")
     responses: str | None = opt(None, "instead of sampling: rows with 'prompt', a 'responses' list and optionally 'models'")
+    gold: str | None = opt(None, "gold items with known answers, mixed into the round: a ranking file (prompt, responses, "
+                                 "scores; higher = better), for each annotator's accuracy")
     samples_per_model: int = opt(1, "responses sampled per prompt from each model")
     labels_per_item: int = opt(1, "independent labels each item gets (from different annotators)")
     pairs: Literal["all", "models"] = opt("all", "pairwise rounds: every pair of a prompt's responses, or only pairs from different models")
@@ -112,7 +114,7 @@ class NewRoundConfig:
 def new_round(config: NewRoundConfig | dict) -> dict:
     from rufus.rollout.sample import sample_responses
     from rufus.studio.db import open_database
-    from rufus.studio.files import read_candidates, read_prompts
+    from rufus.studio.files import read_candidates, read_gold, read_prompts
     from rufus.studio.rounds import Candidate, create_round
 
     cfg = as_config(NewRoundConfig, config)
@@ -148,12 +150,14 @@ def new_round(config: NewRoundConfig | dict) -> dict:
                   "generation": vars(cfg.generation), "seed": cfg.seed}
     if cfg.max_prompts > 0:
         cands = cands[:cfg.max_prompts]
+    gold = read_gold(cfg.gold) if cfg.gold else None
     db, _ = open_database(cfg.db)
     summary = create_round(db, cfg.name, cfg.task, cands, labels_per_item=cfg.labels_per_item, pairs=cfg.pairs,
-                           instructions=cfg.instructions, source=source)
+                           instructions=cfg.instructions, source=source, gold=gold)
     _print_admin_token_if_new(db)
     print(f"rufus studio: round {summary['round']!r}: {summary['items']} {cfg.task} items from {summary['prompts']} "
           f"prompts, {cfg.labels_per_item} label(s) each"
+          + (f", and {summary['gold_items']} gold items" if summary["gold_items"] else "")
           + (f"; {summary['skipped_prompts']} prompts skipped (fewer than two different responses)"
              if summary["skipped_prompts"] else ""))
     return summary
@@ -429,11 +433,46 @@ def stats(config: StatsConfig | dict) -> dict:
         kappa = "-" if pair["kappa"] is None else f"{pair['kappa']:.3f}"
         print(f"  Cohen's kappa {pair['annotators'][0]} / {pair['annotators'][1]}: {kappa} "
               f"(agreement {pair['agreement']:.3f} on {pair['units']} units)")
+    from rufus.studio.quality import annotator_quality
+
+    quality = annotator_quality(db, cfg.round)
+    for q in quality:
+        agree = "-" if q.agreement is None else f"{q.agreement:.2f}"
+        gold = "-" if q.gold_accuracy is None else f"{q.gold_accuracy:.2f}"
+        print(f"  {q.annotator}: {q.labels} labels, agreement with the others {agree}, gold accuracy {gold}"
+              + (" (excluded)" if q.excluded else "") + "".join(f"\n    flag: {f}" for f in q.flags))
+    figures["annotators"] = [q.as_dict() for q in quality]
     if cfg.out:
         from rufus.config import atomic_write_text
 
         atomic_write_text(cfg.out, json.dumps({"progress": progress, "agreement": figures}, indent=1, default=str) + "\n")
     return figures
+
+
+@dataclass
+class ExcludeConfig:
+    """Leave an annotator's labels of a round out of its exports, agreement and leaderboard (or take that back)."""
+
+    db: str = opt(REQUIRED, "studio database: an SQLite file or an SQLAlchemy URL")
+    round: str = opt(REQUIRED, "the round")
+    annotator: str = opt(REQUIRED, "the annotator's name")
+    reason: str = opt("", "why (kept in the round's log)")
+    undo: bool = opt(False, "include the annotator again")
+
+
+def exclude_annotator(config: ExcludeConfig | dict) -> None:
+    from rufus.studio.db import open_database
+    from rufus.studio.quality import exclude, include
+
+    cfg = as_config(ExcludeConfig, config)
+    db, _ = open_database(cfg.db, create=False)
+    if cfg.undo:
+        include(db, cfg.round, cfg.annotator)
+        print(f"rufus studio: {cfg.annotator!r}'s labels of round {cfg.round!r} count again")
+    else:
+        exclude(db, cfg.round, cfg.annotator, cfg.reason)
+        print(f"rufus studio: {cfg.annotator!r}'s labels of round {cfg.round!r} are left out of its exports, "
+              "agreement and leaderboard")
 
 
 # --- the command line ---------------------------------------------------------------------------
@@ -444,6 +483,7 @@ COMMANDS = {
     "add-annotator": (AddAnnotatorConfig, add_annotator, "create an annotator and print their login URL", ("name",)),
     "export": (ExportConfig, export, "write a round's labels as a training file", ()),
     "admin-token": (AdminTokenConfig, admin_token, "print a new admin login URL (the old one stops working)", ()),
+    "exclude": (ExcludeConfig, exclude_annotator, "leave an annotator's labels of a round out (or --undo)", ()),
     "stats": (StatsConfig, stats, "agreement among a round's annotators (kappas, alpha) and its progress", ()),
     "demo": (StudioDemoConfig, demo, "a studio pre-filled with playground responses, served on loopback", ()),
 }

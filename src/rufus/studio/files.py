@@ -40,6 +40,16 @@ def read_candidates(path: str, key: str = "responses") -> list[Candidate]:
     return candidates_from_rows(rows, lambda i: f"{key}: {records.where(i)}")
 
 
+def read_gold(path: str) -> list[Candidate]:
+    """Gold prompts from a ranking file: `prompt`, `responses` and their known `scores` (higher =
+    better; a best-first order without scores works too)."""
+    from rufus.data.loading import load_records
+
+    records = load_records(path, format="ranking", key="gold")
+    return [Candidate(row["prompt"], list(row["responses"]), gold=[float(x) for x in row["scores"]])
+            for row in records.dataset]
+
+
 def candidates_from_upload(data: bytes, filename: str) -> list[Candidate]:
     """Candidates from the bytes of an uploaded responses file (its name gives the type)."""
     from rufus.data.errors import DataError
