@@ -475,6 +475,68 @@ def exclude_annotator(config: ExcludeConfig | dict) -> None:
               "agreement and leaderboard")
 
 
+@dataclass
+class SimulateConfig:
+    """Simulated annotators (the playground's taste) label a round over HTTP, as people's browsers do."""
+
+    db: str = opt(REQUIRED, "studio database: an SQLite file or an SQLAlchemy URL")
+    round: str = opt(REQUIRED, "the round to label")
+    annotators: int = opt(3, "honest simulated annotators (sim-1, sim-2, ...)")
+    careless: int = opt(0, "careless ones among them, who answer at random (careless-1, ...)")
+    adversarial: int = opt(0, "adversarial ones, who answer against their taste (adversarial-1, ...)")
+    preference: str = opt("default", "the taste: default, concise, polite, helpful, or weights 'polite=2,concise=1'")
+    temperature: float = opt(0.5, "Bradley-Terry temperature of each choice (0 = no noise)")
+    disagreement: float = opt(0.3, "spread of the annotators' own weights (lognormal sigma)")
+    limit: int = opt(-1, "at most this many labels per annotator (-1 = until the round has nothing left for them)")
+    url: str | None = opt(None, "a running studio to label through (default: start one on a free loopback port)")
+    seed: int = opt(0, "seed of the annotators' weights and choices")
+
+
+def simulate(config: SimulateConfig | dict) -> dict:
+    from contextlib import nullcontext
+
+    from sqlalchemy import select
+
+    from rufus.playground.taste import Annotators
+    from rufus.studio import auth
+    from rufus.studio.db import User, open_database
+    from rufus.studio.rounds import add_member, get_round
+    from rufus.studio.simulate import LocalServer, Simulated, label_round
+
+    cfg = as_config(SimulateConfig, config)
+    total = cfg.annotators + cfg.careless + cfg.adversarial
+    if total < 1:
+        raise ConfigError("annotators / careless / adversarial: simulate at least one annotator")
+    try:
+        taste = Annotators(cfg.preference, n=total, temperature=cfg.temperature, disagreement=cfg.disagreement,
+                           seed=cfg.seed)
+    except ValueError as e:
+        raise ConfigError(f"preference: {e}") from None
+    db, _ = open_database(cfg.db, create=False)
+    kinds = ["honest"] * cfg.annotators + ["careless"] * cfg.careless + ["adversarial"] * cfg.adversarial
+    counters: dict[str, int] = {}
+    people = []
+    with db.session() as s:
+        rnd = get_round(s, cfg.round)
+        for j, kind in enumerate(kinds):
+            counters[kind] = counters.get(kind, 0) + 1
+            name = f"{'sim' if kind == 'honest' else kind}-{counters[kind]}"
+            user = s.scalar(select(User).where(User.name == name))
+            if user is None:
+                user, token = auth.create_user(s, name)
+            else:
+                token = auth.rotate_token(s, name)
+            add_member(s, user, rnd)  # their login lands in this round
+            people.append((name, token, Simulated(taste, j, kind, seed=cfg.seed * 7919 + j)))
+    server = nullcontext() if cfg.url else LocalServer(db)
+    with server as running:
+        url = cfg.url or running.url
+        done = label_round(url, cfg.round, people, limit=cfg.limit if cfg.limit > 0 else None)
+    for name, n in done.items():
+        print(f"rufus studio simulate: {name} gave {n} labels in round {cfg.round!r}")
+    return done
+
+
 # --- the command line ---------------------------------------------------------------------------
 
 COMMANDS = {
@@ -483,6 +545,7 @@ COMMANDS = {
     "add-annotator": (AddAnnotatorConfig, add_annotator, "create an annotator and print their login URL", ("name",)),
     "export": (ExportConfig, export, "write a round's labels as a training file", ()),
     "admin-token": (AdminTokenConfig, admin_token, "print a new admin login URL (the old one stops working)", ()),
+    "simulate": (SimulateConfig, simulate, "simulated annotators label a round over HTTP (offline loop)", ()),
     "exclude": (ExcludeConfig, exclude_annotator, "leave an annotator's labels of a round out (or --undo)", ()),
     "stats": (StatsConfig, stats, "agreement among a round's annotators (kappas, alpha) and its progress", ()),
     "demo": (StudioDemoConfig, demo, "a studio pre-filled with playground responses, served on loopback", ()),
