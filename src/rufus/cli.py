@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     desc = "classic RL on gymnasium: tabular Q-learning / SARSA / TD(0) vs MC, DQN, REINFORCE, A2C, PPO, DDPG, TD3"
     p = sub.add_parser("classic", help=desc, description=desc, add_help=False,
-                       usage="rufus classic {%s} [--config cfg.yaml] [key=value ...]" % ",".join(ALGOS))
+                       usage=f"rufus classic {{{','.join(ALGOS)}}} [--config cfg.yaml] [key=value ...]")
     p.add_argument("algo", nargs="?", choices=list(ALGOS), metavar="algo", help="one of: " + ", ".join(ALGOS))
     p.add_argument("-h", "--help", action="store_true", help="list every config key and exit")
     p.add_argument("--config", "-c", help="YAML config file (key=value overrides win)")
