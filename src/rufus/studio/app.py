@@ -22,7 +22,6 @@ when the client asks for JSON) and changes nothing.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -484,6 +483,3 @@ def _download(text: str, filename: str, media_type: str) -> Response:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in filename)
     return Response(text, media_type=media_type, headers={"content-disposition": f'attachment; filename="{safe}"'})
 
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)

@@ -192,13 +192,3 @@ def host_allowed(header: str | None, allowed: list[str]) -> bool:
 
 def csrf_ok(session: SessionRow, submitted: str | None) -> bool:
     return bool(submitted) and same(session.csrf, submitted)
-
-
-def make_secret(s: Session) -> str:
-    """A per-studio random secret (kept in the database), for anything that must be unguessable
-    but stable across restarts."""
-    secret = get_meta(s, "secret")
-    if secret is None:
-        secret = secrets.token_hex(32)
-        set_meta(s, "secret", secret)
-    return secret

@@ -348,5 +348,10 @@ def set_meta(s: Session, key: str, value: str) -> None:
         row.value = value
 
 
+def excluded_users(s: Session, round_id: int) -> set[int]:
+    """The ids of the annotators an admin excluded from the round."""
+    return set(s.scalars(select(Exclusion.user_id).where(Exclusion.round_id == round_id)))
+
+
 def log_event(s: Session, kind: str, user_id: int | None = None, **data: Any) -> None:
     s.add(EventRow(kind=kind, user_id=user_id, data=json.loads(json.dumps(data, default=str))))

@@ -44,7 +44,6 @@ from sqlalchemy import select
 from rufus.studio.db import (
     Assignment,
     Database,
-    Exclusion,
     Item,
     Label,
     Prompt,
@@ -52,6 +51,7 @@ from rufus.studio.db import (
     Round,
     StudioError,
     User,
+    excluded_users,
 )
 from rufus.studio.rounds import RATING_SCALE, get_round
 
@@ -93,7 +93,7 @@ def _load(s, rnd: Round):
     items = {i.id: i for i in s.scalars(select(Item).where(Item.round_id == rnd.id))}
     prompts = {p.id: p for p in s.scalars(select(Prompt).where(Prompt.round_id == rnd.id))}
     responses = {r.id: r for r in s.scalars(select(Response).where(Response.prompt_id.in_(list(prompts))))}
-    left_out = set(s.scalars(select(Exclusion.user_id).where(Exclusion.round_id == rnd.id)))
+    left_out = excluded_users(s, rnd.id)
     labels = [lb for lb in s.scalars(select(Label).where(Label.round_id == rnd.id).order_by(Label.id))
               if lb.user_id not in left_out and not items[lb.item_id].gold]
     return items, prompts, responses, labels

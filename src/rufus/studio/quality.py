@@ -40,6 +40,7 @@ from rufus.studio.db import (
     Response,
     StudioError,
     User,
+    excluded_users,
     log_event,
 )
 from rufus.studio.rounds import get_round
@@ -101,7 +102,7 @@ def annotator_quality(db: Database, round_name: str) -> list[AnnotatorQuality]:
         items = {i.id: i for i in s.scalars(select(Item).where(Item.round_id == rnd.id))}
         names = dict(s.execute(select(User.id, User.name)).all())
         shown = dict(s.execute(select(Assignment.id, Assignment.order).where(Assignment.round_id == rnd.id)).all())
-        excluded = set(s.scalars(select(Exclusion.user_id).where(Exclusion.round_id == rnd.id)))
+        excluded = excluded_users(s, rnd.id)
         words = {}
         for item_id, prompt, in s.execute(select(Item.id, Prompt.content).join(Prompt, Prompt.id == Item.prompt_id)
                                           .where(Item.round_id == rnd.id)).all():
@@ -158,10 +159,6 @@ def annotator_quality(db: Database, round_name: str) -> list[AnnotatorQuality]:
                            f"({READING_WORDS_PER_SECOND:g} words/s)")
         out.append(q)
     return out
-
-
-def excluded_users(s, round_id: int) -> set[int]:
-    return set(s.scalars(select(Exclusion.user_id).where(Exclusion.round_id == round_id)))
 
 
 def exclude(db: Database, round_name: str, annotator: str, reason: str = "") -> None:

@@ -18,7 +18,17 @@ from itertools import combinations
 
 from sqlalchemy import select
 
-from rufus.studio.db import Assignment, Database, Exclusion, Item, Label, Prompt, Response, User
+from rufus.studio.db import (
+    Assignment,
+    Database,
+    Exclusion,
+    Item,
+    Label,
+    Prompt,
+    Response,
+    User,
+    excluded_users,
+)
 from rufus.studio.rounds import get_round
 
 
@@ -158,7 +168,7 @@ def round_agreement(db: Database, round_name: str) -> dict:
 
     with db.read() as s:
         rnd = get_round(s, round_name)
-        left_out = set(s.scalars(select(Exclusion.user_id).where(Exclusion.round_id == rnd.id)))
+        left_out = excluded_users(s, rnd.id)
         labels = [lb for lb in s.scalars(select(Label).where(Label.round_id == rnd.id)) if lb.user_id not in left_out]
         items = {i.id: i for i in s.scalars(select(Item).where(Item.round_id == rnd.id))}
         names = dict(s.execute(select(User.id, User.name)).all())
