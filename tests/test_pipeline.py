@@ -63,7 +63,7 @@ def read_jsonl(path):
 
 def test_every_stage_runs_and_the_summary_matches_the_evaluation(finished_run):
     out, result = finished_run
-    assert result.stages == {s: "ran" for s in ("sft", "collect", "rm", "rl", "eval", "report")}
+    assert result.stages == {s: "ran" for s in ("sft", "collect", "rm", "rl", "eval", "leaderboard", "report")}
     for stage in ("sft", "rm", "rl"):
         assert (out / stage / "final" / "config.json").exists()
         assert json.loads((out / stage / "stage.json").read_text())["fingerprint"]
@@ -101,8 +101,8 @@ def test_report_is_self_contained_and_its_images_decode(finished_run):
     html = (out / "report.html").read_text()
     assert "<script" not in html and "http://" not in html and "https://" not in html
     images = re.findall(r'<img[^>]*src="data:image/png;base64,([^"]+)"', html)
-    # curves for sft, rm and rl, plus the over-optimisation figure (ppo logs reward/gold)
-    assert len(images) == 4
+    # the leaderboard, curves for sft, rm and rl, and the over-optimisation figure (ppo logs reward/gold)
+    assert len(images) == 5
     for data in images:
         image = Image.open(io.BytesIO(base64.b64decode(data)))
         image.load()
@@ -111,7 +111,7 @@ def test_report_is_self_contained_and_its_images_decode(finished_run):
         assert lo < hi  # not a blank canvas
     md = (out / "report.md").read_text()
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(links) == 4
+    assert len(links) == 5
     for link in links:
         with Image.open(out / link) as image:
             assert image.width > 100

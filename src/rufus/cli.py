@@ -109,6 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, RewardError) as e:
         print(f"rufus {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a pipeline waiting for people's labels: not an error, a pause
+        from rufus.pipeline import PENDING_EXIT, LabelsPending
+
+        if not isinstance(e, LabelsPending):
+            raise
+        print(f"\nrufus {args.command}: {e}", flush=True)
+        return PENDING_EXIT
     print_summary(args.command if args.command != "classic" else f"classic {args.algo}", result)
     return 0
 

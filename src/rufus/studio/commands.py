@@ -154,7 +154,7 @@ def new_round(config: NewRoundConfig | dict) -> dict:
     db, _ = open_database(cfg.db)
     summary = create_round(db, cfg.name, cfg.task, cands, labels_per_item=cfg.labels_per_item, pairs=cfg.pairs,
                            instructions=cfg.instructions, source=source, gold=gold)
-    _print_admin_token_if_new(db)
+    print_admin_token_if_new(db)
     print(f"rufus studio: round {summary['round']!r}: {summary['items']} {cfg.task} items from {summary['prompts']} "
           f"prompts, {cfg.labels_per_item} label(s) each"
           + (f", and {summary['gold_items']} gold items" if summary["gold_items"] else "")
@@ -163,7 +163,7 @@ def new_round(config: NewRoundConfig | dict) -> dict:
     return summary
 
 
-def _print_admin_token_if_new(db) -> None:
+def print_admin_token_if_new(db) -> None:
     from rufus.studio import auth
 
     with db.session() as s:
@@ -194,7 +194,7 @@ def add_annotator(config: AddAnnotatorConfig | dict) -> str:
 
     cfg = as_config(AddAnnotatorConfig, config)
     db, _ = open_database(cfg.db)
-    _print_admin_token_if_new(db)
+    print_admin_token_if_new(db)
     with db.session() as s:
         user, token = auth.create_user(s, cfg.name, role="admin" if cfg.admin else "annotator")
         if cfg.round:
@@ -493,15 +493,9 @@ class SimulateConfig:
 
 
 def simulate(config: SimulateConfig | dict) -> dict:
-    from contextlib import nullcontext
-
-    from sqlalchemy import select
-
     from rufus.playground.taste import Annotators
-    from rufus.studio import auth
-    from rufus.studio.db import User, open_database
-    from rufus.studio.rounds import add_member, get_round
-    from rufus.studio.simulate import LocalServer, Simulated, label_round
+    from rufus.studio.db import open_database
+    from rufus.studio.simulate import simulate_round
 
     cfg = as_config(SimulateConfig, config)
     total = cfg.annotators + cfg.careless + cfg.adversarial
@@ -514,24 +508,8 @@ def simulate(config: SimulateConfig | dict) -> dict:
         raise ConfigError(f"preference: {e}") from None
     db, _ = open_database(cfg.db, create=False)
     kinds = ["honest"] * cfg.annotators + ["careless"] * cfg.careless + ["adversarial"] * cfg.adversarial
-    counters: dict[str, int] = {}
-    people = []
-    with db.session() as s:
-        rnd = get_round(s, cfg.round)
-        for j, kind in enumerate(kinds):
-            counters[kind] = counters.get(kind, 0) + 1
-            name = f"{'sim' if kind == 'honest' else kind}-{counters[kind]}"
-            user = s.scalar(select(User).where(User.name == name))
-            if user is None:
-                user, token = auth.create_user(s, name)
-            else:
-                token = auth.rotate_token(s, name)
-            add_member(s, user, rnd)  # their login lands in this round
-            people.append((name, token, Simulated(taste, j, kind, seed=cfg.seed * 7919 + j)))
-    server = nullcontext() if cfg.url else LocalServer(db)
-    with server as running:
-        url = cfg.url or running.url
-        done = label_round(url, cfg.round, people, limit=cfg.limit if cfg.limit > 0 else None)
+    done = simulate_round(db, cfg.round, kinds, taste, seed=cfg.seed, limit=cfg.limit if cfg.limit > 0 else None,
+                          url=cfg.url)
     for name, n in done.items():
         print(f"rufus studio simulate: {name} gave {n} labels in round {cfg.round!r}")
     return done

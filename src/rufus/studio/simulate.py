@@ -16,6 +16,7 @@ HTTP here (urllib with a cookie jar), so nothing beyond Rufus's own dependencies
 from __future__ import annotations
 
 import http.cookiejar
+import itertools
 import random
 import socket
 import threading
@@ -99,6 +100,9 @@ class Browser:
         return page
 
 
+KINDS = ("honest", "careless", "adversarial")
+
+
 class Simulated:
     """One simulated annotator: `kind` honest | careless | adversarial, with taste `index` of `taste`."""
 
@@ -154,6 +158,66 @@ def label_round(url: str, round_name: str, people: list[tuple[str, str, Simulate
             page = browser.open(page.action, {**who.decide(page), "csrf": page.csrf})
             n += 1
         done[name] = n
+    return done
+
+
+def simulated_people(db, round_name: str, kinds: list[str], taste, *, seed: int = 0) -> list[tuple[str, str, Simulated]]:
+    """(name, fresh login token, Simulated) for each of `kinds` (honest | careless | adversarial):
+    `sim-1`, `sim-2`, ... for honest ones, `careless-1`, `adversarial-1`, ... for the others. The
+    same names come back in every round (so one simulated person's labels can be followed across
+    rounds); each is made a member of `round_name`, so their login lands there."""
+    from sqlalchemy import select
+
+    from rufus.studio import auth
+    from rufus.studio.db import User
+    from rufus.studio.rounds import add_member, get_round
+
+    counters: dict[str, int] = {}
+    people = []
+    with db.session() as s:
+        rnd = get_round(s, round_name)
+        for j, kind in enumerate(kinds):
+            if kind not in KINDS:
+                raise ValueError(f"simulated annotators are {', '.join(KINDS)}, not {kind!r}")
+            counters[kind] = counters.get(kind, 0) + 1
+            name = f"{'sim' if kind == 'honest' else kind}-{counters[kind]}"
+            user = s.scalar(select(User).where(User.name == name))
+            if user is None:
+                user, token = auth.create_user(s, name)
+            else:
+                token = auth.rotate_token(s, name)
+            add_member(s, user, rnd)
+            people.append((name, token, Simulated(taste, j, kind, seed=seed * 7919 + j)))
+    return people
+
+
+def simulate_round(db, round_name: str, kinds: list[str], taste, *, seed: int = 0, limit: int | None = None,
+                   url: str | None = None, turn: int | None = None) -> dict:
+    """Simulated annotators of `kinds` label the round through the studio's HTTP interface: a
+    running studio at `url`, or one started on a free loopback port for the purpose. They take
+    turns of `turn` labels (default: about a twentieth of each one's share, 1 to 10), the first to
+    go moving on by one each pass, so that (as with people working side by side) each shares items
+    with each of the others; `limit` caps each one's labels. Returns {name: labels given}."""
+    from contextlib import nullcontext
+
+    from rufus.studio.loop import progress
+
+    people = simulated_people(db, round_name, kinds, taste, seed=seed)
+    if turn is None:
+        turn = max(1, min(10, progress(db, round_name).wanted // (20 * len(people))))
+    done = {name: 0 for name, _, _ in people}
+    with (nullcontext() if url else LocalServer(db)) as running:
+        base = url or running.url
+        for k in itertools.count():
+            given = 0
+            for name, token, who in people[k % len(people):] + people[:k % len(people)]:
+                room = turn if limit is None else min(turn, limit - done[name])
+                if room > 0:
+                    n = label_round(base, round_name, [(name, token, who)], limit=room)[name]
+                    done[name] += n
+                    given += n
+            if given == 0:
+                break
     return done
 
 
