@@ -8,6 +8,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 if "HF_DATASETS_CACHE" not in os.environ:
@@ -17,8 +19,6 @@ if "HF_DATASETS_CACHE" not in os.environ:
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked `slow` (long end-to-end checks) run only when -m selects them: `pytest -m slow`."""
-    import pytest
-
     markexpr = config.option.markexpr or ""
     if "slow" in markexpr and "not slow" not in markexpr:
         return
@@ -26,3 +26,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+
+@pytest.fixture(scope="session")
+def small_base(tmp_path_factory):
+    """A small playground base model (~20 s to build), shared by the pipeline tests."""
+    from rufus.playground import base
+    from tests.helpers import SMALL_BASE
+
+    return base.build_base_model(tmp_path_factory.mktemp("base") / "model", seed=0, **SMALL_BASE)

@@ -87,3 +87,26 @@ def with_overrides(cfg: dict, over: dict) -> dict:
         section, _, key = k.rpartition(".")
         (cfg.setdefault(section, {}) if section else cfg)[key] = v
     return cfg
+
+
+# A base model that writes the task's kind of text (openers, closers, rambling or not) in ~20 s;
+# its samples rarely answer, but politeness and length vary, which is what the tests below need.
+SMALL_BASE = dict(corpus_size=1200, steps=200, hidden_size=64, num_layers=2, num_heads=4, vocab_size=600,
+                  batch_size=32, lr=5e-3, max_length=96, progress=False)
+NEW = 16  # max_new_tokens everywhere: short samples keep the runs fast
+
+
+def tiny(model, output_dir, **over) -> dict:
+    """A pipeline config that runs every stage in seconds on the small base model."""
+    cfg = {
+        "model": str(model), "output_dir": str(output_dir), "progress": False,
+        "playground": {"sft_demos": 48, "comparison_prompts": 40, "rl_prompts": 32, "eval_prompts": 12},
+        "collect": {"responses": 3, "held_out": 0.5, "generation": {"max_new_tokens": NEW}},
+        "sft": {"max_steps": 4, "batch_size": 8, "log_every": 1},
+        "rm": {"epochs": 1, "batch_size": 8, "log_every": 1},
+        "rl": {"max_steps": 2, "batch_size": 4, "log_every": 1, "generation": {"max_new_tokens": NEW}},
+        "eval": {"batch_size": 16, "generation": {"max_new_tokens": NEW}},
+    }
+    for key, value in over.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
+    return cfg
