@@ -122,3 +122,42 @@ def test_minimal_inputs(tmp_path, summary):
     html_path, _ = write_report(tmp_path, title="t", summary=summary, curves={}, overopt=None, samples=[])
     text = html_path.read_text(encoding="utf-8")
     assert "<img" not in text and "No curves were logged" in text
+
+
+def test_a_metric_logged_once_is_a_number_not_a_line(tmp_path):
+    from rufus.report.html import single_points
+
+    rows = [{"step": s, "loss": 3.0 / s} for s in range(1, 6)] + [{"step": 5, "eval/loss": 0.9}]
+    assert curve_keys(rows) == ["loss"] and single_points(rows) == [("eval/loss", 0.9, 5)]
+    html_path, md_path = write_report(tmp_path, title="t", summary={}, curves={"sft": rows, "rm": rows[-1:]},
+                                      overopt=None, samples=[])
+    text, md = html_path.read_text(encoding="utf-8"), md_path.read_text(encoding="utf-8")
+    assert len(_html_images(text)) == 1  # sft's loss; rm logged a single point: no figure
+    for doc in (text, md):
+        assert doc.count("Logged once: eval/loss 0.9 (step 5)") == 2  # under sft and under rm
+
+
+def test_binned_trend_by_hand():
+    from rufus.report.html import _binned
+
+    xs, ys = [3.0, 1.0, 2.0, 6.0, 5.0, 4.0], [30.0, 10.0, 20.0, 60.0, 50.0, 40.0]
+    # sorted by x: (1, 2, 3), (4, 5, 6) -> means 2 and 5
+    assert _binned(xs, ys, 2) == ([2.0, 5.0], [20.0, 50.0])
+    assert _binned(xs, ys, 3) == ([1.5, 3.5, 5.5], [15.0, 35.0, 55.0])
+
+
+def test_headline_and_sections_come_first(tmp_path):
+    png = _html_images(write_report(tmp_path / "a", **_inputs())[0].read_text(encoding="utf-8"))[0]
+    buf = io.BytesIO()
+    png.save(buf, format="PNG")
+    sections = [{"title": "Leaderboard", "table": (["policy", "rating"], [["sft", "1000"], ["round-1", "1042"]]),
+                 "figure": buf.getvalue(), "stem": "leaderboard", "text": "Bradley-Terry <ratings>"}]
+    html_path, md_path = write_report(tmp_path / "b", **_inputs(), headline=[("gold win rate, final vs SFT", "61.0%")],
+                                      sections=sections)
+    text, md = html_path.read_text(encoding="utf-8"), md_path.read_text(encoding="utf-8")
+    for doc in (text, md):
+        order = [doc.index(s) for s in ("Headline figures", "gold win rate, final vs SFT", "Leaderboard", "round-1",
+                                        "Training curves", "Over-optimisation", "Every figure", "gold_score_sft")]
+        assert order == sorted(order)
+    assert "Bradley-Terry &lt;ratings&gt;" in text
+    assert len(_html_images(text)) == 5 and (tmp_path / "b" / "report_files" / "leaderboard.png").exists()

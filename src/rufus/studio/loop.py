@@ -89,20 +89,24 @@ def exclude_below_chance(db: Database, name: str) -> list[str]:
     """Exclude the annotators flagged below chance in the round (their agreement with the others'
     majority, or their gold accuracy, significantly under a coin's); return their names.
 
-    One at a time, the least agreeing first, and the figures recomputed after each: an honest
-    annotator who shared many items with an adversarial one can look below chance while the
-    adversary's labels still make up "the others' majority", and stops looking so once they are
-    left out."""
-    from rufus.studio.quality import annotator_quality, exclude
+    One at a time, the surest case first (the smallest p-value for a coin), and the figures
+    recomputed after each: an honest annotator who shared many items with an adversarial one can
+    look below chance while the adversary's labels still make up "the others' majority", and stops
+    looking so once they are left out."""
+    from rufus.studio.quality import annotator_quality, binomial_tail_below, exclude
+
+    def evidence(q) -> float:  # the smaller p-value of the two figures for a coin: lower = surer
+        return min([binomial_tail_below(rate * n, n) for rate, n in ((q.agreement, q.agreement_pairs),
+                                                                    (q.gold_accuracy, q.gold_pairs)) if rate is not None]
+                   or [1.0])
 
     out = []
     while True:
-        flagged = [(q.agreement if q.agreement is not None else 0.5, q.gold_accuracy or 0.5, q.annotator, below)
-                   for q in annotator_quality(db, name) if not q.excluded
+        flagged = [(evidence(q), q.annotator, below) for q in annotator_quality(db, name) if not q.excluded
                    for below in [[f for f in q.flags if f.startswith("below chance")]] if below]
         if not flagged:
             return out
-        _, _, who, below = min(flagged, key=lambda t: (min(t[0], t[1]), t[2]))
+        _, who, below = min(flagged)
         exclude(db, name, who, reason="flagged by the pipeline: " + "; ".join(below))
         out.append(who)
 
