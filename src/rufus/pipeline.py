@@ -148,6 +148,9 @@ class PipelineConfig:
     data: PipelineData = opt(PipelineData, "your own data (without the playground)")
     rounds: int = opt(1, "iterated rounds of collect -> rm -> rl: round r samples the policy of round r-1 (and the "
                          "earlier ones), its reward model learns from the labels of rounds 1..r")
+    round_start: Literal["sft", "previous"] = opt(
+        "sft", "where the RL of round r > 1 starts: sft = from the SFT model again, with the new reward model; "
+               "previous = from the policy of round r-1 (the KL reference stays the SFT model)")
     collect: CollectSection = opt(CollectSection, "sampling responses for comparison")
     leaderboard: LeaderboardSection = opt(LeaderboardSection, "ranking every policy of the run")
     sft: dict[str, Any] = opt({}, "settings of the sft stage: any key of `rufus sft --help` (e.g. sft.lr=1e-4)")
@@ -417,7 +420,8 @@ def _plan(cfg: PipelineConfig, out: Path, algo: str, rl_settings: dict, files: d
 
     Round r (1..rounds) samples from the policy of round r-1 (round 1: the SFT model), and from the
     second round on also from the earlier policies; its reward model learns from the labels of
-    rounds 1..r; its RL starts from the policy of round r-1 with the SFT model as the KL reference.
+    rounds 1..r; its RL starts from the SFT model again (round_start=sft) or from the policy of
+    round r-1 (previous), with the SFT model as the KL reference either way.
     """
     import dataclasses
     import importlib
@@ -453,7 +457,8 @@ def _plan(cfg: PipelineConfig, out: Path, algo: str, rl_settings: dict, files: d
             "model": sft_model, "output_dir": str(rm_dir), "rm": {"format": fmt},
             "data": {"train": str(collect / f"train{every}.jsonl"),
                      "eval": str(collect / ("eval.jsonl" if fmt == "preference" else "eval_ranking.jsonl"))}}))
-        wiring: dict[str, Any] = {"model": policies[-1][1], "output_dir": str(rl_dir)}
+        start = policies[-1][1] if cfg.round_start == "previous" else sft_model
+        wiring: dict[str, Any] = {"model": start, "output_dir": str(rl_dir)}
         if algo == "dpo":  # offline DPO on the same comparisons the reward model learnt from
             wiring["data"] = {"train": str(collect / f"pairs{every}.jsonl"), "eval": str(collect / "eval.jsonl")}
         else:
@@ -462,7 +467,7 @@ def _plan(cfg: PipelineConfig, out: Path, algo: str, rl_settings: dict, files: d
             if algo == "ppo":
                 wiring["critic"] = {"model": rm_model}  # a reward model is the usual critic initialisation
         has_ref = any(f.name == "ref_model" for f in dataclasses.fields(rl_cls))
-        if r > 1 and has_ref and not rl_settings.get("lora") and "ref_model" not in rl_settings:
+        if start != sft_model and has_ref and not rl_settings.get("lora") and "ref_model" not in rl_settings:
             wiring["ref_model"] = sft_model  # the KL stays anchored to the SFT model, round after round
         values = _stage_config(cfg, algo, rl_settings, wiring)
         if plan["monitor"] is not None:
@@ -918,7 +923,7 @@ def _run_rl(cfg: PipelineConfig, st: _Stages, plan: dict, files: dict, upstream:
         result = plan["rl_train"](config, **kwargs)
         return {"algo": algo, "final": str(result.final_dir), "steps": result.steps}
 
-    start = "the SFT model" if step.round <= 1 else f"the round-{step.round - 1} policy"
+    start = f"the round-{step.round - 1} policy" if step.round > 1 and cfg.round_start == "previous" else "the SFT model"
     what = f"{algo} from {start}" + (" on the comparisons" if algo == "dpo" else " against the reward model")
     return _run_trainer(st, step.name, _fingerprint(st.out, upstream, algo), config, what, train)
 
