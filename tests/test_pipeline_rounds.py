@@ -92,7 +92,7 @@ def test_studio_round_stops_the_run_until_its_labels_are_in(small_base, tmp_path
 
 def test_rounds_chain_policies_labels_and_the_leaderboard(small_base, tmp_path):
     out = tmp_path / "run"
-    result = run_pipeline(tiny(small_base, out, rounds=2, round_start="previous"))
+    result = run_pipeline(tiny(small_base, out, rounds=2, round_start="sft"))
     names = ["sft", "round-1/collect", "round-1/rm", "round-1/rl", "round-2/collect", "round-2/rm", "round-2/rl",
              "eval", "leaderboard", "report"]
     assert result.stages == dict.fromkeys(names, "ran")
@@ -108,12 +108,10 @@ def test_rounds_chain_policies_labels_and_the_leaderboard(small_base, tmp_path):
     rm2 = yaml.safe_load((out / "round-2" / "rm" / "config.yaml").read_text())
     assert rm2["data"]["train"] == str(r2 / "train_all.jsonl") and rm2["model"] == str(out / "sft" / "final")
 
-    # round_start=previous: round 2's RL starts from round 1's policy against round 2's reward model,
-    # anchored to SFT
+    # round_start=sft: round 2's RL starts from the SFT model again, against round 2's reward model
     rl1 = yaml.safe_load((out / "round-1" / "rl" / "config.yaml").read_text())
     rl2 = yaml.safe_load((out / "round-2" / "rl" / "config.yaml").read_text())
-    assert rl1["model"] == str(out / "sft" / "final") and rl1["ref_model"] is None
-    assert rl2["model"] == str(out / "round-1" / "rl" / "final") and rl2["ref_model"] == str(out / "sft" / "final")
+    assert rl1["model"] == rl2["model"] == str(out / "sft" / "final") and rl1["ref_model"] is rl2["ref_model"] is None
     assert rl2["reward"]["model"] == [str(out / "round-2" / "rm" / "final")]
     evaluation = yaml.safe_load((out / "eval" / "config.yaml").read_text())
     assert evaluation["model"] == str(out / "round-2" / "rl" / "final")
@@ -129,7 +127,7 @@ def test_rounds_chain_policies_labels_and_the_leaderboard(small_base, tmp_path):
         assert result.summary["policies"][name]["gold_score"] == pytest.approx(mean)
     assert sum(b["wins"] + b["losses"] + b["ties"] for b in board) == 2 * 3 * 12  # every pair on every prompt
 
-    again = run_pipeline(tiny(small_base, out, rounds=2, round_start="previous"))
+    again = run_pipeline(tiny(small_base, out, rounds=2, round_start="sft"))
     assert all(again.stages[s] == "skipped" for s in names if s != "report")
 
 
@@ -173,8 +171,9 @@ def test_two_studio_rounds_with_simulated_annotators_make_better_policies(small_
                    "generation": {"max_new_tokens": 48}},
                eval={"generation": {"max_new_tokens": 48}})
     result = run_pipeline(cfg)
-    rl2 = yaml.safe_load((out / "round-2" / "rl" / "config.yaml").read_text())  # round_start=sft, the default
-    assert rl2["model"] == str(out / "sft" / "final") and rl2["reward"]["model"] == [str(out / "round-2" / "rm" / "final")]
+    # round_start=previous, the default: round 2's RL continues from round 1's policy, anchored to SFT
+    rl2 = yaml.safe_load((out / "round-2" / "rl" / "config.yaml").read_text())
+    assert rl2["model"] == str(out / "round-1" / "rl" / "final") and rl2["ref_model"] == str(out / "sft" / "final")
     policies = result.summary["policies"]
     print(json.dumps(policies, indent=1))
     assert policies["round-2"]["rating"] > policies["round-1"]["rating"] > policies["sft"]["rating"]

@@ -148,9 +148,9 @@ class PipelineConfig:
     data: PipelineData = opt(PipelineData, "your own data (without the playground)")
     rounds: int = opt(1, "iterated rounds of collect -> rm -> rl: round r samples the policy of round r-1 (and the "
                          "earlier ones), its reward model learns from the labels of rounds 1..r")
-    round_start: Literal["sft", "previous"] = opt(
-        "sft", "where the RL of round r > 1 starts: sft = from the SFT model again, with the new reward model; "
-               "previous = from the policy of round r-1 (the KL reference stays the SFT model)")
+    round_start: Literal["previous", "sft"] = opt(
+        "previous", "where the RL of round r > 1 starts: previous = from the policy of round r-1 (the KL reference "
+                    "stays the SFT model); sft = from the SFT model again, with the new reward model")
     collect: CollectSection = opt(CollectSection, "sampling responses for comparison")
     leaderboard: LeaderboardSection = opt(LeaderboardSection, "ranking every policy of the run")
     sft: dict[str, Any] = opt({}, "settings of the sft stage: any key of `rufus sft --help` (e.g. sft.lr=1e-4)")
@@ -420,8 +420,8 @@ def _plan(cfg: PipelineConfig, out: Path, algo: str, rl_settings: dict, files: d
 
     Round r (1..rounds) samples from the policy of round r-1 (round 1: the SFT model), and from the
     second round on also from the earlier policies; its reward model learns from the labels of
-    rounds 1..r; its RL starts from the SFT model again (round_start=sft) or from the policy of
-    round r-1 (previous), with the SFT model as the KL reference either way.
+    rounds 1..r; its RL starts from the policy of round r-1 (round_start=previous) or from the SFT
+    model again (sft), with the SFT model as the KL reference either way.
     """
     import dataclasses
     import importlib
