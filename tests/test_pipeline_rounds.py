@@ -143,14 +143,16 @@ def test_rounds_need_labels_of_each_policy(small_base, tmp_path):
         run_pipeline(studio_config(small_base, tmp_path / "c", collect={"source": "studio", "studio": {"prompts": 1}}))
 
 
-def gold_pairs(rows: list[dict]) -> list[dict]:
-    """The held-out pairs ordered by the gold taste (gold ties left out)."""
+def gold_pairs(answers: list[dict]) -> list[dict]:
+    """Every two policies' answers to a prompt, ordered by the gold taste (gold ties left out)."""
     out = []
-    for r in rows:
-        a, b = gold_score(r["prompt"], r["chosen"]), gold_score(r["prompt"], r["rejected"])
-        if a != b:
-            out.append({"prompt": r["prompt"], "chosen": r["chosen"] if a > b else r["rejected"],
-                        "rejected": r["rejected"] if a > b else r["chosen"]})
+    for row in answers:
+        texts = list(row["answers"].values())
+        for i, a in enumerate(texts):
+            for b in texts[i + 1:]:
+                ga, gb = gold_score(row["prompt"], a), gold_score(row["prompt"], b)
+                if ga != gb and a != b:
+                    out.append({"prompt": row["prompt"], "chosen": a if ga > gb else b, "rejected": b if ga > gb else a})
     return out
 
 
@@ -163,7 +165,7 @@ def test_two_studio_rounds_with_simulated_annotators_make_better_policies(small_
     agree better with the gold taste."""
     out = tmp_path / "run"
     cfg = tiny(small_base, out, rounds=2,
-               playground={"comparison_prompts": 150, "eval_prompts": 64, "temperature": 0.2},
+               playground={"comparison_prompts": 150, "eval_prompts": 256, "temperature": 0.2},
                collect={"responses": 4, "held_out": 0.2, "generation": {"max_new_tokens": 48}, "source": "studio",
                         "studio": {"prompts": 150, "simulate": 3, "adversarial": 1, "exclude_below_chance": True}},
                rm={"epochs": 4, "batch_size": 16},
@@ -185,11 +187,14 @@ def test_two_studio_rounds_with_simulated_annotators_make_better_policies(small_
         assert flagged == {"adversarial-1"}, a["round"]
         assert {q["annotator"] for q in a["annotators"] if q["excluded"]} == {"adversarial-1"}
 
-    # the round-1 reward model against the gold order of its held-out pairs, without and with the adversary
+    # the round-1 reward model against the gold order of answers it never saw (the leaderboard's: three
+    # policies' answers to the held-out prompts), without and with the adversary's labels
     from rufus.trainers.reward import eval_reward_model
 
     pairs = tmp_path / "gold_pairs.jsonl"
-    pairs.write_text("".join(json.dumps(r) + "\n" for r in gold_pairs(read_jsonl(out / "round-1" / "collect" / "eval.jsonl"))))
+    ordered = gold_pairs(read_jsonl(out / "leaderboard" / "answers.jsonl"))
+    assert len(ordered) > 400
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in ordered))
     rm = out / "round-1" / "rm" / "final"
     without = eval_reward_model({"model": str(rm), "data": str(pairs), "max_length": 256})["rm/accuracy"]
     shutil.copytree(rm, tmp_path / "rm_without")
