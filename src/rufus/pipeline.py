@@ -1126,7 +1126,7 @@ def overoptimisation_rows(rows: list[dict], proxy_key: str, gold_key: str = "rew
 def _run_report(cfg: PipelineConfig, st: _Stages, plan: dict, algo: str, summary: dict, upstream: str) -> None:
     from rufus.report.html import write_report
     from rufus.report.metrics import read_metrics
-    from rufus.rewards.pipeline import _model_names
+    from rufus.rewards.pipeline import model_names
 
     t0 = st.begin("report", "summary.json, report.html, report.md")
     st.keys["report"] = _fingerprint(st.out, upstream)
@@ -1141,7 +1141,7 @@ def _run_report(cfg: PipelineConfig, st: _Stages, plan: dict, algo: str, summary
             if path.exists():
                 curves[title] = read_metrics(path)
         if cfg.playground.enabled and f"rl ({algo}{tag})" in curves:
-            proxy_key = "reward/" + _model_names([rp["rm_model"]])[0]  # the RM's per-source mean
+            proxy_key = "reward/" + model_names([rp["rm_model"]])[0]  # the RM's per-source mean
             overopt += [{**row, "round": r} for row in overoptimisation_rows(curves[f"rl ({algo}{tag})"], proxy_key)]
     samples = []
     gen_path = st.out / "eval" / "generations.jsonl"

@@ -10,7 +10,7 @@ import torch
 
 from rufus.config import ConfigError, RewardConfig
 from rufus.rewards import FunctionReward, RewardError, RewardPipeline, RunningMoments, build_reward_pipeline
-from rufus.rewards.pipeline import _model_names, _unique_names
+from rufus.rewards.pipeline import _unique_names, model_names
 
 
 def as_number(prompts, completions, **kw):
@@ -199,6 +199,6 @@ def test_build_without_sources_is_an_error():
 
 
 def test_source_names():
-    assert _model_names(["runs/rm", "hub-org/other-rm/"]) == ["rm", "other-rm"]
-    assert _model_names(["runs/a/final", "runs/b/final"]) == ["a/final", "b/final"]
+    assert model_names(["runs/rm", "hub-org/other-rm/"]) == ["rm", "other-rm"]
+    assert model_names(["runs/a/final", "runs/b/final"]) == ["a/final", "b/final"]
     assert _unique_names(["f", "f", "score"]) == ["f", "f_2", "score_2"]

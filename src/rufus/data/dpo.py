@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import logging
 
+from rufus.data.encoding import Encoded, check_eos, encode_response, tokenizer_name, warn_rows
 from rufus.data.errors import DataError
 from rufus.data.loading import Records
-from rufus.data.reward import _check_tokenizer, _encode, _warn_rows
-from rufus.data.sft import IGNORE_INDEX, LengthPolicy, SFTCollator, _Encoded, _name
+from rufus.data.sft import IGNORE_INDEX, LengthPolicy, SFTCollator
 
 logger = logging.getLogger(__name__)
 
@@ -46,15 +46,15 @@ def tokenize_pairs(
     policy = LengthPolicy(max_length, max_prompt_length, truncation, key=key, noun="response")
     if records.format and records.format != "preference":
         raise ValueError(f"tokenize_pairs needs preference records, but {records.source} was loaded as {records.format!r}")
-    _check_tokenizer(tokenizer)
+    check_eos(tokenizer)
     pairs, dropped, collided, truncated = [], [], [], 0
     for i, row in enumerate(records.dataset):
         where = f"{key}: {records.where(i)}"
-        chosen = _encode(tokenizer, row["prompt"], row["chosen"], where, "chosen")
-        rejected = _encode(tokenizer, row["prompt"], row["rejected"], where, "rejected")
+        chosen = encode_response(tokenizer, row["prompt"], row["chosen"], where, "chosen")
+        rejected = encode_response(tokenizer, row["prompt"], row["rejected"], where, "rejected")
         if chosen.ids == rejected.ids:
             raise DataError(
-                f"tokenizes to the same {len(chosen.ids)} ids as 'chosen' (tokenizer {_name(tokenizer)!r} "
+                f"tokenizes to the same {len(chosen.ids)} ids as 'chosen' (tokenizer {tokenizer_name(tokenizer)!r} "
                 "normalises their difference away), so the preference cannot be learned",
                 where=where,
                 field="rejected",
@@ -75,7 +75,7 @@ def tokenize_pairs(
                 continue
             chosen, rejected = cut_c, cut_r
         pairs.append({"chosen": _example(chosen), "rejected": _example(rejected)})
-    _warn_rows(key, collided, len(records.dataset),
+    warn_rows(key, collided, len(records.dataset),
                f"dropped {{n}} of {{total}} rows whose chosen and rejected are identical after truncation to "
                f"{policy.limits}")
     if not pairs and collided:
@@ -84,7 +84,7 @@ def tokenize_pairs(
     return pairs
 
 
-def _example(enc: _Encoded) -> dict[str, list[int]]:
+def _example(enc: Encoded) -> dict[str, list[int]]:
     return {"input_ids": enc.ids, "labels": [t if keep else IGNORE_INDEX for t, keep in zip(enc.ids, enc.in_loss)]}
 
 

@@ -28,17 +28,23 @@ limit drops (or truncates) the group, so a prompt never loses part of its rankin
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any
 
+from rufus.data.encoding import (
+    Encoded,
+    Prompt,
+    Response,
+    check_eos,
+    encode_response,
+    tokenizer_name,
+    warn_rows,
+)
 from rufus.data.errors import DataError
 from rufus.data.loading import Records
-from rufus.data.sft import LengthPolicy, _encode_conversation, _encode_plain, _Encoded, _name
+from rufus.data.sft import LengthPolicy
 
 logger = logging.getLogger(__name__)
 
-Prompt = str | list[dict[str, Any]]
-Response = str | list[dict[str, Any]]
 
 
 def encode_for_reward(tokenizer, prompt: Prompt, response: Response) -> list[int]:
@@ -47,7 +53,7 @@ def encode_for_reward(tokenizer, prompt: Prompt, response: Response) -> list[int
     `prompt` is a string or a message list; `response` a string, or (with a message-list prompt) a
     string or a list of assistant turns. A generated response can be passed as its decoded text.
     """
-    return _encode(tokenizer, prompt, response).ids
+    return encode_response(tokenizer, prompt, response).ids
 
 
 def tokenize_comparisons(
@@ -78,7 +84,7 @@ def tokenize_comparisons(
             f"tokenize_comparisons needs preference or ranking records, but {records.source} was loaded "
             f"as {kind!r}"
         )
-    _check_tokenizer(tokenizer)
+    check_eos(tokenizer)
 
     groups, dropped, tied, collided, truncated = [], [], [], [], 0
     for i, row in enumerate(records.dataset):
@@ -91,13 +97,13 @@ def tokenize_comparisons(
             if len(set(scores)) == 1:
                 tied.append(records.where(i))
                 continue
-        encoded = [_encode(tokenizer, row["prompt"], r, where, f) for r, f in zip(responses, fields)]
+        encoded = [encode_response(tokenizer, row["prompt"], r, where, f) for r, f in zip(responses, fields)]
         clash = _same_ids(encoded, scores)
         if clash:
             j, k = clash
             raise DataError(
                 f"tokenizes to the same {len(encoded[k].ids)} ids as '{fields[j]}' (tokenizer "
-                f"{_name(tokenizer)!r} normalises their difference away), so the comparison cannot be "
+                f"{tokenizer_name(tokenizer)!r} normalises their difference away), so the comparison cannot be "
                 "learned",
                 where=where,
                 field=fields[k],
@@ -125,8 +131,8 @@ def tokenize_comparisons(
             f"responses{f', {len(dropped)} are too long' if dropped else ''}); nothing to train on",
             where=f"{key}: {records.source}",
         )
-    _warn_rows(key, tied, total, "skipped {n} of {total} rows whose responses all have equal scores")
-    _warn_rows(
+    warn_rows(key, tied, total, "skipped {n} of {total} rows whose responses all have equal scores")
+    warn_rows(
         key,
         collided,
         total,
@@ -159,7 +165,7 @@ def tokenize_graded(
         raise ValueError(
             f"tokenize_graded needs graded records, but {records.source} was loaded as {records.format!r}"
         )
-    _check_tokenizer(tokenizer)
+    check_eos(tokenizer)
     examples, dropped, truncated = [], [], 0
     for i, row in enumerate(records.dataset):
         where = f"{key}: {records.where(i)}"
@@ -170,7 +176,7 @@ def tokenize_graded(
                 where=where,
                 field="score",
             )
-        enc = _encode(tokenizer, row["prompt"], row["completion"], where, "completion")
+        enc = encode_response(tokenizer, row["prompt"], row["completion"], where, "completion")
         if policy.too_long(enc):
             if truncation == "reject":
                 raise policy.error(enc, where, "prompt", "completion")
@@ -239,39 +245,7 @@ class RewardCollator:
 # --- helpers --------------------------------------------------------------------------------------
 
 
-def _check_tokenizer(tokenizer) -> None:
-    if tokenizer.eos_token_id is None:
-        raise ValueError(
-            f"tokenizer {_name(tokenizer)!r} has no eos token, so responses cannot be terminated"
-        )
-
-
-def _encode(tokenizer, prompt: Prompt, response: Response, where: str | None = None, field: str = "response"):
-    """`encode_for_reward`, keeping where the prompt ends (for the length policy)."""
-    _check_tokenizer(tokenizer)
-    if isinstance(prompt, str):
-        if not isinstance(response, str):
-            raise ValueError("a plain-string prompt needs a plain-string response, got a message list")
-        return _encode_plain(tokenizer, prompt, response)  # prompt + response + eos (not doubled)
-    turns = [{"role": "assistant", "content": response}] if isinstance(response, str) else list(response)
-    enc = _encode_conversation(tokenizer, list(prompt) + turns, len(prompt), where, field)
-    return _end_with_eos(tokenizer, enc)
-
-
-def _end_with_eos(tokenizer, enc: _Encoded) -> _Encoded:
-    """Make a rendered conversation end with eos. Templates whose end-of-turn token is eos but that
-    write a newline after it (ChatML: "<|im_end|>\\n") get the trailing whitespace cut, rather than a
-    second end-of-turn; any other ending gets eos appended."""
-    eos, ids = tokenizer.eos_token_id, enc.ids
-    end = len(ids)
-    while end > enc.n_prompt and ids[end - 1] != eos and not tokenizer.decode(ids[end - 1 : end]).strip():
-        end -= 1
-    if end > enc.n_prompt and ids[end - 1] == eos:
-        return _Encoded(ids=ids[:end], in_loss=enc.in_loss[:end], n_prompt=enc.n_prompt)
-    return _Encoded(ids=ids + [eos], in_loss=enc.in_loss + [True], n_prompt=enc.n_prompt)
-
-
-def _same_ids(encoded: list[_Encoded], scores: list[float]) -> tuple[int, int] | None:
+def _same_ids(encoded: list[Encoded], scores: list[float]) -> tuple[int, int] | None:
     """The first (j, k) of responses with different scores but equal ids, or None."""
     seen: dict[tuple[int, ...], int] = {}
     for k, enc in enumerate(encoded):
@@ -279,10 +253,3 @@ def _same_ids(encoded: list[_Encoded], scores: list[float]) -> tuple[int, int] |
         if j != k and scores[j] != scores[k]:
             return j, k
     return None
-
-
-def _warn_rows(key: str, rows: list[str], total: int, message: str) -> None:
-    """One warning for a set of rows, listing the first few; `message` may use {n} and {total}."""
-    if rows:
-        shown = ", ".join(rows[:3]) + (", ..." if len(rows) > 3 else "")
-        warnings.warn(f"{key}: {message.format(n=len(rows), total=total)}: {shown}", stacklevel=3)

@@ -22,53 +22,23 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
+from rufus.data.encoding import (  # noqa: F401  (encode_prompt, render_prompt: re-exported)
+    Encoded,
+    encode_conversation,
+    encode_plain,
+    encode_prompt,
+    render_prompt,
+    tokenizer_name,
+)
 from rufus.data.errors import DataError
-from rufus.data.formats import clean_message
 from rufus.data.loading import Records
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value torch.nn.functional.cross_entropy skips
 TRUNCATION = ("reject", "drop", "truncate")
-
-
-def render_prompt(tokenizer, prompt: str | list[dict[str, Any]]) -> str:
-    """Text the model sees before its answer: a plain prompt as is; a message list rendered by the chat
-    template with the generation prompt (e.g. "<|assistant|>\\n") appended.
-
-    The rendered text usually starts with the template's own bos, so tokenise it with
-    ``add_special_tokens=False`` (or use `encode_prompt`, which does the right thing for both kinds).
-    """
-    if isinstance(prompt, str):
-        return prompt
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(
-            f"tokenizer {_name(tokenizer)!r} has no chat template, so a conversational prompt cannot be "
-            "rendered; set tokenizer.chat_template, or use plain string prompts"
-        )
-    return tokenizer.apply_chat_template(
-        [clean_message(m) for m in prompt], tokenize=False, add_generation_prompt=True
-    )
-
-
-def encode_prompt(tokenizer, prompt: str | list[dict[str, Any]]) -> list[int]:
-    """Token ids of a prompt as generation will see them: special tokens added once, either by the
-    tokenizer (plain strings) or by the chat template (message lists), never both."""
-    if isinstance(prompt, str):
-        return tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    return tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-
-
-@dataclass
-class _Encoded:
-    """One row's tokens before the length policy."""
-
-    ids: list[int]
-    in_loss: list[bool]  # the completion / assistant tokens: the ones labelled under completion-only loss
-    n_prompt: int  # tokens before the first completion token
 
 
 def tokenize_sft(
@@ -95,7 +65,7 @@ def tokenize_sft(
         )
     if tokenizer.eos_token_id is None:
         raise ValueError(
-            f"tokenizer {_name(tokenizer)!r} has no eos token, so completions cannot be terminated"
+            f"tokenizer {tokenizer_name(tokenizer)!r} has no eos token, so completions cannot be terminated"
         )
 
     examples, dropped, truncated = [], [], 0
@@ -156,11 +126,11 @@ class LengthPolicy:
         self.prompt_limit = f"{section}.max_prompt_length={max_prompt_length}"
         self.limits = self.length_limit + (f", {self.prompt_limit}" if max_prompt_length is not None else "")
 
-    def too_long(self, enc: _Encoded) -> bool:
+    def too_long(self, enc: Encoded) -> bool:
         over_prompt = self.max_prompt_length is not None and enc.n_prompt > self.max_prompt_length
         return over_prompt or len(enc.ids) > self.max_length
 
-    def error(self, enc: _Encoded, where: str, prompt_field: str, field: str) -> DataError:
+    def error(self, enc: Encoded, where: str, prompt_field: str, field: str) -> DataError:
         """The "reject" error for a too-long row: names the prompt's field when the prompt is over its
         own limit, else the trained part's, with both lengths."""
         n_total, n_prompt = len(enc.ids), enc.n_prompt
@@ -175,10 +145,10 @@ class LengthPolicy:
             field=field,
         )
 
-    def cut(self, enc: _Encoded, bos_id: int | None) -> _Encoded:
+    def cut(self, enc: Encoded, bos_id: int | None) -> Encoded:
         return _truncate(enc, self.max_length, self.max_prompt_length, bos_id)
 
-    def check_left(self, enc: _Encoded, original: _Encoded, where: str, field: str) -> None:
+    def check_left(self, enc: Encoded, original: Encoded, where: str, field: str) -> None:
         """Raise unless some of the trained part survived; `original` is the row before any cut."""
         if any(enc.in_loss):
             return
@@ -212,88 +182,21 @@ class LengthPolicy:
             log.warning("%s: truncated %d of %d rows to fit %s", self.key, truncated, total, self.limits)
 
 
-def _encode_row(tokenizer, row: dict[str, Any], where: str) -> tuple[_Encoded, str, str]:
+def _encode_row(tokenizer, row: dict[str, Any], where: str) -> tuple[Encoded, str, str]:
     """Tokenise one validated sft row; also return the fields its prompt and completion came from."""
     if row.get("messages") is not None:
-        return _encode_conversation(tokenizer, row["messages"], 0, where, "messages"), "messages", "messages"
+        return encode_conversation(tokenizer, row["messages"], 0, where, "messages"), "messages", "messages"
     if isinstance(row["prompt"], list):
         messages = row["prompt"] + row["completion"]
         return (
-            _encode_conversation(tokenizer, messages, len(row["prompt"]), where, "prompt"),
+            encode_conversation(tokenizer, messages, len(row["prompt"]), where, "prompt"),
             "prompt",
             "completion",
         )
-    return _encode_plain(tokenizer, row["prompt"], row["completion"]), "prompt", "completion"
+    return encode_plain(tokenizer, row["prompt"], row["completion"]), "prompt", "completion"
 
 
-def _encode_plain(tokenizer, prompt: str, completion: str) -> _Encoded:
-    # Tokenised separately, as at generation time: BPE merges across the boundary would otherwise give
-    # token sequences the model never produces from a prompt.
-    prompt_ids = encode_prompt(tokenizer, prompt)
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    if not completion_ids or completion_ids[-1] != tokenizer.eos_token_id:
-        completion_ids = completion_ids + [tokenizer.eos_token_id]
-    return _Encoded(
-        ids=prompt_ids + completion_ids,
-        in_loss=[False] * len(prompt_ids) + [True] * len(completion_ids),
-        n_prompt=len(prompt_ids),
-    )
-
-
-def _encode_conversation(
-    tokenizer, messages: list[dict[str, Any]], first: int, where: str, field: str
-) -> _Encoded:
-    """Render a conversation and mark the tokens of its assistant turns from index `first` on.
-
-    An assistant turn's text runs from the end of ``render(messages[:i], add_generation_prompt=True)``
-    to the end of ``render(messages[:i+1])`` (its content and end-of-turn marker, e.g. eos); a token is
-    in the turn when its first character is.
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(
-            f"conversational rows need a chat template, and tokenizer {_name(tokenizer)!r} has none; "
-            "set tokenizer.chat_template, or use plain prompt/completion strings",
-            where=where,
-            field=field,
-        )
-    messages = [clean_message(m) for m in messages]
-    text = _render(tokenizer, messages, False, where, field)
-    spans = []
-    for i in range(first, len(messages)):
-        if messages[i]["role"] != "assistant":
-            continue
-        before = _render(tokenizer, messages[:i], True, where, field)
-        through = _render(tokenizer, messages[: i + 1], False, where, field)
-        if not (text.startswith(before) and text.startswith(through)):
-            raise DataError(
-                f"the chat template of tokenizer {_name(tokenizer)!r} is not prefix-stable: rendering the "
-                f"first {i + 1} messages is not a prefix of rendering the whole conversation (templates that "
-                "rewrite earlier turns, e.g. strip past reasoning, do this), so assistant turns cannot be "
-                "located",
-                where=where,
-                field=field,
-            )
-        spans.append((len(before), len(through)))
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    in_loss = [any(start <= s < end for start, end in spans) for s, _ in encoding["offset_mapping"]]
-    n_prompt = in_loss.index(True) if True in in_loss else len(in_loss)
-    return _Encoded(ids=list(encoding["input_ids"]), in_loss=in_loss, n_prompt=n_prompt)
-
-
-def _render(
-    tokenizer, messages: list[dict[str, Any]], generation_prompt: bool, where: str, field: str
-) -> str:
-    try:
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt
-        )
-    except Exception as e:  # a template's raise_exception() or a jinja error: point at the row
-        raise DataError(
-            f"the chat template failed on this row: {type(e).__name__}: {e}", where=where, field=field
-        ) from e
-
-
-def _truncate(enc: _Encoded, max_length: int, max_prompt_length: int | None, bos_id: int | None) -> _Encoded:
+def _truncate(enc: Encoded, max_length: int, max_prompt_length: int | None, bos_id: int | None) -> Encoded:
     """Cut the prompt from the left to `max_prompt_length`, then the whole sequence from the right to
     `max_length`. The left cut keeps the end of the prompt, which the response answers, and a leading
     bos, which every sequence the model was pretrained on starts with."""
@@ -304,11 +207,7 @@ def _truncate(enc: _Encoded, max_length: int, max_prompt_length: int | None, bos
         ids, in_loss = ids[:head] + ids[head + cut :], in_loss[:head] + in_loss[head + cut :]
         n_prompt = max_prompt_length
     ids, in_loss = ids[:max_length], in_loss[:max_length]
-    return _Encoded(ids=ids, in_loss=in_loss, n_prompt=min(n_prompt, len(ids)))
-
-
-def _name(tokenizer) -> str:
-    return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    return Encoded(ids=ids, in_loss=in_loss, n_prompt=min(n_prompt, len(ids)))
 
 
 class SFTCollator:

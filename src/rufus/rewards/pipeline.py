@@ -216,7 +216,7 @@ def build_reward_pipeline(
     if n_sources == 0:
         raise ConfigError("reward: no reward source; set reward.model or reward.function, or pass reward_fn")
     names = _unique_names(
-        _model_names(list(section.model))
+        model_names(list(section.model))
         + list(section.function)
         + [getattr(fn, "__name__", None) or type(fn).__name__ for fn in extra]
     )
@@ -245,7 +245,7 @@ def build_reward_pipeline(
     )
 
 
-def _model_names(paths: list[str]) -> list[str]:
+def model_names(paths: list[str]) -> list[str]:
     """The last path component of each, or the last k when that is what it takes to tell them apart
     (``rm_a/final``, ``rm_b/final``)."""
     parts = [[p for p in path.replace(os.sep, "/").split("/") if p] or [path] for path in paths]
