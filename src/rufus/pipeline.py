@@ -819,13 +819,10 @@ def _studio_round(cfg: PipelineConfig, st: _Stages, step: Step, label: str, roun
     return db, name, key, t0
 
 
-def _canonical(prompt: Any) -> str:
-    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
-
-
 def _collect_from_studio(cfg: PipelineConfig, st: _Stages, plan: dict, upstream: str, step: Step) -> str:
     """A studio round of the current policy's answers (and, from round 2 on, earlier policies'),
     labelled by people (or simulated annotators over HTTP), exported as the round's comparisons."""
+    from rufus.data.formats import canonical
     from rufus.studio import loop
     from rufus.studio.export import export_rows
     from rufus.studio.rounds import Candidate
@@ -852,15 +849,15 @@ def _collect_from_studio(cfg: PipelineConfig, st: _Stages, plan: dict, upstream:
         return key
     fmt = plan["format"]
     rows = export_rows(db, name, fmt)
-    held = {_canonical(p) for p in prompts[:max(1, round(len(prompts) * c.held_out))]}
+    held = {canonical(p) for p in prompts[:max(1, round(len(prompts) * c.held_out))]}
     if fmt == "preference":
         slim = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
                  "annotator": r["annotator_id"]} for r in rows]
     else:
         slim = [{"prompt": r["prompt"], "responses": r["responses"], "scores": r["scores"],
                  "annotator": r["annotator_id"]} for r in rows]
-    train_rows = [r for r in slim if _canonical(r["prompt"]) not in held]
-    held_rows = [r for r in slim if _canonical(r["prompt"]) in held]
+    train_rows = [r for r in slim if canonical(r["prompt"]) not in held]
+    held_rows = [r for r in slim if canonical(r["prompt"]) in held]
     if fmt == "preference":
         eval_rows, pairs, eval_ranking = held_rows, train_rows, None
     else:

@@ -243,7 +243,7 @@ def check_preference(row: Row, where: str) -> str:
             _same_style(row[field], "plain", field, "prompt", where)
             _text(row[field], field, where)
         style = "plain"
-    if _canonical(chosen) == _canonical(rejected):
+    if canonical(chosen) == canonical(rejected):
         raise DataError("chosen and rejected are identical", where=where, field="rejected")
     return style
 
@@ -278,7 +278,7 @@ def check_ranking(row: Row, where: str) -> str:
             _text(response, field, where)
     seen = {}
     for j, response in enumerate(responses):
-        first = seen.setdefault(_canonical(response), j)
+        first = seen.setdefault(canonical(response), j)
         if first != j:
             raise DataError(
                 f"identical to responses[{first}]; responses must be distinct",
@@ -363,7 +363,7 @@ def from_csv(row: Row, format: str) -> Row:
     return row
 
 
-def _canonical(value: Any) -> Any:
+def canonical(value: Any) -> Any:
     """A comparable form of a string or message list that ignores Arrow's null-filled keys."""
     if isinstance(value, list):
         return json.dumps([clean_message(m) for m in value], sort_keys=True, default=str)

@@ -29,7 +29,6 @@ label acknowledged to the browser is on disk.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import statistics
@@ -40,6 +39,7 @@ from typing import Any
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from rufus.data.formats import canonical
 from rufus.studio.db import (
     TASKS,
     Assignment,
@@ -93,10 +93,6 @@ class Candidate:
     gold: list[float] | None = None  # a gold prompt: the known score of each response (higher = better)
 
 
-def _canonical(content: Any) -> str:
-    return content if isinstance(content, str) else json.dumps(content, sort_keys=True)
-
-
 def create_round(db: Database, name: str, task: str, candidates: list[Candidate], *, labels_per_item: int = 1,
                  pairs: str = "all", instructions: str = "", source: dict | None = None,
                  gold: list[Candidate] | None = None) -> dict:
@@ -147,7 +143,7 @@ def create_round(db: Database, name: str, task: str, candidates: list[Candidate]
             known = {r.id: float(g) for r, g in zip(rows, cand.gold)} if is_gold else None
             distinct, seen = [], set()
             for r in rows:  # identical texts are shown once (the first keeps the item's place)
-                key = _canonical(r.content)
+                key = canonical(r.content)
                 if key not in seen:
                     seen.add(key)
                     distinct.append(r)
