@@ -1,4 +1,4 @@
-"""The classic agents at their showcase settings: the figures the classic-RL issue asks for.
+"""The classic agents at their showcase settings: the figures each one must reach.
 
     .venv/bin/python benchmarks/classic.py [--only ppo,dqn,q_learning,td3,cliff] [--seed 0]
 

@@ -13,7 +13,7 @@ Models (random weights, seeded; Llama architecture; intermediate size 4 x hidden
   tiny   hidden 256, 4 layers, 4 heads, vocab 512   (~4.2M parameters)
   small  hidden 512, 8 layers, 8 heads, vocab 512   (~34M parameters)
 
-Work per optimiser step (the issue's settings; both sides must do exactly this):
+Work per optimiser step (fixed settings; both sides must do exactly this):
   sft   16 sequences of 64 tokens (prompt 16 + completion 48), loss on the completion
   rm    16 pairs (chosen, rejected), each 64 tokens, Bradley-Terry loss
   dpo   16 pairs, each 64 tokens, sigmoid DPO loss, beta 0.1, reference log-probs included

@@ -1,5 +1,7 @@
-"""GAE and whitening: hand-derived values, a naive per-row loop, the GAE identities of
-REFERENCES.md section 8.7, and masked positions never moving anything."""
+"""GAE and whitening: hand-derived values, a naive per-row loop, the GAE identities (Schulman et al.
+2016, arXiv 1506.02438, Sec. 3: lambda = 1 gives the reward-to-go minus the value, lambda = 0 the TD
+residual), whitening with the biased variance over valid tokens only (Huang et al. 2023, "The N
+Implementation Details of RLHF with PPO", detail 18), and masked positions never moving anything."""
 
 import math
 

@@ -1,5 +1,6 @@
-"""Best-of-n facts: the analytic KL (REFERENCES.md section 7), the Nakano et al. unbiased estimator
-against brute force over all subsets (section 8.4), and per-group selection."""
+"""Best-of-n facts: the analytic KL (Gao et al. 2022, arXiv 2210.10760, Sec. 2; Beirami et al. 2024,
+arXiv 2401.01879, for discrete outputs), the unbiased estimator of Nakano et al. 2021 ("WebGPT",
+arXiv 2112.09332, App. I) against brute force over all subsets, and per-group selection."""
 
 import itertools
 import math
@@ -33,7 +34,8 @@ def test_bon_kl_bound_values(n, expected):
 def test_bon_kl_bound_is_the_exact_kl_of_a_fine_discretisation_and_bounds_coarse_ones():
     # K equiprobable outcomes with distinct rewards: the best of n is the k-th best with probability
     # q_k = (k/K)^n - ((k-1)/K)^n, so KL = sum_k q_k log(K q_k). K = 4, n = 2: q = (1, 3, 5, 7)/16,
-    # KL = 0.1740 < 0.1931 (REFERENCES.md section 7); as K grows it approaches log n - (n-1)/n.
+    # KL = 0.1740 < 0.1931 (Beirami et al. 2024, arXiv 2401.01879); as K grows it approaches
+    # log n - (n-1)/n.
     def exact(k_outcomes, n):
         total = 0.0
         for k in range(1, k_outcomes + 1):
@@ -128,9 +130,10 @@ def test_estimator_is_stable_for_large_n_and_matches_expected_max_of_normals():
         value = bon_expected_gold(scores, ones, n)  # gold 1 everywhere: the weights' sum
         assert value == pytest.approx(1.0, abs=1e-9)
     assert bon_expected_gold(scores, scores, 10_000) == scores.max().item()
-    # with proxy = gold ~ N(0, 1), E[max of n] (REFERENCES.md section 7): 0.5642 (n=2), 1.0294 (4),
-    # 1.5388 (10). Standard error, roughly sd(max of n) / sqrt(N / n): 0.83 / 71 = 0.012 (n=2),
-    # 0.70 / 50 = 0.014 (4), 0.59 / 32 = 0.019 (10); tolerance 3 s.e. (n = 100 would need 0.13)
+    # with proxy = gold ~ N(0, 1), E[max of n] = integral x n phi(x) Phi(x)^(n-1) dx: 0.5642 (n=2,
+    # 1/sqrt(pi)), 1.0294 (4), 1.5388 (10). Standard error, roughly sd(max of n) / sqrt(N / n):
+    # 0.83 / 71 = 0.012 (n=2), 0.70 / 50 = 0.014 (4), 0.59 / 32 = 0.019 (10); tolerance 3 s.e.
+    # (n = 100 would need 0.13)
     for n, expected, tol in [(2, 0.5642, 0.036), (4, 1.0294, 0.042), (10, 1.5388, 0.057)]:
         assert bon_expected_gold(scores, scores, n) == pytest.approx(expected, abs=tol)
 

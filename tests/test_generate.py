@@ -41,7 +41,7 @@ def kl(q: torch.Tensor, p: torch.Tensor) -> float:
 
 
 def test_exact_bon_kl_matches_the_hand_values():
-    # REFERENCES.md Sec. 7: K equiprobable outcomes, P(k-th best) = (k/K)^n - ((k-1)/K)^n
+    # Beirami et al. 2024 (arXiv 2401.01879): K equiprobable outcomes, P(k-th best) = (k/K)^n - ((k-1)/K)^n
     for K, n, want in [(4, 2, 0.1740), (4, 4, 0.5903), (4, 16, 1.3301), (2, 16, 0.6930)]:
         p = torch.full((K,), 1 / K, dtype=torch.float64)
         got = kl(exact_bon(p, n), p)

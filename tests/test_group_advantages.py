@@ -1,6 +1,8 @@
 """Group baselines of the critic-free methods: GRPO / Dr. GRPO group advantages, RLOO, REINFORCE++
-returns and DAPO's equal-reward groups (REFERENCES.md sections 5, 7 and 8.9), by hand and against
-naive loops."""
+returns and DAPO's equal-reward groups, by hand and against naive loops. Sources: GRPO, Shao et al.
+2024 (arXiv 2402.03300), Sec. 4.1.2; Dr. GRPO, Liu et al. 2025 (arXiv 2503.20783), Sec. 3; RLOO,
+Ahmadian et al. 2024 (arXiv 2402.14740); REINFORCE++, Hu et al. 2025 (arXiv 2501.03262); DAPO,
+Yu et al. 2025 (arXiv 2503.14476), Sec. 3.2."""
 
 import math
 import statistics

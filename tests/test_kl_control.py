@@ -1,4 +1,5 @@
-"""KL coefficient controllers (Ziegler et al. 2019, Sec. 2.2; REFERENCES.md sections 1.20 and 8.10)."""
+"""KL coefficient controllers (Ziegler et al. 2019, arXiv 1909.08593, Sec. 2.2;
+Huang et al. 2023, "The N Implementation Details of RLHF with PPO", detail 20)."""
 
 import json
 import math

@@ -6,7 +6,9 @@ It is the simplest way to optimise a reward model, the baseline every RL curve i
 (Gao, Schulman, Hilton 2022, "Scaling Laws for Reward Model Overoptimization", Sec. 2), and, with
 fine-tuning on the kept responses, rejection-sampling fine-tuning (trainers/bon.py).
 
-Pure functions; python numbers or 1-D tensors in, python numbers out. REFERENCES.md Sec. 6-7.
+Pure functions; python numbers or 1-D tensors in, python numbers out. Sources: Gao et al. 2022
+(arXiv 2210.10760), Sec. 2; Nakano et al. 2021 ("WebGPT", arXiv 2112.09332), App. I; Beirami et al.
+2024 (arXiv 2401.01879) for discrete outputs.
 """
 
 from __future__ import annotations

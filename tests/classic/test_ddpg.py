@@ -182,7 +182,7 @@ def _skip_unless_slow(request):
 
 @pytest.mark.slow
 def test_td3_defaults_solve_pendulum(tmp_path, request):
-    """The issue's bar: TD3 with its defaults on Pendulum-v1, mean return of the last 20 training
+    """The showcase bar: TD3 with its defaults on Pendulum-v1, mean return of the last 20 training
     episodes (with exploration noise) >= -250."""
     _skip_unless_slow(request)
     result = train_td3({"output_dir": str(tmp_path / "td3"), "progress": False})

@@ -1,6 +1,6 @@
 """Acceptance oracle: PPO built from the library's pieces reaches the KL-regularised optimum.
 
-A one-token "response" over a 3-token vocabulary (REFERENCES.md section 7, worked bandit; 8.1):
+A one-token "response" over a 3-token vocabulary (a worked bandit, values computed below):
 pi_ref = (0.5, 0.3, 0.2), reward r = (1, 0, 2), beta = 0.5. The policy maximising
 E_pi[r] - beta KL(pi || pi_ref) is the exponential tilt (DPO App. A.1)
 

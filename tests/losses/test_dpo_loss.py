@@ -1,5 +1,6 @@
 """DPO / cDPO / IPO / hinge losses against hand-derived values, a naive per-pair loop, and the
-batch-split property (REFERENCES.md sections 4 and 8.8)."""
+batch-split property (DPO, Rafailov et al. 2023, arXiv 2305.18290, eq. 7; IPO, Azar et al. 2023,
+arXiv 2310.12036, eq. 17; SLiC-HF hinge, Zhao et al. 2023, arXiv 2305.10425, eq. 4)."""
 
 import math
 

@@ -82,8 +82,8 @@ def _gaussian_samples(mu_p: float, n: int):
 
 @pytest.mark.parametrize("estimator", ["k1", "k3"])
 def test_monte_carlo_unbiased(estimator):
-    # q = N(0,1), p = N(0.1,1): KL = 0.005 (REFERENCES.md section 7: std/KL = 20 for k1, 1.42 for k3,
-    # so 1M samples give a standard error of 1e-4 and 7e-6).
+    # q = N(0,1), p = N(0.1,1): KL = 0.005 (Schulman 2020, "Approximating KL divergence", measures
+    # std/KL = 20 for k1, 1.42 for k3, so 1M samples give a standard error of 1e-4 and 7e-6).
     lq, lp = _gaussian_samples(0.1, 1_000_000)
     k = kl_penalty(lq, lp, estimator)
     se = k.std().item() / math.sqrt(k.numel())
@@ -106,8 +106,9 @@ def test_monte_carlo_k2_bias_at_kl_half():
 
 
 def test_gradients_with_samples_held_fixed():
-    # REFERENCES.md section 7, gradient caveat. q = softmax(theta) = pi_theta, p = pi_ref fixed; weight
-    # each outcome by q detached (the "samples") and differentiate through logprobs only:
+    # Gradient caveat (Tang and Munos 2025, arXiv 2506.09477). q = softmax(theta) = pi_theta,
+    # p = pi_ref fixed; weight each outcome by q detached (the "samples") and differentiate through
+    # logprobs only:
     #   grad E[k1] = sum_y q grad log q = 0
     #   grad E[k2] = sum_y q (log q - log p) grad log q = grad KL(q || p)   (the reverse KL we want)
     #   grad E[k3] = sum_y q (1 - p/q) grad log q = -sum_y p grad log q = grad KL(p || q)  (forward KL)

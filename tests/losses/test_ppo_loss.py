@@ -65,7 +65,8 @@ def test_policy_loss_clip_high_is_asymmetric():
 
 def test_policy_loss_first_step_invariants():
     # ratio == 1 (logprobs == old_logprobs): l = max(-A, -A) = -A, so loss = -mean(A);
-    # clipfrac 0, approx_kl 0 exactly, ratio_mean = ratio_max = 1 (REFERENCES.md section 8.6)
+    # clipfrac 0, approx_kl 0 exactly, ratio_mean = ratio_max = 1 (Huang et al. 2022, "The 37
+    # Implementation Details of PPO", ICLR blog track: ratio must be exactly 1 on the first minibatch)
     torch.manual_seed(0)
     old = -torch.rand(4, 6) * 3
     adv = torch.randn(4, 6)

@@ -14,8 +14,9 @@ Where each one goes:
   sequence log-ratio log pi_theta(y|x) / pi_ref(y|x).
 - k3 is GRPO's KL term inside the loss (Shao et al. 2024, eq. 4), differentiated through logprobs.
 
-Gradient caveat (REFERENCES.md section 7, checked in tests/losses/test_kl.py): with the samples
-held fixed, the gradient of E[k1] is 0, of E[k2] is grad KL(pi_theta || pi_ref), and of E[k3] is
+Gradient caveat (Tang and Munos 2025, "On a few pitfalls in KL divergence gradient estimation for
+RL", arXiv 2506.09477; checked in tests/losses/test_kl.py): with the samples held fixed, the
+gradient of E[k1] is 0, of E[k2] is grad KL(pi_theta || pi_ref), and of E[k3] is
 grad KL(pi_ref || pi_theta) (the *forward* KL). Only the value estimates are of the reverse KL.
 """
 
