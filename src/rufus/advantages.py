@@ -162,7 +162,8 @@ def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
         A_i = R_i - 1/(k-1) sum_{j != i} R_j  =  k/(k-1) (R_i - mean R)
 
     each sample's baseline is the mean of the other k - 1 samples of its prompt, so it does not
-    depend on R_i and the estimator stays unbiased. The advantages of a group sum to 0.
+    depend on R_i and the estimator stays unbiased. The advantages of a group sum to 0. Computed as
+    the right-hand form: the mean-centred `group_advantages` (scale=False) times k/(k-1).
 
     rewards  (N,)  sequence rewards R_i, N = B * k, groups of k consecutive. In RLHF R includes the
                    KL penalty: R = score - beta * sum_t (log pi_old - log pi_ref)
@@ -171,14 +172,66 @@ def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     """
     if k < 2:
         raise ValueError(f"RLOO needs k >= 2 samples per prompt, got k={k}")
-    grouped = _grouped(rewards, k)  # (B, k)
-    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (k - 1)  # (B, k) mean of the others
-    return (grouped - baseline).reshape(-1)
+    return group_advantages(rewards, k, scale=False) * (k / (k - 1))
+
+
+def kl_penalized_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> torch.Tensor:
+    """Per-token RLHF rewards: the KL penalty on every response token, the score on the last one.
+
+        r_t = -beta * KL_t + 1[t = last valid token] * score
+
+    The reward of Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences", eq. 2)
+    and InstructGPT (Ouyang et al. 2022, eq. 2), spread over the tokens as in Stiennon et al. 2020:
+    summed over a response it is score - beta * sum_t KL_t, the sequence reward. PPO feeds it to
+    `gae`; REINFORCE++ to `reinforce_pp_returns`.
+
+    scores  (B,)    the reward sources' score of each response
+    kl      (B, A)  per-token KL estimate (e.g. log pi_old - log pi_ref), 0 outside the mask
+    mask    (B, A)  1 on valid response tokens (valid tokens first, then padding)
+    kl_coef         beta >= 0
+    returns (B, A)  r_t; a response with no valid token gets its score at position 0
+    """
+    if kl.shape != mask.shape or kl.dim() != 2 or scores.shape != kl.shape[:1]:
+        raise ValueError(
+            "scores must be (B,) and kl, mask (B, A), got "
+            f"{tuple(scores.shape)}, {tuple(kl.shape)} and {tuple(mask.shape)}"
+        )
+    rewards = -kl_coef * kl  # (B, A)
+    last = (mask.long().sum(-1) - 1).clamp(min=0)  # (B,) index of each response's last valid token
+    rewards[torch.arange(len(last), device=last.device), last] += scores.to(rewards.dtype)
+    return rewards
+
+
+def whiten_global(
+    x: torch.Tensor, mask: torch.Tensor, all_reduce_sum, *, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """`whiten` over the valid positions of a batch split across processes (every process together).
+
+    Each process holds its share of the batch; the mean and the biased variance come from the sums
+    sum(x), sum(x^2) and the valid count, added over processes by `all_reduce_sum(t) -> t` (the
+    identity on one process): var = E[x^2] - mean^2. The whole batch is whitened as one, so the
+    number of processes does not change the result (the advantages of PPO and REINFORCE++ are
+    normalised over the global batch).
+
+    x     (B, A)  this process's values
+    mask  (B, A)  1 where x counts
+    returns (B, A), 0 outside the mask; shift_mean=False keeps the mean (scales only).
+    """
+    m = mask.to(x.dtype)
+    sums = all_reduce_sum(torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()]))
+    mean = sums[0] / sums[2].clamp(min=1)
+    var = (sums[1] / sums[2].clamp(min=1) - mean**2).clamp(min=0)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * m
 
 
 def reinforce_pp_returns(rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0) -> torch.Tensor:
     """Critic-free discounted returns of REINFORCE++ (Hu et al. 2025, "REINFORCE++: A Simple and
-    Efficient Approach for Aligning Large Language Models", arXiv 2501.03262; REFERENCES.md Sec. 5):
+    Efficient Approach for Aligning Large Language Models", arXiv 2501.03262):
 
         G_t = sum_{s >= t} gamma^(s - t) r_s        over the valid tokens of the response
 
@@ -188,8 +241,8 @@ def reinforce_pp_returns(rewards: torch.Tensor, mask: torch.Tensor, *, gamma: fl
 
     This is `gae` with V = 0 and lambda = 1 (then delta_t = r_t and A_t = G_t), so masking follows
     gae: padding is skipped, never a zero-reward step, and the discount counts valid tokens. The
-    paper's advantage is G_t normalised over the GLOBAL batch: the trainer applies
-    `whiten(returns, mask)` to the whole batch (not per minibatch, not per group).
+    paper's advantage is G_t normalised over the GLOBAL batch: the trainer applies `whiten_global`
+    to the whole batch (not per minibatch, not per group).
     """
     if rewards.shape != mask.shape or rewards.dim() != 2:
         raise ValueError(

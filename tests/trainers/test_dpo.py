@@ -58,7 +58,7 @@ def test_pairs_label_only_the_response_and_sequence_logprobs_match_a_naive_loop(
     from rufus.data.loading import load_records
     from rufus.data.sft import encode_prompt
     from rufus.models.loading import load_causal_lm, load_tokenizer
-    from rufus.trainers.dpo import sequence_logprobs
+    from rufus.rollout.logprobs import sequence_logprobs
 
     tok = load_tokenizer(str(tiny))
     rows = preference_rows(3, seed=5)

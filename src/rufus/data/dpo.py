@@ -84,6 +84,30 @@ def tokenize_pairs(
     return pairs
 
 
+def load_pairs_or_prompts(path: str, tokenizer, *, split: str = "train", key: str = "data.train", **limits):
+    """(records, tokenised pairs) for preference data; (records, None) for a prompt-only file.
+
+    The rule: the file is a prompt file when its rows carry neither 'chosen' nor 'rejected'; it is
+    then checked as prompt data (DPO's rounds are then all online). Anything else must be valid
+    preference data, and its errors (a missing 'rejected', chosen == rejected) are reported as such.
+    `limits`: max_length, max_prompt_length, truncation, as `tokenize_pairs`.
+    """
+    from rufus.data.errors import DataError
+    from rufus.data.loading import load_records
+
+    try:
+        records = load_records(path, format="preference", split=split, key=key)
+    except DataError as err:
+        try:
+            records = load_records(path, format="prompt", split=split, key=key)
+        except DataError:
+            raise err from None
+        if {"chosen", "rejected"} & set(records.dataset.column_names):
+            raise err from None
+        return records, None
+    return records, tokenize_pairs(records, tokenizer, key=key, **limits)
+
+
 def _example(enc: Encoded) -> dict[str, list[int]]:
     return {"input_ids": enc.ids, "labels": [t if keep else IGNORE_INDEX for t, keep in zip(enc.ids, enc.in_loss)]}
 

@@ -48,3 +48,16 @@ def batched_logprobs(model, input_ids, attention_mask, prompt_length, temperatur
                                prompt_length, temperature)
              for i in range(0, input_ids.shape[0], micro_batch)]
     return torch.cat(parts)
+
+
+def sequence_logprobs(model, batch: dict) -> torch.Tensor:
+    """(N,) log pi(y|x) = sum_t log pi(y_t | x, y_<t) over each row's response tokens.
+
+    `batch`: input_ids and attention_mask (N, T), labels (N, T) with -100 on the prompt and the
+    padding (what `data.dpo.PairCollator` and `data.sft.SFTCollator` make)."""
+    from rufus.losses.sft import IGNORE_INDEX
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    labels = batch["labels"][:, 1:]  # (N, T-1) position t predicts token t+1; -100 on prompt and padding
+    logprobs = token_logprobs(logits[:, :-1], labels)  # (N, T-1) log pi(y_t | x, y_<t)
+    return torch.where(labels != IGNORE_INDEX, logprobs, 0.0).sum(-1)

@@ -15,7 +15,6 @@ One round of n samples moves the policy at most log n - (n-1)/n nats from the sa
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from rufus.config import (
+    ConfigError,
     DataConfig,
     GenerationConfig,
     LogArgs,
@@ -33,10 +33,10 @@ from rufus.config import (
     OptimArgs,
     RewardConfig,
     RunArgs,
+    as_config,
     opt,
 )
-from rufus.report.metrics import read_metrics
-from rufus.trainers import common
+from rufus.trainers import common, online
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class BoNConfig(LogArgs, OptimArgs, RunArgs, ModelArgs):
     batch_size: int = opt(8, "kept (prompt, response) pairs per SFT optimiser step, over all processes and accumulation steps")
     max_steps: int = opt(-1, "SFT optimiser steps per round; -1 = as many as bon.sft_epochs passes over the kept set take")
     epochs: float = opt(1.0, "unused: bon.rounds and bon.sft_epochs set the length of a run")
-    save_every: int = opt(1, "write a checkpoint every this many rounds (and after the last)")
+    save_every: int = opt(1, "write a checkpoint every this many rounds (and after the last; 0 = only then)")
     data: DataConfig = opt(DataConfig, "prompts (prompt-only format); data.max_prompt_length bounds them")
     generation: GenerationConfig = opt(GenerationConfig, "sampling")
     reward: RewardConfig = opt(RewardConfig, "reward sources")
@@ -88,14 +88,10 @@ def train_bon(config: BoNConfig | dict, reward_fn=None) -> BoNResult:
     from accelerate.utils import gather_object
 
     from rufus.bon import bon_kl_bound, select_best
-    from rufus.data.loading import load_records
-    from rufus.data.prompts import tokenize_prompts
     from rufus.data.sft import SFTCollator
     from rufus.models.loading import load_tokenizer
-    from rufus.rewards import build_reward_pipeline
-    from rufus.rollout.generate import generate_responses
 
-    cfg = common.as_config(BoNConfig, config)
+    cfg = as_config(BoNConfig, config)
     _check(cfg)
     run = common.start_run(cfg)
     acc = run.accelerator
@@ -105,13 +101,9 @@ def train_bon(config: BoNConfig | dict, reward_fn=None) -> BoNResult:
     # 0. prompts and reward sources first: bad input fails before the model loads
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code,
                                chat_template=cfg.data.chat_template)
-    max_prompt = cfg.data.max_prompt_length or max(1, cfg.data.max_length - cfg.generation.max_new_tokens)
-    with acc.main_process_first():
-        prompts = tokenize_prompts(load_records(cfg.data.train, format="prompt", split=cfg.data.train_split),
-                                   tokenizer, max_prompt_length=max_prompt, truncation=cfg.data.truncation)
+    prompts = online.load_prompts(cfg, acc, tokenizer)
     # no cross-process gather for reward.scale: each process samples its own number of responses
-    reward = build_reward_pipeline(cfg.reward, device=acc.device, dtype=run.compute_dtype, extra_functions=reward_fn,
-                                   trust_remote_code=cfg.trust_remote_code)
+    reward = online.build_reward(cfg, run, reward_fn, gather=False)
     per_round = b.prompts_per_round or len(prompts)
     prompt_plan = common.BatchPlan(len(prompts), per_round, 1, 1, 0, cfg.seed)  # round r's prompts: global_batch(r)
     common.BatchPlan(1, cfg.batch_size, cfg.grad_accum, world, rank, cfg.seed)  # batch_size splits? (raises if not)
@@ -129,10 +121,7 @@ def train_bon(config: BoNConfig | dict, reward_fn=None) -> BoNResult:
         reward.load_state_dict(saved["reward"])
         updates = saved["updates"]
     logger = common.open_metrics(run, start_round)
-    samples_path = run.output_dir / "samples.jsonl"
-    if acc.is_main_process:  # a resumed run drops the samples written after its checkpoint
-        kept_rows = [r for r in read_metrics(samples_path) if r["step"] <= start_round] if run.resume_from else []
-        samples_path.write_text("".join(json.dumps(r) + "\n" for r in kept_rows))
+    samples = online.SamplesFile(run, resume_step=start_round)
 
     chunk = b.prompts_per_generate or cfg.batch_size
     progress = common.progress_bar(cfg, acc, b.rounds, start_round, desc="bon")
@@ -145,12 +134,10 @@ def train_bon(config: BoNConfig | dict, reward_fn=None) -> BoNResult:
             rep = [p for p in group for _ in range(b.n)]  # prompt g's samples sit at g*n .. g*n+n-1
 
             # 1. sample n responses per prompt from the current policy
-            ro = generate_responses(policy, tokenizer, [p["prompt"] for p in rep], [p["ids"] for p in rep],
-                                    cfg.generation, device=acc.device)
+            ro = online.sample(cfg, acc, policy, tokenizer, group, b.n)
 
             # 2. score them
-            extra = {k: [p["extra"][k] for p in rep] for k in rep[0]["extra"]}
-            scores, _ = reward(ro.prompts, ro.completions, ro.has_eos, **extra)  # (G*n,)
+            scores, _ = reward(ro.prompts, ro.completions, ro.has_eos, **ro.extra)  # (G*n,)
             sums += torch.tensor([scores.sum().item(), (scores.double() ** 2).sum().item(), len(rep),
                                   ro.response_length.sum().item(), (~ro.has_eos.cpu()).sum().item()],
                                  dtype=torch.float64)
@@ -181,18 +168,12 @@ def train_bon(config: BoNConfig | dict, reward_fn=None) -> BoNResult:
                     "time/sample_s": t_sample, "time/train_s": t_train, "time/round_s": time.perf_counter() - t0})
         if kept:
             row["bon/score_best"] = sum(k["score"] for k in kept) / len(kept)
-        logger.log(rnd, row)
-        if acc.is_main_process and cfg.num_samples:
-            with samples_path.open("a", encoding="utf-8") as f:
-                for k in kept[:cfg.num_samples]:
-                    prompt = k["prompt"] if isinstance(k["prompt"], str) else k["prompt"][-1]["content"]
-                    f.write(json.dumps({"step": rnd, "prompt": prompt, "response": k["response"],
-                                        "score": k["score"]}) + "\n")
-        progress.update(1)
-        progress.set_postfix(score=f"{score_mean:.3f}", kept=len(kept))
-        if rnd % max(cfg.save_every, 1) == 0 or rnd == b.rounds:
-            common.save_checkpoint(run, rnd, policy, optimizer, scheduler,
-                                   state={"reward": reward.state_dict(), "updates": updates})
+        samples.write([{"step": rnd, "prompt": k["prompt"] if isinstance(k["prompt"], str) else k["prompt"][-1]["content"],
+                        "response": k["response"], "score": k["score"]} for k in kept[:cfg.num_samples]])
+        online.end_step(run, logger, progress, rnd, b.rounds, row, postfix={"score": score_mean},
+                        checkpoint=lambda rnd=rnd, updates=updates: common.save_checkpoint(
+                            run, rnd, policy, optimizer, scheduler,
+                            state={"reward": reward.state_dict(), "updates": updates}))
     progress.close()
 
     final_dir = common.save_final(run, policy, tokenizer)
@@ -205,17 +186,17 @@ def _check(cfg: BoNConfig) -> None:
     """The bon section's values make sense together (before anything loads)."""
     b = cfg.bon
     if b.n < 1:
-        raise common.ConfigError(f"bon.n: must be at least 1, got {b.n}")
+        raise ConfigError(f"bon.n: must be at least 1, got {b.n}")
     if not 1 <= b.top_k <= b.n:
-        raise common.ConfigError(f"bon.top_k: must be between 1 and bon.n={b.n}, got {b.top_k}")
+        raise ConfigError(f"bon.top_k: must be between 1 and bon.n={b.n}, got {b.top_k}")
     if b.rounds < 1:
-        raise common.ConfigError(f"bon.rounds: must be at least 1, got {b.rounds}")
+        raise ConfigError(f"bon.rounds: must be at least 1, got {b.rounds}")
     if b.prompts_per_round is not None and b.prompts_per_round < 1:
-        raise common.ConfigError(f"bon.prompts_per_round: must be at least 1 (or null = all), got {b.prompts_per_round}")
+        raise ConfigError(f"bon.prompts_per_round: must be at least 1 (or null = all), got {b.prompts_per_round}")
     if not b.sft_epochs > 0:
-        raise common.ConfigError(f"bon.sft_epochs: must be positive, got {b.sft_epochs}")
+        raise ConfigError(f"bon.sft_epochs: must be positive, got {b.sft_epochs}")
     if b.prompts_per_generate < 0:
-        raise common.ConfigError(f"bon.prompts_per_generate: must be 0 (= batch_size) or more, got {b.prompts_per_generate}")
+        raise ConfigError(f"bon.prompts_per_generate: must be 0 (= batch_size) or more, got {b.prompts_per_generate}")
 
 
 def _sft_steps(cfg: BoNConfig, num_kept: int) -> int:

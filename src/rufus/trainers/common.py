@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from rufus.config import REQUIRED, ConfigError, as_config, load_config, save_config, to_dict  # noqa: F401 (re-exported)
+from rufus.config import ConfigError, save_config, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -221,13 +221,22 @@ def progress_bar(cfg, acc, total: int, initial: int, desc: str):
                 disable=not (cfg.progress and acc.is_main_process))
 
 
-def sync_gradients_if(acc, model, last: bool):
-    """Skip the cross-process gradient all-reduce on all but the last micro-batch of a step."""
-    return contextlib.nullcontext() if last or acc.num_processes == 1 else acc.no_sync(model)
+def sync_gradients_if(acc, models, last: bool):
+    """Skip the cross-process gradient all-reduce on all but the last micro-batch of a step.
+
+    `models`: one model or a list (PPO's actor and critic accumulate together)."""
+    stack = contextlib.ExitStack()
+    if not last and acc.num_processes > 1:
+        for model in models if isinstance(models, (list, tuple)) else [models]:
+            stack.enter_context(acc.no_sync(model))
+    return stack
 
 
-def clip_and_step(cfg, acc, model, optimizer, scheduler) -> float:
-    """Clip the global gradient norm (when max_grad_norm > 0), step, zero; return the pre-clip norm."""
+def clip_and_step(cfg, acc, model, optimizer, scheduler=None) -> float:
+    """Clip the global gradient norm (when max_grad_norm > 0), step, zero; return the pre-clip norm.
+
+    `scheduler` None: the caller steps the learning-rate schedule itself (the online trainers step
+    it once per rollout step, after all the minibatch updates)."""
     from rufus.precision import master_weights_of
 
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
@@ -238,7 +247,8 @@ def clip_and_step(cfg, acc, model, optimizer, scheduler) -> float:
     optimizer.step()
     if masters is not None:
         masters.master_to_model()
-    scheduler.step()
+    if scheduler is not None:
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return float(grad_norm)
 
@@ -263,18 +273,6 @@ class Window:
         row.update(extra)
         self.sums, self.count = {}, 0
         return row
-
-
-def whiten_across_processes(x: torch.Tensor, mask: torch.Tensor, acc, shift_mean: bool = True) -> torch.Tensor:
-    """Whiten `x` over the valid tokens of the whole batch, all processes together (biased variance)."""
-    m = mask.float()
-    sums = acc.reduce(torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()]), reduction="sum")
-    mean = sums[0] / sums[2].clamp(min=1)
-    var = (sums[1] / sums[2].clamp(min=1) - mean**2).clamp(min=0)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        out = out + mean
-    return out * m
 
 
 def save_checkpoint(run: Run, step: int, models, optimizers, schedulers, state: dict | None = None) -> Path:

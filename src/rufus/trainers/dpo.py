@@ -18,8 +18,6 @@ Each step of the round:
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
 import time
@@ -31,6 +29,7 @@ from typing import Literal
 import torch
 
 from rufus.config import (
+    ConfigError,
     DataConfig,
     GenerationConfig,
     LogArgs,
@@ -39,9 +38,11 @@ from rufus.config import (
     OptimArgs,
     RewardConfig,
     RunArgs,
+    as_config,
     opt,
 )
-from rufus.trainers import common
+from rufus.rollout.logprobs import sequence_logprobs
+from rufus.trainers import common, online
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +89,11 @@ class DPOResult:
 def train_dpo(config: DPOConfig | dict, reward_fn=None) -> DPOResult:
     """Run DPO as configured. `reward_fn(prompts, completions, **kw) -> list[float]` (or a list of such
     functions) adds Python reward sources to `config.reward`, for online rounds."""
-    from rufus.data.dpo import PairCollator
+    from rufus.data.dpo import PairCollator, load_pairs_or_prompts, tokenize_pairs
     from rufus.data.loading import load_records
-    from rufus.data.prompts import tokenize_prompts
-    from rufus.models.loading import load_causal_lm, load_tokenizer, set_dropout
-    from rufus.report.metrics import read_metrics  # reads any JSON-lines file
+    from rufus.models.loading import load_tokenizer, set_dropout
 
-    cfg = common.as_config(DPOConfig, config)
+    cfg = as_config(DPOConfig, config)
     _check(cfg)
     run = common.start_run(cfg)
     acc = run.accelerator
@@ -104,37 +103,26 @@ def train_dpo(config: DPOConfig | dict, reward_fn=None) -> DPOResult:
                                chat_template=cfg.data.chat_template)
     limits = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
                   truncation=cfg.data.truncation)
-    with acc.main_process_first():
-        records, train = _train_data(cfg, tokenizer, limits)
+    with acc.main_process_first():  # preference pairs, or (online) prompts only: records, None
+        records, train = load_pairs_or_prompts(cfg.data.train, tokenizer, split=cfg.data.train_split,
+                                               key="data.train", **limits)
         evals = None
         if cfg.data.eval:
-            from rufus.data.dpo import tokenize_pairs
-
             evals = tokenize_pairs(load_records(cfg.data.eval, format="preference", split=cfg.data.eval_split,
                                                 key="data.eval"), tokenizer, key="data.eval", **limits)
-    online = [r for r in range(1, cfg.dpo.rounds + 1) if r > 1 or train is None]
+    online_rounds = [r for r in range(1, cfg.dpo.rounds + 1) if r > 1 or train is None]
     prompts, reward = None, None
-    if online:
-        from rufus.rewards import build_reward_pipeline
-
-        max_prompt = cfg.data.max_prompt_length or max(1, cfg.data.max_length - cfg.generation.max_new_tokens)
-        prompts = tokenize_prompts(records, tokenizer, max_prompt_length=max_prompt, truncation=cfg.data.truncation)
-        for p in prompts:  # other columns go to reward functions; the pair itself does not
-            p["extra"] = {k: v for k, v in p["extra"].items() if k not in ("chosen", "rejected")}
+    if online_rounds:  # other columns go to reward functions; the pair itself does not
+        prompts = online.load_prompts(cfg, acc, tokenizer, records, drop_columns=("chosen", "rejected"))
         why = "data.train holds prompts only" if train is None else f"dpo.rounds={cfg.dpo.rounds}"
-        try:
-            reward = build_reward_pipeline(cfg.reward, device=acc.device, dtype=run.compute_dtype, extra_functions=reward_fn,
-                                           trust_remote_code=cfg.trust_remote_code,
-                                           gather=lambda t: acc.gather(t.to(acc.device)).cpu())
-        except common.ConfigError as e:
-            raise common.ConfigError(f"{e} ({why}: online rounds rank their own samples with a reward)") from None
+        reward = online.build_reward(cfg, run, reward_fn, why=f"{why}: online rounds rank their own samples with a reward")
     per_round = cfg.dpo.prompts_per_round or (len(prompts) if prompts else 0)
     per_round = math.ceil(per_round / acc.num_processes) * acc.num_processes  # equal shares per process
 
     def steps_for(n):  # optimiser steps of a round over n examples (known before the round's data)
         return cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * n / cfg.batch_size))
 
-    round_steps = [steps_for(per_round if r in online else len(train)) for r in range(1, cfg.dpo.rounds + 1)]
+    round_steps = [steps_for(per_round if r in online_rounds else len(train)) for r in range(1, cfg.dpo.rounds + 1)]
     max_steps = sum(round_steps)
     collate = PairCollator(tokenizer.pad_token_id)
     no_grad_size = cfg.batch_size // acc.num_processes  # pairs per forward pass without gradients
@@ -142,12 +130,7 @@ def train_dpo(config: DPOConfig | dict, reward_fn=None) -> DPOResult:
     # policy (dropout off: pi == pi_ref at the start, loss log 2) and reference
     model = common.load_trainable_lm(cfg, tokenizer)
     set_dropout(model, 0.0)
-    reference = None
-    if cfg.lora.r == 0:
-        reference = load_causal_lm(cfg.ref_model or cfg.model, tokenizer=tokenizer, dtype=run.compute_dtype,
-                                   trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
-                                   compile=cfg.compile).to(acc.device).eval()
-        reference.requires_grad_(False)
+    reference = online.load_reference(cfg, run, tokenizer)
     optimizer, scheduler = common.make_optimizer(cfg, model, max_steps)
     model, optimizer = acc.prepare(model, optimizer)
     policy = acc.unwrap_model(model)
@@ -155,19 +138,16 @@ def train_dpo(config: DPOConfig | dict, reward_fn=None) -> DPOResult:
     if reward is not None and saved.get("reward"):
         reward.load_state_dict(saved["reward"])
     logger = common.open_metrics(run, start_step)
-    pairs_path = run.output_dir / "pairs.jsonl"  # every online pair, for people to read
-    if online and acc.is_main_process:
-        kept = [r for r in read_metrics(pairs_path) if r["step"] <= start_step] if run.resume_from else []
-        pairs_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    pairs_file = online.SamplesFile(run, "pairs.jsonl", resume_step=start_step, enabled=bool(online_rounds))
 
     def ref_fn():  # the frozen reference: its own model, or (LoRA) the policy with adapters disabled
-        return _reference(policy, reference)
+        return online.reference_model(policy, reference)
 
     # reference log-probabilities of the fixed datasets, once
     if cfg.dpo.precompute_ref:
         for data in [d for d in (train, evals) if d]:
             _attach_reference(data, ref_fn, collate, acc, no_grad_size)
-        if reference is not None and not online:
+        if reference is not None and not online_rounds:
             reference = None  # no longer needed: free its memory for training
     progress = common.progress_bar(cfg, acc, max_steps, start_step, desc="dpo")
     window, pending, row = common.Window(), {}, {}
@@ -177,18 +157,15 @@ def train_dpo(config: DPOConfig | dict, reward_fn=None) -> DPOResult:
         if round_end <= start_step:
             continue
         # 1. this round's pairs: the data as given, or two samples per prompt from the current policy
-        if r not in online:
+        if r not in online_rounds:
             pairs = train
         elif start_step > round_start:  # resumed inside the round: its pairs were saved with the checkpoint
             pairs = saved["pairs"]
         else:
-            pairs, pending = _online_pairs(cfg, acc, policy, tokenizer, prompts, reward, r, online.index(r) + 1,
-                                           per_round)
-            if acc.is_main_process:
-                with pairs_path.open("a", encoding="utf-8") as f:
-                    # "step": the first step that trains on the pair (a resume before it samples again)
-                    f.writelines(json.dumps({"step": round_start + 1, "round": r, **p.pop("text")}) + "\n"
-                                 for p in pairs)
+            pairs, pending = _online_pairs(cfg, acc, policy, tokenizer, prompts, reward, r,
+                                           online_rounds.index(r) + 1, per_round)
+            # "step": the first step that trains on the pair (a resume before it samples again)
+            pairs_file.write([{"step": round_start + 1, "round": r, **p.pop("text")} for p in pairs])
             for p in pairs:
                 p.pop("text", None)
             if cfg.dpo.precompute_ref and pairs:
@@ -227,7 +204,7 @@ def train_dpo(config: DPOConfig | dict, reward_fn=None) -> DPOResult:
                 logger.log(step, row)
             if (cfg.save_every and step % cfg.save_every == 0) or step == max_steps:
                 state = {"reward": reward.state_dict()} if reward is not None else {}
-                if r in online:
+                if r in online_rounds:
                     state["pairs"] = pairs
                 common.save_checkpoint(run, step, policy, optimizer, scheduler, state=state)
     progress.close()
@@ -247,58 +224,10 @@ def _check(cfg) -> None:
                 (d.prompts_per_round < 0, "dpo.prompts_per_round must be >= 0 (0 = every prompt)"),
                 (not 0 <= d.label_smoothing <= 0.5, "dpo.label_smoothing must be in [0, 0.5]"),
                 (d.label_smoothing > 0 and d.loss_type != "sigmoid",
-                 "dpo.label_smoothing applies to loss_type=sigmoid only"),
-                (cfg.lora.r > 0 and bool(cfg.ref_model),
-                 "ref_model: with LoRA the reference is the adapter-disabled base; leave ref_model unset")]
+                 "dpo.label_smoothing applies to loss_type=sigmoid only")]
     for bad, message in problems:
         if bad:
-            raise common.ConfigError(message)
-
-
-def _train_data(cfg, tokenizer, limits):
-    """(records, pairs) for preference data; (records, None) for a prompt-only file.
-
-    The rule: data.train is a prompt file when its rows carry neither 'chosen' nor 'rejected'; it is
-    then checked as prompt data and every round is online. Anything else must be valid preference
-    data, and its errors (a missing 'rejected', chosen == rejected) are reported as such.
-    """
-    from rufus.data.dpo import tokenize_pairs
-    from rufus.data.errors import DataError
-    from rufus.data.loading import load_records
-
-    where = dict(split=cfg.data.train_split, key="data.train")
-    try:
-        records = load_records(cfg.data.train, format="preference", **where)
-    except DataError as err:
-        try:
-            records = load_records(cfg.data.train, format="prompt", **where)
-        except DataError:
-            raise err from None
-        if {"chosen", "rejected"} & set(records.dataset.column_names):
-            raise err from None
-        return records, None
-    return records, tokenize_pairs(records, tokenizer, key="data.train", **limits)
-
-
-@contextlib.contextmanager
-def _reference(policy, reference):
-    """The frozen reference: a separate model, or (LoRA) the policy with its adapters disabled, so no
-    second copy of the base weights is held."""
-    if reference is not None:
-        yield reference
-    else:
-        with policy.disable_adapter():
-            yield policy
-
-
-def sequence_logprobs(model, batch: dict) -> torch.Tensor:
-    """(N,) log pi(y|x) = sum_t log pi(y_t | x, y_<t) over each row's response tokens (labels != -100)."""
-    from rufus.losses.sft import IGNORE_INDEX, token_logprobs
-
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    labels = batch["labels"][:, 1:]  # (N, T-1) position t predicts token t+1; -100 on prompt and padding
-    logprobs = token_logprobs(logits[:, :-1], labels)  # (N, T-1) log pi(y_t | x, y_<t)
-    return torch.where(labels != IGNORE_INDEX, logprobs, 0.0).sum(-1)
+            raise ConfigError(message)
 
 
 def _dpo_step(cfg, acc, model, ref_fn, pairs, plan, local_step: int, collate) -> dict:
@@ -394,25 +323,22 @@ def _online_pairs(cfg, acc, policy, tokenizer, prompts, reward, r: int, k: int, 
     from accelerate.utils import gather_object
 
     from rufus.data.dpo import pairs_from_samples
-    from rufus.rollout.generate import generate_responses
 
     # the round's prompts: the next n of a seeded stream of epochs over the data, each process its share
     plan = common.BatchPlan(len(prompts), n, 1, acc.num_processes, acc.process_index, cfg.seed)
     mine = [prompts[i] for i in plan.global_batch(k)[acc.process_index::acc.num_processes]]
-    doubled = [p for p in mine for _ in range(2)]  # rows 2j and 2j+1 answer prompt j
-    chunk = max(2, cfg.batch_size // acc.num_processes // 2 * 2)
+    chunk = max(1, cfg.batch_size // acc.num_processes // 2)  # prompts per generate call, two samples each
     completions, responses, has_eos = [], [], []
     devices = [torch.cuda.current_device()] if acc.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # samples depend on (seed, round, rank) only: resume-exact
         torch.manual_seed(cfg.seed * 1_000_003 + r * 1009 + acc.process_index)
-        for start in range(0, len(doubled), chunk):
-            part = doubled[start:start + chunk]
-            ro = generate_responses(policy, tokenizer, [p["prompt"] for p in part], [p["ids"] for p in part],
-                                    cfg.generation, device=acc.device)
+        for start in range(0, len(mine), chunk):
+            ro = online.sample(cfg, acc, policy, tokenizer, mine[start:start + chunk], 2)  # rows 2j, 2j+1: prompt j
             completions += ro.completions
             has_eos.append(ro.has_eos.cpu())
             masks = ro.response_mask.cpu().bool()
             responses += [ids[m].tolist() for ids, m in zip(ro.response_ids.cpu(), masks)]  # y up to its eos
+    doubled = [p for p in mine for _ in range(2)]
     extra = {key: [p["extra"][key] for p in doubled] for key in (doubled[0]["extra"] if doubled else {})}
     scores, _ = reward([p["prompt"] for p in doubled], completions, torch.cat(has_eos), **extra)  # (2m,)
 

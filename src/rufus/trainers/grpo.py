@@ -21,14 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from rufus.config import (
-    LogArgs,
-    ModelArgs,
-    OnlineArgs,
-    OptimArgs,
-    RunArgs,
-    opt,
-)
+from rufus.config import ConfigError, LogArgs, ModelArgs, OnlineArgs, OptimArgs, RunArgs, as_config, opt
 from rufus.trainers import common, online
 
 log = logging.getLogger(__name__)
@@ -82,41 +75,57 @@ class GRPOResult:
 def train_grpo(config: GRPOConfig | dict, reward_fn=None) -> GRPOResult:
     """Run GRPO. `reward_fn(prompts, completions, **kw) -> list[float]` (or a list) adds reward sources."""
     from rufus.advantages import equal_reward_groups, group_advantages
+    from rufus.losses.aggregation import masked_mean
     from rufus.losses.grpo import grpo_policy_loss
+    from rufus.losses.kl import kl_penalty
     from rufus.models.loading import load_tokenizer, set_dropout
-    from rufus.rewards import build_reward_pipeline
+    from rufus.rollout.logprobs import response_logprobs
 
-    cfg = common.as_config(GRPOConfig, config)
+    cfg = as_config(GRPOConfig, config)
     run = common.start_run(cfg)
     acc = run.accelerator
     G = cfg.grpo.group_size
     if G < 2:
-        raise common.ConfigError("grpo.group_size: needs at least 2 responses per prompt to compare")
-    micro_size = _micro_size(cfg, acc.num_processes)
+        raise ConfigError("grpo.group_size: needs at least 2 responses per prompt to compare")
+    micro_size = online.micro_batch_size(cfg.batch_size, acc.num_processes, G, cfg.grpo.minibatches, cfg.grad_accum,
+                                         samples_key="grpo.group_size", minibatches_key="grpo.minibatches")
 
     # 0. prompts and reward sources before the models
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code,
                                chat_template=cfg.data.chat_template)
     prompts = online.load_prompts(cfg, acc, tokenizer)
-    reward = build_reward_pipeline(cfg.reward, device=acc.device, dtype=run.compute_dtype, extra_functions=reward_fn,
-                                   trust_remote_code=cfg.trust_remote_code,
-                                   gather=lambda t: acc.gather(t.to(acc.device)).cpu())
+    reward = online.build_reward(cfg, run, reward_fn)
     plan = common.BatchPlan(len(prompts), cfg.batch_size, 1, acc.num_processes, acc.process_index, cfg.seed)
     max_steps = cfg.max_steps if cfg.max_steps > 0 else plan.steps_for_epochs(cfg.epochs)
 
     # the policy, and a reference only when the KL term needs one
-    actor = common.load_trainable_lm(cfg, tokenizer)
-    set_dropout(actor, 0.0)
+    policy = common.load_trainable_lm(cfg, tokenizer)
+    set_dropout(policy, 0.0)
     use_kl = cfg.kl.coef > 0
     reference = online.load_reference(cfg, run, tokenizer, needed=use_kl)
-    optimizer, scheduler = common.make_optimizer(cfg, actor, max_steps)
-    actor, optimizer = acc.prepare(actor, optimizer)
-    start_step, saved = common.maybe_resume(run, acc.unwrap_model(actor), optimizer, scheduler)
+    optimizer, scheduler = common.make_optimizer(cfg, policy, max_steps)
+    policy, optimizer = acc.prepare(policy, optimizer)
+    start_step, saved = common.maybe_resume(run, acc.unwrap_model(policy), optimizer, scheduler)
     if saved:
         reward.load_state_dict(saved["reward"])
     logger = common.open_metrics(run, start_step)
-    samples_path = run.output_dir / "samples.jsonl"
-    online.reset_samples(samples_path, acc, start_step if run.resume_from else None)
+    samples = online.SamplesFile(run, resume_step=start_step)
+
+    def forward(part):  # (B, A) logprobs and entropy of a micro-batch, with gradients
+        logprobs, entropy = response_logprobs(policy, part.input_ids, part.attention_mask, part.prompt_length,
+                                              cfg.generation.temperature, with_entropy=True)
+        return {"logprobs": logprobs, "entropy": entropy}
+
+    def loss_fn(part, out, micro):  # clipped surrogate, the k3 KL to pi_ref in the loss
+        normalizer = {"token": micro.tokens, "sequence": micro.sequences,
+                      "constant": micro.sequences * cfg.generation.max_new_tokens}[cfg.grpo.loss_aggregation]
+        aggregation = {"token": "sum", "sequence": "sequence", "constant": "sum"}[cfg.grpo.loss_aggregation]
+        loss, stats = grpo_policy_loss(out["logprobs"], part.logprobs, part.ref_logprobs, part.advantages,
+                                       part.response_mask, clip=cfg.grpo.clip, clip_high=cfg.grpo.clip_high,
+                                       kl_coef=cfg.kl.coef, aggregation=aggregation, normalizer=normalizer)
+        stats = {k: float(v) for k, v in stats.items()}
+        stats["entropy"] = masked_mean(out["entropy"].detach(), part.response_mask).item()
+        return loss, stats
 
     progress = common.progress_bar(cfg, acc, max_steps, start_step, desc="grpo")
     for step in range(start_step + 1, max_steps + 1):
@@ -124,16 +133,16 @@ def train_grpo(config: GRPOConfig | dict, reward_fn=None) -> GRPOResult:
         batch = [prompts[i] for i in plan.micro_batches(plan.global_batch(step))[0]]
 
         # 1. a group of G responses per prompt from pi_old
-        ro = online.sample_groups(cfg, acc, acc.unwrap_model(actor), tokenizer, batch, G)
+        ro = online.sample(cfg, acc, acc.unwrap_model(policy), tokenizer, batch, G)
         t_rollout = time.perf_counter() - t0
 
         # 2. scores; pi_old and pi_ref logprobs
         ro.scores, reward_stats = reward(ro.prompts, ro.completions, ro.has_eos, **ro.extra)
-        ro.scores = ro.scores.to(acc.device)
+        ro.scores = ro.scores.to(acc.device)  # (B*G,)
         # one update over the whole batch (grpo.iterations = minibatches = 1): pi_old comes from the
         # update's own forward pass, not from a pass of its own
         single_update = cfg.grpo.iterations == 1 and cfg.grpo.minibatches == 1
-        online.old_and_ref_logprobs(cfg, acc, actor, reference, ro, micro_size, with_reference=use_kl,
+        online.old_and_ref_logprobs(cfg, acc, policy, reference, ro, micro_size, with_reference=use_kl,
                                     with_old=not single_update)
         sampled_mask = ro.response_mask
 
@@ -144,62 +153,35 @@ def train_grpo(config: GRPOConfig | dict, reward_fn=None) -> GRPOResult:
             keep = (~equal).repeat_interleave(G).long()  # (B*G,)
             ro.response_mask = ro.response_mask * keep.unsqueeze(-1)
 
-        # 4. clipped updates; the KL term (k3) lives in the loss
-        def loss_fn(part, logprobs, normalizers):
-            normalizer = {"token": normalizers["tokens"], "sequence": normalizers["sequences"],
-                          "constant": normalizers["sequences"] * cfg.generation.max_new_tokens}[cfg.grpo.loss_aggregation]
-            aggregation = {"token": "sum", "sequence": "sequence", "constant": "sum"}[cfg.grpo.loss_aggregation]
-            return grpo_policy_loss(logprobs, part.logprobs, part.ref_logprobs, part.advantages, part.response_mask,
-                                    clip=cfg.grpo.clip, clip_high=cfg.grpo.clip_high, kl_coef=cfg.kl.coef,
-                                    aggregation=aggregation, normalizer=normalizer)
-
+        # 4. clipped updates
         t_train = time.perf_counter()
+        stats = {}
         if ro.response_mask.sum() > 0 or acc.num_processes > 1:
-            stats = online.policy_gradient_epochs(cfg, acc, ro, actor, optimizer, epochs=cfg.grpo.iterations,
-                                                  minibatches=cfg.grpo.minibatches, micro_size=micro_size,
-                                                  step=step, loss_fn=loss_fn)
-        else:
-            stats = {}
+            stats = online.update_epochs(cfg, acc, ro, [policy], [optimizer], epochs=cfg.grpo.iterations,
+                                         minibatches=cfg.grpo.minibatches, micro_size=micro_size, step=step,
+                                         forward=forward, loss_fn=loss_fn)
         scheduler.step()
         t_train = time.perf_counter() - t_train
         if ro.logprobs is None:  # nothing was trained (every group equal): pi_old for the log only
-            online.old_and_ref_logprobs(cfg, acc, actor, reference, ro, micro_size, with_reference=False)
-        kl_tokens = None
-        if use_kl:
-            from rufus.losses.kl import kl_penalty
-
-            kl_tokens = kl_penalty(ro.logprobs, ro.ref_logprobs, "k1")  # logged as log pi_old - log pi_ref
-        sample_stats = online.batch_stats(acc, ro, kl_tokens, mask=sampled_mask)
+            online.old_and_ref_logprobs(cfg, acc, policy, reference, ro, micro_size, with_reference=False)
+        # logged KL: log pi_old - log pi_ref (k1) per token, summed per response
+        ro.kl = kl_penalty(ro.logprobs, ro.ref_logprobs, "k1") if use_kl else None
+        sample_stats = online.batch_stats(acc, ro, ro.kl, cfg.kl.coef, mask=sampled_mask)
 
         # 5. log, samples, checkpoint
-        step_s = time.perf_counter() - t0
         row = {**sample_stats, **stats, **reward_stats,
                "groups/equal": acc.reduce(equal.float().mean(), reduction="mean").item(),
                "lr": scheduler.get_last_lr()[0], "time/rollout_s": t_rollout, "time/train_s": t_train,
-               "time/step_s": step_s}
-        if step % cfg.log_every == 0 or step == max_steps:
-            logger.log(step, row)
-        if acc.is_main_process and cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
-            online.write_samples(samples_path, step, ro, cfg.num_samples)
-        progress.update(1)
-        progress.set_postfix(reward=f"{row['reward/mean']:.3f}")
-        if (cfg.save_every and step % cfg.save_every == 0) or step == max_steps:
-            common.save_checkpoint(run, step, acc.unwrap_model(actor), optimizer, scheduler,
-                                   state={"reward": reward.state_dict()})
+               "time/step_s": time.perf_counter() - t0}
+        if online.sample_due(cfg, step):
+            samples.write_rollout(step, ro, cfg.num_samples)
+        online.end_step(run, logger, progress, step, max_steps, row, postfix={"reward": row["reward/mean"]},
+                        checkpoint=lambda step=step: common.save_checkpoint(
+                            run, step, acc.unwrap_model(policy), optimizer, scheduler,
+                            state={"reward": reward.state_dict()}))
     progress.close()
 
-    final_dir = common.save_final(run, acc.unwrap_model(actor), tokenizer)
+    final_dir = common.save_final(run, acc.unwrap_model(policy), tokenizer)
     logger.close()
     common.finish_run(run, ["reward/mean", "kl/mean", "policy/clipfrac", "response/length"])
-    return GRPOResult(Path(cfg.output_dir), final_dir, max_steps, logger.rows, acc.unwrap_model(actor), reference)
-
-
-def _micro_size(cfg, world: int) -> int:
-    rows = cfg.batch_size * cfg.grpo.group_size
-    per_process, rem0 = divmod(cfg.batch_size, world)
-    size, rem = divmod(per_process * cfg.grpo.group_size, cfg.grpo.minibatches * cfg.grad_accum)
-    if rem0 or rem or size == 0:
-        raise common.ConfigError(
-            f"batch_size: {cfg.batch_size} prompts x group_size {cfg.grpo.group_size} = {rows} responses do not "
-            f"split into {world} processes x grpo.minibatches {cfg.grpo.minibatches} x grad_accum {cfg.grad_accum}")
-    return size
+    return GRPOResult(Path(cfg.output_dir), final_dir, max_steps, logger.rows, acc.unwrap_model(policy), reference)

@@ -1,39 +1,58 @@
-"""Pieces shared by the critic-free online trainers (GRPO, RLOO / REINFORCE++).
+"""The pieces every online trainer (PPO, GRPO, RLOO / REINFORCE++, online DPO, best-of-n) shares.
 
-Both sample several responses per prompt from the current policy, score them, turn the scores
-into advantages (each its own way), and take clipped policy-gradient steps. What differs, the
-advantage estimator and the loss, stays in each trainer file; the plumbing lives here.
+Each is defined once and called from each trainer's own numbered loop; what differs between the
+algorithms (the advantage estimator, the loss) stays in the trainer file. In a step's order:
+
+  load_prompts, load_reference, reference_model, build_reward, micro_batch_size   set-up
+  sample                                   1. the rollout (through `rollout.engine.sample_rollout`)
+  reference_logprobs, old_and_ref_logprobs 2. teacher-forced pi_old and pi_ref in micro-batches
+  batch_stats                              score, reward, KL and length over every process
+  update_epochs                            4. epochs x minibatches x grad-accum updates
+  SamplesFile, end_step                    5. samples.jsonl, log, progress, checkpoint
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from rufus.config import ConfigError
 from rufus.trainers import common
 
+# --- set-up -----------------------------------------------------------------------------------------
 
-def load_prompts(cfg, acc, tokenizer) -> list[dict]:
-    """The prompt data, tokenised, with prompts longer than data.max_prompt_length handled per policy."""
+
+def load_prompts(cfg, acc, tokenizer, records=None, *, drop_columns: tuple[str, ...] = ()) -> list[dict]:
+    """The prompts of data.train, tokenised: [{"prompt", "ids", "extra"}], prompts longer than
+    data.max_prompt_length (default: data.max_length - generation.max_new_tokens) handled per
+    data.truncation. `records`: rows already loaded (DPO reads preference rows and samples from their
+    prompts); `drop_columns`: columns kept from the reward functions' extra arguments."""
     from rufus.data.loading import load_records
     from rufus.data.prompts import tokenize_prompts
 
     max_prompt = cfg.data.max_prompt_length or max(1, cfg.data.max_length - cfg.generation.max_new_tokens)
     with acc.main_process_first():
-        return tokenize_prompts(load_records(cfg.data.train, format="prompt", split=cfg.data.train_split),
-                                tokenizer, max_prompt_length=max_prompt, truncation=cfg.data.truncation)
+        if records is None:
+            records = load_records(cfg.data.train, format="prompt", split=cfg.data.train_split)
+        rows = tokenize_prompts(records, tokenizer, max_prompt_length=max_prompt, truncation=cfg.data.truncation)
+    if drop_columns:
+        for row in rows:
+            row["extra"] = {k: v for k, v in row["extra"].items() if k not in drop_columns}
+    return rows
 
 
-def load_reference(cfg, run, tokenizer, needed: bool):
-    """The frozen reference: None when not needed (kl.coef == 0) or under LoRA (adapters disabled)."""
+def load_reference(cfg, run, tokenizer, needed: bool = True):
+    """The frozen reference pi_ref, or None: when not `needed` (no KL term) and under LoRA, where the
+    reference is the policy with its adapters disabled (no second copy of the base weights)."""
     from rufus.models.loading import load_causal_lm
 
+    if cfg.lora.r > 0 and cfg.ref_model:
+        raise ConfigError("ref_model: with LoRA the reference is the adapter-disabled base; leave ref_model unset")
     if not needed or cfg.lora.r > 0:
-        if cfg.lora.r > 0 and cfg.ref_model:
-            raise common.ConfigError("ref_model: with LoRA the reference is the adapter-disabled base; leave it unset")
         return None
     reference = load_causal_lm(cfg.ref_model or cfg.model, tokenizer=tokenizer, dtype=run.compute_dtype,
                                trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
@@ -43,75 +62,158 @@ def load_reference(cfg, run, tokenizer, needed: bool):
 
 
 @contextlib.contextmanager
-def reference_model(actor, reference):
-    """The frozen reference: a separate model, or (LoRA) the actor with its adapters disabled."""
+def reference_model(policy, reference):
+    """The frozen reference: a separate model, or (LoRA) the policy with its adapters disabled."""
     if reference is not None:
         yield reference
     else:
-        with actor.disable_adapter():
-            yield actor
+        with policy.disable_adapter():
+            yield policy
 
 
-def sample_groups(cfg, acc, actor, tokenizer, batch: list[dict], n: int):
-    """n responses per prompt: the Rollout holds B*n rows, each prompt's n samples consecutive."""
-    from rufus.rollout.generate import generate_responses
+def build_reward(cfg, run, reward_fn=None, *, gather: bool = True, why: str = ""):
+    """The RewardPipeline of cfg.reward plus the Python functions `reward_fn` (one or a list).
 
-    rows = [b for b in batch for _ in range(n)]
-    ro = generate_responses(actor, tokenizer, [r["prompt"] for r in rows], [r["ids"] for r in rows],
-                            cfg.generation, device=acc.device)
-    ro.extra = {k: [r["extra"][k] for r in rows] for k in (rows[0]["extra"] if rows else {})}
-    return ro
+    gather=True keeps one running score std over all processes (every process scales alike); a
+    trainer whose processes score different numbers of samples (best-of-n) passes False. `why` is
+    added to a configuration error (e.g. why this run needs a reward at all)."""
+    from rufus.rewards import build_reward_pipeline
+
+    acc = run.accelerator
+    try:
+        return build_reward_pipeline(cfg.reward, device=acc.device, dtype=run.compute_dtype, extra_functions=reward_fn,
+                                     trust_remote_code=cfg.trust_remote_code,
+                                     gather=(lambda t: acc.gather(t.to(acc.device)).cpu()) if gather else None)
+    except ConfigError as e:
+        if not why:
+            raise
+        raise ConfigError(f"{e} ({why})") from None
+
+
+def micro_batch_size(batch_size: int, world: int, samples_per_prompt: int, minibatches: int, grad_accum: int,
+                     *, samples_key: str, minibatches_key: str) -> int:
+    """Sequences per micro-batch: each process's batch_size / world prompts x samples_per_prompt
+    responses, split into minibatches x grad_accum equal parts; a ConfigError naming the keys if not."""
+    per_process, rem0 = divmod(batch_size, world)
+    size, rem = divmod(per_process * samples_per_prompt, minibatches * grad_accum)
+    if rem0 or rem or size == 0:
+        what = (f"{batch_size} prompts x {samples_key} {samples_per_prompt} = {batch_size * samples_per_prompt} "
+                "responses do" if samples_per_prompt > 1 else f"{batch_size} does")
+        raise ConfigError(f"batch_size: {what} not split into {world} processes x {minibatches_key} {minibatches} "
+                          f"x grad_accum {grad_accum} equal micro-batches")
+    return size
+
+
+# --- 1-2. rollout and teacher-forced logprobs -----------------------------------------------------
+
+
+def sample(cfg, acc, policy, tokenizer, rows: list[dict], n: int):
+    """1. n responses per prompt row from the current policy: a Rollout of len(rows) * n sequences."""
+    from rufus.rollout.engine import sample_rollout
+
+    return sample_rollout(policy, tokenizer, rows, n, cfg.generation, device=acc.device)
 
 
 @torch.no_grad()
-def old_and_ref_logprobs(cfg, acc, actor, reference, ro, micro_size: int, with_reference: bool,
+def reference_logprobs(cfg, acc, policy, reference, ro, micro_size: int) -> torch.Tensor:
+    """(B, A) log pi_ref(y_t | x, y_<t) of the rollout's responses, in micro-batches."""
+    from rufus.rollout.logprobs import batched_logprobs
+
+    with acc.autocast(), reference_model(acc.unwrap_model(policy), reference) as ref:
+        return batched_logprobs(ref, ro.input_ids, ro.attention_mask, ro.prompt_length, cfg.generation.temperature,
+                                micro_size)
+
+
+@torch.no_grad()
+def old_and_ref_logprobs(cfg, acc, policy, reference, ro, micro_size: int, with_reference: bool,
                          with_old: bool = True) -> None:
     """Fill ro.logprobs (pi_old) and, when asked, ro.ref_logprobs (pi_ref), in micro-batch chunks.
 
     The chunks are those of the first update pass, so the first ratio is exactly 1.
     `with_old=False` leaves ro.logprobs None: with one update over the whole batch pi_old is the
-    policy of that update, and `policy_gradient_epochs` takes pi_old from its own forward pass
-    (one forward pass fewer per step).
+    policy of that update, and `update_epochs` takes pi_old from its own forward pass (one forward
+    pass fewer per step).
     """
     from rufus.rollout.logprobs import batched_logprobs
 
-    actor.eval()
+    policy.eval()
     ro.logprobs = None
-    with acc.autocast():
-        if with_old:
-            ro.logprobs = batched_logprobs(actor, ro.input_ids, ro.attention_mask, ro.prompt_length,
+    if with_old:
+        with acc.autocast():
+            ro.logprobs = batched_logprobs(policy, ro.input_ids, ro.attention_mask, ro.prompt_length,
                                            cfg.generation.temperature, micro_size)
-        if with_reference:
-            with reference_model(acc.unwrap_model(actor), reference) as ref:
-                ro.ref_logprobs = batched_logprobs(ref, ro.input_ids, ro.attention_mask, ro.prompt_length,
-                                                   cfg.generation.temperature, micro_size)
+    if with_reference:
+        ro.ref_logprobs = reference_logprobs(cfg, acc, policy, reference, ro, micro_size)
 
 
-def policy_gradient_epochs(cfg, acc, ro, actor, optimizer, *, epochs: int, minibatches: int, micro_size: int,
-                           step: int, loss_fn) -> dict:
-    """`epochs` passes over the rollout in `minibatches` optimiser steps of grad-accumulated micro-batches.
+def batch_stats(acc, ro, kl: torch.Tensor | None, kl_coef: float, mask: torch.Tensor | None = None) -> dict:
+    """Means over every process's samples: score/mean, score/std (the reward sources' score),
+    reward/mean, reward/std (score - kl_coef * sum_t KL_t, the KL-penalised sequence reward),
+    kl/mean (sum_t KL_t per response, nats) and response/length. `kl` (B, A) per-token KL, 0 outside
+    the mask, or None (no reference); `mask` defaults to ro.response_mask."""
+    mask = (ro.response_mask if mask is None else mask).float()
+    seq_kl = (kl * mask).sum(-1) if kl is not None else torch.zeros_like(ro.scores)
+    reward = ro.scores - kl_coef * seq_kl
+    sums = torch.stack([ro.scores.sum(), (ro.scores**2).sum(), reward.sum(), (reward**2).sum(), seq_kl.sum(),
+                        mask.sum(), torch.tensor(float(len(ro.scores)), device=ro.scores.device)])
+    s = acc.reduce(sums, reduction="sum").tolist()
+    n = s[6]
+    score, reward = s[0] / n, s[2] / n
+    return {"score/mean": score, "score/std": max(s[1] / n - score**2, 0.0) ** 0.5,
+            "reward/mean": reward, "reward/std": max(s[3] / n - reward**2, 0.0) ** 0.5,
+            "kl/mean": s[4] / n, "response/length": s[5] / n}
 
-    `loss_fn(part, logprobs, normalizers) -> (loss, stats)` computes the algorithm's loss on a
-    micro-batch `part` (a Rollout slice) from the current `logprobs` (B, A); `normalizers` holds the
-    minibatch's token and sequence counts over all processes (divided by the process count that DDP
-    averages back), so micro-batching leaves the update unchanged. Returns token-weighted means of
-    the stats, plus the first micro-batch's max |ratio - 1| (0 when everything is consistent).
 
-    When ro.logprobs is None (`old_and_ref_logprobs(with_old=False)`), there must be a single
-    update (epochs = minibatches = 1): pi_old is the detached logprobs of that update's own forward
-    pass (ratio 1, the gradient of the plain policy gradient), and ro.logprobs is filled from them.
+# --- 4. the update ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Micro:
+    """A micro-batch's place in the update, and the loss denominators of its whole minibatch."""
+
+    tokens: torch.Tensor  # valid response tokens of the minibatch over all processes, / processes
+    sequences: torch.Tensor  # sequences of the minibatch over all processes, / processes
+    epoch: int  # update pass over the batch, from 0
+    start: int  # the minibatch's first position in the pass's order
+    index: int  # the micro-batch's index within its minibatch
+    count: int  # micro-batches in the minibatch
+
+
+def update_epochs(cfg, acc, ro, models: list, optimizers: list, *, epochs: int, minibatches: int, micro_size: int,
+                  step: int, forward, loss_fn, target_kl: float | None = None) -> dict:
+    """`epochs` passes over the rollout, each in `minibatches` optimiser steps of grad-accumulated
+    micro-batches of `micro_size` sequences; every model in `models` steps its optimiser (same order)
+    after each minibatch. The learning-rate schedules are the caller's (once per rollout step).
+
+    forward(part) -> dict: the differentiable pass over a micro-batch `part` (a Rollout slice), with
+        at least "logprobs" (B, A), log pi_theta of the response tokens.
+    loss_fn(part, out, micro: Micro) -> (loss, stats): the algorithm's loss for the micro-batch. Divide
+        by micro.tokens or micro.sequences (the minibatch's counts over all processes, divided by the
+        process count that DDP averages back) so micro-batching leaves the update unchanged. Stats are
+        scalars: keys ending in "loss" are the micro-batch's share of the minibatch loss (summed over
+        its micro-batches, averaged over minibatch steps); any other is a mean over the micro-batch's
+        tokens (averaged weighted by tokens).
+    target_kl: stop the remaining updates once the running mean of stats["policy/approx_kl"] exceeds it.
+
+    The first pass keeps the rollout order, so its first micro-batch is exactly the chunk pi_old was
+    computed on: the ratio there is 1 bit for bit (logged as policy/ratio_dev_first, max |ratio - 1|,
+    0 when everything is consistent); later passes reshuffle with a seed of (seed, step, epoch).
+    When ro.logprobs is None (`old_and_ref_logprobs(with_old=False)`) there must be one update
+    (epochs = minibatches = 1): pi_old is the detached logprobs of that update's own forward pass
+    (ratio 1, the plain policy gradient), and ro.logprobs is filled from them.
+    Returns the stats, plus policy/ratio_dev_first and policy/updates (optimiser steps taken).
     """
-    from rufus.rollout.logprobs import response_logprobs
-
     N = ro.input_ids.shape[0]
     mb_size = N // minibatches
     fill_old = ro.logprobs is None
     if fill_old and (epochs, minibatches) != (1, 1):
         raise ValueError("old logprobs can come from the update pass only with one epoch and one minibatch")
     old_parts = []
-    actor.train()
-    totals: dict[str, float] = {}
-    first_dev = None
+    for model in models:
+        model.train()
+    weighted: dict[str, float] = {"tokens": 0.0}
+    summed: dict[str, float] = {}
+    first_dev, updates = None, 0
     for epoch in range(epochs):
         g = torch.Generator().manual_seed(cfg.seed * 7919 + step * 131 + epoch)
         order = torch.arange(N) if epoch == 0 else torch.randperm(N, generator=g)
@@ -120,73 +222,100 @@ def policy_gradient_epochs(cfg, acc, ro, actor, optimizer, *, epochs: int, minib
             counts = torch.stack([ro.response_mask[mb.to(ro.response_mask.device)].sum().float(),
                                   torch.tensor(float(len(mb)), device=ro.response_mask.device)])
             counts = acc.reduce(counts, reduction="sum")
-            normalizers = {"tokens": counts[0].clamp(min=1) / acc.num_processes,
-                           "sequences": counts[1] / acc.num_processes}
             micro = [mb[i:i + micro_size] for i in range(0, len(mb), micro_size)]
             for k, idx in enumerate(micro):
                 part = ro.select(idx)
-                with common.sync_gradients_if(acc, actor, last=k == len(micro) - 1), acc.autocast():
-                    logprobs, entropy = response_logprobs(actor, part.input_ids, part.attention_mask,
-                                                          part.prompt_length, cfg.generation.temperature,
-                                                          with_entropy=True)
+                where = Micro(tokens=counts[0].clamp(min=1) / acc.num_processes,
+                              sequences=counts[1] / acc.num_processes, epoch=epoch, start=start, index=k,
+                              count=len(micro))
+                with common.sync_gradients_if(acc, models, last=k == len(micro) - 1), acc.autocast():
+                    out = forward(part)
                     if fill_old:
-                        part.logprobs = logprobs.detach()
+                        part.logprobs = out["logprobs"].detach()
                         old_parts.append(part.logprobs)
-                    loss, stats = loss_fn(part, logprobs, normalizers)
+                    loss, stats = loss_fn(part, out, where)
                     acc.backward(loss)
                 mask = part.response_mask
                 if first_dev is None:
-                    first_dev = float(((torch.exp(logprobs.detach() - part.logprobs) - 1).abs() * mask).max())
+                    ratio = torch.exp(out["logprobs"].detach() - part.logprobs)
+                    first_dev = float(((ratio - 1).abs() * mask).max())
                 w = float(mask.sum())
-                values = {"entropy": float((entropy.detach() * mask).sum()), "tokens": w}
-                values.update({k2: float(v) * w for k2, v in stats.items()})
-                for k2, v in values.items():
-                    totals[k2] = totals.get(k2, 0.0) + v
-            common.clip_and_step(cfg, acc, actor, optimizer, _NoScheduler())
+                weighted["tokens"] += w
+                for key, value in stats.items():
+                    if key.endswith("loss"):
+                        summed[key] = summed.get(key, 0.0) + float(value)
+                    else:
+                        weighted[key] = weighted.get(key, 0.0) + float(value) * w
+            for model, optimizer in zip(models, optimizers, strict=True):
+                common.clip_and_step(cfg, acc, model, optimizer)
+            updates += 1
+            if target_kl is not None:
+                approx = acc.reduce(torch.tensor(weighted["policy/approx_kl"] / max(weighted["tokens"], 1),
+                                                 device=acc.device), reduction="mean").item()
+                if approx > target_kl:
+                    break
+        else:
+            continue
+        break  # target_kl reached
     if fill_old:  # one epoch, one minibatch in rollout order: the parts are the rows in order
         ro.logprobs = torch.cat(old_parts)
-    keys = sorted(totals)
-    summed = dict(zip(keys, acc.reduce(torch.tensor([totals[k] for k in keys], device=acc.device),
+    keys = sorted(weighted) + sorted(summed)
+    totals = dict(zip(keys, acc.reduce(torch.tensor([{**weighted, **summed}[k] for k in keys], device=acc.device),
                                        reduction="sum").tolist()))
-    tokens = max(summed.pop("tokens"), 1.0)
-    out = {k: v / tokens for k, v in summed.items()}
+    tokens = max(totals.pop("tokens"), 1.0)
+    out = {k: (v / acc.num_processes / updates if k in summed else v / tokens) for k, v in totals.items()}
     out["policy/ratio_dev_first"] = first_dev
+    out["policy/updates"] = updates
     return out
 
 
-class _NoScheduler:
-    """The learning-rate schedule steps once per rollout step, in the trainer's loop."""
-
-    def step(self):
-        pass
+# --- 5. samples, log, checkpoint --------------------------------------------------------------------
 
 
-def batch_stats(acc, ro, kl_per_token: torch.Tensor | None, mask: torch.Tensor | None = None) -> dict:
-    """Score, KL, length statistics over every process's samples (`mask` default ro.response_mask)."""
-    mask = (ro.response_mask if mask is None else mask).float()
-    seq_kl = (kl_per_token * mask).sum(-1) if kl_per_token is not None else torch.zeros_like(ro.scores)
-    sums = torch.stack([ro.scores.sum(), (ro.scores**2).sum(), seq_kl.sum(), mask.sum(),
-                        torch.tensor(float(len(ro.scores)), device=ro.scores.device)])
-    s = acc.reduce(sums, reduction="sum").tolist()
-    n = s[4]
-    mean = s[0] / n
-    return {"reward/mean": mean, "reward/std": max(s[1] / n - mean**2, 0.0) ** 0.5, "kl/mean": s[2] / n,
-            "response/length": s[3] / n}
+class SamplesFile:
+    """A JSON-lines file of examples for people to read (samples.jsonl, DPO's pairs.jsonl), one row
+    per sample with the step that made it. A fresh run starts it empty; a resumed run keeps the rows
+    up to its checkpoint's step. Only the main process writes."""
 
+    def __init__(self, run, name: str = "samples.jsonl", *, resume_step: int = 0, enabled: bool = True):
+        self.path = Path(run.output_dir) / name
+        self.enabled = enabled and run.accelerator.is_main_process
+        if self.enabled:
+            kept = []
+            if run.resume_from is not None and self.path.exists():
+                rows = map(json.loads, self.path.read_text(encoding="utf-8").splitlines())
+                kept = [r for r in rows if r["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 
-def write_samples(path: Path, step: int, ro, n: int) -> None:
-    with path.open("a", encoding="utf-8") as f:
+    def write(self, rows: list[dict]) -> None:
+        if self.enabled and rows:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    def write_rollout(self, step: int, ro, n: int, **columns) -> None:
+        """The first n samples of a rollout: prompt (a chat prompt's last message), response, score,
+        and per-sample `columns` (name -> (B,) tensor or list)."""
+        rows = []
         for i in range(min(n, len(ro.completions))):
             prompt = ro.prompts[i] if isinstance(ro.prompts[i], str) else ro.prompts[i][-1]["content"]
-            f.write(json.dumps({"step": step, "prompt": prompt, "response": ro.completions[i],
-                                "score": float(ro.scores[i])}) + "\n")
+            row = {"step": step, "prompt": prompt, "response": ro.completions[i], "score": float(ro.scores[i])}
+            row.update({name: float(values[i]) for name, values in columns.items()})
+            rows.append(row)
+        self.write(rows)
 
 
-def reset_samples(path: Path, acc, resume_step: int | None) -> None:
-    """Start samples.jsonl afresh, or on resume keep only the rows up to the checkpoint's step."""
-    if not acc.is_main_process:
-        return
-    kept = []
-    if resume_step is not None and path.exists():
-        kept = [r for r in map(json.loads, path.read_text(encoding="utf-8").splitlines()) if r["step"] <= resume_step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+def sample_due(cfg, step: int) -> bool:
+    """samples.jsonl gets rows at step 1 and every sample_every steps (0 = never)."""
+    return bool(cfg.sample_every) and (step % cfg.sample_every == 0 or step == 1)
+
+
+def end_step(run, logger, progress, step: int, last_step: int, row: dict, *, checkpoint, postfix: dict) -> None:
+    """5. log `row` (every log_every steps and at the last), advance the progress bar, and call
+    `checkpoint()` every save_every steps (0 = only at the end) and at the last step."""
+    cfg = run.cfg
+    if step % cfg.log_every == 0 or step == last_step:
+        logger.log(step, row)
+    progress.update(1)
+    progress.set_postfix({k: f"{v:.3f}" for k, v in postfix.items()})
+    if (cfg.save_every and step % cfg.save_every == 0) or step == last_step:
+        checkpoint()

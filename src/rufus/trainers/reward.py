@@ -18,7 +18,18 @@ from typing import Literal
 
 import torch
 
-from rufus.config import DataConfig, LogArgs, LoraConfig, ModelArgs, OptimArgs, RunArgs, opt
+from rufus.config import (
+    REQUIRED,
+    ConfigError,
+    DataConfig,
+    LogArgs,
+    LoraConfig,
+    ModelArgs,
+    OptimArgs,
+    RunArgs,
+    as_config,
+    opt,
+)
 from rufus.losses import reward as L
 from rufus.trainers import common
 
@@ -69,7 +80,7 @@ def train_reward_model(config: RMConfig | dict) -> RMResult:
     from rufus.models.loading import apply_lora, load_tokenizer
     from rufus.models.reward import head_module_names, load_reward_model
 
-    cfg = common.as_config(RMConfig, config)
+    cfg = as_config(RMConfig, config)
     run = common.start_run(cfg)
     acc = run.accelerator
 
@@ -89,7 +100,7 @@ def train_reward_model(config: RMConfig | dict) -> RMResult:
         graded = None
         if cfg.rm.pointwise_steps > 0:
             if not cfg.rm.pointwise_data:
-                raise common.ConfigError("rm.pointwise_steps > 0 needs rm.pointwise_data (graded prompt/completion/score rows)")
+                raise ConfigError("rm.pointwise_steps > 0 needs rm.pointwise_data (graded prompt/completion/score rows)")
             graded = tokenize_graded(load_records(cfg.rm.pointwise_data, format="graded", key="rm.pointwise_data"),
                                      tokenizer, key="rm.pointwise_data",
                                      score_range=(0.0, 1.0) if cfg.rm.pointwise_loss == "bce" else None, **limits)
@@ -281,8 +292,8 @@ def reference_stats(model, sequences, collate, acc, batch_size: int) -> tuple[fl
 class EvalRMConfig:
     """Evaluate a reward model on held-out comparisons: accuracy, mean margin, calibration."""
 
-    model: str = opt(common.REQUIRED, "reward model directory (or hub id)")
-    data: str = opt(common.REQUIRED, "comparisons: a preference or ranking file, or a hub dataset name")
+    model: str = opt(REQUIRED, "reward model directory (or hub id)")
+    data: str = opt(REQUIRED, "comparisons: a preference or ranking file, or a hub dataset name")
     format: Literal["preference", "ranking"] = opt("preference", "format of `data`")
     split: str = opt("test", "split to read when `data` is a hub dataset")
     batch_size: int = opt(16, "sequences scored per forward pass")
@@ -305,7 +316,7 @@ def eval_reward_model(config: EvalRMConfig | dict) -> dict:
     from rufus.models.reward import load_reward_model
     from rufus.report.metrics import MetricsLogger
 
-    cfg = common.as_config(EvalRMConfig, config)
+    cfg = as_config(EvalRMConfig, config)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     groups = tokenize_comparisons(load_records(cfg.data, format=cfg.format, split=cfg.split, key="data"), tokenizer,
                                   max_length=cfg.max_length, truncation=cfg.truncation, key="data")

@@ -20,14 +20,7 @@ from typing import Literal
 
 import torch
 
-from rufus.config import (
-    LogArgs,
-    ModelArgs,
-    OnlineArgs,
-    OptimArgs,
-    RunArgs,
-    opt,
-)
+from rufus.config import ConfigError, LogArgs, ModelArgs, OnlineArgs, OptimArgs, RunArgs, as_config, opt
 from rufus.trainers import common, online
 
 
@@ -75,58 +68,80 @@ class RLOOResult:
 
 def train_rloo(config: RLOOConfig | dict, reward_fn=None) -> RLOOResult:
     """Run RLOO or REINFORCE++. `reward_fn(prompts, completions, **kw) -> list[float]` adds a reward source."""
-    from rufus.advantages import reinforce_pp_returns, rloo_advantages
+    from rufus.advantages import (
+        group_advantages,
+        kl_penalized_rewards,
+        reinforce_pp_returns,
+        rloo_advantages,
+        whiten_global,
+    )
+    from rufus.losses.aggregation import masked_mean
     from rufus.losses.kl import kl_penalty
     from rufus.losses.ppo import policy_loss
     from rufus.models.loading import load_tokenizer, set_dropout
-    from rufus.rewards import build_reward_pipeline
+    from rufus.rollout.logprobs import response_logprobs
 
-    cfg = common.as_config(RLOOConfig, config)
+    cfg = as_config(RLOOConfig, config)
     run = common.start_run(cfg)
     acc = run.accelerator
     K = cfg.rloo.k
     if K < 2:
-        raise common.ConfigError("rloo.k: the leave-one-out baseline needs at least 2 samples per prompt")
-    per_process, rem0 = divmod(cfg.batch_size, acc.num_processes)
-    micro_size, rem = divmod(per_process * K, cfg.rloo.minibatches * cfg.grad_accum)
-    if rem0 or rem or micro_size == 0:
-        raise common.ConfigError(f"batch_size: {cfg.batch_size} prompts x rloo.k {K} do not split into "
-                                 f"{acc.num_processes} processes x rloo.minibatches x grad_accum")
+        raise ConfigError("rloo.k: the leave-one-out baseline needs at least 2 samples per prompt")
+    micro_size = online.micro_batch_size(cfg.batch_size, acc.num_processes, K, cfg.rloo.minibatches, cfg.grad_accum,
+                                         samples_key="rloo.k", minibatches_key="rloo.minibatches")
 
+    # 0. prompts and reward sources before the models
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code,
                                chat_template=cfg.data.chat_template)
     prompts = online.load_prompts(cfg, acc, tokenizer)
-    reward = build_reward_pipeline(cfg.reward, device=acc.device, dtype=run.compute_dtype, extra_functions=reward_fn,
-                                   trust_remote_code=cfg.trust_remote_code,
-                                   gather=lambda t: acc.gather(t.to(acc.device)).cpu())
+    reward = online.build_reward(cfg, run, reward_fn)
     plan = common.BatchPlan(len(prompts), cfg.batch_size, 1, acc.num_processes, acc.process_index, cfg.seed)
     max_steps = cfg.max_steps if cfg.max_steps > 0 else plan.steps_for_epochs(cfg.epochs)
 
-    actor = common.load_trainable_lm(cfg, tokenizer)
-    set_dropout(actor, 0.0)
+    policy = common.load_trainable_lm(cfg, tokenizer)
+    set_dropout(policy, 0.0)
     use_kl = cfg.kl.coef > 0
     reference = online.load_reference(cfg, run, tokenizer, needed=use_kl)
-    optimizer, scheduler = common.make_optimizer(cfg, actor, max_steps)
-    actor, optimizer = acc.prepare(actor, optimizer)
-    start_step, saved = common.maybe_resume(run, acc.unwrap_model(actor), optimizer, scheduler)
+    optimizer, scheduler = common.make_optimizer(cfg, policy, max_steps)
+    policy, optimizer = acc.prepare(policy, optimizer)
+    start_step, saved = common.maybe_resume(run, acc.unwrap_model(policy), optimizer, scheduler)
     if saved:
         reward.load_state_dict(saved["reward"])
     logger = common.open_metrics(run, start_step)
-    samples_path = run.output_dir / "samples.jsonl"
-    online.reset_samples(samples_path, acc, start_step if run.resume_from else None)
+    samples = online.SamplesFile(run, resume_step=start_step)
+
+    def forward(part):  # (B, A) logprobs and entropy of a micro-batch, with gradients
+        logprobs, entropy = response_logprobs(policy, part.input_ids, part.attention_mask, part.prompt_length,
+                                              cfg.generation.temperature, with_entropy=True)
+        return {"logprobs": logprobs, "entropy": entropy}
+
+    def loss_fn(part, out, micro):  # clipped policy gradient
+        adv = part.advantages
+        if adv.dim() == 1:  # RLOO: one advantage per response, on each of its tokens
+            adv = adv.unsqueeze(-1).expand_as(out["logprobs"])
+        # RLOO's gradient is 1/N sum_i A_i grad log pi(y_i|x), log pi summed over tokens: divide by the
+        # sequences; REINFORCE++'s advantages are per token: divide by the tokens
+        normalizer = micro.sequences if cfg.rloo.advantage == "rloo" else micro.tokens
+        loss, stats = policy_loss(out["logprobs"], part.logprobs, adv, part.response_mask, clip=cfg.rloo.clip,
+                                  aggregation="sum", normalizer=normalizer)
+        stats = {k: float(v) for k, v in stats.items()}
+        stats["entropy"] = masked_mean(out["entropy"].detach(), part.response_mask).item()
+        return loss, stats
 
     progress = common.progress_bar(cfg, acc, max_steps, start_step, desc=cfg.rloo.advantage)
     for step in range(start_step + 1, max_steps + 1):
         t0 = time.perf_counter()
         batch = [prompts[i] for i in plan.micro_batches(plan.global_batch(step))[0]]
 
-        # 1-2. k responses per prompt; scores; pi_old and pi_ref logprobs
-        ro = online.sample_groups(cfg, acc, acc.unwrap_model(actor), tokenizer, batch, K)
+        # 1. k responses per prompt from pi_old
+        ro = online.sample(cfg, acc, acc.unwrap_model(policy), tokenizer, batch, K)
         t_rollout = time.perf_counter() - t0
+
+        # 2. scores; pi_old and pi_ref logprobs; per-token KL
         ro.scores, reward_stats = reward(ro.prompts, ro.completions, ro.has_eos, **ro.extra)
-        ro.scores = ro.scores.to(acc.device)
-        online.old_and_ref_logprobs(cfg, acc, actor, reference, ro, micro_size, with_reference=use_kl)
-        mask = ro.response_mask.float()
+        ro.scores = ro.scores.to(acc.device)  # (N,)
+        online.old_and_ref_logprobs(cfg, acc, policy, reference, ro, micro_size, with_reference=use_kl)
+        mask = ro.response_mask.float()  # (N, A)
         ro.kl = (torch.where(mask.bool(), kl_penalty(ro.logprobs, ro.ref_logprobs, "k1"), 0.0)
                  if use_kl else torch.zeros_like(mask))  # (N, A) log pi_old - log pi_ref
 
@@ -136,47 +151,33 @@ def train_rloo(config: RLOOConfig | dict, reward_fn=None) -> RLOOResult:
             ro.advantages = rloo_advantages(ro.rewards, K)  # (N,) leave-one-out
         else:
             score = ro.scores
-            if cfg.rloo.advantage == "reinforce_pp_baseline":
-                score = score - score.view(-1, K).mean(-1, keepdim=True).expand(-1, K).reshape(-1)
-            token_rewards = -cfg.kl.coef * ro.kl
-            token_rewards[torch.arange(len(score)), ro.last_token_index()] += score
-            ro.rewards = token_rewards  # (N, A)
-            ro.advantages = common.whiten_across_processes(reinforce_pp_returns(token_rewards, mask), mask, acc)  # (N, A)
+            if cfg.rloo.advantage == "reinforce_pp_baseline":  # minus each prompt's mean score
+                score = group_advantages(score, K, scale=False)
+            ro.rewards = kl_penalized_rewards(score, ro.kl, mask, cfg.kl.coef)  # (N, A)
+            ro.advantages = whiten_global(reinforce_pp_returns(ro.rewards, mask), mask,  # (N, A)
+                                          lambda t: acc.reduce(t, reduction="sum"))
 
         # 4. clipped policy-gradient steps
-        def loss_fn(part, logprobs, normalizers):
-            adv = part.advantages
-            if adv.dim() == 1:
-                adv = adv.unsqueeze(-1).expand_as(logprobs)
-            if cfg.rloo.advantage == "rloo":  # gradient 1/N sum_i A_i grad log pi(y_i|x), log pi summed over tokens
-                return policy_loss(logprobs, part.logprobs, adv, part.response_mask, clip=cfg.rloo.clip,
-                                   aggregation="sum", normalizer=normalizers["sequences"])
-            return policy_loss(logprobs, part.logprobs, adv, part.response_mask, clip=cfg.rloo.clip,
-                               aggregation="sum", normalizer=normalizers["tokens"])
-
         t_train = time.perf_counter()
-        stats = online.policy_gradient_epochs(cfg, acc, ro, actor, optimizer, epochs=cfg.rloo.epochs,
-                                              minibatches=cfg.rloo.minibatches, micro_size=micro_size,
-                                              step=step, loss_fn=loss_fn)
+        stats = online.update_epochs(cfg, acc, ro, [policy], [optimizer], epochs=cfg.rloo.epochs,
+                                     minibatches=cfg.rloo.minibatches, micro_size=micro_size, step=step,
+                                     forward=forward, loss_fn=loss_fn)
         scheduler.step()
         t_train = time.perf_counter() - t_train
 
         # 5. log, samples, checkpoint
-        step_s = time.perf_counter() - t0
-        row = {**online.batch_stats(acc, ro, ro.kl), **stats, **reward_stats, "lr": scheduler.get_last_lr()[0],
-               "time/rollout_s": t_rollout, "time/train_s": t_train, "time/step_s": step_s}
-        if step % cfg.log_every == 0 or step == max_steps:
-            logger.log(step, row)
-        if acc.is_main_process and cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
-            online.write_samples(samples_path, step, ro, cfg.num_samples)
-        progress.update(1)
-        progress.set_postfix(reward=f"{row['reward/mean']:.3f}")
-        if (cfg.save_every and step % cfg.save_every == 0) or step == max_steps:
-            common.save_checkpoint(run, step, acc.unwrap_model(actor), optimizer, scheduler,
-                                   state={"reward": reward.state_dict()})
+        row = {**online.batch_stats(acc, ro, ro.kl, cfg.kl.coef), **stats, **reward_stats,
+               "lr": scheduler.get_last_lr()[0], "time/rollout_s": t_rollout, "time/train_s": t_train,
+               "time/step_s": time.perf_counter() - t0}
+        if online.sample_due(cfg, step):
+            samples.write_rollout(step, ro, cfg.num_samples)
+        online.end_step(run, logger, progress, step, max_steps, row, postfix={"reward": row["reward/mean"]},
+                        checkpoint=lambda step=step: common.save_checkpoint(
+                            run, step, acc.unwrap_model(policy), optimizer, scheduler,
+                            state={"reward": reward.state_dict()}))
     progress.close()
 
-    final_dir = common.save_final(run, acc.unwrap_model(actor), tokenizer)
+    final_dir = common.save_final(run, acc.unwrap_model(policy), tokenizer)
     logger.close()
     common.finish_run(run, ["reward/mean", "kl/mean", "response/length"])
-    return RLOOResult(Path(cfg.output_dir), final_dir, max_steps, logger.rows, acc.unwrap_model(actor), reference)
+    return RLOOResult(Path(cfg.output_dir), final_dir, max_steps, logger.rows, acc.unwrap_model(policy), reference)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from rufus.config import DataConfig, LogArgs, LoraConfig, ModelArgs, OptimArgs, RunArgs, opt
+from rufus.config import DataConfig, LogArgs, LoraConfig, ModelArgs, OptimArgs, RunArgs, as_config, opt
 from rufus.losses.sft import sft_loss
 from rufus.trainers import common
 
@@ -42,7 +42,7 @@ class SFTResult:
 
 def train_sft(config: SFTConfig | dict) -> SFTResult:
     """Run SFT as configured; return where the model went and what was logged."""
-    cfg = common.as_config(SFTConfig, config)
+    cfg = as_config(SFTConfig, config)
     run = common.start_run(cfg)  # accelerator, seeds, output_dir checks, resume point, config.yaml
     acc = run.accelerator
 
