@@ -66,7 +66,7 @@ def test_learns_the_synthetic_taste_and_normalises(tiny, prefs, tmp_path):
     # reloaded with plain transformers; normalised scores on the reference set (training chosen)
     rm = AutoModelForSequenceClassification.from_pretrained(result.final_dir).eval()
     tok = load_tokenizer(str(result.final_dir))
-    rows = [r for r in __import__("tests.helpers", fromlist=["x"]).preference_rows(256, seed=1)]
+    rows = preference_rows(256, seed=1)
     batch = RewardCollator(tok.pad_token_id)([encode_for_reward(tok, r["prompt"], r["chosen"]) for r in rows])
     s = score(rm, batch["input_ids"], batch["attention_mask"])
     assert abs(s.mean().item()) < 1e-3 and abs(s.std(unbiased=False).item() - 1) < 1e-3
@@ -86,18 +86,59 @@ def test_k4_rankings_train(tiny, tmp_path):
     assert eval_reward_model({"model": str(result.final_dir), "data": str(held), "format": "ranking"})["rm/pairs"] == 32 * 6
 
 
-def test_hinge_margin_center_and_pointwise_warmup_run(tiny, prefs, tmp_path):
+def _train_gaps(model, tokenizer, rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw (unnormalised) scores of every training response, and each pair's gap r_c - r_r."""
+    collate = RewardCollator(tokenizer.pad_token_id)
+    model.eval()
+    with torch.no_grad():
+        scores = [raw_scores(model, b["input_ids"], b["attention_mask"])
+                  for b in (collate([encode_for_reward(tokenizer, r["prompt"], r[k]) for r in rows])
+                            for k in ("chosen", "rejected"))]
+    return torch.cat(scores), scores[0] - scores[1]
+
+
+def test_centering_and_margin_put_the_logistic_scores_where_the_formula_says(tiny, prefs, tmp_path):
+    # Per pair the trainer minimises -log sigmoid(g - m) + c (r_c^2 + r_r^2) / 2 (the pair term over P
+    # prompts, the centering term over 2P responses). Writing r_c = a + g/2, r_r = a - g/2 the centering
+    # term is c (a^2 + g^2 / 4): d/da = 2 c a = 0 gives a = 0 (mean score 0; the logistic term only sees
+    # g), and d/dg = -sigmoid(m - g) + c g / 2 = 0 fixes the gap. With c = 0.1 (bisection):
+    #   m = 0: sigmoid(-g) = 0.05 g      -> g* = 2.128
+    #   m = 3: sigmoid(3 - g) = 0.05 g   -> g* = 4.296
+    # Without centering the gaps grow without bound on this separable data (to 11-14 in 60 steps, mean
+    # score anywhere in +-3); with the margin ignored both runs land at 2.128. Seeds 0-2 observed
+    # 2.13-2.16 and 4.29-4.30.
+    train, _ = prefs
+    rows = preference_rows(256, seed=1)  # the training file's rows
+    tok = load_tokenizer(str(tiny))
+    for margin, expected_gap in ((None, 2.128), (3.0, 4.296)):
+        result = train_reward_model(rm_config(tiny, train, tmp_path / f"m{margin}",
+                                              **{"rm.center_coef": 0.1, "rm.margin": margin, "rm.normalize": False}))
+        scores, gaps = _train_gaps(result.model, tok, rows)
+        assert abs(scores.mean().item()) < 0.1, (margin, scores.mean().item())
+        assert gaps.mean().item() == pytest.approx(expected_gap, rel=0.05), margin
+        assert gaps.min().item() > 0.85 * expected_gap, margin
+
+
+def test_hinge_with_centering_settles_at_the_margin_after_a_pointwise_warmup(tiny, prefs, tmp_path):
+    # Hinge per pair: max(0, m - g) + c g^2 / 4 (centred as above). Below the margin the gap is pushed
+    # up with slope 1 - c g / 2 > 0 (c = 0.1, g < 20); above it only the centering pulls it down; so
+    # every gap settles at g = m = 2 and the mean score at 0. (Without centering the hinge stops
+    # pushing but nothing pulls back: observed gaps 4.6-8.1 for m = 1.)
     train, held_out = prefs
     graded = write_jsonl(tmp_path / "graded.jsonl",
                          [{"prompt": r["prompt"], "completion": r[k], "score": float(k == "chosen")}
                           for r in preference_rows(32, seed=5) for k in ("chosen", "rejected")])
     result = train_reward_model(rm_config(
         tiny, train, tmp_path / "hinge", max_steps=60,
-        **{"rm.loss": "hinge", "rm.center_coef": 0.01, "rm.pointwise_data": str(graded), "rm.pointwise_steps": 10,
-           "data.eval": str(held_out)}))
+        **{"rm.loss": "hinge", "rm.margin": 2.0, "rm.center_coef": 0.1, "rm.pointwise_data": str(graded),
+           "rm.pointwise_steps": 10, "rm.normalize": False, "data.eval": str(held_out)}))
     stages = [r["stage"] for r in result.metrics if "stage" in r]
     assert stages[0] == "pointwise" and stages[-1] == "pairwise"
     assert result.eval["rm/accuracy"] >= 0.9
+    scores, gaps = _train_gaps(result.model, load_tokenizer(str(tiny)), preference_rows(256, seed=1))
+    assert abs(scores.mean().item()) < 0.1, scores.mean().item()
+    assert gaps.mean().item() == pytest.approx(2.0, rel=0.1)  # observed 2.05-2.06
+    assert gaps.min().item() > 0.85 * 2.0  # observed 1.92
 
 
 def test_lora_reward_model(tiny, prefs, tmp_path):
