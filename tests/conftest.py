@@ -28,6 +28,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """The default tiny random Llama + tokenizer (`make_tiny_model_dir` with no options), built once.
+
+    Shared by every test in the session, so treat the directory as read-only: write outputs under
+    the test's own tmp_path. Tests that need another architecture, size or seed build their own.
+    """
+    from tests.helpers import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
 
 @pytest.fixture(scope="session")
 def small_base(tmp_path_factory):

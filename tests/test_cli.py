@@ -6,7 +6,7 @@ import yaml
 from rufus.cli import main
 from rufus.config import load_config
 from rufus.trainers.sft import SFTConfig
-from tests.helpers import make_tiny_model_dir, sft_rows, write_jsonl
+from tests.helpers import sft_rows, write_jsonl
 
 
 def test_help_lists_every_key(capsys):
@@ -24,16 +24,16 @@ def test_bad_key_is_an_error_naming_it(capsys):
     assert "unknown key 'bacth_size'" in err and "did you mean 'batch_size'" in err
 
 
-def test_missing_data_file_is_an_error(capsys, tmp_path):
-    model = make_tiny_model_dir(tmp_path / "m")
+def test_missing_data_file_is_an_error(capsys, tmp_path, tiny_model):
+    model = tiny_model
     assert main(["sft", f"model={model}", f"data.train={tmp_path / 'nope.jsonl'}",
                  f"output_dir={tmp_path / 'out'}"]) == 2
     assert "nope.jsonl" in capsys.readouterr().err
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
-def test_cli_run_writes_config_metrics_and_final(capsys, tmp_path):
-    model = make_tiny_model_dir(tmp_path / "m")
+def test_cli_run_writes_config_metrics_and_final(capsys, tmp_path, tiny_model):
+    model = tiny_model
     data = write_jsonl(tmp_path / "d.jsonl", sft_rows(4))
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({"model": str(model), "data": {"train": str(data), "max_length": 40},

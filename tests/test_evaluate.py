@@ -22,10 +22,9 @@ PROMPTS = ["What is 3 plus 4?", "Tell me about owls.", "How do I make soup?", "W
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, tiny_model):
     """Two tiny models with one tokenizer (trained on the same text) but different random weights."""
-    root = tmp_path_factory.mktemp("models")
-    return make_tiny_model_dir(root / "policy"), make_tiny_model_dir(root / "other", seed=1)
+    return tiny_model, make_tiny_model_dir(tmp_path_factory.mktemp("models") / "other", seed=1)
 
 
 @pytest.fixture

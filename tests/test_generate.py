@@ -13,16 +13,11 @@ import torch
 from rufus.bon import bon_kl_bound
 from rufus.config import ConfigError
 from rufus.generate import generate
-from tests.helpers import make_tiny_model_dir, write_jsonl
+from tests.helpers import write_jsonl
 
 
 def digit_share(prompts, completions, **kw):
     return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
 
 
 # --- the exact best-of-n distribution of a discrete policy ---------------------------------------
@@ -58,15 +53,15 @@ K = 4  # generation.top_k: the base policy is the softmax over the model's K mos
 M = 3000  # best-of-n draws per n
 
 
-def test_best_of_n_empirical_kl_stays_below_the_analytic_bound(tiny, tmp_path):
+def test_best_of_n_empirical_kl_stays_below_the_analytic_bound(tiny_model, tmp_path):
     """One-token responses: the base distribution p over them is known exactly from the logits, and
     a fixed random score per response makes the rewards distinct. M best-of-n draws through
     generate() give q by counting; the plug-in KL(q || p) must sit at or below log n - (n-1)/n and
     agree with the exact discrete KL from order statistics."""
     from rufus.models.loading import load_causal_lm, load_tokenizer
 
-    tokenizer = load_tokenizer(str(tiny))
-    model = load_causal_lm(str(tiny), tokenizer=tokenizer).eval()
+    tokenizer = load_tokenizer(str(tiny_model))
+    model = load_causal_lm(str(tiny_model), tokenizer=tokenizer).eval()
     text = "a"  # two tokens with bos (cheap to run M * n times); its top K decode to four distinct texts
     ids = tokenizer(text)["input_ids"]
     with torch.no_grad():
@@ -90,7 +85,7 @@ def test_best_of_n_empirical_kl_stays_below_the_analytic_bound(tiny, tmp_path):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": text}] * M)
     bias = (len(outcomes) - 1) / (2 * M)  # E[plug-in KL] - KL for M draws over the outcomes
     for n in (1, 2, 4):
-        out = generate({"model": str(tiny), "prompts": str(prompts), "best_of": n, "batch_size": 1000,
+        out = generate({"model": str(tiny_model), "prompts": str(prompts), "best_of": n, "batch_size": 1000,
                         "generation": {"max_new_tokens": 1, "top_k": K}, "dtype": "float32", "seed": n,
                         "progress": False, "output": str(tmp_path / f"best_of_{n}.jsonl")}, reward_fn=token_reward)
         counts = {t: 0 for t in outcomes}
@@ -113,9 +108,9 @@ def test_best_of_n_empirical_kl_stays_below_the_analytic_bound(tiny, tmp_path):
             assert out["bon/score_best"] > out["bon/score_mean"]
 
 
-def test_top_k_zero_samples_the_whole_vocabulary(tiny, tmp_path):
+def test_top_k_zero_samples_the_whole_vocabulary(tiny_model, tmp_path):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "what is"}] * 3000)
-    out = generate({"model": str(tiny), "prompts": str(prompts), "batch_size": 1000, "dtype": "float32",
+    out = generate({"model": str(tiny_model), "prompts": str(prompts), "batch_size": 1000, "dtype": "float32",
                     "generation": {"max_new_tokens": 1, "top_k": 0}, "progress": False,
                     "output": str(tmp_path / "out.jsonl")})
     # the untrained model spreads over ~300 tokens almost uniformly; top-50 would cap the outcomes at 50
@@ -125,9 +120,9 @@ def test_top_k_zero_samples_the_whole_vocabulary(tiny, tmp_path):
 # --- rows, summary, errors -----------------------------------------------------------------------
 
 
-def test_best_of_n_rows_and_summary(tiny, tmp_path):
+def test_best_of_n_rows_and_summary(tiny_model, tmp_path):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"what is {i} plus {i} ?"} for i in range(5)])
-    out = generate({"model": str(tiny), "prompts": str(prompts), "best_of": 3, "return_all": True,
+    out = generate({"model": str(tiny_model), "prompts": str(prompts), "best_of": 3, "return_all": True,
                     "batch_size": 2, "generation": {"max_new_tokens": 6}, "dtype": "float32", "progress": False,
                     "output_dir": str(tmp_path / "gen")}, reward_fn=digit_share)
     rows = [json.loads(x) for x in (tmp_path / "gen" / "generations.jsonl").read_text().splitlines()]
@@ -144,8 +139,8 @@ def test_best_of_n_rows_and_summary(tiny, tmp_path):
     assert (tmp_path / "gen" / "config.yaml").exists()
 
 
-def test_single_prompt_without_reward_goes_to_stdout(tiny, capsys):
-    out = generate({"model": str(tiny), "prompt": "what is one", "dtype": "float32", "progress": False,
+def test_single_prompt_without_reward_goes_to_stdout(tiny_model, capsys):
+    out = generate({"model": str(tiny_model), "prompt": "what is one", "dtype": "float32", "progress": False,
                     "generation": {"max_new_tokens": 4}})
     (row,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert row == out["generations"][0] and set(row) == {"prompt", "response"}

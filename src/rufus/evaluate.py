@@ -75,11 +75,10 @@ def evaluate(config: EvalConfig | dict, reward_fn=None) -> dict:
 
     `reward_fn(prompts, completions, **kw) -> list[float]` (or a list of them) adds reward sources.
     """
-    from rufus.config import atomic_write_text, save_config
+    from rufus.config import as_config, atomic_write_text, save_config
     from rufus.data.loading import load_records
     from rufus.models.loading import load_tokenizer, resolve_dtype
     from rufus.rewards import build_reward_pipeline
-    from rufus.trainers.common import as_config
 
     cfg = as_config(EvalConfig, config)
     if cfg.batch_size < 1:

@@ -38,6 +38,7 @@ from typing import Any, Literal
 from rufus.config import (
     ConfigError,
     GenerationConfig,
+    as_config,
     atomic_write_text,
     load_config,
     merge_mappings,
@@ -45,6 +46,7 @@ from rufus.config import (
     save_config,
     to_dict,
 )
+from rufus.models.tiny import PLAYGROUND_BASE, playground_base_dir
 from rufus.report.metrics import read_metrics as read_jsonl
 from rufus.rollout.sample import sample_responses
 
@@ -304,8 +306,6 @@ def _validated(cls: type, name: str, values: dict):
 
 def run_pipeline(config: PipelineConfig | dict) -> PipelineResult:
     """Run the configured stages in order (module docstring); return the summary."""
-    from rufus.trainers.common import as_config
-
     cfg = as_config(PipelineConfig, config)
     t_start = time.perf_counter()
     unknown = [s for s in cfg.stages if s not in STAGES]
@@ -424,9 +424,8 @@ def _plan(cfg: PipelineConfig, out: Path, algo: str, rl_settings: dict, files: d
     model again (sft), with the SFT model as the KL reference either way.
     """
     import dataclasses
-    import importlib
 
-    from rufus.cli import COMMANDS
+    from rufus.commands import load_command
 
     base = _base_path(cfg)
     sft_model = str(out / "sft" / "final") if "sft" in cfg.stages or (out / "sft" / "final").exists() else base
@@ -442,10 +441,7 @@ def _plan(cfg: PipelineConfig, out: Path, algo: str, rl_settings: dict, files: d
 
     fmt = "ranking" if source != "file" and cfg.collect.responses > 2 else "preference"
     plan["format"] = fmt
-    module, cls_name, fn_name, _ = COMMANDS[algo]
-    mod = importlib.import_module(module)
-    rl_cls = getattr(mod, cls_name)
-    plan["rl_train"] = getattr(mod, fn_name)
+    rl_cls, plan["rl_train"] = load_command(algo)
     plan["monitor"] = _gold_monitor(cfg.playground.preference) if cfg.playground.enabled and algo != "dpo" else None
     policies = [("sft", sft_model)]  # every policy of the run, in order: (name, model directory)
     plan["rounds"] = []
@@ -520,8 +516,6 @@ def _quiet_libraries() -> None:
 
 def run_demo(config: DemoConfig | dict) -> PipelineResult:
     """`rufus demo`: the pipeline with the playground defaults."""
-    from rufus.trainers.common import as_config
-
     return run_pipeline(as_config(DemoConfig, config))
 
 
@@ -559,20 +553,16 @@ def _write_playground_data(cfg: PipelineConfig, files: dict) -> None:
 
 
 def _base_path(cfg: PipelineConfig) -> str:
-    """Where the base model is (on the playground: its cache entry, which may not be built yet)."""
-    if cfg.playground.enabled and cfg.model == "builtin:playground-base":
-        from rufus.models.tiny import cache_dir
-        from rufus.playground.base import BASE_VERSION
-
-        return str(cache_dir() / "playground" / f"base-{BASE_VERSION}-seed{cfg.playground.base_seed}")
+    """Where the base model is (builtin:playground-base: its cache entry, which may not be built yet)."""
+    if cfg.model == PLAYGROUND_BASE:
+        return str(playground_base_dir(cfg.playground.base_seed))
     return cfg.model
 
 
 def _base_model(cfg: PipelineConfig) -> bool:
     """Build the playground's base model if it is not cached yet (the one slow first step); return
     whether it was built."""
-    path = Path(_base_path(cfg))
-    if not (cfg.playground.enabled and cfg.model == "builtin:playground-base") or (path / "config.json").exists():
+    if cfg.model != PLAYGROUND_BASE or (Path(_base_path(cfg)) / "config.json").exists():
         return False
     from rufus.playground.base import base_model_path
 

@@ -20,8 +20,8 @@ def test_tokenizer_without_pad_gets_a_dedicated_pad_and_model_grows(tmp_path):
     assert torch.isfinite(out.logits).all()
 
 
-def test_existing_pad_token_is_kept(tmp_path):
-    path = make_tiny_model_dir(tmp_path / "m")
+def test_existing_pad_token_is_kept(tiny_model):
+    path = tiny_model
     tok = load_tokenizer(str(path))
     assert tok.pad_token == "<pad>" and len(tok) == len(AutoTokenizer.from_pretrained(path))
 
@@ -32,8 +32,8 @@ def test_dtype_resolution():
     assert resolve_dtype("auto", "cpu") in (torch.float32, torch.bfloat16)
 
 
-def test_weights_dtype_and_gradient_checkpointing_give_the_same_gradients(tmp_path):
-    path = str(make_tiny_model_dir(tmp_path / "m"))
+def test_weights_dtype_and_gradient_checkpointing_give_the_same_gradients(tiny_model):
+    path = str(tiny_model)
     ids = torch.tensor([[1, 5, 9, 30, 41, 2]])
     grads = []
     for ckpt in (False, True):

@@ -17,12 +17,11 @@ COMPLETIONS = [" yes", " the cat sat on a mat and the dog ran to sea .", " no", 
 
 
 @pytest.fixture(scope="module")
-def rm_dir(tmp_path_factory):
+def rm_dir(tmp_path_factory, tiny_model):
     """An (untrained) reward model saved as `rufus rm` saves one, with a gain and bias stored."""
     root = tmp_path_factory.mktemp("rm")
-    base = make_tiny_model_dir(root / "base", vocab_size=300)
-    tok = load_tokenizer(str(base))
-    model = load_reward_model(str(base), tokenizer=tok)
+    tok = load_tokenizer(str(tiny_model))
+    model = load_reward_model(str(tiny_model), tokenizer=tok)
     set_normalization(model, gain=2.0, bias=0.5)
     return save_model(model, tok, root / "reward")
 
@@ -90,7 +89,7 @@ def test_policy_with_a_different_tokenizer(tmp_path, rm_dir, reward):
     scores, stats = pipeline(PROMPTS, decoded, has_eos=torch.tensor([True, True, True, True, False]))
     expected, _ = direct_scores(rm_dir, PROMPTS, COMPLETIONS)
     assert torch.allclose(scores[:4], expected[:4], atol=1e-5) and scores[4] == -1.0
-    assert stats["reward/reward"] == pytest.approx(expected.mean().item(), abs=1e-5)
+    assert stats["score/reward"] == pytest.approx(expected.mean().item(), abs=1e-5)
     assert pipeline.models[0].model is not reward.model
 
 
@@ -106,10 +105,9 @@ def test_models_come_first_then_functions(rm_dir, tmp_path, reward):
     assert torch.allclose(scores, 0.5 * rm + 0.1 * lengths, atol=1e-5)
 
 
-def test_causal_lm_without_a_head_warns(tmp_path):
-    base = make_tiny_model_dir(tmp_path / "lm", vocab_size=300)
+def test_causal_lm_without_a_head_warns(tiny_model):
     with pytest.warns(UserWarning, match="without a trained reward head"):
-        ModelReward(str(base))
+        ModelReward(str(tiny_model))
 
 
 def test_missing_model_directory(tmp_path):

@@ -14,11 +14,6 @@ from rufus.studio.db import Response, open_database
 from tests.helpers import WORDS, make_tiny_model_dir, write_jsonl
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
-
-
 def test_cli_round_annotator_and_export(tmp_path, capsys):
     rows = [{"prompt": f"what is {i} ?", "responses": [f" yes {i} .", f" no {i} ."], "models": ["good", "bad"]}
             for i in range(6)]
@@ -64,19 +59,19 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert "unrecognized arguments: --taks" in capsys.readouterr().err
 
 
-def test_a_round_sampled_from_two_models(tiny, tmp_path, capsys):
+def test_a_round_sampled_from_two_models(tiny_model, tmp_path, capsys):
     other = make_tiny_model_dir(tmp_path / "other", seed=1)
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"what is {i} ?"} for i in range(3)])
     db = str(tmp_path / "s.db")
     assert main(["studio", "new-round", "--db", db, "--name", "m", "--task", "ranking", "--prompts", str(prompts),
-                 "--models", str(tiny), str(other), "--samples-per-model", "2", "--progress", "false",
+                 "--models", str(tiny_model), str(other), "--samples-per-model", "2", "--progress", "false",
                  "generation.max_new_tokens=6", "--dtype", "float32"]) == 0
     database, _ = open_database(db)
     with database.session() as s:
         responses = list(s.scalars(select(Response)))
     assert len(responses) == 3 * 2 * 2
-    assert sorted({r.model for r in responses}) == sorted([str(tiny), str(other)])
-    assert sorted(r.sample for r in responses if r.model == str(tiny))[:2] == [0, 0]
+    assert sorted({r.model for r in responses}) == sorted([str(tiny_model), str(other)])
+    assert sorted(r.sample for r in responses if r.model == str(tiny_model))[:2] == [0, 0]
     assert all(isinstance(r.content, str) for r in responses)
 
 
@@ -115,7 +110,7 @@ def oracle_labels(db, uid, round_name):
 
 
 @pytest.mark.parametrize("task,fmt", [("pairwise", "preference"), ("ranking", "ranking")])
-def test_exports_train_a_reward_model_and_sft(tiny, tmp_path, task, fmt):
+def test_exports_train_a_reward_model_and_sft(tiny_model, tmp_path, task, fmt):
     from rufus.report.metrics import read_metrics
     from tests.studio.conftest import add_people
 
@@ -129,14 +124,14 @@ def test_exports_train_a_reward_model_and_sft(tiny, tmp_path, task, fmt):
         assert main(["studio", "export", "--db", str(tmp_path / "s.db"), "--round", "train-" + task, "--format", name,
                      "--out", str(out)]) == 0
     rm_dir, sft_dir = tmp_path / "rm", tmp_path / "sft"
-    assert main(["rm", f"model={tiny}", f"output_dir={rm_dir}", f"data.train={prefs}", f"rm.format={fmt}",
+    assert main(["rm", f"model={tiny_model}", f"output_dir={rm_dir}", f"data.train={prefs}", f"rm.format={fmt}",
                  "data.max_length=48", "batch_size=16", "lr=3e-3", "max_steps=24", "dtype=float32",
                  "progress=false", "log_every=10"]) == 0
     rows = read_metrics(rm_dir / "metrics.jsonl")
     accuracy = [r["rm/train_accuracy"] for r in rows if "rm/train_accuracy" in r]
     assert accuracy[-1] > 0.8  # the taste in the labels is learnt: "yes" over "no"
     assert (rm_dir / "final" / "config.json").exists()
-    assert main(["sft", f"model={tiny}", f"output_dir={sft_dir}", f"data.train={demos}", "data.max_length=32",
+    assert main(["sft", f"model={tiny_model}", f"output_dir={sft_dir}", f"data.train={demos}", "data.max_length=32",
                  "batch_size=8", "lr=3e-3", "max_steps=10", "dtype=float32", "progress=false", "log_every=5"]) == 0
     losses = [r["loss"] for r in read_metrics(sft_dir / "metrics.jsonl") if "loss" in r]
     assert losses[-1] < losses[0]

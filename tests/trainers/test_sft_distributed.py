@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from rufus.report.metrics import read_metrics
-from tests.helpers import make_tiny_model_dir, sft_rows, write_jsonl
+from tests.helpers import sft_rows, write_jsonl
 
 
 def run_sft(args: list[str], nproc: int, cwd) -> None:
@@ -21,8 +21,8 @@ def run_sft(args: list[str], nproc: int, cwd) -> None:
 
 
 @pytest.mark.multiprocess
-def test_two_processes_match_one(tmp_path):
-    model = make_tiny_model_dir(tmp_path / "model")
+def test_two_processes_match_one(tmp_path, tiny_model):
+    model = tiny_model
     train = write_jsonl(tmp_path / "train.jsonl", sft_rows(16))
     common = [f"model={model}", f"data.train={train}", "data.max_length=48", "batch_size=8", "max_steps=6",
               "lr=3e-3", "dtype=float32", "progress=false", "seed=3"]
