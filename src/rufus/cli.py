@@ -6,35 +6,33 @@ A thin shell over the Python API: every command is a function taking its config 
 from __future__ import annotations
 
 import argparse
-import importlib
+import dataclasses
 import logging
 import sys
 
-# command -> (module, config class, function, one-line description)
-COMMANDS = {
-    "sft": ("rufus.trainers.sft", "SFTConfig", "train_sft", "supervised fine-tuning on demonstrations"),
-    "rm": ("rufus.trainers.reward", "RMConfig", "train_reward_model", "train a reward model on comparisons"),
-    "ppo": ("rufus.trainers.ppo", "PPOConfig", "train_ppo", "RL fine-tuning with PPO (actor, critic, reward, reference)"),
-    "grpo": ("rufus.trainers.grpo", "GRPOConfig", "train_grpo", "GRPO: group-relative advantages, no critic"),
-    "rloo": ("rufus.trainers.rloo", "RLOOConfig", "train_rloo", "RLOO / REINFORCE++: policy gradient with a sample baseline"),
-    "dpo": ("rufus.trainers.dpo", "DPOConfig", "train_dpo", "DPO and variants (IPO, hinge, conservative), offline or iterated"),
-    "bon": ("rufus.trainers.bon", "BoNConfig", "train_bon", "best-of-n rejection-sampling fine-tuning"),
-    "generate": ("rufus.generate", "GenerateConfig", "generate", "sample responses, optionally best-of-n by a reward"),
-    "eval": ("rufus.evaluate", "EvalConfig", "evaluate",
-             "evaluate a policy: reward score, KL, length, diversity, win rate (and gold, on the playground)"),
-    "pipeline": ("rufus.pipeline", "PipelineConfig", "run_pipeline",
-                 "the whole loop: sft -> collect comparisons -> rm -> rl -> eval -> report"),
-    "demo": ("rufus.pipeline", "DemoConfig", "run_demo",
-             "the pipeline on the built-in offline playground, minutes on a laptop CPU"),
-    "eval-rm": ("rufus.trainers.reward", "EvalRMConfig", "eval_reward_model",
-                "evaluate a reward model on comparisons (accuracy, margin, calibration)"),
-}
+from rufus.commands import COMMANDS, load_command
+
+_load = load_command  # command -> (config class, function)
 
 
-def _load(command: str):
-    module, cfg_name, fn_name, _ = COMMANDS[command]
-    mod = importlib.import_module(module)
-    return getattr(mod, cfg_name), getattr(mod, fn_name)
+def build_playground_base(cfg) -> None:
+    """Build the playground base model first when the config names `builtin:playground-base`
+    anywhere (the model loader only finds it once built). The pipeline builds its own."""
+    from rufus.models.tiny import PLAYGROUND_BASE
+
+    def names(value) -> bool:
+        if dataclasses.is_dataclass(value):
+            return any(names(getattr(value, f.name)) for f in dataclasses.fields(value))
+        if isinstance(value, dict):
+            return any(names(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return any(names(v) for v in value)
+        return value == PLAYGROUND_BASE
+
+    if names(cfg):
+        from rufus.playground.base import base_model_path
+
+        base_model_path()  # at once when cached; else it logs that it builds, then builds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg_cls, fn = load_classic(args.algo)
     else:
-        cfg_cls, fn = _load(args.command)
+        cfg_cls, fn = load_command(args.command)
     if args.help:
         sub = parser._subparsers._group_actions[0].choices[args.command]  # noqa: SLF001
         print(sub.format_help())
@@ -105,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(cfg_cls, args.config, args.overrides)
+        if args.command not in ("pipeline", "demo"):  # the pipeline builds its base model as a stage
+            build_playground_base(cfg)
         result = fn(cfg)
     except (ConfigError, DataError, RewardError) as e:
         print(f"rufus {args.command}: error: {e}", file=sys.stderr)

@@ -65,11 +65,10 @@ def generate(config: GenerateConfig | dict, reward_fn=None) -> dict:
     from transformers import set_seed
 
     from rufus.bon import bon_kl_bound, select_best
-    from rufus.config import atomic_write_text, save_config
+    from rufus.config import as_config, atomic_write_text, save_config
     from rufus.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
     from rufus.rewards import build_reward_pipeline
     from rufus.rollout.generate import generate_responses
-    from rufus.trainers.common import as_config
 
     cfg = as_config(GenerateConfig, config)
     if (cfg.prompts is None) == (cfg.prompt is None):

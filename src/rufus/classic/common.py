@@ -9,7 +9,7 @@ An agent's file reads:
         lr: float = opt(2.5e-4, "...")
 
     def train_my(config) -> ClassicResult:
-        cfg = as_config(MyConfig, config)
+        cfg = as_config(MyConfig, config)           # rufus.config: a config object or a dict
         run = start_run(cfg, "my")                  # seeds, output_dir, config.yaml, metrics.jsonl
         env = make_env(cfg.env, cfg.seed)           # or make_vec_env(cfg.env, n, cfg.seed)
         ... loop: run.episode(global_step, ret, length) for each finished episode,
@@ -31,7 +31,6 @@ import torch
 
 from rufus.config import ConfigError, opt, save_config
 from rufus.report.metrics import MetricsLogger
-from rufus.trainers.common import as_config  # noqa: F401 (re-exported: a config object or a dict)
 
 
 @dataclass

@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rufus.classic.common import ClassicArgs, ClassicResult, as_config, finish_run, make_env, start_run
-from rufus.config import ConfigError, opt
+from rufus.classic.common import ClassicArgs, ClassicResult, finish_run, make_env, start_run
+from rufus.config import ConfigError, as_config, opt
 
 
 @dataclass

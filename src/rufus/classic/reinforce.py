@@ -36,13 +36,12 @@ from rufus import advantages as adv_fns
 from rufus.classic.common import (
     ClassicArgs,
     ClassicResult,
-    as_config,
     finish_run,
     greedy_returns,
     make_env,
     start_run,
 )
-from rufus.config import ConfigError, opt
+from rufus.config import ConfigError, as_config, opt
 from rufus.losses import ppo as ppo_losses
 
 

@@ -38,8 +38,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from rufus.classic.common import ClassicArgs, ClassicResult, as_config, finish_run, make_env, start_run
-from rufus.config import ConfigError, opt
+from rufus.classic.common import ClassicArgs, ClassicResult, finish_run, make_env, start_run
+from rufus.config import ConfigError, as_config, opt
 
 # --- configs --------------------------------------------------------------------------------------
 

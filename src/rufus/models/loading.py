@@ -21,15 +21,22 @@ PAD_TOKEN = "<|pad|>"
 
 
 def resolve_model_path(name: str) -> str:
-    """`builtin:tiny-llama` (random weights) or `builtin:playground-base` (pretrained on the playground
-    corpus) -> its cached directory, built on first use; anything else unchanged."""
+    """`builtin:tiny-llama` (random weights) -> its cached directory, built on first use;
+    `builtin:playground-base` (pretrained on the playground corpus) -> its cached directory, which
+    must have been built already (by `rufus demo`, the pipeline, any `rufus` command naming it, or
+    `rufus.playground.base.base_model_path()`); anything else unchanged."""
     if name.startswith("builtin:"):
-        if name == "builtin:playground-base":  # pretrained on the playground corpus (issue 6)
-            from rufus.playground.base import base_model_path
+        from rufus.models.tiny import PLAYGROUND_BASE, builtin_model_path, playground_base_dir
 
-            return str(base_model_path())
-        from rufus.models.tiny import builtin_model_path
-
+        if name == PLAYGROUND_BASE:  # built by the playground (an upper layer), found here
+            path = playground_base_dir()
+            if not (path / "config.json").exists():
+                raise FileNotFoundError(
+                    f"{name} is not built yet (it would be in {path}): any `rufus` command that names it builds it "
+                    f"first (e.g. `rufus demo`, or `rufus sft model={name} ...`), and so does "
+                    "`python -c 'from rufus.playground.base import base_model_path; base_model_path()'` "
+                    "(about 2-3 minutes on a laptop CPU, once)")
+            return str(path)
         return str(builtin_model_path(name.removeprefix("builtin:")))
     return name
 

@@ -175,6 +175,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RUFUS_CACHE", Path.home() / ".cache" / "rufus"))
 
 
+# `builtin:playground-base`, the playground's pretrained base model. `playground.base` builds it (an
+# upper layer: it trains with the SFT trainer); its place in the cache is fixed here, low enough for
+# the model loader to find it. Bump the version when the recipe in `playground.base` changes, so
+# stale caches are not reused.
+PLAYGROUND_BASE = "builtin:playground-base"
+PLAYGROUND_BASE_VERSION = "v3"
+
+
+def playground_base_dir(seed: int = 0) -> Path:
+    """Where the playground base model of `seed` is cached (it may not be built yet)."""
+    return cache_dir() / "playground" / f"base-{PLAYGROUND_BASE_VERSION}-seed{seed}"
+
+
 def builtin_model_path(name: str) -> Path:
     """Path of the built-in model `name`, building and caching it on first use."""
     if name not in BUILTIN_MODELS:

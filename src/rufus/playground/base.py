@@ -12,7 +12,8 @@ minute on a laptop CPU:
 4. language modelling on every token of the text (``train_sft`` with ``completion_only_loss=False``);
 5. the final model and tokenizer moved into place atomically (temporary directory + ``os.replace``).
 
-``base_model_path`` caches the result under ``cache_dir()/playground/`` (``builtin:playground-base``).
+``base_model_path`` caches the result in ``models.tiny.playground_base_dir(seed)``, under
+``cache_dir()/playground/`` (``builtin:playground-base``).
 ``make_sft_demos`` and ``make_prompts`` give the later stages their data: middling-quality
 demonstrations for SFT and prompt-only rows for RL and evaluation.
 """
@@ -29,11 +30,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+# the recipe's version, part of the cache path: bump it (in models/tiny.py) when the recipe below changes
+from rufus.models.tiny import PLAYGROUND_BASE_VERSION as BASE_VERSION
+from rufus.models.tiny import playground_base_dir
 from rufus.playground.corpus import make_corpus, make_prompt
 
 log = logging.getLogger(__name__)
-
-BASE_VERSION = "v3"  # bump when the recipe below changes, so stale caches are not reused
 
 # The default recipe: ~2 min on 2 CPU cores in bfloat16 (AMX; float32 master weights). 1200 steps rather than 500: the
 # shorter run writes the task's kind of text but rarely names the prompt's subject, so its samples
@@ -120,12 +122,10 @@ def build_base_model(
 
 def base_model_path(*, seed: int = 0) -> Path:
     """The cached playground base model (``builtin:playground-base``), built on first use."""
-    from rufus.models.tiny import cache_dir
-
-    path = cache_dir() / "playground" / f"base-{BASE_VERSION}-seed{seed}"
+    path = playground_base_dir(seed)
     if (path / "config.json").exists():
         return path
-    log.info("building the playground base model (once, about a minute) into %s", path)
+    log.info("building the playground base model (once, about 2-3 minutes on a laptop CPU) into %s", path)
     return build_base_model(path, seed=seed)
 
 
