@@ -59,7 +59,7 @@ def build_config(algo: str, model_dir: str, dtype: str, steps: int, out: str, re
     online = dict(base, data=dict(data, train=str(common.data_path("prompts"))), generation=generation,
                   sample_every=0)
     if algo == "grpo":
-        return dict(online, batch_size=w["prompts"], grpo=dict(group_size=w["samples"], iterations=1, minibatches=1),
+        return dict(online, batch_size=w["prompts"], grpo=dict(group_size=w["samples"], epochs=1, minibatches=1),
                     kl=dict(coef=w["beta"]))
     if algo == "ppo":
         # a separate critic and a reward model, both started from the policy's own directory: a causal

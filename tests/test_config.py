@@ -109,3 +109,21 @@ def test_open_mappings_take_dotted_keys_and_merge_over_defaults(tmp_path):
         load_config(Staged, None, ["rll.a=1"])
     with pytest.raises(ConfigError, match="unknown key 'lr.x'"):
         load_config(Staged, None, ["lr.x=1"])  # a plain key has no inside
+
+
+@pytest.mark.parametrize("old, new, cls", [
+    ("grpo.iterations", "grpo.epochs", "rufus.trainers.grpo:GRPOConfig"),
+    ("rloo.k", "rloo.group_size", "rufus.trainers.rloo:RLOOConfig"),
+    ("bon.n", "bon.group_size", "rufus.trainers.bon:BoNConfig"),
+])
+def test_a_renamed_key_names_its_new_name(old, new, cls):
+    import importlib
+
+    module, name = cls.split(":")
+    config_cls = getattr(importlib.import_module(module), name)
+    with pytest.raises(ConfigError, match=f"unknown key '{old}': it was renamed; did you mean '{new}'"):
+        load_config(config_cls, overrides=[f"{old}=2", "model=m", "data.train=t"])
+    section, key = old.split(".")
+    with pytest.raises(ConfigError, match=f"did you mean '{new}'"):  # nested, as a YAML file or dict holds it
+        load_config(config_cls, defaults={"model": "m", section: {key: 2}})
+    assert load_config(config_cls, overrides=[f"{new}=2", "model=m"]) is not None

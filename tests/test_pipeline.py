@@ -74,7 +74,7 @@ def test_report_is_self_contained_and_its_images_decode(finished_run):
     html = (out / "report.html").read_text()
     assert "<script" not in html and "http://" not in html and "https://" not in html
     images = re.findall(r'<img[^>]*src="data:image/png;base64,([^"]+)"', html)
-    # the leaderboard, curves for sft, rm and rl, and the over-optimisation figure (ppo logs reward/gold)
+    # the leaderboard, curves for sft, rm and rl, and the over-optimisation figure (ppo logs score/gold)
     assert len(images) == 5
     for data in images:
         image = Image.open(io.BytesIO(base64.b64decode(data)))
@@ -117,9 +117,9 @@ def finished_run_base(out):
 
 @pytest.mark.parametrize("algo,settings", [
     ("grpo", {"grpo": {"group_size": 2}}),
-    ("rloo", {"rloo": {"k": 2}}),
+    ("rloo", {"rloo": {"group_size": 2}}),
     ("dpo", {"batch_size": 4}),
-    ("bon", {"bon": {"n": 2, "rounds": 1, "prompts_per_round": 8}, "batch_size": 4, "max_steps": 2}),
+    ("bon", {"bon": {"group_size": 2, "rounds": 1, "prompts_per_round": 8}, "batch_size": 4, "max_steps": 2}),
 ])
 def test_every_rl_algo_runs_on_the_same_comparisons(finished_run, tmp_path, algo, settings):
     out, _ = finished_run
@@ -133,7 +133,7 @@ def test_every_rl_algo_runs_on_the_same_comparisons(finished_run, tmp_path, algo
     assert json.loads((copy / "rl" / "stage.json").read_text())["algo"] == algo
     assert (copy / "rl" / "final" / "config.json").exists()
     html = (copy / "report.html").read_text()
-    # offline DPO has no rollouts, so no proxy-vs-gold picture; the online algorithms log reward/gold
+    # offline DPO has no rollouts, so no proxy-vs-gold picture; the online algorithms log score/gold
     assert ("Not available" in html) == (algo in ("dpo", "bon"))
 
 

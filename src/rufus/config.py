@@ -169,6 +169,19 @@ def all_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
+# Keys renamed so that one concept has one name everywhere (samples per prompt: group_size; update
+# passes over a batch: epochs). An old name is refused with the new one named.
+RENAMED_KEYS = {"grpo.iterations": "grpo.epochs", "rloo.k": "rloo.group_size", "bon.n": "bon.group_size"}
+
+
+def _renamed(key: str) -> str | None:
+    """The new name of a renamed key (also inside an enclosing section, e.g. rl.grpo.iterations)."""
+    for old, new in RENAMED_KEYS.items():
+        if key == old or key.endswith("." + old):
+            return key[: len(key) - len(old)] + new
+    return None
+
+
 def _closest(name: str, choices: list[str]) -> str:
     near = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
     if not near:  # also match on the last part: "train" -> "data.train"
@@ -379,6 +392,8 @@ def load_config(cls: type, path: str | os.PathLike | None = None, overrides: lis
             continue
         owner = next((o for o in opened if key.startswith(o + ".")), None)
         if owner is None:
+            if _renamed(key) in valid:
+                raise ConfigError(f"unknown key '{key}': it was renamed; did you mean '{_renamed(key)}'?")
             raise ConfigError(f"unknown key '{key}'{_closest(key, valid)}")
         value, _ = values.pop(key)  # a key inside an open mapping: merged into it, in order
         inner = values.get(owner, ({}, None))[0]

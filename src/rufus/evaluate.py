@@ -279,7 +279,7 @@ def _score(reward, prompts: list, completions: list[str], has_eos: torch.Tensor,
         s, stats = reward(prompts[part], completions[part], has_eos[part], **{k: v[part] for k, v in extra.items()})
         scores += s.tolist()
         for name in sums:  # stats hold this chunk's mean per source
-            sums[name] += stats[f"reward/{name}"] * len(s)
+            sums[name] += stats[f"score/{name}"] * len(s)
     return scores, {name: total / len(completions) for name, total in sums.items()}
 
 

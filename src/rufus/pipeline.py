@@ -18,7 +18,7 @@ fingerprints of the stages it read. A later run whose fingerprint matches skips 
 changed setting re-runs that stage and, through the fingerprints, every stage after it.
 
 On the playground the reward model only ever sees the annotators' comparisons; the gold taste
-they are noisy samples of is used for measurement only (eval, and a weight-0 `reward/gold` curve
+they are noisy samples of is used for measurement only (eval, and a weight-0 `score/gold` curve
 logged during RL so the report can show proxy reward against gold as the policy drifts).
 """
 
@@ -189,13 +189,13 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
              "data": {"max_length": 128}, "generation": {"max_new_tokens": 72}, "grpo": {"group_size": 4},
              "kl": {"coef": 0.05}},
     "rloo": {"lr": 1e-4, "batch_size": 8, "max_steps": 100, "log_every": 5, "save_every": 0, "sample_every": 0,
-             "data": {"max_length": 128}, "generation": {"max_new_tokens": 72}, "rloo": {"k": 4},
+             "data": {"max_length": 128}, "generation": {"max_new_tokens": 72}, "rloo": {"group_size": 4},
              "kl": {"coef": 0.05}},
     "dpo": {"lr": 1e-4, "batch_size": 32, "epochs": 2, "log_every": 10, "save_every": 0,
             "data": {"max_length": 128, "truncation": "truncate"}, "dpo": {"beta": 0.1}},
     "bon": {"lr": 1e-3, "batch_size": 32, "log_every": 5, "save_every": 0,
             "data": {"max_length": 128}, "generation": {"max_new_tokens": 72},
-            "bon": {"n": 8, "rounds": 2, "prompts_per_round": 512}},
+            "bon": {"group_size": 8, "rounds": 2, "prompts_per_round": 512}},
     "eval": {"batch_size": 64, "generation": {"max_new_tokens": 72}},
 }
 
@@ -891,7 +891,7 @@ def _run_rm(cfg: PipelineConfig, st: _Stages, plan: dict, files: dict, upstream:
 
 
 def _gold_monitor(preference: str):
-    """A reward function giving the hidden gold score, added with weight 0: logged as reward/gold
+    """A reward function giving the hidden gold score, added with weight 0: logged as score/gold
     during RL (for the over-optimisation picture), never part of the reward."""
     from rufus.playground.taste import gold_score
 
@@ -1101,7 +1101,7 @@ def _agreement_row(figures: dict) -> dict:
     return row
 
 
-def overoptimisation_rows(rows: list[dict], proxy_key: str, gold_key: str = "reward/gold") -> list[dict]:
+def overoptimisation_rows(rows: list[dict], proxy_key: str, gold_key: str = "score/gold") -> list[dict]:
     """{step, kl, proxy, gold} from RL metrics rows that logged all three (kl/mean = KL per sequence)."""
     out = []
     for r in rows:
@@ -1128,7 +1128,7 @@ def _run_report(cfg: PipelineConfig, st: _Stages, plan: dict, algo: str, summary
             if path.exists():
                 curves[title] = read_metrics(path)
         if cfg.playground.enabled and f"rl ({algo}{tag})" in curves:
-            proxy_key = "reward/" + model_names([rp["rm_model"]])[0]  # the RM's per-source mean
+            proxy_key = "score/" + model_names([rp["rm_model"]])[0]  # the RM's per-source mean
             overopt += [{**row, "round": r} for row in overoptimisation_rows(curves[f"rl ({algo}{tag})"], proxy_key)]
     samples = []
     gen_path = st.out / "eval" / "generations.jsonl"

@@ -13,10 +13,10 @@ from rufus.report.html import curve_keys, write_report
 def _rl_rows():
     rows = []
     for step in range(1, 9):
-        rows.append({"step": step, "reward/mean": 0.1 * step, "kl/mean": 0.02 * step, "entropy": 2.0 - 0.1 * step,
-                     "policy/loss": 1.0 / step, "reward/raw": 5.0, "reward/length_penalty": -0.01 * step})
+        rows.append({"step": step, "reward/mean": 0.1 * step, "kl/mean": 0.02 * step, "policy/entropy": 2.0 - 0.1 * step,
+                     "policy/loss": 1.0 / step, "score/raw": 5.0, "score/length_penalty": -0.01 * step})
         if step % 4 == 0:  # eval rows carry only their own keys
-            rows.append({"step": step, "reward/gold": 0.05 * step})
+            rows.append({"step": step, "score/gold": 0.05 * step})
     return rows
 
 
@@ -26,7 +26,7 @@ def _inputs():
         "rm": [{"step": s, "rm/loss": 0.7 - 0.05 * s, "rm/accuracy": 0.5 + 0.05 * s} for s in range(1, 6)],
         "ppo": _rl_rows(),
         # Logged only bookkeeping keys (and a NaN stored as a string): nothing to plot.
-        "empty": [{"step": 1, "reward/raw": 1.0, "lr": 1e-5, "loss": "nan"}],
+        "empty": [{"step": 1, "score/raw": 1.0, "lr": 1e-5, "loss": "nan"}],
     }
     overopt = [{"step": s, "kl": 0.5 * s, "proxy": 0.3 * s, "gold": 0.2 * s - 0.04 * s * s} for s in range(6)]
     samples = [
@@ -112,9 +112,9 @@ def test_without_overopt_the_section_says_so(tmp_path):
 
 def test_curve_selection_rule():
     keys = curve_keys(_rl_rows())
-    # Fixed list in its order, then other reward/ keys; bookkeeping reward/raw is left out.
-    assert keys == ["reward/mean", "reward/gold", "kl/mean", "entropy", "policy/loss", "reward/length_penalty"]
-    assert curve_keys([{"step": 1, "reward/raw": 1.0, "lr": 0.1, "loss": "nan", "ok": True}]) == []
+    # Fixed list in its order, then other score/ keys (reward sources); bookkeeping score/raw is left out.
+    assert keys == ["reward/mean", "score/gold", "kl/mean", "policy/entropy", "policy/loss", "score/length_penalty"]
+    assert curve_keys([{"step": 1, "score/raw": 1.0, "lr": 0.1, "loss": "nan", "ok": True}]) == []
 
 
 @pytest.mark.parametrize("summary", [{}, {"flag": True, "name": "x"}])

@@ -41,7 +41,7 @@ def prompts(tmp_path_factory):
 def bon_config(tiny, prompts, out, **over):
     cfg = {"model": str(tiny), "output_dir": str(out), "data": {"train": str(prompts), "max_length": 40},
            "generation": {"max_new_tokens": 6}, "batch_size": 8, "lr": 1e-2, "dtype": "float32",
-           "progress": False, "seed": 0, "bon": {"n": 8, "top_k": 1, "rounds": 3, "sft_epochs": 3}}
+           "progress": False, "seed": 0, "bon": {"group_size": 8, "top_k": 1, "rounds": 3, "sft_epochs": 3}}
     for k, v in over.items():
         section, _, key = k.rpartition(".")
         (cfg.setdefault(section, {}) if section else cfg)[key] = v
@@ -83,7 +83,7 @@ def test_top_k_and_threshold_keep_what_they_say(tiny, prompts, tmp_path):
 
     n, top_k, threshold = 4, 2, 0.5
     train_bon(bon_config(tiny, prompts, tmp_path / "thr", max_steps=1,
-                         **{"bon.n": n, "bon.top_k": top_k, "bon.threshold": threshold, "bon.rounds": 1}),
+                         **{"bon.group_size": n, "bon.top_k": top_k, "bon.threshold": threshold, "bon.rounds": 1}),
               reward_fn=recorded)
     # by hand: each prompt's n scores sit together; keep its top_k, then those >= threshold
     expected = 0
@@ -101,7 +101,7 @@ def test_top_k_and_threshold_keep_what_they_say(tiny, prompts, tmp_path):
 
 def test_gradient_accumulation_does_not_change_the_update(tiny, prompts, tmp_path):
     # lr 1e-3: Adam divides by sqrt(v), so float noise in a near-zero gradient moves a weight by up to ~lr
-    over = {"bon.n": 2, "bon.rounds": 1, "bon.sft_epochs": 1, "bon.prompts_per_round": 8, "lr": 1e-3}
+    over = {"bon.group_size": 2, "bon.rounds": 1, "bon.sft_epochs": 1, "bon.prompts_per_round": 8, "lr": 1e-3}
     train_bon(bon_config(tiny, prompts, tmp_path / "one", grad_accum=1, **over), reward_fn=digit_share)
     train_bon(bon_config(tiny, prompts, tmp_path / "two", grad_accum=4, **over), reward_fn=digit_share)
     a, b = read_metrics(tmp_path / "one" / "metrics.jsonl")[0], read_metrics(tmp_path / "two" / "metrics.jsonl")[0]
@@ -115,7 +115,7 @@ def test_gradient_accumulation_does_not_change_the_update(tiny, prompts, tmp_pat
 
 def test_resume_at_a_round_boundary_reproduces_the_final_weights(tiny, prompts, tmp_path):
     # 8 of the 16 prompts a round: the two rounds see different prompts
-    over = {"bon.n": 4, "bon.rounds": 2, "bon.prompts_per_round": 8, "bon.sft_epochs": 1, "save_total_limit": 0}
+    over = {"bon.group_size": 4, "bon.rounds": 2, "bon.prompts_per_round": 8, "bon.sft_epochs": 1, "save_total_limit": 0}
     train_bon(bon_config(tiny, prompts, tmp_path / "straight", **over), reward_fn=digit_share)
     cut = tmp_path / "cut"
     (cut / "checkpoints").mkdir(parents=True)
@@ -135,7 +135,7 @@ def test_resume_at_a_round_boundary_reproduces_the_final_weights(tiny, prompts, 
     assert (cut / "samples.jsonl").read_text() == (tmp_path / "straight" / "samples.jsonl").read_text()
 
 
-@pytest.mark.parametrize("over, key", [({"bon.top_k": 5, "bon.n": 4}, "bon.top_k"), ({"bon.n": 0}, "bon.n"),
+@pytest.mark.parametrize("over, key", [({"bon.top_k": 5, "bon.group_size": 4}, "bon.top_k"), ({"bon.group_size": 0}, "bon.group_size"),
                                        ({"bon.rounds": 0}, "bon.rounds"), ({"bon.sft_epochs": 0.0}, "bon.sft_epochs")])
 def test_bad_bon_settings_fail_before_anything_loads(tmp_path, over, key):
     cfg = bon_config("no/such/model", tmp_path / "missing.jsonl", tmp_path / "out", **over)
@@ -152,4 +152,4 @@ def test_example_recipe_loads():
 
     cfg = load_config(BoNConfig, Path(__file__).parents[2] / "configs" / "bon_tiny.yaml")
     assert cfg.model == "builtin:tiny-llama" and cfg.reward.function == ["configs/rewards.py:digit_share"]
-    assert cfg.bon.n == 8 and cfg.bon.rounds == 4
+    assert cfg.bon.group_size == 8 and cfg.bon.rounds == 4

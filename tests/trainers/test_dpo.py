@@ -102,7 +102,7 @@ def test_starts_at_log2_and_learns_the_held_out_preference(tiny, prefs, tmp_path
     assert evals[-1]["eval/dpo/loss"] < evals[0]["eval/dpo/loss"] < math.log(2)
     assert (tmp_path / "run" / "config.yaml").exists()
     reloaded = AutoModelForCausalLM.from_pretrained(result.final_dir).state_dict()
-    assert all(torch.equal(reloaded[k], v) for k, v in result.model.state_dict().items() if k in reloaded)
+    assert all(torch.equal(reloaded[k], v) for k, v in result.policy.state_dict().items() if k in reloaded)
 
 
 def test_precomputed_and_on_the_fly_reference_and_grad_accum_give_the_same_losses(tiny, small, tmp_path):
@@ -133,7 +133,7 @@ def test_lora_reference_is_the_adapter_disabled_base(tiny, small, tmp_path):
                                   **{"lora.r": 4, "lora.alpha": 8, "dpo.precompute_ref": False}))
     assert result.reference is None  # no second model: the base with adapters off is pi_ref
     base = AutoModelForCausalLM.from_pretrained(tiny).state_dict()
-    for name, p in result.model.named_parameters():
+    for name, p in result.policy.named_parameters():
         if "lora_" not in name:
             key = name.replace("base_model.model.", "").replace(".base_layer", "")
             assert not p.requires_grad and torch.equal(p.detach(), base[key]), name
@@ -174,7 +174,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, small, tmp_path):
     common = dict(max_steps=2, save_every=1, save_total_limit=0,
                   **{"dpo.rounds": 2, "dpo.prompts_per_round": 8})
     straight = train_dpo(dpo_config(tiny, train, tmp_path / "straight", **common), reward_fn=completion_length)
-    final = {k: v.clone() for k, v in straight.model.state_dict().items()}
+    final = {k: v.clone() for k, v in straight.policy.state_dict().items()}
     assert read_metrics(tmp_path / "straight" / "metrics.jsonl")[2]["online/pairs"] > 0
     for cut_at in (2, 3):
         cut = tmp_path / f"cut{cut_at}"
@@ -184,7 +184,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, small, tmp_path):
         for f in ("metrics.jsonl", "pairs.jsonl"):  # as an interrupted run leaves them (rows past the cut too)
             shutil.copy(tmp_path / "straight" / f, cut / f)
         resumed = train_dpo(dpo_config(tiny, train, cut, resume=True, **common), reward_fn=completion_length)
-        assert all(torch.equal(v, final[k]) for k, v in resumed.model.state_dict().items()), cut_at
+        assert all(torch.equal(v, final[k]) for k, v in resumed.policy.state_dict().items()), cut_at
         a, b = read_metrics(tmp_path / "straight" / "metrics.jsonl"), read_metrics(cut / "metrics.jsonl")
         assert [r["step"] for r in b] == [1, 2, 3, 4]
         assert [r["dpo/loss"] for r in b] == pytest.approx([r["dpo/loss"] for r in a], abs=1e-7)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -42,10 +43,16 @@ def test_programmatic_reward_rises_with_bounded_kl(tiny, prompts, tmp_path):
     start, end = first_last(rows, "score/mean")
     assert end > start + 0.15, (start, end)
     assert max(r["kl/mean"] for r in rows) < 20.0  # nats over 8 tokens; the penalty holds it there
-    for key in ("reward/mean", "reward/std", "score/mean", "kl/mean", "kl/coef", "entropy", "policy/loss",
-                "policy/clipfrac", "policy/approx_kl", "value/loss", "value/clipfrac", "value/explained_variance",
-                "response/length", "time/rollout_s", "time/train_s", "time/step_s", "tokens_per_s"):
+    for key in ("reward/mean", "reward/std", "score/mean", "score/std", "kl/mean", "kl/coef", "policy/entropy",
+                "policy/loss", "policy/clipfrac", "policy/approx_kl", "policy/updates", "value/loss", "value/clipfrac",
+                "value/explained_variance", "response/length", "time/rollout_s", "time/train_s", "time/step_s",
+                "tokens_per_s"):
         assert key in rows[-1], key
+    assert "ptx/loss" not in rows[-1]  # PPO-ptx is off
+    # reward = score - beta * KL per response, so the means differ by beta times the mean KL
+    for r in rows:
+        assert r["reward/mean"] == pytest.approx(r["score/mean"] - 0.05 * r["kl/mean"], rel=1e-4, abs=1e-6)
+    assert all(r["policy/updates"] == 2 * 2 for r in rows)  # ppo.epochs x ppo.minibatches
     # dropout off and the same logprobs: the first ratio of every step is exactly 1
     assert all(r["policy/ratio_dev_first"] == 0.0 for r in rows)
     samples = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
@@ -54,7 +61,7 @@ def test_programmatic_reward_rises_with_bounded_kl(tiny, prompts, tmp_path):
     ref = result.reference.state_dict()
     fresh = type(result.reference).from_pretrained(tiny).state_dict()
     assert all(torch.equal(ref[k], fresh[k]) for k in fresh)
-    assert any(not torch.equal(p, fresh[n]) for n, p in result.actor.state_dict().items() if n in fresh)
+    assert any(not torch.equal(p, fresh[n]) for n, p in result.policy.state_dict().items() if n in fresh)
 
 
 def test_bfloat16_ppo_still_raises_the_reward(tiny, prompts, tmp_path):
@@ -88,7 +95,8 @@ def test_learned_reward_model_rises_and_stays_frozen(tiny, prompts, tmp_path):
     frozen = result.reward.sources[0][1].model.state_dict()
     saved = type(result.reward.sources[0][1].model).from_pretrained(rm.final_dir).state_dict()
     assert all(torch.equal(frozen[k], saved[k]) for k in saved)
-    assert before.keys()  # the RM trained above is what PPO read
+    # the RM trained above is what PPO read: its weights, unchanged
+    assert before.keys() == saved.keys() and all(torch.equal(before[k], saved[k]) for k in saved)
 
 
 def test_lora_ppo_uses_the_adapter_disabled_base_as_reference(tiny, prompts, tmp_path):
@@ -98,7 +106,7 @@ def test_lora_ppo_uses_the_adapter_disabled_base_as_reference(tiny, prompts, tmp
                                   **{"lora.r": 4, "lora.alpha": 8}), reward_fn=digit_fraction)
     assert result.reference is None  # no second copy of the base weights
     base = AutoModelForCausalLM.from_pretrained(tiny).state_dict()
-    for name, p in result.actor.named_parameters():
+    for name, p in result.policy.named_parameters():
         if "lora_" not in name:
             key = name.replace("base_model.model.", "").replace(".base_layer", "")
             assert not p.requires_grad and torch.equal(p.detach(), base[key]), name
@@ -131,7 +139,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, prompts, tmp_path):
             assert rb[k] == pytest.approx(ra[k], rel=1e-6, abs=1e-7), (ra["step"], k)
 
 
-def test_shared_critic_and_ptx_run(tiny, prompts, tmp_path):
+def test_shared_critic_and_ptx_learn(tiny, prompts, tmp_path):
     from tests.helpers import sft_rows
 
     ptx = write_jsonl(tmp_path / "ptx.jsonl", sft_rows(8))
@@ -145,3 +153,24 @@ def test_shared_critic_and_ptx_run(tiny, prompts, tmp_path):
     assert all(r["policy/ratio_dev_first"] == 0.0 for r in rows)
     assert rows[-1]["value/loss"] > 0 and (tmp_path / "shared" / "final_critic" / "value_head.safetensors").exists()
     assert (result.final_dir / "config.json").exists()
+    # the ptx loss is logged every step and falls: the mixed-in LM loss trains on the ptx text
+    ptx_loss = [r["ptx/loss"] for r in rows]
+    assert all(math.isfinite(v) and v > 0 for v in ptx_loss)
+    first, last = first_last(rows, "ptx/loss")
+    assert last < first, (first, last)
+
+
+def test_ptx_coef_weighs_the_language_model_loss(tiny, prompts, tmp_path):
+    """The ptx term is in the gradient: with ptx.coef = 1 the LM loss on the ptx text ends lower than
+    with a negligible coefficient, on the same rollouts' seeds."""
+    from tests.helpers import sft_rows
+
+    ptx = write_jsonl(tmp_path / "ptx.jsonl", sft_rows(8))
+    last = {}
+    for coef in (1e-6, 1.0):
+        train_ppo(ppo_config(tiny, prompts, tmp_path / f"ptx{coef}", max_steps=8, batch_size=8,
+                             **{"ptx.coef": coef, "ptx.data": str(ptx), "ptx.batch_size": 8}),
+                  reward_fn=digit_fraction)
+        rows = read_metrics(tmp_path / f"ptx{coef}" / "metrics.jsonl")
+        last[coef] = sum(r["ptx/loss"] for r in rows[-3:]) / 3
+    assert last[1.0] < 0.8 * last[1e-6], last

@@ -30,15 +30,16 @@ from rufus.config import atomic_write
 # draws a panel for each key it logged; keys it never logged are skipped, so one list serves
 # sft, rm, ppo, grpo, rloo, dpo and bon without per-algorithm branches.
 CURVE_KEYS = (
-    "reward/mean", "score/mean", "reward/score", "bon/score_mean", "reward/gold",
-    "kl/mean", "entropy",
+    "reward/mean", "score/mean", "score/gold",
+    "kl/mean", "policy/entropy",
     "policy/loss", "value/loss", "dpo/loss", "loss", "rm/loss", "eval/loss",
     "rm/accuracy", "eval/rm/accuracy",
 )
-# Any other "reward/<name>" key (a reward component) is plotted too, except these bookkeeping
-# series, which restate a plotted one or are diagnostics rather than rewards.
-REWARD_PREFIX = "reward/"
-REWARD_EXCLUDED = {"reward/raw", "reward/score_std", "reward/no_eos", "reward/running_std", "reward/clipped"}
+# Any other "score/<name>" key (a reward source's mean score) is plotted too, except these
+# bookkeeping series, which restate a plotted one or are diagnostics rather than sources.
+REWARD_PREFIX = "score/"
+REWARD_EXCLUDED = {"score/raw", "score/std", "score/running_std", "score/clipped", "score/kept", "score/chosen",
+                   "score/rejected"}
 MAX_COLUMNS = 4
 DPI = 100
 

@@ -16,10 +16,10 @@ For a batch of B (prompt, completion) texts, in this order:
    the KL penalty is weighed against (Ziegler et al. 2019; N+ details, detail 24);
 5. clipping (optional): r clamped to [-clip, clip].
 
-`stats` holds per-source means ``reward/{name}``, ``reward/raw`` (the mean of step 2),
-``reward/no_eos`` (the fraction without EOS), ``reward/score`` and ``reward/score_std`` (the final
-scores), plus ``reward/running_std`` with scaling and ``reward/clipped`` (the fraction clipped)
-with clipping.
+`stats` holds per-source means ``score/{name}``, ``score/raw`` (the mean of step 2),
+``response/no_eos`` (the fraction without EOS), plus ``score/running_std`` with scaling and
+``score/clipped`` (the fraction clipped) with clipping. The final scores' mean and std over every
+process are the trainers' ``score/mean`` and ``score/std`` (docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ import torch
 
 from rufus.rewards.sources import FunctionReward, ModelReward, load_reward_function, to_scores
 
-RESERVED = ("raw", "no_eos", "score", "score_std", "running_std", "clipped")
+# names the trainers log under score/ themselves: no reward source may take them
+RESERVED = ("raw", "running_std", "clipped", "mean", "std", "kept", "best", "chosen", "rejected", "score")
 
 
 class RunningMoments:
@@ -161,26 +162,24 @@ class RewardPipeline:
         raw = torch.zeros(n, dtype=torch.float32)  # (B,) r = sum_i w_i * s_i
         for (name, source), w in zip(self.sources, self.weights):
             s = to_scores(source(prompts, completions, **kw), n, f"reward source {name!r}")  # (B,) s_i
-            stats[f"reward/{name}"] = s.mean().item()
+            stats[f"score/{name}"] = s.mean().item()
             raw += w * s
-        stats["reward/raw"] = raw.mean().item()
+        stats["score/raw"] = raw.mean().item()
 
         scores = raw
         if has_eos is not None:
-            stats["reward/no_eos"] = (~has_eos).float().mean().item()
+            stats["response/no_eos"] = (~has_eos).float().mean().item()
             if self.missing_eos_penalty is not None:
                 scores = torch.where(has_eos, scores, torch.full_like(scores, self.missing_eos_penalty))
         if self.scale:
             self.moments.update(self.gather(scores) if self.gather is not None else scores)
             std = self.moments.std
-            stats["reward/running_std"] = std
+            stats["score/running_std"] = std
             if std > self.eps:
                 scores = scores / std
         if self.clip is not None:
-            stats["reward/clipped"] = (scores.abs() > self.clip).float().mean().item()
+            stats["score/clipped"] = (scores.abs() > self.clip).float().mean().item()
             scores = scores.clamp(-self.clip, self.clip)
-        stats["reward/score"] = scores.mean().item()
-        stats["reward/score_std"] = scores.std(unbiased=False).item()
         return scores, stats
 
     def state_dict(self) -> dict[str, Any]:

@@ -4,7 +4,7 @@ Best-of-n sampling against a reward is the baseline of Nakano et al. 2021 (WebGP
 Stiennon et al. 2020; fine-tuning on the kept samples and sampling again from the improved policy
 is RAFT (Dong et al. 2023), ReST's Improve/Grow loop (Gulcehre et al. 2023), Llama 2's rejection
 sampling (Touvron et al. 2023, Sec. 3.2.3) and expert iteration. Each round:
-  1. sample bon.n responses per prompt from the current policy;
+  1. sample bon.group_size (n) responses per prompt from the current policy;
   2. score them with the reward sources;
   3. keep the best bon.top_k of each prompt's n (at least bon.threshold, if set): `rufus.bon.select_best`;
   4. fine-tune on the kept (prompt, response) pairs with the SFT loss, response tokens only;
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 class BoNSection:
     """Best-of-n rejection sampling: samples per prompt, which are kept, how many rounds."""
 
-    n: int = opt(4, "responses sampled per prompt each round")
+    group_size: int = opt(4, "n: responses sampled per prompt each round")
     top_k: int = opt(1, "responses kept per prompt: the top_k highest-scoring of its n")
     threshold: float | None = opt(None, "keep only responses scoring at least this (among the top_k); None = no threshold")
     rounds: int = opt(1, "rounds of sample -> score -> keep -> fine-tune, each sampling from the policy as it then is")
@@ -78,7 +78,7 @@ class BoNResult:
     rounds: int
     steps: int  # SFT optimiser steps over all rounds
     metrics: list[dict]  # one row per round written to metrics.jsonl by this process (main process only)
-    model: object = None  # the trained policy (unwrapped; a peft model under LoRA)
+    policy: object = None  # the trained policy (unwrapped; a peft model under LoRA)
     reward: object = None  # the RewardPipeline
 
 
@@ -131,10 +131,10 @@ def train_bon(config: BoNConfig | dict, reward_fn=None) -> BoNResult:
         kept, sums = [], torch.zeros(5, dtype=torch.float64)  # score sum, score^2 sum, samples, length sum, no EOS
         for start in range(0, len(mine), chunk):
             group = [prompts[i] for i in mine[start:start + chunk]]
-            rep = [p for p in group for _ in range(b.n)]  # prompt g's samples sit at g*n .. g*n+n-1
+            rep = [p for p in group for _ in range(b.group_size)]  # prompt g's samples sit at g*n .. g*n+n-1
 
             # 1. sample n responses per prompt from the current policy
-            ro = online.sample(cfg, acc, policy, tokenizer, group, b.n)
+            ro = online.sample(cfg, acc, policy, tokenizer, group, b.group_size)
 
             # 2. score them
             scores, _ = reward(ro.prompts, ro.completions, ro.has_eos, **ro.extra)  # (G*n,)
@@ -143,7 +143,7 @@ def train_bon(config: BoNConfig | dict, reward_fn=None) -> BoNResult:
                                  dtype=torch.float64)
 
             # 3. keep the best: top_k of each prompt's n, at least threshold
-            for j in select_best(scores, b.n, top_k=b.top_k, threshold=b.threshold):
+            for j in select_best(scores, b.group_size, top_k=b.top_k, threshold=b.threshold):
                 kept.append(_example(rep[j], ro, j, float(scores[j]), cfg.data.completion_only_loss))
         t_sample = time.perf_counter() - t0
         kept = gather_object(kept) if world > 1 else kept  # every process holds the whole kept set, rank order
@@ -162,12 +162,12 @@ def train_bon(config: BoNConfig | dict, reward_fn=None) -> BoNResult:
 
         # 5. log, samples, checkpoint
         score_mean = sums[0] / sums[2]
-        row.update({"bon/score_mean": score_mean, "bon/score_std": max(sums[1] / sums[2] - score_mean**2, 0.0) ** 0.5,
-                    "bon/kept": len(kept), "bon/kl_bound": bon_kl_bound(b.n), "response/length": sums[3] / sums[2],
+        row.update({"score/mean": score_mean, "score/std": max(sums[1] / sums[2] - score_mean**2, 0.0) ** 0.5,
+                    "bon/kept": len(kept), "bon/kl_bound": bon_kl_bound(b.group_size), "response/length": sums[3] / sums[2],
                     "response/no_eos": sums[4] / sums[2], "lr": scheduler.get_last_lr()[0], "sft/updates": updates,
                     "time/sample_s": t_sample, "time/train_s": t_train, "time/round_s": time.perf_counter() - t0})
         if kept:
-            row["bon/score_best"] = sum(k["score"] for k in kept) / len(kept)
+            row["score/kept"] = sum(k["score"] for k in kept) / len(kept)
         samples.write([{"step": rnd, "prompt": k["prompt"] if isinstance(k["prompt"], str) else k["prompt"][-1]["content"],
                         "response": k["response"], "score": k["score"]} for k in kept[:cfg.num_samples]])
         online.end_step(run, logger, progress, rnd, b.rounds, row, postfix={"score": score_mean},
@@ -178,17 +178,17 @@ def train_bon(config: BoNConfig | dict, reward_fn=None) -> BoNResult:
 
     final_dir = common.save_final(run, policy, tokenizer)
     logger.close()
-    common.finish_run(run, ["bon/score_mean", "bon/score_best", "bon/kept", "loss"])
+    common.finish_run(run, ["score/mean", "score/kept", "bon/kept", "loss"])
     return BoNResult(Path(cfg.output_dir), final_dir, b.rounds, updates, logger.rows, policy, reward)
 
 
 def _check(cfg: BoNConfig) -> None:
     """The bon section's values make sense together (before anything loads)."""
     b = cfg.bon
-    if b.n < 1:
-        raise ConfigError(f"bon.n: must be at least 1, got {b.n}")
-    if not 1 <= b.top_k <= b.n:
-        raise ConfigError(f"bon.top_k: must be between 1 and bon.n={b.n}, got {b.top_k}")
+    if b.group_size < 1:
+        raise ConfigError(f"bon.group_size: must be at least 1, got {b.group_size}")
+    if not 1 <= b.top_k <= b.group_size:
+        raise ConfigError(f"bon.top_k: must be between 1 and bon.group_size={b.group_size}, got {b.top_k}")
     if b.rounds < 1:
         raise ConfigError(f"bon.rounds: must be at least 1, got {b.rounds}")
     if b.prompts_per_round is not None and b.prompts_per_round < 1:

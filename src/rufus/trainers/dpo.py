@@ -81,7 +81,7 @@ class DPOResult:
     final_dir: Path
     steps: int
     metrics: list[dict]
-    model: object = None  # the trained policy (unwrapped; a peft model under LoRA)
+    policy: object = None  # the trained policy (unwrapped; a peft model under LoRA)
     reference: object = None  # the reference model if one is still loaded (None under LoRA or once freed)
     eval: dict | None = None  # eval/... metrics on data.eval at the end
 
@@ -348,10 +348,9 @@ def _online_pairs(cfg, acc, policy, tokenizer, prompts, reward, r: int, k: int, 
     pairs = gather_object(pairs) if acc.num_processes > 1 else pairs
     s = acc.reduce(sums.to(acc.device), reduction="sum").tolist()  # score, chosen, rejected, ties, length
     made = max(len(pairs), 1)
-    stats = {"online/pairs": len(pairs), "online/ties": s[3], "online/score_mean": s[0] / (2 * n),
-             "online/score_chosen": s[1] / made, "online/score_rejected": s[2] / made,
-             "online/response_length": s[4] / (2 * n)}
+    stats = {"online/pairs": len(pairs), "online/ties": s[3], "score/mean": s[0] / (2 * n),
+             "score/chosen": s[1] / made, "score/rejected": s[2] / made, "response/length": s[4] / (2 * n)}
     log.info("round %d: %d pairs from %d prompts (%d ties), mean score %.4f", r, len(pairs), n, int(s[3]),
-             stats["online/score_mean"])
+             stats["score/mean"])
     return pairs, stats
 

@@ -9,7 +9,7 @@ Each step:
   1. sample G responses for each of batch_size prompts from the current policy (pi_old);
   2. score them (reward sources) and compute pi_old (and pi_ref) logprobs;
   3. group-relative advantages;
-  4. grpo.iterations passes of clipped updates in grpo.minibatches;
+  4. grpo.epochs passes of clipped updates in grpo.minibatches;
   5. log, sample, checkpoint.
 """
 
@@ -38,7 +38,7 @@ class GRPOSection:
         "(GRPO paper); constant: sum / (max_new_tokens x responses) (Dr. GRPO)")
     clip: float = opt(0.2, "lower clip range epsilon of the ratio (and upper, unless clip_high is set)")
     clip_high: float | None = opt(None, "upper clip range (DAPO clip-higher uses 0.28)")
-    iterations: int = opt(1, "mu: policy updates per generation batch")
+    epochs: int = opt(1, "mu: update passes over each batch of samples")
     minibatches: int = opt(1, "optimiser steps per update pass")
     drop_equal_groups: bool = opt(False, "leave out groups whose rewards are all equal (zero advantage; DAPO)")
 
@@ -68,7 +68,7 @@ class GRPOResult:
     final_dir: Path
     steps: int
     metrics: list[dict]
-    model: object = None
+    policy: object = None  # the trained policy (unwrapped; a peft model under LoRA)
     reference: object = None  # None when kl.coef == 0 or under LoRA
 
 
@@ -123,8 +123,9 @@ def train_grpo(config: GRPOConfig | dict, reward_fn=None) -> GRPOResult:
         loss, stats = grpo_policy_loss(out["logprobs"], part.logprobs, part.ref_logprobs, part.advantages,
                                        part.response_mask, clip=cfg.grpo.clip, clip_high=cfg.grpo.clip_high,
                                        kl_coef=cfg.kl.coef, aggregation=aggregation, normalizer=normalizer)
-        stats = {k: float(v) for k, v in stats.items()}
-        stats["entropy"] = masked_mean(out["entropy"].detach(), part.response_mask).item()
+        stats = {"policy/loss": loss.item(), **{f"policy/{k}": float(v) for k, v in stats.items()}}
+        stats["policy/ref_kl"] = stats.pop("policy/kl")  # mean k3 to pi_ref per token, the loss's KL term
+        stats["policy/entropy"] = masked_mean(out["entropy"].detach(), part.response_mask).item()
         return loss, stats
 
     progress = common.progress_bar(cfg, acc, max_steps, start_step, desc="grpo")
@@ -139,9 +140,9 @@ def train_grpo(config: GRPOConfig | dict, reward_fn=None) -> GRPOResult:
         # 2. scores; pi_old and pi_ref logprobs
         ro.scores, reward_stats = reward(ro.prompts, ro.completions, ro.has_eos, **ro.extra)
         ro.scores = ro.scores.to(acc.device)  # (B*G,)
-        # one update over the whole batch (grpo.iterations = minibatches = 1): pi_old comes from the
+        # one update over the whole batch (grpo.epochs = minibatches = 1): pi_old comes from the
         # update's own forward pass, not from a pass of its own
-        single_update = cfg.grpo.iterations == 1 and cfg.grpo.minibatches == 1
+        single_update = cfg.grpo.epochs == 1 and cfg.grpo.minibatches == 1
         online.old_and_ref_logprobs(cfg, acc, policy, reference, ro, micro_size, with_reference=use_kl,
                                     with_old=not single_update)
         sampled_mask = ro.response_mask
@@ -157,7 +158,7 @@ def train_grpo(config: GRPOConfig | dict, reward_fn=None) -> GRPOResult:
         t_train = time.perf_counter()
         stats = {}
         if ro.response_mask.sum() > 0 or acc.num_processes > 1:
-            stats = online.update_epochs(cfg, acc, ro, [policy], [optimizer], epochs=cfg.grpo.iterations,
+            stats = online.update_epochs(cfg, acc, ro, [policy], [optimizer], epochs=cfg.grpo.epochs,
                                          minibatches=cfg.grpo.minibatches, micro_size=micro_size, step=step,
                                          forward=forward, loss_fn=loss_fn)
         scheduler.step()

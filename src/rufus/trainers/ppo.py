@@ -100,7 +100,7 @@ class PPOResult:
     final_dir: Path
     steps: int
     metrics: list[dict]
-    actor: object = None
+    policy: object = None  # the trained policy (the actor; unwrapped, a peft model under LoRA)
     critic: object = None
     reference: object = None  # None under LoRA (the base with adapters disabled is the reference)
     reward: object = None  # the RewardPipeline
@@ -214,7 +214,6 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
                                           minibatches=cfg.ppo.minibatches, micro_size=micro_size, step=step,
                                           forward=forward, loss_fn=loss_fn, target_kl=cfg.ppo.target_kl))
         stats["value/explained_variance"] = explained_variance(ro.values, ro.returns, ro.response_mask)
-        stats["ppo/updates"] = stats.pop("policy/updates")
         for sched in schedulers.values():
             sched.step()
         t_train = time.perf_counter() - t_train
@@ -246,7 +245,7 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
         else:
             models["critic"].save_pretrained(run.output_dir / "final_critic")
     logger.close()
-    common.finish_run(run, ["reward/mean", "score/mean", "kl/mean", "entropy", "policy/loss", "value/loss"])
+    common.finish_run(run, ["reward/mean", "score/mean", "kl/mean", "policy/entropy", "policy/loss", "value/loss"])
     return PPOResult(Path(cfg.output_dir), final_dir, max_steps, logger.rows, policy,
                      models.get("critic", models["actor"]), reference, reward)
 
@@ -313,10 +312,9 @@ def _ppo_loss(cfg, part, out, micro) -> tuple[torch.Tensor, dict]:
                               aggregation="sum", normalizer=micro.tokens)
     entropy = (out["entropy"] * mask).sum() / micro.tokens
     loss = pg + cfg.ppo.vf_coef * vf - cfg.ppo.entropy_coef * entropy
-    return loss, {"policy/loss": pg.item(), "value/loss": vf.item(),
-                  "entropy": masked_mean(out["entropy"].detach(), mask).item(),
-                  "policy/clipfrac": float(pg_stats["clipfrac"]), "policy/approx_kl": float(pg_stats["approx_kl"]),
-                  "value/clipfrac": float(vf_stats["clipfrac"])}
+    return loss, {"policy/loss": pg.item(), "value/loss": vf.item(), "value/clipfrac": float(vf_stats["clipfrac"]),
+                  "policy/entropy": masked_mean(out["entropy"].detach(), mask).item(),
+                  **{f"policy/{k}": float(v) for k, v in pg_stats.items()}}
 
 
 def _ptx_data(cfg, tokenizer):

@@ -7,7 +7,7 @@ REINFORCE++ (Hu et al. 2025): per-token rewards r_t = -beta * KL_t plus the scor
 token, returns G_t = sum_{s >= t} r_s, normalised over the whole batch; "_baseline" first
 subtracts each prompt's mean score. Both then take clipped-ratio steps (one pass by default,
 which is plain REINFORCE with ratio 1). Each step:
-  1. sample rloo.k responses per prompt; 2. score, pi_old and pi_ref logprobs;
+  1. sample rloo.group_size responses per prompt; 2. score, pi_old and pi_ref logprobs;
   3. advantages (leave-one-out, or REINFORCE++ returns); 4. update; 5. log, checkpoint.
 """
 
@@ -28,7 +28,7 @@ from rufus.trainers import common, online
 class RLOOSection:
     """Samples per prompt, the advantage estimator and the update."""
 
-    k: int = opt(4, "responses sampled per prompt")
+    group_size: int = opt(4, "k: responses sampled per prompt")
     advantage: Literal["rloo", "reinforce_pp", "reinforce_pp_baseline"] = opt(
         "rloo", "rloo: leave-one-out over the k samples; reinforce_pp: per-token KL rewards, returns "
         "normalised over the batch; reinforce_pp_baseline: minus each prompt's mean score first")
@@ -50,7 +50,7 @@ class RLOOConfig(OnlineArgs, LogArgs, OptimArgs, RunArgs, ModelArgs):
 
     output_dir: str = opt("runs/rloo", "directory for config.yaml, metrics.jsonl, samples.jsonl, checkpoints/ and final/")
     lr: float = opt(1e-6, "learning rate")
-    batch_size: int = opt(8, "prompts per step, over all processes (each sampled rloo.k times)")
+    batch_size: int = opt(8, "prompts per step, over all processes (each sampled rloo.group_size times)")
     grad_accum: int = opt(1, "micro-batches per minibatch")
     rloo: RLOOSection = opt(RLOOSection, "estimator and update")
     kl: RLOOKL = opt(RLOOKL, "KL penalty")
@@ -62,7 +62,7 @@ class RLOOResult:
     final_dir: Path
     steps: int
     metrics: list[dict]
-    model: object = None
+    policy: object = None  # the trained policy (unwrapped; a peft model under LoRA)
     reference: object = None
 
 
@@ -84,11 +84,11 @@ def train_rloo(config: RLOOConfig | dict, reward_fn=None) -> RLOOResult:
     cfg = as_config(RLOOConfig, config)
     run = common.start_run(cfg)
     acc = run.accelerator
-    K = cfg.rloo.k
+    K = cfg.rloo.group_size
     if K < 2:
-        raise ConfigError("rloo.k: the leave-one-out baseline needs at least 2 samples per prompt")
+        raise ConfigError("rloo.group_size: the leave-one-out baseline needs at least 2 samples per prompt")
     micro_size = online.micro_batch_size(cfg.batch_size, acc.num_processes, K, cfg.rloo.minibatches, cfg.grad_accum,
-                                         samples_key="rloo.k", minibatches_key="rloo.minibatches")
+                                         samples_key="rloo.group_size", minibatches_key="rloo.minibatches")
 
     # 0. prompts and reward sources before the models
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code,
@@ -124,8 +124,8 @@ def train_rloo(config: RLOOConfig | dict, reward_fn=None) -> RLOOResult:
         normalizer = micro.sequences if cfg.rloo.advantage == "rloo" else micro.tokens
         loss, stats = policy_loss(out["logprobs"], part.logprobs, adv, part.response_mask, clip=cfg.rloo.clip,
                                   aggregation="sum", normalizer=normalizer)
-        stats = {k: float(v) for k, v in stats.items()}
-        stats["entropy"] = masked_mean(out["entropy"].detach(), part.response_mask).item()
+        stats = {"policy/loss": loss.item(), **{f"policy/{k}": float(v) for k, v in stats.items()}}
+        stats["policy/entropy"] = masked_mean(out["entropy"].detach(), part.response_mask).item()
         return loss, stats
 
     progress = common.progress_bar(cfg, acc, max_steps, start_step, desc=cfg.rloo.advantage)
