@@ -6,8 +6,8 @@ A refactoring of the trainers must leave these numbers as they were (within floa
     python scripts/fixed_seed_metrics.py --out after.json       # on the new code
     python scripts/fixed_seed_metrics.py --compare before.json after.json
 
-Timing keys (time/..., tokens_per_s) are left out; everything else a trainer logs is kept. A key
-renamed in between is matched through RENAMED below.
+Timing keys (time/..., tokens_per_s) are left out; everything else a trainer logs is kept. Keys
+renamed in between (config and metrics) are matched through OLD_CONFIG_KEYS and `renamed` below.
 """
 
 from __future__ import annotations
@@ -22,8 +22,36 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# old key -> new key, for the comparison of runs before and after a rename
-RENAMED: dict[str, str] = {}
+# config keys as the code before the one-name-per-concept renames spelled them
+OLD_CONFIG_KEYS = {("grpo", "epochs"): "iterations", ("rloo", "group_size"): "k", ("bon", "group_size"): "n"}
+# logged keys renamed then: old -> new
+RENAMED = {"entropy": "policy/entropy", "approx_kl": "policy/approx_kl", "clipfrac": "policy/clipfrac",
+           "ratio_mean": "policy/ratio_mean", "ratio_max": "policy/ratio_max", "kl": "policy/ref_kl",
+           "ppo/updates": "policy/updates", "reward/raw": "score/raw", "reward/no_eos": "response/no_eos",
+           "reward/digit_fraction": "score/digit_fraction", "bon/score_mean": "score/mean",
+           "bon/score_std": "score/std", "bon/score_best": "score/kept", "online/score_mean": "score/mean",
+           "online/score_chosen": "score/chosen", "online/score_rejected": "score/rejected",
+           "online/response_length": "response/length"}
+# dropped then: the reward pipeline's one-process score mean and std (score/mean, score/std now)
+DROPPED = {"reward/score", "reward/score_std"}
+
+
+def renamed(run: str, key: str) -> str | None:
+    """The new name of an old logged key (None: no longer logged). GRPO's and RLOO's reward/mean and
+    reward/std were the score's; reward/... is now the KL-penalised reward in every trainer."""
+    if key in DROPPED:
+        return None
+    if run.startswith(("grpo", "rloo", "reinforce")) and key in ("reward/mean", "reward/std"):
+        return key.replace("reward/", "score/")
+    return RENAMED.get(key, key)
+
+
+def with_old_keys(cfg: dict) -> dict:
+    cfg = json.loads(json.dumps(cfg))
+    for (section, new), old in OLD_CONFIG_KEYS.items():
+        if new in cfg.get(section, {}):
+            cfg[section][old] = cfg[section].pop(new)
+    return cfg
 
 
 def digit_fraction(prompts, completions, **kw):
@@ -52,15 +80,16 @@ def runs(model: str, prompts: str, sft: str, out: Path) -> dict[str, tuple[str, 
         "ppo_lora_adaptive": ("ppo", cfg("ppo_lora_adaptive", lora={"r": 4}, lr=1e-2,
                                          kl={"coef": 0.1, "target": 1.0, "horizon": 100})),
         "grpo": ("grpo", cfg("grpo", grpo={"group_size": 4}, kl={"coef": 0.04})),
-        "grpo_multi": ("grpo", cfg("grpo_multi", grpo={"group_size": 4, "iterations": 2, "minibatches": 2,
+        "grpo_multi": ("grpo", cfg("grpo_multi", grpo={"group_size": 4, "epochs": 2, "minibatches": 2,
                                                        "loss_aggregation": "constant", "scale_rewards": False,
                                                        "clip_high": 0.28}, kl={"coef": 0.04})),
-        "rloo": ("rloo", cfg("rloo", rloo={"k": 4}, kl={"coef": 0.05})),
-        "reinforce_pp": ("rloo", cfg("reinforce_pp", rloo={"k": 4, "advantage": "reinforce_pp", "epochs": 2})),
+        "rloo": ("rloo", cfg("rloo", rloo={"group_size": 4}, kl={"coef": 0.05})),
+        "reinforce_pp": ("rloo", cfg("reinforce_pp", rloo={"group_size": 4, "advantage": "reinforce_pp",
+                                                           "epochs": 2})),
         "reinforce_pp_baseline": ("rloo", cfg("reinforce_pp_baseline",
-                                              rloo={"k": 4, "advantage": "reinforce_pp_baseline"})),
+                                              rloo={"group_size": 4, "advantage": "reinforce_pp_baseline"})),
         "dpo_online": ("dpo", cfg("dpo_online", dpo={"rounds": 2, "prompts_per_round": 8}, max_steps=2)),
-        "bon": ("bon", cfg("bon", bon={"n": 4, "rounds": 2, "prompts_per_round": 8}, max_steps=2)),
+        "bon": ("bon", cfg("bon", bon={"group_size": 4, "rounds": 2, "prompts_per_round": 8}, max_steps=2)),
     }
 
 
@@ -75,6 +104,7 @@ def main() -> None:
         sys.exit(compare(*args.compare, rtol=args.rtol))
 
     import rufus
+    import rufus.config
     from rufus.models.tiny import build_tiny
     from tests.helpers import arithmetic_prompts, sft_rows, tiny_corpus, write_jsonl
 
@@ -89,7 +119,12 @@ def main() -> None:
         for name, (algo, cfg) in runs(model, prompts, sft, tmp / "runs").items():
             if args.only and name not in args.only:
                 continue
-            result = trainers[algo](cfg, reward_fn=digit_fraction)
+            try:
+                result = trainers[algo](cfg, reward_fn=digit_fraction)
+            except rufus.config.ConfigError as e:  # the code before the renames
+                if "unknown key" not in str(e):
+                    raise
+                result = trainers[algo](with_old_keys(cfg), reward_fn=digit_fraction)
             results[name] = [{k: v for k, v in row.items() if not (k.startswith("time/") or k == "tokens_per_s")}
                              for row in result.metrics]
             print(name, json.dumps(results[name][-1], sort_keys=True), flush=True)
@@ -106,7 +141,7 @@ def compare(before: str, after: str, rtol: float) -> int:
             continue
         worst, missing = 0.0, set()
         for step, (ra, rb) in enumerate(zip(a[name], b[name], strict=True), 1):
-            ra = {RENAMED.get(k, k): v for k, v in ra.items()}
+            ra = {renamed(name, k): v for k, v in ra.items() if renamed(name, k)}
             missing |= set(ra) ^ set(rb)
             for k in set(ra) & set(rb):
                 x, y = ra[k], rb[k]

@@ -57,6 +57,29 @@ def load_value_model(name: str, *, tokenizer, from_reward_model: bool, trust_rem
     return ValueModel(classifier)
 
 
+def load_critic(name: str, *, tokenizer, lora=None, trust_remote_code: bool = False, **load_kwargs) -> ValueModel:
+    """PPO's critic from `name`, ready to train: a reward model (its architecture ends in
+    ForSequenceClassification) keeps its head, any other checkpoint gets a zero head; dropout off (the
+    values of the rollout and of the update's first pass agree); LoRA adapters with the head trained in
+    full when `lora.r` > 0. `load_kwargs` as `load_value_model`."""
+    from transformers import AutoConfig
+
+    from rufus.config import ConfigError
+    from rufus.models.loading import apply_lora, resolve_model_path, set_dropout
+
+    arch = AutoConfig.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code).architectures
+    from_rm = any(a.endswith("ForSequenceClassification") for a in arch or [])
+    critic = load_value_model(name, tokenizer=tokenizer, from_reward_model=from_rm,
+                              trust_remote_code=trust_remote_code, **load_kwargs)
+    if critic.classifier.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        raise ConfigError(f"critic.model: {name} has a smaller vocabulary than the policy's tokenizer")
+    set_dropout(critic, 0.0)
+    if lora is not None and lora.r > 0:
+        critic = ValueModel(apply_lora(critic.classifier, lora, task_type="SEQ_CLS",
+                                       modules_to_save=head_module_names(critic.classifier)))
+    return critic
+
+
 def values_at_response(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        prompt_length: int) -> torch.Tensor:
     """(B, A) V_t: the value at the position that emits response token t (position P - 1 + t)."""

@@ -17,12 +17,19 @@ def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                     temperature: float = 1.0) -> torch.Tensor:
     """(B, A, V) the logits that predicted each response token, divided by the sampling temperature
     (N implementation details #10: the logprobs must be those of the distribution sampled from)."""
+    return response_outputs(model, input_ids, attention_mask, prompt_length, temperature)[1]
+
+
+def response_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
+                     temperature: float = 1.0):
+    """(the model's whole output, (B, A, V) response logits as `response_logits`): for a model whose
+    output carries more than logits (a shared actor-critic's values)."""
     out = model(input_ids=input_ids, attention_mask=attention_mask,
                 position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     logits = out.logits[:, prompt_length - 1:-1]  # position P-1+t predicts response token t
     if temperature != 1.0 and temperature > 0:
         logits = logits / temperature
-    return logits
+    return out, logits
 
 
 def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,

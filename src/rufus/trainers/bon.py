@@ -111,17 +111,10 @@ def train_bon(config: BoNConfig | dict, reward_fn=None) -> BoNResult:
     steps_cap = cfg.max_steps if cfg.max_steps > 0 else _sft_steps(cfg, per_round * b.top_k)
     collate = SFTCollator(tokenizer.pad_token_id)
 
-    model = common.load_trainable_lm(cfg, tokenizer)
-    optimizer, scheduler = common.make_optimizer(cfg, model, b.rounds * steps_cap)
-    model, optimizer = acc.prepare(model, optimizer)
+    model, optimizer, scheduler = online.load_policy(cfg, run, tokenizer, b.rounds * steps_cap, dropout_off=False)
     policy = acc.unwrap_model(model)
-    start_round, saved = common.maybe_resume(run, policy, optimizer, scheduler)
-    updates = 0
-    if saved:
-        reward.load_state_dict(saved["reward"])
-        updates = saved["updates"]
-    logger = common.open_metrics(run, start_round)
-    samples = online.SamplesFile(run, resume_step=start_round)
+    start_round, saved, logger, samples = online.open_outputs(run, policy, optimizer, scheduler, reward)
+    updates = saved.get("updates", 0)
 
     chunk = b.prompts_per_generate or cfg.batch_size
     progress = common.progress_bar(cfg, acc, b.rounds, start_round, desc="bon")

@@ -91,7 +91,7 @@ def train_dpo(config: DPOConfig | dict, reward_fn=None) -> DPOResult:
     functions) adds Python reward sources to `config.reward`, for online rounds."""
     from rufus.data.dpo import PairCollator, load_pairs_or_prompts, tokenize_pairs
     from rufus.data.loading import load_records
-    from rufus.models.loading import load_tokenizer, set_dropout
+    from rufus.models.loading import load_tokenizer
 
     cfg = as_config(DPOConfig, config)
     _check(cfg)
@@ -128,11 +128,8 @@ def train_dpo(config: DPOConfig | dict, reward_fn=None) -> DPOResult:
     no_grad_size = cfg.batch_size // acc.num_processes  # pairs per forward pass without gradients
 
     # policy (dropout off: pi == pi_ref at the start, loss log 2) and reference
-    model = common.load_trainable_lm(cfg, tokenizer)
-    set_dropout(model, 0.0)
+    model, optimizer, scheduler = online.load_policy(cfg, run, tokenizer, max_steps)
     reference = online.load_reference(cfg, run, tokenizer)
-    optimizer, scheduler = common.make_optimizer(cfg, model, max_steps)
-    model, optimizer = acc.prepare(model, optimizer)
     policy = acc.unwrap_model(model)
     start_step, saved = common.maybe_resume(run, policy, optimizer, scheduler)
     if reward is not None and saved.get("reward"):

@@ -75,11 +75,8 @@ class GRPOResult:
 def train_grpo(config: GRPOConfig | dict, reward_fn=None) -> GRPOResult:
     """Run GRPO. `reward_fn(prompts, completions, **kw) -> list[float]` (or a list) adds reward sources."""
     from rufus.advantages import equal_reward_groups, group_advantages
-    from rufus.losses.aggregation import masked_mean
     from rufus.losses.grpo import grpo_policy_loss
     from rufus.losses.kl import kl_penalty
-    from rufus.models.loading import load_tokenizer, set_dropout
-    from rufus.rollout.logprobs import response_logprobs
 
     cfg = as_config(GRPOConfig, config)
     run = common.start_run(cfg)
@@ -90,31 +87,12 @@ def train_grpo(config: GRPOConfig | dict, reward_fn=None) -> GRPOResult:
     micro_size = online.micro_batch_size(cfg.batch_size, acc.num_processes, G, cfg.grpo.minibatches, cfg.grad_accum,
                                          samples_key="grpo.group_size", minibatches_key="grpo.minibatches")
 
-    # 0. prompts and reward sources before the models
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code,
-                               chat_template=cfg.data.chat_template)
-    prompts = online.load_prompts(cfg, acc, tokenizer)
-    reward = online.build_reward(cfg, run, reward_fn)
-    plan = common.BatchPlan(len(prompts), cfg.batch_size, 1, acc.num_processes, acc.process_index, cfg.seed)
-    max_steps = cfg.max_steps if cfg.max_steps > 0 else plan.steps_for_epochs(cfg.epochs)
-
-    # the policy, and a reference only when the KL term needs one
-    policy = common.load_trainable_lm(cfg, tokenizer)
-    set_dropout(policy, 0.0)
+    # 0. prompts and reward sources before the models; the policy, and a reference only for a KL term
+    tokenizer, prompts, reward, plan, max_steps = online.load_inputs(cfg, run, reward_fn)
+    policy, optimizer, scheduler = online.load_policy(cfg, run, tokenizer, max_steps)
     use_kl = cfg.kl.coef > 0
     reference = online.load_reference(cfg, run, tokenizer, needed=use_kl)
-    optimizer, scheduler = common.make_optimizer(cfg, policy, max_steps)
-    policy, optimizer = acc.prepare(policy, optimizer)
-    start_step, saved = common.maybe_resume(run, acc.unwrap_model(policy), optimizer, scheduler)
-    if saved:
-        reward.load_state_dict(saved["reward"])
-    logger = common.open_metrics(run, start_step)
-    samples = online.SamplesFile(run, resume_step=start_step)
-
-    def forward(part):  # (B, A) logprobs and entropy of a micro-batch, with gradients
-        logprobs, entropy = response_logprobs(policy, part.input_ids, part.attention_mask, part.prompt_length,
-                                              cfg.generation.temperature, with_entropy=True)
-        return {"logprobs": logprobs, "entropy": entropy}
+    start_step, _, logger, samples = online.open_outputs(run, acc.unwrap_model(policy), optimizer, scheduler, reward)
 
     def loss_fn(part, out, micro):  # clipped surrogate, the k3 KL to pi_ref in the loss
         normalizer = {"token": micro.tokens, "sequence": micro.sequences,
@@ -123,9 +101,8 @@ def train_grpo(config: GRPOConfig | dict, reward_fn=None) -> GRPOResult:
         loss, stats = grpo_policy_loss(out["logprobs"], part.logprobs, part.ref_logprobs, part.advantages,
                                        part.response_mask, clip=cfg.grpo.clip, clip_high=cfg.grpo.clip_high,
                                        kl_coef=cfg.kl.coef, aggregation=aggregation, normalizer=normalizer)
-        stats = {"policy/loss": loss.item(), **{f"policy/{k}": float(v) for k, v in stats.items()}}
+        stats = online.policy_stats(loss, stats, out["entropy"], part.response_mask)
         stats["policy/ref_kl"] = stats.pop("policy/kl")  # mean k3 to pi_ref per token, the loss's KL term
-        stats["policy/entropy"] = masked_mean(out["entropy"].detach(), part.response_mask).item()
         return loss, stats
 
     progress = common.progress_bar(cfg, acc, max_steps, start_step, desc="grpo")
@@ -160,7 +137,7 @@ def train_grpo(config: GRPOConfig | dict, reward_fn=None) -> GRPOResult:
         if ro.response_mask.sum() > 0 or acc.num_processes > 1:
             stats = online.update_epochs(cfg, acc, ro, [policy], [optimizer], epochs=cfg.grpo.epochs,
                                          minibatches=cfg.grpo.minibatches, micro_size=micro_size, step=step,
-                                         forward=forward, loss_fn=loss_fn)
+                                         forward=online.logprobs_forward(cfg, policy), loss_fn=loss_fn)
         scheduler.step()
         t_train = time.perf_counter() - t_train
         if ro.logprobs is None:  # nothing was trained (every group equal): pi_old for the log only

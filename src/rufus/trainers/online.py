@@ -3,11 +3,12 @@
 Each is defined once and called from each trainer's own numbered loop; what differs between the
 algorithms (the advantage estimator, the loss) stays in the trainer file. In a step's order:
 
-  load_prompts, load_reference, reference_model, build_reward, micro_batch_size   set-up
+  load_inputs (load_prompts, build_reward), load_policy, load_reference,
+  reference_model, micro_batch_size, open_outputs  set-up
   sample                                   1. the rollout (through `rollout.engine.sample_rollout`)
   reference_logprobs, old_and_ref_logprobs 2. teacher-forced pi_old and pi_ref in micro-batches
   batch_stats                              score, reward, KL and length over every process
-  update_epochs                            4. epochs x minibatches x grad-accum updates
+  update_epochs (logprobs_forward, policy_stats)   4. epochs x minibatches x grad-accum updates
   SamplesFile, end_step                    5. samples.jsonl, log, progress, checkpoint
 """
 
@@ -24,6 +25,45 @@ from rufus.config import ConfigError
 from rufus.trainers import common
 
 # --- set-up -----------------------------------------------------------------------------------------
+
+
+def load_inputs(cfg, run, reward_fn=None):
+    """0. What a run reads before any big model loads, so bad input fails first: the tokenizer, the
+    prompts, the reward sources, the batch plan over the prompts and the number of steps.
+    Returns (tokenizer, prompts, reward, plan, max_steps)."""
+    from rufus.models.loading import load_tokenizer
+
+    acc = run.accelerator
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code,
+                               chat_template=cfg.data.chat_template)
+    prompts = load_prompts(cfg, acc, tokenizer)
+    reward = build_reward(cfg, run, reward_fn)
+    plan = common.BatchPlan(len(prompts), cfg.batch_size, 1, acc.num_processes, acc.process_index, cfg.seed)
+    max_steps = cfg.max_steps if cfg.max_steps > 0 else plan.steps_for_epochs(cfg.epochs)
+    return tokenizer, prompts, reward, plan, max_steps
+
+
+def load_policy(cfg, run, tokenizer, max_steps: int, *, dropout_off: bool = True):
+    """The policy that trains (LoRA if set), its optimiser and schedule, prepared for the accelerator:
+    (policy, optimizer, scheduler). dropout_off: the logprobs of pi_old and of the update's first pass
+    must agree bit for bit (the first PPO ratio exactly 1, DPO's loss log 2 at the start)."""
+    from rufus.models.loading import set_dropout
+
+    policy = common.load_trainable_lm(cfg, tokenizer)
+    if dropout_off:
+        set_dropout(policy, 0.0)
+    optimizer, scheduler = common.make_optimizer(cfg, policy, max_steps)
+    policy, optimizer = run.accelerator.prepare(policy, optimizer)
+    return policy, optimizer, scheduler
+
+
+def open_outputs(run, models, optimizers, schedulers, reward=None):
+    """Resume from the checkpoint, if any (the reward's running statistics too), then open
+    metrics.jsonl and samples.jsonl. Returns (start_step, saved trainer state, logger, samples)."""
+    start_step, saved = common.maybe_resume(run, models, optimizers, schedulers)
+    if saved.get("reward") and reward is not None:
+        reward.load_state_dict(saved["reward"])
+    return start_step, saved, common.open_metrics(run, start_step), SamplesFile(run, resume_step=start_step)
 
 
 def load_prompts(cfg, acc, tokenizer, records=None, *, drop_columns: tuple[str, ...] = ()) -> list[dict]:
@@ -177,6 +217,28 @@ class Micro:
     start: int  # the minibatch's first position in the pass's order
     index: int  # the micro-batch's index within its minibatch
     count: int  # micro-batches in the minibatch
+
+
+def logprobs_forward(cfg, policy):
+    """The differentiable pass of a policy-only update: part -> {"logprobs", "entropy"}, each (B, A)."""
+    from rufus.rollout.logprobs import response_logprobs
+
+    def forward(part):
+        logprobs, entropy = response_logprobs(policy, part.input_ids, part.attention_mask, part.prompt_length,
+                                              cfg.generation.temperature, with_entropy=True)
+        return {"logprobs": logprobs, "entropy": entropy}
+
+    return forward
+
+
+def policy_stats(loss: torch.Tensor, stats: dict, entropy: torch.Tensor, mask: torch.Tensor) -> dict:
+    """A micro-batch's policy statistics under their logged names: policy/loss, policy/<stat> for a
+    policy loss's stats (clipfrac, approx_kl, ratio_mean, ratio_max), policy/entropy (token mean)."""
+    from rufus.losses.aggregation import masked_mean
+
+    out = {"policy/loss": loss.item(), **{f"policy/{k}": float(v) for k, v in stats.items()}}
+    out["policy/entropy"] = masked_mean(entropy.detach(), mask).item()
+    return out
 
 
 def update_epochs(cfg, acc, ro, models: list, optimizers: list, *, epochs: int, minibatches: int, micro_size: int,

@@ -113,7 +113,8 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
     from rufus.kl_control import make_kl_controller
     from rufus.losses.kl import kl_penalty
     from rufus.losses.ppo import explained_variance
-    from rufus.models.loading import load_tokenizer, set_dropout
+    from rufus.models.loading import set_dropout
+    from rufus.models.value import load_critic
 
     cfg = as_config(PPOConfig, config)
     run = common.start_run(cfg)
@@ -121,15 +122,10 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
     micro_size = online.micro_batch_size(cfg.batch_size, acc.num_processes, 1, cfg.ppo.minibatches, cfg.grad_accum,
                                          samples_key="", minibatches_key="ppo.minibatches")
 
-    # 0. prompts and reward sources first: bad input fails before the big models load
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code,
-                               chat_template=cfg.data.chat_template)
-    prompts = online.load_prompts(cfg, acc, tokenizer)
+    # 0. prompts, ptx text and reward sources first: bad input fails before the big models load
+    tokenizer, prompts, reward, plan, max_steps = online.load_inputs(cfg, run, reward_fn)
     with acc.main_process_first():
         ptx = _ptx_data(cfg, tokenizer) if cfg.ptx.coef > 0 else None
-    reward = online.build_reward(cfg, run, reward_fn)
-    plan = common.BatchPlan(len(prompts), cfg.batch_size, 1, acc.num_processes, acc.process_index, cfg.seed)
-    max_steps = cfg.max_steps if cfg.max_steps > 0 else plan.steps_for_epochs(cfg.epochs)
 
     # the four models: actor and critic train; reference and reward model are frozen
     actor = common.load_trainable_lm(cfg, tokenizer)
@@ -144,7 +140,10 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
         actor_opt, actor_sched = common.make_optimizer(cfg, actor, max_steps, {"value_head": cfg.critic.lr})
         actor, actor_opt = acc.prepare(actor, actor_opt)
     else:
-        critic = _load_critic(cfg, tokenizer)
+        critic = load_critic(cfg.critic.model or cfg.model, tokenizer=tokenizer, lora=cfg.lora,
+                             trust_remote_code=cfg.trust_remote_code, gradient_checkpointing=cfg.gradient_checkpointing,
+                             attn_implementation=cfg.attn_implementation, compute_dtype=run.compute_dtype,
+                             compile=cfg.compile)
         actor_opt, actor_sched = common.make_optimizer(cfg, actor, max_steps)
         critic_opt, critic_sched = common.make_optimizer(dataclasses.replace(cfg, lr=cfg.critic.lr), critic, max_steps)
         actor, critic, actor_opt, critic_opt = acc.prepare(actor, critic, actor_opt, critic_opt)
@@ -156,12 +155,9 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
     if critic is not None:
         models["critic"], optimizers["critic"], schedulers["critic"] = acc.unwrap_model(critic), critic_opt, critic_sched
     trained = [actor] + ([critic] if critic is not None else [])
-    start_step, saved = common.maybe_resume(run, models, optimizers, schedulers)
+    start_step, saved, logger, samples = online.open_outputs(run, models, optimizers, schedulers, reward)
     if saved:
         kl_ctl.load_state_dict(saved["kl_controller"])
-        reward.load_state_dict(saved["reward"])
-    logger = common.open_metrics(run, start_step)
-    samples = online.SamplesFile(run, resume_step=start_step)
 
     def forward(part):  # (B, A) logprobs, entropy and values of a micro-batch, with gradients
         logprobs, entropy, values = _forward(cfg, actor, critic, part.input_ids, part.attention_mask,
@@ -255,41 +251,14 @@ def _sum(acc):
     return lambda t: acc.reduce(t, reduction="sum")
 
 
-def _load_critic(cfg, tokenizer):
-    from transformers import AutoConfig
-
-    from rufus.models.loading import apply_lora, resolve_model_path, set_dropout
-    from rufus.models.reward import head_module_names
-    from rufus.models.value import ValueModel, load_value_model
-
-    name = cfg.critic.model or cfg.model
-    arch = AutoConfig.from_pretrained(resolve_model_path(name), trust_remote_code=cfg.trust_remote_code).architectures or []
-    from_rm = any(a.endswith("ForSequenceClassification") for a in arch)
-    critic = load_value_model(name, tokenizer=tokenizer, from_reward_model=from_rm,
-                              trust_remote_code=cfg.trust_remote_code, gradient_checkpointing=cfg.gradient_checkpointing,
-                              attn_implementation=cfg.attn_implementation, compute_dtype=common.compute_dtype(cfg),
-                              compile=cfg.compile)
-    if critic.classifier.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        raise ConfigError(f"critic.model: {name} has a smaller vocabulary than the policy's tokenizer")
-    set_dropout(critic, 0.0)
-    if cfg.lora.r > 0:
-        critic = ValueModel(apply_lora(critic.classifier, cfg.lora, task_type="SEQ_CLS",
-                                       modules_to_save=head_module_names(critic.classifier)))
-    return critic
-
-
 def _forward(cfg, actor, critic, input_ids, attention_mask, prompt_length, with_entropy: bool = False):
     """(logprobs, entropy or None, values), each (B, A): one pass for a shared actor-critic, else two."""
     from rufus.losses.ppo import entropy_from_logits
     from rufus.losses.sft import token_logprobs
     from rufus.models.value import values_at_response
-    from rufus.rollout.logprobs import position_ids_from_mask
+    from rufus.rollout.logprobs import response_outputs
 
-    out = actor(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    logits = out.logits[:, prompt_length - 1:-1]  # position P-1+t predicts response token t
-    if cfg.generation.temperature > 0 and cfg.generation.temperature != 1.0:
-        logits = logits / cfg.generation.temperature
+    out, logits = response_outputs(actor, input_ids, attention_mask, prompt_length, cfg.generation.temperature)
     logprobs = token_logprobs(logits, input_ids[:, prompt_length:])
     entropy = entropy_from_logits(logits) if with_entropy else None
     if critic is None:

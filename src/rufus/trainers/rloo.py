@@ -75,11 +75,8 @@ def train_rloo(config: RLOOConfig | dict, reward_fn=None) -> RLOOResult:
         rloo_advantages,
         whiten_global,
     )
-    from rufus.losses.aggregation import masked_mean
     from rufus.losses.kl import kl_penalty
     from rufus.losses.ppo import policy_loss
-    from rufus.models.loading import load_tokenizer, set_dropout
-    from rufus.rollout.logprobs import response_logprobs
 
     cfg = as_config(RLOOConfig, config)
     run = common.start_run(cfg)
@@ -90,30 +87,12 @@ def train_rloo(config: RLOOConfig | dict, reward_fn=None) -> RLOOResult:
     micro_size = online.micro_batch_size(cfg.batch_size, acc.num_processes, K, cfg.rloo.minibatches, cfg.grad_accum,
                                          samples_key="rloo.group_size", minibatches_key="rloo.minibatches")
 
-    # 0. prompts and reward sources before the models
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code,
-                               chat_template=cfg.data.chat_template)
-    prompts = online.load_prompts(cfg, acc, tokenizer)
-    reward = online.build_reward(cfg, run, reward_fn)
-    plan = common.BatchPlan(len(prompts), cfg.batch_size, 1, acc.num_processes, acc.process_index, cfg.seed)
-    max_steps = cfg.max_steps if cfg.max_steps > 0 else plan.steps_for_epochs(cfg.epochs)
-
-    policy = common.load_trainable_lm(cfg, tokenizer)
-    set_dropout(policy, 0.0)
+    # 0. prompts and reward sources before the models; the policy, and a reference only for a KL term
+    tokenizer, prompts, reward, plan, max_steps = online.load_inputs(cfg, run, reward_fn)
+    policy, optimizer, scheduler = online.load_policy(cfg, run, tokenizer, max_steps)
     use_kl = cfg.kl.coef > 0
     reference = online.load_reference(cfg, run, tokenizer, needed=use_kl)
-    optimizer, scheduler = common.make_optimizer(cfg, policy, max_steps)
-    policy, optimizer = acc.prepare(policy, optimizer)
-    start_step, saved = common.maybe_resume(run, acc.unwrap_model(policy), optimizer, scheduler)
-    if saved:
-        reward.load_state_dict(saved["reward"])
-    logger = common.open_metrics(run, start_step)
-    samples = online.SamplesFile(run, resume_step=start_step)
-
-    def forward(part):  # (B, A) logprobs and entropy of a micro-batch, with gradients
-        logprobs, entropy = response_logprobs(policy, part.input_ids, part.attention_mask, part.prompt_length,
-                                              cfg.generation.temperature, with_entropy=True)
-        return {"logprobs": logprobs, "entropy": entropy}
+    start_step, _, logger, samples = online.open_outputs(run, acc.unwrap_model(policy), optimizer, scheduler, reward)
 
     def loss_fn(part, out, micro):  # clipped policy gradient
         adv = part.advantages
@@ -124,9 +103,7 @@ def train_rloo(config: RLOOConfig | dict, reward_fn=None) -> RLOOResult:
         normalizer = micro.sequences if cfg.rloo.advantage == "rloo" else micro.tokens
         loss, stats = policy_loss(out["logprobs"], part.logprobs, adv, part.response_mask, clip=cfg.rloo.clip,
                                   aggregation="sum", normalizer=normalizer)
-        stats = {"policy/loss": loss.item(), **{f"policy/{k}": float(v) for k, v in stats.items()}}
-        stats["policy/entropy"] = masked_mean(out["entropy"].detach(), part.response_mask).item()
-        return loss, stats
+        return loss, online.policy_stats(loss, stats, out["entropy"], part.response_mask)
 
     progress = common.progress_bar(cfg, acc, max_steps, start_step, desc=cfg.rloo.advantage)
     for step in range(start_step + 1, max_steps + 1):
@@ -161,7 +138,7 @@ def train_rloo(config: RLOOConfig | dict, reward_fn=None) -> RLOOResult:
         t_train = time.perf_counter()
         stats = online.update_epochs(cfg, acc, ro, [policy], [optimizer], epochs=cfg.rloo.epochs,
                                      minibatches=cfg.rloo.minibatches, micro_size=micro_size, step=step,
-                                     forward=forward, loss_fn=loss_fn)
+                                     forward=online.logprobs_forward(cfg, policy), loss_fn=loss_fn)
         scheduler.step()
         t_train = time.perf_counter() - t_train
 
