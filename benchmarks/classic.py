@@ -41,10 +41,13 @@ def main(argv=None) -> dict:
 
     out = {}
     with tempfile.TemporaryDirectory(prefix="rufus-classic-") as tmp:
+
         def run(algo, **over):
             t0 = time.perf_counter()
-            result = train(algo, {"seed": args.seed, "progress": False,
-                                  "output_dir": str(Path(tmp) / f"{algo}-{len(out)}"), **over})
+            result = train(
+                algo,
+                {"seed": args.seed, "progress": False, "output_dir": str(Path(tmp) / f"{algo}-{len(out)}"), **over},
+            )
             return result, time.perf_counter() - t0
 
         for check in only:
@@ -53,39 +56,65 @@ def main(argv=None) -> dict:
                 value = result.mean_return(20)
                 threshold = {"ppo": 475.0, "dqn": 400.0, "td3": -250.0}[check]
                 steps = result.episodes[-1][0] if result.episodes else 0
-                out[check] = {"env": result.env, "mean_return_last20": value, "threshold": threshold,
-                              "passed": value >= threshold, "steps": steps, "seconds": round(wall, 1),
-                              **{k: v for k, v in result.extra.items() if isinstance(v, (int, float))}}
-                print(f"{check:10s} {result.env:14s} mean return (last 20) {value:8.1f}  threshold {threshold:6.0f}  "
-                      f"{'PASS' if value >= threshold else 'FAIL'}  {steps} steps, {wall:.0f}s", flush=True)
+                out[check] = {
+                    "env": result.env,
+                    "mean_return_last20": value,
+                    "threshold": threshold,
+                    "passed": value >= threshold,
+                    "steps": steps,
+                    "seconds": round(wall, 1),
+                    **{k: v for k, v in result.extra.items() if isinstance(v, (int, float))},
+                }
+                print(
+                    f"{check:10s} {result.env:14s} mean return (last 20) {value:8.1f}  threshold {threshold:6.0f}  "
+                    f"{'PASS' if value >= threshold else 'FAIL'}  {steps} steps, {wall:.0f}s",
+                    flush=True,
+                )
             elif check == "q_learning":
                 result, wall = run("q_learning")
                 rate = result.extra["greedy_success_rate"]
-                out[check] = {"env": result.env, "greedy_success_rate": rate, "threshold": 0.70,
-                              "passed": rate >= 0.70, "seconds": round(wall, 1)}
-                print(f"{check:10s} {result.env:14s} greedy success rate {rate:.3f}  threshold 0.70  "
-                      f"{'PASS' if rate >= 0.70 else 'FAIL'}  {wall:.0f}s", flush=True)
+                out[check] = {
+                    "env": result.env,
+                    "greedy_success_rate": rate,
+                    "threshold": 0.70,
+                    "passed": rate >= 0.70,
+                    "seconds": round(wall, 1),
+                }
+                print(
+                    f"{check:10s} {result.env:14s} greedy success rate {rate:.3f}  threshold 0.70  "
+                    f"{'PASS' if rate >= 0.70 else 'FAIL'}  {wall:.0f}s",
+                    flush=True,
+                )
             else:
                 summaries = {}
                 for algo in ("sarsa", "q_learning"):
                     result, wall = run(algo, **CLIFF)
                     edge = result.extra["cliff_edge_cells"]  # path cells right beside the cliff (row 2)
-                    summaries[algo] = {"length": result.extra["greedy_path_length"], "cliff_edge_cells": edge,
-                                       "safe": edge == 0, "along_cliff": edge == 10,
-                                       "online_return_last200": result.mean_return(200), "seconds": round(wall, 1)}
+                    summaries[algo] = {
+                        "length": result.extra["greedy_path_length"],
+                        "cliff_edge_cells": edge,
+                        "safe": edge == 0,
+                        "along_cliff": edge == 10,
+                        "online_return_last200": result.mean_return(200),
+                        "seconds": round(wall, 1),
+                    }
                 passed = summaries["sarsa"]["safe"] and summaries["q_learning"]["along_cliff"]
                 out[check] = {**summaries, "passed": passed}
-                print(f"cliff      CliffWalking-v1 sarsa path {summaries['sarsa']['length']} steps "
-                      f"(safe: {summaries['sarsa']['safe']}), q_learning path {summaries['q_learning']['length']} "
-                      f"steps (along the cliff: {summaries['q_learning']['along_cliff']})  "
-                      f"{'PASS' if passed else 'FAIL'}", flush=True)
+                print(
+                    f"cliff      CliffWalking-v1 sarsa path {summaries['sarsa']['length']} steps "
+                    f"(safe: {summaries['sarsa']['safe']}), q_learning path {summaries['q_learning']['length']} "
+                    f"steps (along the cliff: {summaries['q_learning']['along_cliff']})  "
+                    f"{'PASS' if passed else 'FAIL'}",
+                    flush=True,
+                )
     print("RESULT " + json.dumps(out))
     return out
 
 
 # Sutton & Barto, Example 6.6: constant epsilon 0.1, undiscounted
-CLIFF = dict(env="CliffWalking-v1", total_steps=30_000, alpha=0.2, gamma=1.0, epsilon_start=0.1, epsilon_end=0.1,
-             eval_episodes=1)
+CLIFF = dict(
+    env="CliffWalking-v1", total_steps=30_000, alpha=0.2, gamma=1.0, epsilon_start=0.1, epsilon_end=0.1, eval_episodes=1
+)
 
 
 if __name__ == "__main__":

@@ -50,9 +50,11 @@ WORK = {  # what one optimiser step processes (see the module docstring)
     "ppo": {"prompts": 16, "new_tokens": NEW_TOKENS, "epochs": 4, "minibatches": 1},
 }
 
-WORDS = ("the a of to and in is was for on with as by at from this that it be are rain snow owls cats "
-         "rice soup bread music piano guitar red blue green light paint train map ticket river stone "
-         "garden water sun moon star cloud tree leaf seed root bird fish horse dog fox whale").split()
+WORDS = (
+    "the a of to and in is was for on with as by at from this that it be are rain snow owls cats "
+    "rice soup bread music piano guitar red blue green light paint train map ticket river stone "
+    "garden water sun moon star cloud tree leaf seed root bird fish horse dog fox whale"
+).split()
 
 
 def model_dir(name: str) -> Path:
@@ -86,10 +88,17 @@ def prepare(force: bool = False) -> None:
         import torch
 
         torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=len(tokenizer), intermediate_size=4 * shape["hidden_size"],
-                             num_key_value_heads=shape["num_attention_heads"], max_position_embeddings=512,
-                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, **shape)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            intermediate_size=4 * shape["hidden_size"],
+            num_key_value_heads=shape["num_attention_heads"],
+            max_position_embeddings=512,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+            **shape,
+        )
         model = LlamaForCausalLM(config)
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
@@ -102,8 +111,13 @@ def prepare(force: bool = False) -> None:
         for _ in range(512):
             prompt = _fit(tok, rng, PROMPT_TOKENS)
             rows_sft.append({"prompt": prompt, "completion": " " + _fit(tok, rng, COMPLETION_TOKENS)})
-            rows_pref.append({"prompt": prompt, "chosen": " " + _fit(tok, rng, COMPLETION_TOKENS),
-                              "rejected": " " + _fit(tok, rng, COMPLETION_TOKENS)})
+            rows_pref.append(
+                {
+                    "prompt": prompt,
+                    "chosen": " " + _fit(tok, rng, COMPLETION_TOKENS),
+                    "rejected": " " + _fit(tok, rng, COMPLETION_TOKENS),
+                }
+            )
             rows_prompts.append({"prompt": prompt})
         for kind, rows in (("sft", rows_sft), ("pref", rows_pref), ("prompts", rows_prompts)):
             data_path(kind).write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -158,9 +172,11 @@ def flops_per_step(algo: str, name: str) -> float:
 def tokens_per_step(algo: str) -> int:
     w = WORK[algo]
     seq = PROMPT_TOKENS + COMPLETION_TOKENS
-    return {"sft": w.get("sequences", 0) * seq, "rm": 2 * w.get("pairs", 0) * seq,
-            "dpo": 2 * w.get("pairs", 0) * seq}.get(algo) or (
-        w.get("prompts", 0) * w.get("samples", 1) * (PROMPT_TOKENS + NEW_TOKENS))
+    return {
+        "sft": w.get("sequences", 0) * seq,
+        "rm": 2 * w.get("pairs", 0) * seq,
+        "dpo": 2 * w.get("pairs", 0) * seq,
+    }.get(algo) or (w.get("prompts", 0) * w.get("samples", 1) * (PROMPT_TOKENS + NEW_TOKENS))
 
 
 def peak_rss_mb() -> float:
@@ -168,16 +184,37 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def result_row(*, impl: str, version: str, algo: str, model: str, precision: str, dtype_used: str,
-               step_seconds: list[float], warmup: int, notes: str = "") -> dict:
+def result_row(
+    *,
+    impl: str,
+    version: str,
+    algo: str,
+    model: str,
+    precision: str,
+    dtype_used: str,
+    step_seconds: list[float],
+    warmup: int,
+    notes: str = "",
+) -> dict:
     """The one JSON line a run prints: timings of every step, medians after `warmup` steps."""
     timed = step_seconds[warmup:] or step_seconds
     median = statistics.median(timed)
-    return {"impl": impl, "version": version, "algo": algo, "model": model, "precision": precision,
-            "dtype_used": dtype_used, "step_seconds": [round(s, 4) for s in step_seconds], "warmup": warmup,
-            "median_s": median, "tokens_per_s": tokens_per_step(algo) / median,
-            "flops_per_s": flops_per_step(algo, model) / median, "peak_rss_mb": round(peak_rss_mb(), 1),
-            "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None, "notes": notes}
+    return {
+        "impl": impl,
+        "version": version,
+        "algo": algo,
+        "model": model,
+        "precision": precision,
+        "dtype_used": dtype_used,
+        "step_seconds": [round(s, 4) for s in step_seconds],
+        "warmup": warmup,
+        "median_s": median,
+        "tokens_per_s": tokens_per_step(algo) / median,
+        "flops_per_s": flops_per_step(algo, model) / median,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
+        "notes": notes,
+    }
 
 
 def print_row(row: dict) -> None:

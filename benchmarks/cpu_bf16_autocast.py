@@ -14,9 +14,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 def step_ms(hidden: int, layers: int, autocast: bool, batch: int = 8, seq: int = 128, reps: int = 5) -> float:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=2048, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
-                      num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
-                      num_key_value_heads=max(1, hidden // 128), max_position_embeddings=seq)
+    cfg = LlamaConfig(
+        vocab_size=2048,
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 128),
+        max_position_embeddings=seq,
+    )
     model = LlamaForCausalLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, 2048, (batch, seq))

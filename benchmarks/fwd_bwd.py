@@ -50,9 +50,11 @@ def main(argv=None) -> dict:
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(3, model.config.vocab_size, (rows, length), generator=g)
 
-        def step():
+        def step(model=model, ids=ids):
             logits = model(input_ids=ids, use_cache=False).logits.float()
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+            )
             loss.backward()
             model.zero_grad(set_to_none=True)
 
@@ -66,8 +68,11 @@ def main(argv=None) -> dict:
         median = statistics.median(times)
         gflops = flops / median / 1e9
         out[mode] = {"seconds": round(median, 4), "gflops": round(gflops, 1), "share_of_peak": round(gflops / peak, 3)}
-        print(f"{mode:9s} forward+backward {args.model} {args.tokens}: {median * 1e3:.0f} ms, {gflops:.0f} GFLOP/s, "
-              f"{100 * gflops / peak:.1f}% of the bfloat16 peak ({peak:.0f})", flush=True)
+        print(
+            f"{mode:9s} forward+backward {args.model} {args.tokens}: {median * 1e3:.0f} ms, {gflops:.0f} GFLOP/s, "
+            f"{100 * gflops / peak:.1f}% of the bfloat16 peak ({peak:.0f})",
+            flush=True,
+        )
     print("RESULT " + json.dumps(out))
     return out
 

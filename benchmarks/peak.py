@@ -26,8 +26,14 @@ sys.path.insert(0, str(HERE))
 
 import common  # noqa: E402
 
-TRAINING = [(1024, 256, 1024), (1024, 1024, 256), (1024, 512, 512), (1024, 512, 2048), (1152, 512, 2048),
-            (1280, 2048, 512)]
+TRAINING = [
+    (1024, 256, 1024),
+    (1024, 1024, 256),
+    (1024, 512, 512),
+    (1024, 512, 2048),
+    (1152, 512, 2048),
+    (1280, 2048, 512),
+]
 DECODING = [(16, 256, 1024), (16, 512, 2048), (16, 2048, 512)]
 
 
@@ -55,8 +61,13 @@ def gflops(m: int, k: int, n: int, dtype, reps: int) -> float:
 def measure(reps: int = 15) -> dict:
     import torch
 
-    result = {"float32": 0.0, "bfloat16": 0.0, "shapes": {}, "threads": torch.get_num_threads(),
-              "torch": torch.__version__}
+    result = {
+        "float32": 0.0,
+        "bfloat16": 0.0,
+        "shapes": {},
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
     for kind, shapes in (("training", TRAINING), ("decoding", DECODING)):
         for m, k, n in shapes:
             row = {"kind": kind}
@@ -73,12 +84,16 @@ def main(argv=None) -> dict:
     p.add_argument("--reps", type=int, default=15)
     args = p.parse_args(argv)
     res = measure(args.reps)
-    print(f"matrix-product GFLOP/s, torch {res['torch']}, {res['threads']} threads "
-          f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
+    print(
+        f"matrix-product GFLOP/s, torch {res['torch']}, {res['threads']} threads "
+        f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})"
+    )
     print(f"{'shape MxKxN':>16} {'kind':>9} {'float32':>9} {'bfloat16':>9} {'bf16/fp32':>9}")
     for shape, row in res["shapes"].items():
-        print(f"{shape:>16} {row['kind']:>9} {row['float32']:>9.1f} {row['bfloat16']:>9.1f} "
-              f"{row['bfloat16'] / row['float32']:>9.2f}")
+        print(
+            f"{shape:>16} {row['kind']:>9} {row['float32']:>9.1f} {row['bfloat16']:>9.1f} "
+            f"{row['bfloat16'] / row['float32']:>9.2f}"
+        )
     print(f"{'peak':>16} {'':>9} {res['float32']:>9.1f} {res['bfloat16']:>9.1f}")
     if args.json:
         path = common.CACHE / "peak.json"

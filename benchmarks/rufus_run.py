@@ -38,8 +38,19 @@ def completion_length(prompts, completions, **kw):
 
 def build_config(algo: str, model_dir: str, dtype: str, steps: int, out: str, ref_per_step: bool) -> dict:
     w = common.WORK[algo]
-    base = dict(model=model_dir, dtype=dtype, output_dir=out, overwrite=True, seed=0, max_steps=steps,
-                grad_accum=1, log_every=1, eval_every=0, save_every=0, progress=False)
+    base = dict(
+        model=model_dir,
+        dtype=dtype,
+        output_dir=out,
+        overwrite=True,
+        seed=0,
+        max_steps=steps,
+        grad_accum=1,
+        log_every=1,
+        eval_every=0,
+        save_every=0,
+        progress=False,
+    )
     # 16 + 48 tokens (+ special tokens) per sequence; truncation="reject" (the default) would stop
     # the run if anything were longer, so nothing is ever truncated
     data = dict(max_length=256)
@@ -48,25 +59,38 @@ def build_config(algo: str, model_dir: str, dtype: str, steps: int, out: str, re
     if algo == "rm":
         # rm.normalize off: after training it would score every chosen response once more to store a
         # gain and bias (outside the step times, but minutes of wall time on small; TRL does no such pass)
-        return dict(base, batch_size=w["pairs"], data=dict(data, train=str(common.data_path("pref"))),
-                    rm=dict(normalize=False))
+        return dict(
+            base, batch_size=w["pairs"], data=dict(data, train=str(common.data_path("pref"))), rm=dict(normalize=False)
+        )
     if algo == "dpo":
         # dpo.precompute_ref=true is Rufus's default: the reference scores the whole data set once
         # before the first step, so the steps themselves hold no reference forward pass
-        return dict(base, batch_size=w["pairs"], data=dict(data, train=str(common.data_path("pref"))),
-                    dpo=dict(beta=w["beta"], loss_type="sigmoid", precompute_ref=not ref_per_step))
+        return dict(
+            base,
+            batch_size=w["pairs"],
+            data=dict(data, train=str(common.data_path("pref"))),
+            dpo=dict(beta=w["beta"], loss_type="sigmoid", precompute_ref=not ref_per_step),
+        )
     generation = dict(max_new_tokens=w["new_tokens"], stop_at_eos=False, temperature=1.0, top_k=0, top_p=1.0)
-    online = dict(base, data=dict(data, train=str(common.data_path("prompts"))), generation=generation,
-                  sample_every=0)
+    online = dict(base, data=dict(data, train=str(common.data_path("prompts"))), generation=generation, sample_every=0)
     if algo == "grpo":
-        return dict(online, batch_size=w["prompts"], grpo=dict(group_size=w["samples"], epochs=1, minibatches=1),
-                    kl=dict(coef=w["beta"]))
+        return dict(
+            online,
+            batch_size=w["prompts"],
+            grpo=dict(group_size=w["samples"], epochs=1, minibatches=1),
+            kl=dict(coef=w["beta"]),
+        )
     if algo == "ppo":
         # a separate critic and a reward model, both started from the policy's own directory: a causal
         # LM directory loads as AutoModelForSequenceClassification(num_labels=1) with a new head (the
         # critic's zeroed, the reward model's random), so no sequence-classification copy is needed
-        return dict(online, batch_size=w["prompts"], ppo=dict(epochs=w["epochs"], minibatches=w["minibatches"]),
-                    critic=dict(model=model_dir, shared=False), reward=dict(model=[model_dir]))
+        return dict(
+            online,
+            batch_size=w["prompts"],
+            ppo=dict(epochs=w["epochs"], minibatches=w["minibatches"]),
+            critic=dict(model=model_dir, shared=False),
+            reward=dict(model=[model_dir]),
+        )
     raise ValueError(algo)
 
 
@@ -78,8 +102,11 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=8, help="optimiser steps in all, warm-up included")
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of the median")
     p.add_argument("--compile", action="store_true", help="compile=true: torch.compile each transformer block")
-    p.add_argument("--ref-per-step", action="store_true",
-                   help="dpo: reference log-probs in every step (dpo.precompute_ref=false) instead of once up front")
+    p.add_argument(
+        "--ref-per-step",
+        action="store_true",
+        help="dpo: reference log-probs in every step (dpo.precompute_ref=false) instead of once up front",
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -117,8 +144,11 @@ def main(argv=None) -> dict:
     step_seconds = [float(r["time/step_s"]) for r in rows]
     notes = [f"threads={torch.get_num_threads()}", f"whole call {total:.1f}s (loading, final save included)"]
     if args.algo == "dpo":
-        notes.append("reference log-probs per step" if args.ref_per_step
-                     else "reference log-probs precomputed once before step 1 (dpo.precompute_ref, Rufus default)")
+        notes.append(
+            "reference log-probs per step"
+            if args.ref_per_step
+            else "reference log-probs precomputed once before step 1 (dpo.precompute_ref, Rufus default)"
+        )
     if args.algo in ("grpo", "ppo"):
         lengths = [r.get("response/length") for r in rows]
         notes.append(f"response/length {min(lengths):.0f}-{max(lengths):.0f}")
@@ -126,9 +156,17 @@ def main(argv=None) -> dict:
         notes.append("critic and reward model from the policy dir (new heads)")
     if args.compile:
         notes.append("compile=true (compiling happens in the first steps)")
-    row = common.result_row(impl="rufus", version=rufus.__version__, algo=args.algo, model=args.model,
-                            precision=args.precision + ("+compile" if args.compile else ""), dtype_used="bfloat16" if dtype == "bfloat16" else "float32",
-                            step_seconds=step_seconds, warmup=args.warmup, notes="; ".join(notes))
+    row = common.result_row(
+        impl="rufus",
+        version=rufus.__version__,
+        algo=args.algo,
+        model=args.model,
+        precision=args.precision + ("+compile" if args.compile else ""),
+        dtype_used="bfloat16" if dtype == "bfloat16" else "float32",
+        step_seconds=step_seconds,
+        warmup=args.warmup,
+        notes="; ".join(notes),
+    )
     common.print_row(row)
     return row
 

@@ -98,8 +98,14 @@ def build_studio(path: Path, annotators: int, items: int, labels_per_item: int, 
     db, created = open_database(path)
     assert created, f"{path} already existed"
     try:
-        summary = create_round(db, ROUND, "pairwise", synthetic_candidates(items, seed),
-                               labels_per_item=labels_per_item, instructions="Which answer is better?")
+        summary = create_round(
+            db,
+            ROUND,
+            "pairwise",
+            synthetic_candidates(items, seed),
+            labels_per_item=labels_per_item,
+            instructions="Which answer is better?",
+        )
         assert summary["items"] == items, summary
         people = []
         with db.session() as s:
@@ -123,12 +129,30 @@ def free_port() -> int:
 def start_server(db_path: Path, port: int, log_path: Path) -> subprocess.Popen:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-m", "rufus.cli", "studio", "serve", "--db", str(db_path), "--host", HOST,
-           "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rufus.cli",
+        "studio",
+        "serve",
+        "--db",
+        str(db_path),
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+    ]
     log = open(log_path, "wb")
     try:
-        return subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            cmd,
+            cwd=str(ROOT),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     finally:
         log.close()  # the child holds its own descriptor
 
@@ -269,8 +293,7 @@ def login(client, person: dict, tally: Tally, deadline: float) -> bool:
         return True
 
 
-def annotate(base: str, person: dict, seed: int, tally: Tally, start: threading.Barrier,
-             deadline: float) -> None:
+def annotate(base: str, person: dict, seed: int, tally: Tally, start: threading.Barrier, deadline: float) -> None:
     """One annotator's session: log in, wait for the others, then label until told to stop."""
     import httpx
 
@@ -304,8 +327,7 @@ def annotate(base: str, person: dict, seed: int, tally: Tally, start: threading.
                     return
                 location = r.headers.get("location", "")
                 if r.status_code != 303 or not location.startswith("/items/"):
-                    raise RuntimeError(f"GET {next_url} answered {r.status_code} {location!r}: "
-                                       f"{r.text[:200]!r}")
+                    raise RuntimeError(f"GET {next_url} answered {r.status_code} {location!r}: {r.text[:200]!r}")
                 t0 = time.perf_counter()
                 page = client.get(location)
                 tally.record("page", time.perf_counter() - t0)
@@ -320,8 +342,10 @@ def annotate(base: str, person: dict, seed: int, tally: Tally, start: threading.
                 done = client.post(action, data={"csrf": csrf, **random_label(rng)})
                 tally.record("post", time.perf_counter() - t0)
                 if done.status_code != 303 or done.headers.get("location") != next_url:
-                    raise RuntimeError(f"POST {action} answered {done.status_code} "
-                                       f"{done.headers.get('location')!r}: {done.text[:200]!r}")
+                    raise RuntimeError(
+                        f"POST {action} answered {done.status_code} "
+                        f"{done.headers.get('location')!r}: {done.text[:200]!r}"
+                    )
                 with tally.lock:
                     tally.acked.append((aid, person["id"]))
             except (httpx.HTTPError, RuntimeError, ValueError) as e:
@@ -330,14 +354,15 @@ def annotate(base: str, person: dict, seed: int, tally: Tally, start: threading.
                 return
 
 
-def run_load(base: str, people: list[dict], target: int, seed: int,
-             deadline: float) -> tuple[Tally, float, bool]:
+def run_load(base: str, people: list[dict], target: int, seed: int, deadline: float) -> tuple[Tally, float, bool]:
     """All annotators at once; returns the tally, the wall seconds of the labelling phase, and whether
     every annotator finished before the deadline."""
     tally = Tally(target)
     start = threading.Barrier(len(people) + 1)
-    threads = [threading.Thread(target=annotate, args=(base, p, seed + k, tally, start, deadline),
-                                name=p["name"], daemon=True) for k, p in enumerate(people)]
+    threads = [
+        threading.Thread(target=annotate, args=(base, p, seed + k, tally, start, deadline), name=p["name"], daemon=True)
+        for k, p in enumerate(people)
+    ]
     for t in threads:
         t.start()
     start.wait(timeout=max(1.0, deadline - time.monotonic()))  # every annotator has logged in
@@ -357,18 +382,27 @@ def verify(db_path: Path, labels_per_item: int, acked: list[tuple[int, int]]) ->
     try:
         (round_id,) = conn.execute("SELECT id FROM rounds WHERE name = ?", (ROUND,)).fetchone()
         stored = conn.execute("SELECT COUNT(*) FROM labels WHERE round_id = ?", (round_id,)).fetchone()[0]
-        pairs = conn.execute("SELECT item_id, user_id, COUNT(*) FROM labels WHERE round_id = ? "
-                             "GROUP BY item_id, user_id HAVING COUNT(*) > 1", (round_id,)).fetchall()
-        doubled = conn.execute("SELECT assignment_id, COUNT(*) FROM labels WHERE round_id = ? "
-                               "GROUP BY assignment_id HAVING COUNT(*) > 1", (round_id,)).fetchall()
+        pairs = conn.execute(
+            "SELECT item_id, user_id, COUNT(*) FROM labels WHERE round_id = ? "
+            "GROUP BY item_id, user_id HAVING COUNT(*) > 1",
+            (round_id,),
+        ).fetchall()
+        doubled = conn.execute(
+            "SELECT assignment_id, COUNT(*) FROM labels WHERE round_id = ? GROUP BY assignment_id HAVING COUNT(*) > 1",
+            (round_id,),
+        ).fetchall()
         by_assignment: dict[int, list[int]] = {}
         rows = conn.execute("SELECT assignment_id, user_id FROM labels WHERE round_id = ?", (round_id,))
         for aid, uid in rows:
             by_assignment.setdefault(aid, []).append(uid)
-        not_done = conn.execute("SELECT COUNT(*) FROM labels l JOIN assignments a ON a.id = l.assignment_id "
-                                "WHERE l.round_id = ? AND a.status != 'done'", (round_id,)).fetchone()[0]
-        per_item = [n for (n,) in conn.execute(
-            "SELECT COUNT(*) FROM labels WHERE round_id = ? GROUP BY item_id", (round_id,))]
+        not_done = conn.execute(
+            "SELECT COUNT(*) FROM labels l JOIN assignments a ON a.id = l.assignment_id "
+            "WHERE l.round_id = ? AND a.status != 'done'",
+            (round_id,),
+        ).fetchone()[0]
+        per_item = [
+            n for (n,) in conn.execute("SELECT COUNT(*) FROM labels WHERE round_id = ? GROUP BY item_id", (round_id,))
+        ]
     finally:
         conn.close()
     acked_ids = [aid for aid, _ in acked]
@@ -377,18 +411,21 @@ def verify(db_path: Path, labels_per_item: int, acked: list[tuple[int, int]]) ->
     over = sum(n > labels_per_item for n in per_item)
     worst = max(per_item, default=0)
     return [
-        ("labels stored == labels acknowledged", stored == len(acked),
-         f"{stored} stored, {len(acked)} acknowledged"),
+        ("labels stored == labels acknowledged", stored == len(acked), f"{stored} stored, {len(acked)} acknowledged"),
         ("no (item, annotator) pair labelled twice", not pairs, f"{len(pairs)} pairs twice"),
         ("no assignment with two labels", not doubled, f"{len(doubled)} assignments"),
-        ("no assignment acknowledged twice", len(set(acked_ids)) == len(acked_ids),
-         f"{len(acked_ids) - len(set(acked_ids))} repeats"),
-        ("each acknowledged assignment has 1 label, by its annotator", not wrong,
-         f"{len(wrong)} wrong{example}"),
+        (
+            "no assignment acknowledged twice",
+            len(set(acked_ids)) == len(acked_ids),
+            f"{len(acked_ids) - len(set(acked_ids))} repeats",
+        ),
+        ("each acknowledged assignment has 1 label, by its annotator", not wrong, f"{len(wrong)} wrong{example}"),
         ("every label's assignment is done", not_done == 0, f"{not_done} not done"),
-        (f"no item over labels_per_item + slack ({labels_per_item} + {SLACK})",
-         worst <= labels_per_item + SLACK,
-         f"{over} items over {labels_per_item}, most labels on one item {worst}"),
+        (
+            f"no item over labels_per_item + slack ({labels_per_item} + {SLACK})",
+            worst <= labels_per_item + SLACK,
+            f"{over} items over {labels_per_item}, most labels on one item {worst}",
+        ),
     ]
 
 
@@ -415,9 +452,14 @@ def machine() -> dict[str, str | int | None]:
             return "?"
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpus": os.cpu_count(), "cpus_usable": cores, "platform": platform.platform(),
-            "python": platform.python_version(), "sqlite": sqlite3.sqlite_version,
-            **{name: version(name) for name in ("uvicorn", "starlette", "sqlalchemy", "httpx")}}
+    return {
+        "cpus": os.cpu_count(),
+        "cpus_usable": cores,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+        **{name: version(name) for name in ("uvicorn", "starlette", "sqlalchemy", "httpx")},
+    }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -425,8 +467,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--annotators", type=int, default=20, help="concurrent annotators (threads)")
     p.add_argument("--labels", type=int, default=2000, help="labels to give in all (the target)")
     p.add_argument("--labels-per-item", type=int, default=2, help="the round's labels per item")
-    p.add_argument("--items", type=int, default=0,
-                   help="items in the round (0 = enough for the target: labels / labels-per-item x 1.1)")
+    p.add_argument(
+        "--items",
+        type=int,
+        default=0,
+        help="items in the round (0 = enough for the target: labels / labels-per-item x 1.1)",
+    )
     p.add_argument("--port", type=int, default=0, help="server port on 127.0.0.1 (0 = a free one)")
     p.add_argument("--timeout", type=float, default=300.0, help="bound on the whole run, seconds")
     p.add_argument("--seed", type=int, default=0)
@@ -441,17 +487,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def print_report(args, items: int, tally: Tally, wall: float, code: int | None,
-                 checks: list[tuple[str, bool, str]]) -> dict:
+def print_report(
+    args, items: int, tally: Tally, wall: float, code: int | None, checks: list[tuple[str, bool, str]]
+) -> dict:
     lat = {kind: percentiles(values) for kind, values in tally.latency.items()}
     n = len(tally.acked)
     rate = n / wall if wall else 0.0
-    print(f"load       {args.annotators} annotators, {n} labels acknowledged in {wall:.2f}s = "
-          f"{rate:.1f} labels/s (logins before the clock, {tally.login_retries} login retries); "
-          f"server stopped: {exit_status(code)}")
+    print(
+        f"load       {args.annotators} annotators, {n} labels acknowledged in {wall:.2f}s = "
+        f"{rate:.1f} labels/s (logins before the clock, {tally.login_retries} login retries); "
+        f"server stopped: {exit_status(code)}"
+    )
     print(f"{'latency (ms)':36s} {'n':>6s} {'p50':>8s} {'p95':>8s} {'p99':>8s} {'max':>8s}")
-    names = {"post": "label POST /items/{id} -> 303", "claim": "next GET /rounds/{r}/next -> 303",
-             "page": "item GET /items/{id} -> 200"}
+    names = {
+        "post": "label POST /items/{id} -> 303",
+        "claim": "next GET /rounds/{r}/next -> 303",
+        "page": "item GET /items/{id} -> 200",
+    }
     for kind, name in names.items():
         q = lat[kind]
         figures = " ".join(f"{q[m]:8.1f}" for m in ("p50", "p95", "p99", "max")) if q["n"] else ""
@@ -460,11 +512,18 @@ def print_report(args, items: int, tally: Tally, wall: float, code: int | None,
         print(f"check      {'PASS' if passed else 'FAIL'}  {name}: {detail}")
     for line in tally.errors[:10]:
         print(f"error      {line}")
-    return {"annotators": args.annotators, "labels_per_item": args.labels_per_item, "items": items,
-            "target": args.labels, "labels": n, "wall_s": round(wall, 3), "labels_per_s": round(rate, 2),
-            "latency_ms": {k: {m: round(v, 2) for m, v in q.items()} for k, q in lat.items()},
-            "checks": {name: passed for name, passed, _ in checks},
-            "passed": all(passed for _, passed, _ in checks)}
+    return {
+        "annotators": args.annotators,
+        "labels_per_item": args.labels_per_item,
+        "items": items,
+        "target": args.labels,
+        "labels": n,
+        "wall_s": round(wall, 3),
+        "labels_per_s": round(rate, 2),
+        "latency_ms": {k: {m: round(v, 2) for m, v in q.items()} for k, q in lat.items()},
+        "checks": {name: passed for name, passed, _ in checks},
+        "passed": all(passed for _, passed, _ in checks),
+    }
 
 
 def main(argv=None) -> int:
@@ -474,18 +533,23 @@ def main(argv=None) -> int:
     deadline = time.monotonic() + args.timeout
     facts = machine()
     print(f"machine    {facts['cpus']} CPUs ({facts['cpus_usable']} usable), {facts['platform']}")
-    print(f"software   python {facts['python']}, SQLite {facts['sqlite']}, uvicorn {facts['uvicorn']}, "
-          f"starlette {facts['starlette']}, SQLAlchemy {facts['sqlalchemy']}, httpx {facts['httpx']}",
-          flush=True)
+    print(
+        f"software   python {facts['python']}, SQLite {facts['sqlite']}, uvicorn {facts['uvicorn']}, "
+        f"starlette {facts['starlette']}, SQLAlchemy {facts['sqlalchemy']}, httpx {facts['httpx']}",
+        flush=True,
+    )
     tmp = Path(tempfile.mkdtemp(prefix="rufus-studio-load-"))
     db_path, log_path = tmp / "studio.db", tmp / "server.log"
     proc = None
     try:
         t0 = time.perf_counter()
         people = build_studio(db_path, args.annotators, items, args.labels_per_item, args.seed)
-        print(f"studio     round {ROUND!r}: {items} pairwise items x {args.labels_per_item} labels, "
-              f"{len(people)} annotators, built in {time.perf_counter() - t0:.1f}s; "
-              f"target {args.labels} labels", flush=True)
+        print(
+            f"studio     round {ROUND!r}: {items} pairwise items x {args.labels_per_item} labels, "
+            f"{len(people)} annotators, built in {time.perf_counter() - t0:.1f}s; "
+            f"target {args.labels} labels",
+            flush=True,
+        )
         port = args.port or free_port()
         base = f"http://{HOST}:{port}"
         proc = start_server(db_path, port, log_path)
@@ -493,8 +557,9 @@ def main(argv=None) -> int:
         print(f"server     pid {proc.pid} on {base}, answering after {ready:.1f}s", flush=True)
         tally, wall, in_time = run_load(base, people, args.labels, args.seed, deadline)
         code = stop_server(proc)
-        troubles = [line for line in log_path.read_text(errors="replace").splitlines()
-                    if "Traceback" in line or "ERROR" in line]
+        troubles = [
+            line for line in log_path.read_text(errors="replace").splitlines() if "Traceback" in line or "ERROR" in line
+        ]
         stored = verify(db_path, args.labels_per_item, tally.acked)
     except RuntimeError as e:
         print(f"error      {e}", file=sys.stderr)
@@ -511,11 +576,17 @@ def main(argv=None) -> int:
     checks = [
         ("finished within the timeout", in_time, f"--timeout {args.timeout:.0f}s"),
         ("every request answered as expected", not tally.errors, f"{len(tally.errors)} errors{first_error}"),
-        ("labels acknowledged == min(target, capacity)", len(tally.acked) == expected,
-         f"{len(tally.acked)} of {expected} ({tally.finished} annotators saw 'All done')"),
+        (
+            "labels acknowledged == min(target, capacity)",
+            len(tally.acked) == expected,
+            f"{len(tally.acked)} of {expected} ({tally.finished} annotators saw 'All done')",
+        ),
         *stored,
-        ("server log without errors", not troubles,
-         f"{len(troubles)} lines" + (f", first: {troubles[0]}" if troubles else "")),
+        (
+            "server log without errors",
+            not troubles,
+            f"{len(troubles)} lines" + (f", first: {troubles[0]}" if troubles else ""),
+        ),
     ]
     result = print_report(args, items, tally, wall, code, checks)
     print("RESULT " + json.dumps({**result, "machine": facts}))

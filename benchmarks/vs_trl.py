@@ -72,16 +72,34 @@ def wait_until_idle(max_wait: float, threshold: float = 0.25) -> float:
         time.sleep(5.0)
 
 
-def run_one(side: str, algo: str, model: str, precision: str, steps: int, warmup: int, timeout: int,
-            idle_wait: float = 0.0) -> dict:
+def run_one(
+    side: str, algo: str, model: str, precision: str, steps: int, warmup: int, timeout: int, idle_wait: float = 0.0
+) -> dict:
     if side == "rufus":
         cmd = [sys.executable, str(HERE / "rufus_run.py")]
     else:
         cmd = [str(peer_python(algo)), str(HERE / "peers" / "trl_run.py")]
-    cmd += ["--algo", algo, "--model", model, "--precision", precision.removesuffix("+compile"),
-            "--steps", str(steps), "--warmup", str(warmup)] + (["--compile"] if precision.endswith("+compile") else [])
-    env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    cmd += [
+        "--algo",
+        algo,
+        "--model",
+        model,
+        "--precision",
+        precision.removesuffix("+compile"),
+        "--steps",
+        str(steps),
+        "--warmup",
+        str(warmup),
+    ] + (["--compile"] if precision.endswith("+compile") else [])
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="2",
+        MKL_NUM_THREADS="2",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+    )
     logs = common.CACHE / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"{side}-{algo}-{model}-{precision}.log"
@@ -104,15 +122,24 @@ def run_one(side: str, algo: str, model: str, precision: str, steps: int, warmup
     # cores used by other processes while this one ran (machine-wide CPU time minus the run's own)
     others = max(0.0, (busy_cpu_seconds() - busy0) - (children_cpu_seconds() - mine0)) / max(wall, 1e-9)
     contended = others > 0.25
-    rows = [json.loads(line[len("RESULT "):]) for line in output.splitlines() if line.startswith("RESULT ")]
+    rows = [json.loads(line[len("RESULT ") :]) for line in output.splitlines() if line.startswith("RESULT ")]
     if rc != 0 or not rows:
         print(f"failed (rc {rc}, {wall:.0f}s; log {log_path.relative_to(REPO)})", flush=True)
-        return {"side": side, "impl": side, "algo": algo, "model": model, "precision": precision, "failed": True, "rc": rc,
-                "log": str(log_path.relative_to(REPO)), "error": output.strip().splitlines()[-1:] or [""],
-                "other_cores": round(others, 2)}
+        return {
+            "side": side,
+            "impl": side,
+            "algo": algo,
+            "model": model,
+            "precision": precision,
+            "failed": True,
+            "rc": rc,
+            "log": str(log_path.relative_to(REPO)),
+            "error": output.strip().splitlines()[-1:] or [""],
+            "other_cores": round(others, 2),
+        }
     row = dict(rows[-1], side=side, other_cores=round(others, 2))  # side: "peer" or "rufus", whatever its impl
-    print(f"{row['median_s']:.3f} s/step ({wall:.0f}s{'; machine busy: other work used %.1f cores' % others if contended else ''})",
-          flush=True)
+    busy = f"; machine busy: other work used {others:.1f} cores" if contended else ""
+    print(f"{row['median_s']:.3f} s/step ({wall:.0f}s{busy})", flush=True)
     return row
 
 
@@ -137,8 +164,20 @@ def pick(rows: list[dict], side: str, algo: str, model: str, mode: str) -> dict 
 
 
 def table(rows: list[dict], algos, models, peak: dict, peer_label: str) -> str:
-    head = ["algo", "model", "precision", f"{peer_label} s/step", "rufus s/step", f"{peer_label} tok/s", "rufus tok/s",
-            f"{peer_label} RSS MB", "rufus RSS MB", f"{peer_label} % peak", "rufus % peak", "rufus x"]
+    head = [
+        "algo",
+        "model",
+        "precision",
+        f"{peer_label} s/step",
+        "rufus s/step",
+        f"{peer_label} tok/s",
+        "rufus tok/s",
+        f"{peer_label} RSS MB",
+        "rufus RSS MB",
+        f"{peer_label} % peak",
+        "rufus % peak",
+        "rufus x",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
 
     def cells(r, mode):
@@ -152,7 +191,12 @@ def table(rows: list[dict], algos, models, peak: dict, peer_label: str) -> str:
             tag = f" ({'bf16' if dtype_of(r) == 'bfloat16' else 'fp32'}{'+c' if 'compile' in r['precision'] else ''})"
         if r.get("other_cores", 0) > 0.25:
             tag += " *"  # timed while other work used the CPU
-        return [f"{r['median_s']:.3f}{tag}", f"{r['tokens_per_s']:.0f}", f"{r['peak_rss_mb']:.0f}", f"{100 * share:.1f}%"]
+        return [
+            f"{r['median_s']:.3f}{tag}",
+            f"{r['tokens_per_s']:.0f}",
+            f"{r['peak_rss_mb']:.0f}",
+            f"{100 * share:.1f}%",
+        ]
 
     for algo in algos:
         for model in models:
@@ -162,8 +206,11 @@ def table(rows: list[dict], algos, models, peak: dict, peer_label: str) -> str:
                 ratio = "-"
                 if p and r and not p.get("failed") and not r.get("failed"):
                     ratio = f"{p['median_s'] / r['median_s']:.2f}"
-                lines.append("| " + " | ".join([algo, model, mode, pc[0], rc[0], pc[1], rc[1], pc[2], rc[2], pc[3],
-                                                rc[3], ratio]) + " |")
+                lines.append(
+                    "| "
+                    + " | ".join([algo, model, mode, pc[0], rc[0], pc[1], rc[1], pc[2], rc[2], pc[3], rc[3], ratio])
+                    + " |"
+                )
     return "\n".join(lines)
 
 
@@ -171,24 +218,37 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--algos", default=",".join(common.ALGOS))
     p.add_argument("--models", default="tiny,small")
-    p.add_argument("--precisions", default=",".join(PRECISIONS),
-                   help="float32,bf16,bf16+compile (best is the fastest of those run; +compile: torch.compile on "
-                        "both sides, TRL's torch_compile=True and Rufus's compile=true)")
+    p.add_argument(
+        "--precisions",
+        default=",".join(PRECISIONS),
+        help="float32,bf16,bf16+compile (best is the fastest of those run; +compile: torch.compile on "
+        "both sides, TRL's torch_compile=True and Rufus's compile=true)",
+    )
     p.add_argument("--steps", type=int, default=8, help="optimiser steps per run, warm-up included")
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of the median")
     p.add_argument("--skip-peer", action="store_true", help="run Rufus only")
-    p.add_argument("--reuse-peer", action="store_true",
-                   help="take the peer's rows from the last results.jsonl instead of running the peer again "
-                        "(the peer does not change when Rufus does); Rufus runs afresh")
+    p.add_argument(
+        "--reuse-peer",
+        action="store_true",
+        help="take the peer's rows from the last results.jsonl instead of running the peer again "
+        "(the peer does not change when Rufus does); Rufus runs afresh",
+    )
     p.add_argument("--timeout", type=int, default=1800, help="seconds before one run counts as failed")
-    p.add_argument("--idle-wait", type=float, default=900,
-                   help="before each run, wait up to this many seconds for other work to leave the CPU (0 = never)")
+    p.add_argument(
+        "--idle-wait",
+        type=float,
+        default=900,
+        help="before each run, wait up to this many seconds for other work to leave the CPU (0 = never)",
+    )
     args = p.parse_args(argv)
     algos = [a for a in args.algos.split(",") if a]
     models = [m for m in args.models.split(",") if m]
     precisions = [x for x in args.precisions.split(",") if x]
-    for name, values, allowed in (("algos", algos, common.ALGOS), ("models", models, common.MODELS),
-                                  ("precisions", precisions, PRECISIONS)):
+    for name, values, allowed in (
+        ("algos", algos, common.ALGOS),
+        ("models", models, common.MODELS),
+        ("precisions", precisions, PRECISIONS),
+    ):
         bad = [v for v in values if v not in allowed]
         if bad:
             p.error(f"--{name}: unknown {', '.join(bad)} (choose from {', '.join(allowed)})")
@@ -224,26 +284,38 @@ def main(argv=None) -> None:
             for precision in precisions:
                 if (algo, model, precision) in stored:
                     rows.append(dict(stored[(algo, model, precision)], reused=True))
-                    print(f"   peer {algo} {model} {precision} ... {rows[-1].get('median_s', float('nan')):.3f} s/step "
-                          f"(stored row)", flush=True)
+                    print(
+                        f"   peer {algo} {model} {precision} ... {rows[-1].get('median_s', float('nan')):.3f} s/step "
+                        f"(stored row)",
+                        flush=True,
+                    )
                 elif run_peer:
-                    rows.append(run_one("peer", algo, model, precision, args.steps, args.warmup, args.timeout,
-                                        args.idle_wait))
-                rows.append(run_one("rufus", algo, model, precision, args.steps, args.warmup, args.timeout,
-                                    args.idle_wait))
+                    rows.append(
+                        run_one("peer", algo, model, precision, args.steps, args.warmup, args.timeout, args.idle_wait)
+                    )
+                rows.append(
+                    run_one("rufus", algo, model, precision, args.steps, args.warmup, args.timeout, args.idle_wait)
+                )
 
     # 3. raw rows and the table
     (common.CACHE / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     peer_versions = sorted({f"{r['impl']} {r['version']}" for r in rows if r["side"] == "peer" and not r.get("failed")})
     md = table(rows, algos, models, peak, "trl")
-    reused = " (peer rows from an earlier run of this script, --reuse-peer)" if any(r.get("reused") for r in rows) else ""
-    header = (f"Rufus {rufus_version(rows)} vs peer ({', '.join(peer_versions) or 'not run'}{reused}), {datetime.date.today()}: {args.steps} steps, median of "
-              f"the last {args.steps - args.warmup}, OMP_NUM_THREADS=2. Peak (peak.json): float32 "
-              f"{peak['float32']:.0f}, bfloat16 {peak['bfloat16']:.0f} GFLOP/s. rufus x = peer s/step / Rufus s/step.")
+    reused = (
+        " (peer rows from an earlier run of this script, --reuse-peer)" if any(r.get("reused") for r in rows) else ""
+    )
+    header = (
+        f"Rufus {rufus_version(rows)} vs peer ({', '.join(peer_versions) or 'not run'}{reused}), "
+        f"{datetime.date.today()}: {args.steps} steps, median of "
+        f"the last {args.steps - args.warmup}, OMP_NUM_THREADS=2. Peak (peak.json): float32 "
+        f"{peak['float32']:.0f}, bfloat16 {peak['bfloat16']:.0f} GFLOP/s. rufus x = peer s/step / Rufus s/step."
+    )
     text = header + "\n\n" + md + "\n"
     if any(r.get("other_cores", 0) > 0.25 for r in rows):
-        text += ("\n* timed while other processes used more than a quarter of a core (see other_cores in "
-                 "results.jsonl): with two threads on two cores such a run can be several times slower; rerun it.\n")
+        text += (
+            "\n* timed while other processes used more than a quarter of a core (see other_cores in "
+            "results.jsonl): with two threads on two cores such a run can be several times slower; rerun it.\n"
+        )
     (common.CACHE / "table.md").write_text(text)
     print("\n" + text)
     print(f"rows: {common.CACHE / 'results.jsonl'}; table: {common.CACHE / 'table.md'}")

@@ -25,13 +25,25 @@ sys.path.insert(0, str(ROOT))
 # config keys as the code before the one-name-per-concept renames spelled them
 OLD_CONFIG_KEYS = {("grpo", "epochs"): "iterations", ("rloo", "group_size"): "k", ("bon", "group_size"): "n"}
 # logged keys renamed then: old -> new
-RENAMED = {"entropy": "policy/entropy", "approx_kl": "policy/approx_kl", "clipfrac": "policy/clipfrac",
-           "ratio_mean": "policy/ratio_mean", "ratio_max": "policy/ratio_max", "kl": "policy/ref_kl",
-           "ppo/updates": "policy/updates", "reward/raw": "score/raw", "reward/no_eos": "response/no_eos",
-           "reward/digit_fraction": "score/digit_fraction", "bon/score_mean": "score/mean",
-           "bon/score_std": "score/std", "bon/score_best": "score/kept", "online/score_mean": "score/mean",
-           "online/score_chosen": "score/chosen", "online/score_rejected": "score/rejected",
-           "online/response_length": "response/length"}
+RENAMED = {
+    "entropy": "policy/entropy",
+    "approx_kl": "policy/approx_kl",
+    "clipfrac": "policy/clipfrac",
+    "ratio_mean": "policy/ratio_mean",
+    "ratio_max": "policy/ratio_max",
+    "kl": "policy/ref_kl",
+    "ppo/updates": "policy/updates",
+    "reward/raw": "score/raw",
+    "reward/no_eos": "response/no_eos",
+    "reward/digit_fraction": "score/digit_fraction",
+    "bon/score_mean": "score/mean",
+    "bon/score_std": "score/std",
+    "bon/score_best": "score/kept",
+    "online/score_mean": "score/mean",
+    "online/score_chosen": "score/chosen",
+    "online/score_rejected": "score/rejected",
+    "online/response_length": "response/length",
+}
 # dropped then: the reward pipeline's one-process score mean and std (score/mean, score/std now)
 DROPPED = {"reward/score", "reward/score_std"}
 
@@ -59,9 +71,18 @@ def digit_fraction(prompts, completions, **kw):
 
 
 def runs(model: str, prompts: str, sft: str, out: Path) -> dict[str, tuple[str, dict]]:
-    base = {"model": model, "data": {"train": prompts, "max_length": 40}, "generation": {"max_new_tokens": 8},
-            "batch_size": 4, "lr": 2e-3, "max_steps": 3, "dtype": "float32", "progress": False, "seed": 0,
-            "log_every": 1}
+    base = {
+        "model": model,
+        "data": {"train": prompts, "max_length": 40},
+        "generation": {"max_new_tokens": 8},
+        "batch_size": 4,
+        "lr": 2e-3,
+        "max_steps": 3,
+        "dtype": "float32",
+        "progress": False,
+        "seed": 0,
+        "log_every": 1,
+    }
 
     def cfg(name, **sections):
         c = json.loads(json.dumps(base))
@@ -75,19 +96,41 @@ def runs(model: str, prompts: str, sft: str, out: Path) -> dict[str, tuple[str, 
 
     return {
         "ppo": ("ppo", cfg("ppo", ppo={"epochs": 2, "minibatches": 2}, kl={"coef": 0.05})),
-        "ppo_ptx_shared": ("ppo", cfg("ppo_ptx_shared", ppo={"epochs": 2, "target_kl": 0.5},
-                                      critic={"shared": True}, ptx={"coef": 0.5, "data": sft, "batch_size": 2})),
-        "ppo_lora_adaptive": ("ppo", cfg("ppo_lora_adaptive", lora={"r": 4}, lr=1e-2,
-                                         kl={"coef": 0.1, "target": 1.0, "horizon": 100})),
+        "ppo_ptx_shared": (
+            "ppo",
+            cfg(
+                "ppo_ptx_shared",
+                ppo={"epochs": 2, "target_kl": 0.5},
+                critic={"shared": True},
+                ptx={"coef": 0.5, "data": sft, "batch_size": 2},
+            ),
+        ),
+        "ppo_lora_adaptive": (
+            "ppo",
+            cfg("ppo_lora_adaptive", lora={"r": 4}, lr=1e-2, kl={"coef": 0.1, "target": 1.0, "horizon": 100}),
+        ),
         "grpo": ("grpo", cfg("grpo", grpo={"group_size": 4}, kl={"coef": 0.04})),
-        "grpo_multi": ("grpo", cfg("grpo_multi", grpo={"group_size": 4, "epochs": 2, "minibatches": 2,
-                                                       "loss_aggregation": "constant", "scale_rewards": False,
-                                                       "clip_high": 0.28}, kl={"coef": 0.04})),
+        "grpo_multi": (
+            "grpo",
+            cfg(
+                "grpo_multi",
+                grpo={
+                    "group_size": 4,
+                    "epochs": 2,
+                    "minibatches": 2,
+                    "loss_aggregation": "constant",
+                    "scale_rewards": False,
+                    "clip_high": 0.28,
+                },
+                kl={"coef": 0.04},
+            ),
+        ),
         "rloo": ("rloo", cfg("rloo", rloo={"group_size": 4}, kl={"coef": 0.05})),
-        "reinforce_pp": ("rloo", cfg("reinforce_pp", rloo={"group_size": 4, "advantage": "reinforce_pp",
-                                                           "epochs": 2})),
-        "reinforce_pp_baseline": ("rloo", cfg("reinforce_pp_baseline",
-                                              rloo={"group_size": 4, "advantage": "reinforce_pp_baseline"})),
+        "reinforce_pp": ("rloo", cfg("reinforce_pp", rloo={"group_size": 4, "advantage": "reinforce_pp", "epochs": 2})),
+        "reinforce_pp_baseline": (
+            "rloo",
+            cfg("reinforce_pp_baseline", rloo={"group_size": 4, "advantage": "reinforce_pp_baseline"}),
+        ),
         "dpo_online": ("dpo", cfg("dpo_online", dpo={"rounds": 2, "prompts_per_round": 8}, max_steps=2)),
         "bon": ("bon", cfg("bon", bon={"group_size": 4, "rounds": 2, "prompts_per_round": 8}, max_steps=2)),
     }
@@ -103,13 +146,19 @@ def main() -> None:
     if args.compare:
         sys.exit(compare(*args.compare, rtol=args.rtol))
 
+    from tests.helpers import arithmetic_prompts, sft_rows, tiny_corpus, write_jsonl
+
     import rufus
     import rufus.config
     from rufus.models.tiny import build_tiny
-    from tests.helpers import arithmetic_prompts, sft_rows, tiny_corpus, write_jsonl
 
-    trainers = {"ppo": rufus.train_ppo, "grpo": rufus.train_grpo, "rloo": rufus.train_rloo,
-                "dpo": rufus.train_dpo, "bon": rufus.train_bon}
+    trainers = {
+        "ppo": rufus.train_ppo,
+        "grpo": rufus.train_grpo,
+        "rloo": rufus.train_rloo,
+        "dpo": rufus.train_dpo,
+        "bon": rufus.train_bon,
+    }
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -125,8 +174,10 @@ def main() -> None:
                 if "unknown key" not in str(e):
                     raise
                 result = trainers[algo](with_old_keys(cfg), reward_fn=digit_fraction)
-            results[name] = [{k: v for k, v in row.items() if not (k.startswith("time/") or k == "tokens_per_s")}
-                             for row in result.metrics]
+            results[name] = [
+                {k: v for k, v in row.items() if not (k.startswith("time/") or k == "tokens_per_s")}
+                for row in result.metrics
+            ]
             print(name, json.dumps(results[name][-1], sort_keys=True), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
@@ -151,8 +202,10 @@ def compare(before: str, after: str, rtol: float) -> int:
                         print(f"{name} step {step} {k}: {x} -> {y}")
                         bad += 1
                     worst = max(worst, d if not math.isnan(d) else 0.0)
-        print(f"{name}: {len(a[name])} rows, largest relative difference {worst:.2e}"
-              + (f"; keys in one only: {sorted(missing)}" if missing else ""))
+        print(
+            f"{name}: {len(a[name])} rows, largest relative difference {worst:.2e}"
+            + (f"; keys in one only: {sorted(missing)}" if missing else "")
+        )
     return 1 if bad else 0
 
 

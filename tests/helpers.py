@@ -32,8 +32,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def sft_rows(n: int = 8) -> list[dict]:
     """n distinct prompt/completion pairs."""
-    return [{"prompt": f"what is {i} plus {i + 1} ?", "completion": f" {i} plus {i + 1} equals {2 * i + 1} ."}
-            for i in range(n)]
+    return [
+        {"prompt": f"what is {i} plus {i + 1} ?", "completion": f" {i} plus {i + 1} equals {2 * i + 1} ."}
+        for i in range(n)
+    ]
 
 
 def preference_rows(n: int, seed: int = 0) -> list[dict]:
@@ -49,8 +51,13 @@ def preference_rows(n: int, seed: int = 0) -> list[dict]:
         other = rng.choices(filler, k=rng.randint(2, 6))
         body.insert(rng.randint(0, len(body)), "yes")
         other.insert(rng.randint(0, len(other)), "no")
-        rows.append({"prompt": f"what is {rng.randint(0, 9)} ?", "chosen": " " + " ".join(body) + " .",
-                     "rejected": " " + " ".join(other) + " ."})
+        rows.append(
+            {
+                "prompt": f"what is {rng.randint(0, 9)} ?",
+                "chosen": " " + " ".join(body) + " .",
+                "rejected": " " + " ".join(other) + " .",
+            }
+        )
     return rows
 
 
@@ -91,15 +98,27 @@ def with_overrides(cfg: dict, over: dict) -> dict:
 
 # A base model that writes the task's kind of text (openers, closers, rambling or not) in ~20 s;
 # its samples rarely answer, but politeness and length vary, which is what the tests below need.
-SMALL_BASE = dict(corpus_size=1200, steps=200, hidden_size=64, num_layers=2, num_heads=4, vocab_size=600,
-                  batch_size=32, lr=5e-3, max_length=96, progress=False)
+SMALL_BASE = dict(
+    corpus_size=1200,
+    steps=200,
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    vocab_size=600,
+    batch_size=32,
+    lr=5e-3,
+    max_length=96,
+    progress=False,
+)
 NEW = 16  # max_new_tokens everywhere: short samples keep the runs fast
 
 
 def tiny(model, output_dir, **over) -> dict:
     """A pipeline config that runs every stage in seconds on the small base model."""
     cfg = {
-        "model": str(model), "output_dir": str(output_dir), "progress": False,
+        "model": str(model),
+        "output_dir": str(output_dir),
+        "progress": False,
         "playground": {"sft_demos": 48, "comparison_prompts": 40, "rl_prompts": 32, "eval_prompts": 12},
         "collect": {"responses": 3, "held_out": 0.5, "generation": {"max_new_tokens": NEW}},
         "sft": {"max_steps": 4, "batch_size": 8, "log_every": 1},

@@ -169,8 +169,15 @@ def test_gae_with_episode_ends_and_a_bootstrap_value_hand_values():
     """
     rewards = torch.ones(1, 3)
     values = torch.full((1, 3), 0.5)
-    adv, ret = gae(rewards, values, torch.ones(1, 3), gamma=0.9, lam=0.8,
-                   dones=torch.tensor([[0.0, 1.0, 0.0]]), bootstrap=torch.tensor([2.0]))
+    adv, ret = gae(
+        rewards,
+        values,
+        torch.ones(1, 3),
+        gamma=0.9,
+        lam=0.8,
+        dones=torch.tensor([[0.0, 1.0, 0.0]]),
+        bootstrap=torch.tensor([2.0]),
+    )
     assert torch.allclose(adv, torch.tensor([[1.31, 0.5, 2.3]]))
     assert torch.allclose(ret, adv + 0.5)
 

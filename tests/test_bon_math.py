@@ -88,9 +88,7 @@ def test_estimator_equals_brute_force_over_all_subsets(seed):
     proxy = torch.randn(7, generator=g, dtype=torch.float64)
     gold = proxy + torch.randn(7, generator=g, dtype=torch.float64)  # correlated, imperfect proxy
     # N = 7, n = 3: C(7, 3) = 35 subsets
-    assert bon_expected_gold(proxy, gold, 3) == pytest.approx(
-        _brute_force(proxy.tolist(), gold.tolist(), 3), abs=1e-9
-    )
+    assert bon_expected_gold(proxy, gold, 3) == pytest.approx(_brute_force(proxy.tolist(), gold.tolist(), 3), abs=1e-9)
     for n in range(1, 8):
         assert bon_expected_gold(proxy, gold, n) == pytest.approx(
             _brute_force(proxy.tolist(), gold.tolist(), n), abs=1e-12

@@ -29,7 +29,9 @@ def test_round_trip_restores_weights_optimizer_and_rng(tmp_path, acc):
     expected_draw = torch.rand(3)
     fresh = torch.nn.Linear(3, 2)
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
-    info = load_checkpoint(latest_checkpoint(tmp_path), accelerator=acc, models={"m": fresh}, optimizers={"m": fresh_opt})
+    info = load_checkpoint(
+        latest_checkpoint(tmp_path), accelerator=acc, models={"m": fresh}, optimizers={"m": fresh_opt}
+    )
     assert info["step"] == 5
     assert torch.equal(fresh.weight, model.weight) and torch.equal(fresh.bias, model.bias)
     assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])

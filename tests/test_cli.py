@@ -26,8 +26,9 @@ def test_bad_key_is_an_error_naming_it(capsys):
 
 def test_missing_data_file_is_an_error(capsys, tmp_path, tiny_model):
     model = tiny_model
-    assert main(["sft", f"model={model}", f"data.train={tmp_path / 'nope.jsonl'}",
-                 f"output_dir={tmp_path / 'out'}"]) == 2
+    assert (
+        main(["sft", f"model={model}", f"data.train={tmp_path / 'nope.jsonl'}", f"output_dir={tmp_path / 'out'}"]) == 2
+    )
     assert "nope.jsonl" in capsys.readouterr().err
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
@@ -36,8 +37,18 @@ def test_cli_run_writes_config_metrics_and_final(capsys, tmp_path, tiny_model):
     model = tiny_model
     data = write_jsonl(tmp_path / "d.jsonl", sft_rows(4))
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({"model": str(model), "data": {"train": str(data), "max_length": 40},
-                                   "batch_size": 4, "max_steps": 50, "lr": 1e-3, "progress": False}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(model),
+                "data": {"train": str(data), "max_length": 40},
+                "batch_size": 4,
+                "max_steps": 50,
+                "lr": 1e-3,
+                "progress": False,
+            }
+        )
+    )
     assert main(["sft", "--config", str(cfg), "max_steps=3", f"output_dir={tmp_path / 'out'}"]) == 0
     out = capsys.readouterr().out
     assert "finished at step 3" in out and "loss" in out
@@ -67,8 +78,21 @@ def test_classic_command_runs_an_agent_and_lists_its_keys(tmp_path, capsys):
     """`rufus classic <algo> key=value ...`: the same config system; outputs and a summary."""
     from rufus.cli import main
 
-    assert main(["classic", "q_learning", "env=FrozenLake-v1", "slippery=false", "total_steps=3000",
-                 f"output_dir={tmp_path / 'q'}", "progress=false", "eval_episodes=10"]) == 0
+    assert (
+        main(
+            [
+                "classic",
+                "q_learning",
+                "env=FrozenLake-v1",
+                "slippery=false",
+                "total_steps=3000",
+                f"output_dir={tmp_path / 'q'}",
+                "progress=false",
+                "eval_episodes=10",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "rufus classic q_learning" in printed and "greedy_success_rate" in printed
     assert (tmp_path / "q" / "metrics.jsonl").exists() and (tmp_path / "q" / "agent.pt").exists()

@@ -14,9 +14,14 @@ def write(tmp_path, text):
 
 
 def test_yaml_then_overrides_win_and_round_trip(tmp_path):
-    path = write(tmp_path, "model: m1\nlr: 1.0e-4\nbatch_size: 4\ndata:\n  train: a.jsonl\n  max_length: 128\nlora:\n  r: 8\n")
-    cfg = load_config(SFTConfig, path, ["lr=3e-5", "data.train=b.jsonl", "lora.target_modules=q_proj,v_proj",
-                                        "resume=true", "output_dir=out/123"])
+    path = write(
+        tmp_path, "model: m1\nlr: 1.0e-4\nbatch_size: 4\ndata:\n  train: a.jsonl\n  max_length: 128\nlora:\n  r: 8\n"
+    )
+    cfg = load_config(
+        SFTConfig,
+        path,
+        ["lr=3e-5", "data.train=b.jsonl", "lora.target_modules=q_proj,v_proj", "resume=true", "output_dir=out/123"],
+    )
     assert cfg.model == "m1"
     assert cfg.lr == pytest.approx(3e-5)  # "3e-5" has no dot: YAML reads a string, the float key accepts it
     assert cfg.batch_size == 4
@@ -78,8 +83,23 @@ def test_dotted_yaml_keys_and_dict_defaults():
 
 def test_help_lists_every_key_with_type_default_and_doc():
     text = config_help(SFTConfig)
-    for key in ["model", "tokenizer", "output_dir", "seed", "max_steps", "batch_size", "grad_accum", "lr", "dtype",
-                "data.train", "data.eval", "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules"]:
+    for key in [
+        "model",
+        "tokenizer",
+        "output_dir",
+        "seed",
+        "max_steps",
+        "batch_size",
+        "grad_accum",
+        "lr",
+        "dtype",
+        "data.train",
+        "data.eval",
+        "lora.r",
+        "lora.alpha",
+        "lora.dropout",
+        "lora.target_modules",
+    ]:
         line = next((ln for ln in text.splitlines() if ln.split() and ln.split()[0] == key), None)
         assert line is not None, key
         assert len(line.split()) >= 4, line  # key, type, default, doc
@@ -101,8 +121,12 @@ def test_open_mappings_take_dotted_keys_and_merge_over_defaults(tmp_path):
 
     path = tmp_path / "p.yaml"
     path.write_text("rl:\n  kl: {target: 6}\n  batch_size: 8\n")
-    cfg = load_config(Staged, path, ["rl.kl.coef=0", "rl.algo=grpo", "lr=2"],
-                      defaults={"rl": {"algo": "ppo", "kl": {"coef": 0.1}, "max_steps": 100}})
+    cfg = load_config(
+        Staged,
+        path,
+        ["rl.kl.coef=0", "rl.algo=grpo", "lr=2"],
+        defaults={"rl": {"algo": "ppo", "kl": {"coef": 0.1}, "max_steps": 100}},
+    )
     assert cfg.rl == {"algo": "grpo", "kl": {"coef": 0, "target": 6}, "max_steps": 100, "batch_size": 8}
     assert cfg.lr == 2.0
     with pytest.raises(ConfigError, match="unknown key 'rll.a'; did you mean 'rl'"):
@@ -111,11 +135,14 @@ def test_open_mappings_take_dotted_keys_and_merge_over_defaults(tmp_path):
         load_config(Staged, None, ["lr.x=1"])  # a plain key has no inside
 
 
-@pytest.mark.parametrize("old, new, cls", [
-    ("grpo.iterations", "grpo.epochs", "rufus.trainers.grpo:GRPOConfig"),
-    ("rloo.k", "rloo.group_size", "rufus.trainers.rloo:RLOOConfig"),
-    ("bon.n", "bon.group_size", "rufus.trainers.bon:BoNConfig"),
-])
+@pytest.mark.parametrize(
+    "old, new, cls",
+    [
+        ("grpo.iterations", "grpo.epochs", "rufus.trainers.grpo:GRPOConfig"),
+        ("rloo.k", "rloo.group_size", "rufus.trainers.rloo:RLOOConfig"),
+        ("bon.n", "bon.group_size", "rufus.trainers.bon:BoNConfig"),
+    ],
+)
 def test_a_renamed_key_names_its_new_name(old, new, cls):
     import importlib
 

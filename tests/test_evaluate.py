@@ -17,8 +17,14 @@ from rufus.evaluate import distinct_n, evaluate
 from rufus.playground.taste import gold_score
 from tests.helpers import make_tiny_model_dir, write_jsonl
 
-PROMPTS = ["What is 3 plus 4?", "Tell me about owls.", "How do I make soup?", "Where do foxes live?",
-           "What causes rain?", "How do I learn guitar?"]
+PROMPTS = [
+    "What is 3 plus 4?",
+    "Tell me about owls.",
+    "How do I make soup?",
+    "Where do foxes live?",
+    "What causes rain?",
+    "How do I learn guitar?",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +39,14 @@ def prompts(tmp_path):
 
 
 def base(model, prompts, **over) -> dict:
-    cfg = {"model": str(model), "prompts": str(prompts), "dtype": "float32", "progress": False, "seed": 3,
-           "generation": {"max_new_tokens": 8, "temperature": 0.7}}
+    cfg = {
+        "model": str(model),
+        "prompts": str(prompts),
+        "dtype": "float32",
+        "progress": False,
+        "seed": 3,
+        "generation": {"max_new_tokens": 8, "temperature": 0.7},
+    }
     cfg.update(over)
     return cfg
 
@@ -126,8 +138,10 @@ def test_kl_matches_a_naive_per_sequence_recomputation(models, prompts):
 
 def test_win_rate_scores_and_gold_metrics_by_hand(models, prompts, tmp_path):
     policy, other = models
-    out = evaluate(base(policy, prompts, baseline=str(other), preference="default",
-                        output_dir=str(tmp_path / "eval")), reward_fn=[char_length, word_count])
+    out = evaluate(
+        base(policy, prompts, baseline=str(other), preference="default", output_dir=str(tmp_path / "eval")),
+        reward_fn=[char_length, word_count],
+    )
     rows = out["generations"]
     a = [len(r["response"]) + len(r["response"].split()) for r in rows]
     b = [len(r["baseline_response"]) + len(r["baseline_response"].split()) for r in rows]
@@ -164,11 +178,21 @@ def test_reward_accuracy_on_pairs_against_labels_and_gold(models, prompts, tmp_p
     policy, _ = models
     pairs = [  # (prompt, chosen, rejected, gold(chosen), gold(rejected)) under the default taste
         ("What is 3 plus 4?", "Sure! 3 plus 4 equals 7. Hope this helps.", "Ugh. No idea.", 7.0, 2.0),
-        ("Tell me about owls.", "Obviously owls owls owls owls owls owls.",  # the label disagrees with gold
-         "Owls hunt mice at night with soft feathers.", 10 / 3, 6.5),
+        (
+            "Tell me about owls.",
+            "Obviously owls owls owls owls owls owls.",  # the label disagrees with gold
+            "Owls hunt mice at night with soft feathers.",
+            10 / 3,
+            6.5,
+        ),
         ("How do I make soup?", "I like the sea.", "We like a tree.", 2.5, 2.5),  # gold ties
-        ("Where do foxes live?", "Sure! Foxes live in the wild and hunt at night. Thanks!", "Rain and snow and fog.",
-         7.0, 2.5),
+        (
+            "Where do foxes live?",
+            "Sure! Foxes live in the wild and hunt at night. Thanks!",
+            "Rain and snow and fog.",
+            7.0,
+            2.5,
+        ),
     ]
     for p, c, r, gc, gr in pairs:
         assert gold_score(p, c) == pytest.approx(gc) and gold_score(p, r) == pytest.approx(gr)

@@ -12,9 +12,18 @@ from rufus.rollout.logprobs import position_ids_from_mask
 
 def tiny_llama(attn: str = "sdpa", seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     config._attn_implementation = attn
     return LlamaForCausalLM(config)
 
@@ -69,8 +78,9 @@ def test_compiled_blocks_match_eager_forward_backward_and_generation():
 
     from rufus.rollout.generate import generate_responses
 
-    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=2,
-                                batch_decode=lambda rows, **kw: [" ".join(map(str, r)) for r in rows])
+    tokenizer = SimpleNamespace(
+        pad_token_id=0, eos_token_id=2, batch_decode=lambda rows, **kw: [" ".join(map(str, r)) for r in rows]
+    )
     gen = SimpleNamespace(max_new_tokens=6, stop_at_eos=False, temperature=0.0, top_k=0, top_p=1.0)
     prompts = [[5, 6, 7], [8, 9]]
     a = generate_responses(plain, tokenizer, ["a", "b"], prompts, gen)
@@ -91,8 +101,17 @@ def test_the_fused_adamw_step_equals_the_textbook_update(dtype):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cfg = SimpleNamespace(dtype=dtype, lr=1e-2, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.99, adam_eps=1e-8,
-                          warmup_steps=0, warmup_ratio=0.0, scheduler="constant")
+    cfg = SimpleNamespace(
+        dtype=dtype,
+        lr=1e-2,
+        weight_decay=0.1,
+        adam_beta1=0.9,
+        adam_beta2=0.99,
+        adam_eps=1e-8,
+        warmup_steps=0,
+        warmup_ratio=0.0,
+        scheduler="constant",
+    )
     optimizer, _ = make_optimizer(cfg, model, max_steps=10)
     inner = getattr(optimizer, "optimizer", optimizer)
     assert all(group.get("fused") for group in inner.param_groups)
@@ -116,8 +135,11 @@ def test_the_fused_adamw_step_equals_the_textbook_update(dtype):
             if w.ndim >= 2:
                 w.mul_(1 - 1e-2 * 0.1)
             w.sub_(1e-2 * (m / (1 - 0.9**t)) / ((v / (1 - 0.99**t)).sqrt() + 1e-8))
-    updated = dict(zip([n for n, _ in model.named_parameters()], masters.parameters())) if masters else dict(
-        model.named_parameters())
+    updated = (
+        dict(zip([n for n, _ in model.named_parameters()], masters.parameters()))
+        if masters
+        else dict(model.named_parameters())
+    )
     for n, (_, _, w) in state.items():
         assert torch.allclose(updated[n].detach(), w, atol=1e-5, rtol=1e-4), n
         assert not torch.equal(updated[n].detach(), start[n])
@@ -190,8 +212,9 @@ def test_static_cache_decoding_equals_generate_under_greedy():
     plain, compiled = tiny_llama("eager"), tiny_llama("eager")
     compile_blocks(compiled)
     assert has_compiled_blocks(compiled) and not has_compiled_blocks(plain)
-    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=2,
-                                batch_decode=lambda rows, **kw: [" ".join(map(str, r)) for r in rows])
+    tokenizer = SimpleNamespace(
+        pad_token_id=0, eos_token_id=2, batch_decode=lambda rows, **kw: [" ".join(map(str, r)) for r in rows]
+    )
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
     for stop in (False, True):
         gen = SimpleNamespace(max_new_tokens=7, stop_at_eos=stop, temperature=0.0, top_k=0, top_p=1.0)

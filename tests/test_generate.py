@@ -85,9 +85,20 @@ def test_best_of_n_empirical_kl_stays_below_the_analytic_bound(tiny_model, tmp_p
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": text}] * M)
     bias = (len(outcomes) - 1) / (2 * M)  # E[plug-in KL] - KL for M draws over the outcomes
     for n in (1, 2, 4):
-        out = generate({"model": str(tiny_model), "prompts": str(prompts), "best_of": n, "batch_size": 1000,
-                        "generation": {"max_new_tokens": 1, "top_k": K}, "dtype": "float32", "seed": n,
-                        "progress": False, "output": str(tmp_path / f"best_of_{n}.jsonl")}, reward_fn=token_reward)
+        out = generate(
+            {
+                "model": str(tiny_model),
+                "prompts": str(prompts),
+                "best_of": n,
+                "batch_size": 1000,
+                "generation": {"max_new_tokens": 1, "top_k": K},
+                "dtype": "float32",
+                "seed": n,
+                "progress": False,
+                "output": str(tmp_path / f"best_of_{n}.jsonl"),
+            },
+            reward_fn=token_reward,
+        )
         counts = {t: 0 for t in outcomes}
         for row in out["generations"]:
             counts[row["response"]] += 1  # KeyError = sampled outside the top K
@@ -110,9 +121,17 @@ def test_best_of_n_empirical_kl_stays_below_the_analytic_bound(tiny_model, tmp_p
 
 def test_top_k_zero_samples_the_whole_vocabulary(tiny_model, tmp_path):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "what is"}] * 3000)
-    out = generate({"model": str(tiny_model), "prompts": str(prompts), "batch_size": 1000, "dtype": "float32",
-                    "generation": {"max_new_tokens": 1, "top_k": 0}, "progress": False,
-                    "output": str(tmp_path / "out.jsonl")})
+    out = generate(
+        {
+            "model": str(tiny_model),
+            "prompts": str(prompts),
+            "batch_size": 1000,
+            "dtype": "float32",
+            "generation": {"max_new_tokens": 1, "top_k": 0},
+            "progress": False,
+            "output": str(tmp_path / "out.jsonl"),
+        }
+    )
     # the untrained model spreads over ~300 tokens almost uniformly; top-50 would cap the outcomes at 50
     assert len({row["response"] for row in out["generations"]}) > 60
 
@@ -122,9 +141,20 @@ def test_top_k_zero_samples_the_whole_vocabulary(tiny_model, tmp_path):
 
 def test_best_of_n_rows_and_summary(tiny_model, tmp_path):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"what is {i} plus {i} ?"} for i in range(5)])
-    out = generate({"model": str(tiny_model), "prompts": str(prompts), "best_of": 3, "return_all": True,
-                    "batch_size": 2, "generation": {"max_new_tokens": 6}, "dtype": "float32", "progress": False,
-                    "output_dir": str(tmp_path / "gen")}, reward_fn=digit_share)
+    out = generate(
+        {
+            "model": str(tiny_model),
+            "prompts": str(prompts),
+            "best_of": 3,
+            "return_all": True,
+            "batch_size": 2,
+            "generation": {"max_new_tokens": 6},
+            "dtype": "float32",
+            "progress": False,
+            "output_dir": str(tmp_path / "gen"),
+        },
+        reward_fn=digit_share,
+    )
     rows = [json.loads(x) for x in (tmp_path / "gen" / "generations.jsonl").read_text().splitlines()]
     assert rows == out["generations"] and len(rows) == 5
     assert [r["prompt"] for r in rows] == [f"what is {i} plus {i} ?" for i in range(5)]  # input order
@@ -140,15 +170,24 @@ def test_best_of_n_rows_and_summary(tiny_model, tmp_path):
 
 
 def test_single_prompt_without_reward_goes_to_stdout(tiny_model, capsys):
-    out = generate({"model": str(tiny_model), "prompt": "what is one", "dtype": "float32", "progress": False,
-                    "generation": {"max_new_tokens": 4}})
+    out = generate(
+        {
+            "model": str(tiny_model),
+            "prompt": "what is one",
+            "dtype": "float32",
+            "progress": False,
+            "generation": {"max_new_tokens": 4},
+        }
+    )
     (row,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert row == out["generations"][0] and set(row) == {"prompt", "response"}
     assert out["output"] == "-" and out["bon/kl_bound"] == 0.0 and "bon/score_mean" not in out
 
 
-@pytest.mark.parametrize("over, key", [({"best_of": 4}, "best_of"), ({"prompts": "x.jsonl"}, "prompts / prompt"),
-                                       ({"best_of": 0}, "best_of")])
+@pytest.mark.parametrize(
+    "over, key",
+    [({"best_of": 4}, "best_of"), ({"prompts": "x.jsonl"}, "prompts / prompt"), ({"best_of": 0}, "best_of")],
+)
 def test_bad_settings_are_errors(over, key):
     with pytest.raises(ConfigError, match=key):
         generate({"model": "no/such/model", "prompt": "hi", **over})

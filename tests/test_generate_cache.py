@@ -36,4 +36,4 @@ def test_kv_cache_generation_equals_no_cache_generation_greedy(tmp_path, arch):
             nxt = logits.argmax()
             seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
         width = cached.input_ids.shape[1] - cached.prompt_length
-        assert cached.input_ids[row, cached.prompt_length:].tolist() == seq[0, len(prompt_ids):].tolist()[:width]
+        assert cached.input_ids[row, cached.prompt_length :].tolist() == seq[0, len(prompt_ids) :].tolist()[:width]

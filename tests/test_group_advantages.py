@@ -33,9 +33,9 @@ def test_grpo_group_by_hand():
     assert adv.std().item() == pytest.approx(math.sqrt(5 / 3) / (math.sqrt(5 / 3) + 1e-4), abs=1e-12)
     assert abs(adv.std().item() - 0.999923) < 1e-6
     # eps = 0: exactly unit sample std
-    assert group_advantages(
-        torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64), 4, eps=0.0
-    ).std().item() == (pytest.approx(1.0, abs=1e-12))
+    assert group_advantages(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64), 4, eps=0.0).std().item() == (
+        pytest.approx(1.0, abs=1e-12)
+    )
 
 
 def test_dr_grpo_no_scale_by_hand():
@@ -108,9 +108,7 @@ def test_rloo_matches_leave_one_out_loop_and_identity():
             others = [group[j] for j in range(k) if j != i]
             assert adv[b * k + i].item() == pytest.approx(group[i] - sum(others) / (k - 1), abs=1e-12)
             # A_i = k / (k - 1) (R_i - mean R)
-            assert adv[b * k + i].item() == pytest.approx(
-                k / (k - 1) * (group[i] - sum(group) / k), abs=1e-12
-            )
+            assert adv[b * k + i].item() == pytest.approx(k / (k - 1) * (group[i] - sum(group) / k), abs=1e-12)
         assert abs(adv[b * k : (b + 1) * k].sum().item()) < 1e-12
 
 
@@ -133,9 +131,7 @@ def test_reinforce_pp_returns_by_hand():
     rewards = torch.tensor([[-0.1, -0.1, 0.9], [0.9, 99.0, float("nan")]], dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
     g1 = reinforce_pp_returns(rewards, mask)
-    assert torch.allclose(
-        g1, torch.tensor([[0.7, 0.8, 0.9], [0.9, 0.0, 0.0]], dtype=torch.float64), atol=1e-15
-    )
+    assert torch.allclose(g1, torch.tensor([[0.7, 0.8, 0.9], [0.9, 0.0, 0.0]], dtype=torch.float64), atol=1e-15)
     g2 = reinforce_pp_returns(rewards, mask, gamma=0.5)
     assert torch.allclose(g2, torch.tensor([[0.075, 0.35, 0.9], [0.9, 0.0, 0.0]], dtype=torch.float64))
 
@@ -166,9 +162,7 @@ def test_reinforce_pp_returns_errors():
 
 def test_equal_reward_groups():
     # groups of 3: all wrong, all right, mixed, all 0.5, one nan (never equal: kept)
-    rewards = torch.tensor(
-        [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.5, 0.5, 0.5, 1.0, float("nan"), 1.0]
-    )
+    rewards = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.5, 0.5, 0.5, 1.0, float("nan"), 1.0])
     assert equal_reward_groups(rewards, 3).tolist() == [True, True, False, True, False]
     # a group of one is trivially equal; the zero advantage of such groups is what DAPO drops
     assert equal_reward_groups(torch.tensor([1.0, 2.0]), 1).tolist() == [True, True]

@@ -60,8 +60,11 @@ def test_lower_layers_never_import_upper_ones():
 def test_the_pipeline_never_imports_the_cli():
     """The CLI is a shell over the pipeline (and the trainers), not the other way round; the table
     of commands they share lives in rufus.commands."""
-    cli = [(target, line) for target, names, line in imports(SRC / "pipeline.py")
-           if target == "rufus.cli" or target.startswith("rufus.cli.") or (target == "rufus" and "cli" in names)]
+    cli = [
+        (target, line)
+        for target, names, line in imports(SRC / "pipeline.py")
+        if target == "rufus.cli" or target.startswith("rufus.cli.") or (target == "rufus" and "cli" in names)
+    ]
     assert cli == []
 
 
@@ -76,7 +79,8 @@ def test_the_check_sees_an_upward_import_inside_a_function(tmp_path):
     (pkg / "__init__.py").write_text("")
     (pkg / "losses" / "__init__.py").write_text("")
     (pkg / "losses" / "bad.py").write_text(
-        "def f():\n    from rufus.trainers.common import as_config\n    from rufus.data.sft import _hidden\n")
+        "def f():\n    from rufus.trainers.common import as_config\n    from rufus.data.sft import _hidden\n"
+    )
     upward, private = violations(pkg)
     assert upward == {("rufus.losses.bad", "rufus.trainers.common")}
     assert private == ["rufus.losses.bad:3 imports rufus.data.sft._hidden"]

@@ -38,8 +38,9 @@ def matches(key: str, documented: list[str]) -> bool:
 
 
 def test_the_matcher_tells_documented_keys_from_the_rest():
-    documented = documented_keys("| key | meaning |\n| --- | --- |\n| `score/mean`, `score/<source>` | x |\n"
-                                 "| `eval/<metric>` | y |\n")
+    documented = documented_keys(
+        "| key | meaning |\n| --- | --- |\n| `score/mean`, `score/<source>` | x |\n| `eval/<metric>` | y |\n"
+    )
     assert documented == ["score/mean", "score/<source>", "eval/<metric>"]
     assert matches("score/mean", documented) and matches("score/gold", documented)
     assert matches("eval/rm/accuracy", documented)
@@ -53,28 +54,59 @@ def logged(tiny_model, tmp_path_factory) -> dict[str, set[str]]:
     prompts = str(write_jsonl(tmp / "prompts.jsonl", arithmetic_prompts(16)))
     sft = str(write_jsonl(tmp / "sft.jsonl", sft_rows(8)))
     prefs = str(write_jsonl(tmp / "prefs.jsonl", preference_rows(16)))
-    ranks = str(write_jsonl(tmp / "ranks.jsonl", [{"prompt": "what is 1 ?", "responses": [" yes .", " no .", " the cat ."]}] * 8))
-    base = {"model": str(tiny_model), "dtype": "float32", "progress": False, "seed": 0, "max_steps": 2,
-            "batch_size": 4, "log_every": 1, "eval_every": 1, "data": {"max_length": 40}}
+    ranks = str(
+        write_jsonl(
+            tmp / "ranks.jsonl", [{"prompt": "what is 1 ?", "responses": [" yes .", " no .", " the cat ."]}] * 8
+        )
+    )
+    base = {
+        "model": str(tiny_model),
+        "dtype": "float32",
+        "progress": False,
+        "seed": 0,
+        "max_steps": 2,
+        "batch_size": 4,
+        "log_every": 1,
+        "eval_every": 1,
+        "data": {"max_length": 40},
+    }
     online = {**base, "data": {"train": prompts, "max_length": 40}, "generation": {"max_new_tokens": 6}}
     runs = {
         "sft": (rufus.train_sft, {**base, "data": {"train": sft, "eval": sft, "max_length": 40}}),
         "rm": (rufus.train_reward_model, {**base, "data": {"train": prefs, "eval": prefs, "max_length": 40}}),
-        "rm_ranking": (rufus.train_reward_model, {**base, "data": {"train": ranks, "max_length": 40},
-                                                   "rm": {"format": "ranking"}}),
-        "ppo": (rufus.train_ppo, {**online, "reward": {"scale": True, "clip": 1.0, "missing_eos_penalty": -1.0},
-                                  "ptx": {"coef": 0.5, "data": sft}, "kl": {"target": 1.0}}),
+        "rm_ranking": (
+            rufus.train_reward_model,
+            {**base, "data": {"train": ranks, "max_length": 40}, "rm": {"format": "ranking"}},
+        ),
+        "ppo": (
+            rufus.train_ppo,
+            {
+                **online,
+                "reward": {"scale": True, "clip": 1.0, "missing_eos_penalty": -1.0},
+                "ptx": {"coef": 0.5, "data": sft},
+                "kl": {"target": 1.0},
+            },
+        ),
         "ppo_shared": (rufus.train_ppo, {**online, "critic": {"shared": True}}),
         "grpo": (rufus.train_grpo, {**online, "grpo": {"group_size": 2}}),
         "rloo": (rufus.train_rloo, {**online, "rloo": {"group_size": 2}}),
-        "dpo": (rufus.train_dpo, {**base, "data": {"train": prefs, "eval": prefs, "max_length": 40},
-                                  "dpo": {"rounds": 2, "prompts_per_round": 4}, "generation": {"max_new_tokens": 6}}),
+        "dpo": (
+            rufus.train_dpo,
+            {
+                **base,
+                "data": {"train": prefs, "eval": prefs, "max_length": 40},
+                "dpo": {"rounds": 2, "prompts_per_round": 4},
+                "generation": {"max_new_tokens": 6},
+            },
+        ),
         "bon": (rufus.train_bon, {**online, "bon": {"group_size": 2, "prompts_per_round": 4}}),
     }
     out = {}
     for name, (train, cfg) in runs.items():
-        train({**cfg, "output_dir": str(tmp / name)}, **({"reward_fn": digit_fraction} if name not in ("sft", "rm", "rm_ranking")
-                                                       else {}))
+        train(
+            {**cfg, "output_dir": str(tmp / name)},
+            **({"reward_fn": digit_fraction} if name not in ("sft", "rm", "rm_ranking") else {}),
+        )
         out[name] = {k for row in read_metrics(tmp / name / "metrics.jsonl") for k in row}
     return out
 
@@ -90,8 +122,19 @@ def test_one_name_per_concept_across_trainers(logged):
     trainer; ptx/loss appears when PPO-ptx is on; the policy's statistics share one prefix."""
     for name in ("ppo", "ppo_shared", "grpo", "rloo"):
         keys = logged[name]
-        assert {"score/mean", "score/std", "reward/mean", "reward/std", "kl/mean", "response/length",
-                "policy/loss", "policy/entropy", "policy/approx_kl", "policy/clipfrac", "policy/updates"} <= keys, name
+        assert {
+            "score/mean",
+            "score/std",
+            "reward/mean",
+            "reward/std",
+            "kl/mean",
+            "response/length",
+            "policy/loss",
+            "policy/entropy",
+            "policy/approx_kl",
+            "policy/clipfrac",
+            "policy/updates",
+        } <= keys, name
         assert not {"entropy", "approx_kl", "clipfrac", "reward/score", "ppo/updates"} & keys, name
     assert "ptx/loss" in logged["ppo"] and "ptx/loss" not in logged["ppo_shared"]
     assert {"score/mean", "score/kept"} <= logged["bon"] and {"score/mean", "score/chosen"} <= logged["dpo"]

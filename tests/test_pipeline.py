@@ -98,12 +98,18 @@ def test_up_to_date_stages_are_skipped_and_a_change_reruns_downstream(finished_r
     shutil.copytree(out, copy)  # a moved run is still up to date: fingerprints are relative to it
     again = run_pipeline(tiny(finished_run_base(out), copy))
     assert {s: again.stages[s] for s in ("sft", "collect", "rm", "rl", "eval")} == dict.fromkeys(
-        ("sft", "collect", "rm", "rl", "eval"), "skipped")
+        ("sft", "collect", "rm", "rl", "eval"), "skipped"
+    )
     before = (copy / "rl" / "final" / "model.safetensors").read_bytes()
 
     changed = run_pipeline(tiny(finished_run_base(out), copy, rl={"max_steps": 3}))
     assert [changed.stages[s] for s in ("sft", "collect", "rm", "rl", "eval")] == [
-        "skipped", "skipped", "skipped", "ran", "ran"]
+        "skipped",
+        "skipped",
+        "skipped",
+        "ran",
+        "ran",
+    ]
     assert (copy / "rl" / "final" / "model.safetensors").read_bytes() != before
     assert json.loads((copy / "rl" / "stage.json").read_text())["steps"] == 3
 
@@ -115,12 +121,15 @@ def finished_run_base(out):
     return yaml.safe_load((out / "sft" / "config.yaml").read_text())["model"]
 
 
-@pytest.mark.parametrize("algo,settings", [
-    ("grpo", {"grpo": {"group_size": 2}}),
-    ("rloo", {"rloo": {"group_size": 2}}),
-    ("dpo", {"batch_size": 4}),
-    ("bon", {"bon": {"group_size": 2, "rounds": 1, "prompts_per_round": 8}, "batch_size": 4, "max_steps": 2}),
-])
+@pytest.mark.parametrize(
+    "algo,settings",
+    [
+        ("grpo", {"grpo": {"group_size": 2}}),
+        ("rloo", {"rloo": {"group_size": 2}}),
+        ("dpo", {"batch_size": 4}),
+        ("bon", {"bon": {"group_size": 2, "rounds": 1, "prompts_per_round": 8}, "batch_size": 4, "max_steps": 2}),
+    ],
+)
 def test_every_rl_algo_runs_on_the_same_comparisons(finished_run, tmp_path, algo, settings):
     out, _ = finished_run
     copy = tmp_path / "run"
@@ -128,7 +137,12 @@ def test_every_rl_algo_runs_on_the_same_comparisons(finished_run, tmp_path, algo
     rl = {"algo": algo, **settings}
     result = run_pipeline(tiny(finished_run_base(out), copy, rl=rl))
     assert [result.stages[s] for s in ("sft", "collect", "rm", "rl", "eval")] == [
-        "skipped", "skipped", "skipped", "ran", "ran"]
+        "skipped",
+        "skipped",
+        "skipped",
+        "ran",
+        "ran",
+    ]
     assert result.summary["algo"] == algo
     assert json.loads((copy / "rl" / "stage.json").read_text())["algo"] == algo
     assert (copy / "rl" / "final" / "config.json").exists()
@@ -147,8 +161,11 @@ def test_bad_settings_fail_before_any_stage_runs(small_base, tmp_path):
     with pytest.raises(ConfigError, match="output_dir"):
         run_pipeline(tiny(small_base, tmp_path / "d", rm={"output_dir": "elsewhere"}))
     with pytest.raises(ConfigError, match="data.comparisons"):
-        run_pipeline(tiny(small_base, tmp_path / "e", playground={"enabled": False},
-                          data={"sft": "x.jsonl", "prompts": "p.jsonl"}))
+        run_pipeline(
+            tiny(
+                small_base, tmp_path / "e", playground={"enabled": False}, data={"sft": "x.jsonl", "prompts": "p.jsonl"}
+            )
+        )
     assert not (tmp_path / "b" / "sft" / "stage.json").exists()
 
 
@@ -162,14 +179,23 @@ def test_a_different_taste_moves_the_final_policy_towards_it(finished_run, tmp_p
     for taste, quality in (("concise=1", "concise"), ("polite=1", "polite")):
         run = tmp_path / quality
         shutil.copytree(out, run, ignore=shutil.ignore_patterns("collect", "rm", "rl", "eval"))
-        result = run_pipeline(tiny(
-            finished_run_base(out), run,
-            playground={"preference": taste, "comparison_prompts": 300, "eval_prompts": 64, "temperature": 0.2},
-            collect={"responses": 4, "generation": {"max_new_tokens": 48}},
-            rm={"epochs": 4, "batch_size": 16},
-            rl={"max_steps": 40, "batch_size": 16, "lr": 1e-4, "kl": {"coef": 0.02},
-                "generation": {"max_new_tokens": 48}},
-            eval={"generation": {"max_new_tokens": 48}}))
+        result = run_pipeline(
+            tiny(
+                finished_run_base(out),
+                run,
+                playground={"preference": taste, "comparison_prompts": 300, "eval_prompts": 64, "temperature": 0.2},
+                collect={"responses": 4, "generation": {"max_new_tokens": 48}},
+                rm={"epochs": 4, "batch_size": 16},
+                rl={
+                    "max_steps": 40,
+                    "batch_size": 16,
+                    "lr": 1e-4,
+                    "kl": {"coef": 0.02},
+                    "generation": {"max_new_tokens": 48},
+                },
+                eval={"generation": {"max_new_tokens": 48}},
+            )
+        )
         assert result.stages["sft"] == "skipped" and result.stages["rl"] == "ran"
         rows = read_jsonl(run / "eval" / "generations.jsonl")
 
@@ -192,8 +218,22 @@ def test_own_data_without_the_playground_through_the_cli(tmp_path, capsys):
     annotators, no gold taste; the summary table is printed."""
     from rufus.cli import main
 
-    assert main(["pipeline", "--config", "configs/pipeline_tiny.yaml", f"output_dir={tmp_path / 'run'}",
-                 "progress=false", "sft.max_steps=2", "rm.epochs=1", "rl.max_steps=2", "rl.batch_size=4"]) == 0
+    assert (
+        main(
+            [
+                "pipeline",
+                "--config",
+                "configs/pipeline_tiny.yaml",
+                f"output_dir={tmp_path / 'run'}",
+                "progress=false",
+                "sft.max_steps=2",
+                "rm.epochs=1",
+                "rl.max_steps=2",
+                "rl.batch_size=4",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "rufus pipeline summary" in printed and "KL(final || SFT), nats" in printed
     assert "gold score" not in printed  # no hidden taste without the playground

@@ -25,9 +25,18 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def studio_config(small_base, out: Path, **over) -> dict:
-    cfg = tiny(small_base, out, collect={"responses": 2, "held_out": 0.5, "generation": {"max_new_tokens": 16},
-                                         "source": "studio", "studio": {"prompts": 8, "labels_per_item": 2}},
-               leaderboard={"prompts": 4})
+    cfg = tiny(
+        small_base,
+        out,
+        collect={
+            "responses": 2,
+            "held_out": 0.5,
+            "generation": {"max_new_tokens": 16},
+            "source": "studio",
+            "studio": {"prompts": 8, "labels_per_item": 2},
+        },
+        leaderboard={"prompts": 4},
+    )
     cfg.update(over)
     return cfg
 
@@ -93,8 +102,18 @@ def test_studio_round_stops_the_run_until_its_labels_are_in(small_base, tmp_path
 def test_rounds_chain_policies_labels_and_the_leaderboard(small_base, tmp_path):
     out = tmp_path / "run"
     result = run_pipeline(tiny(small_base, out, rounds=2, round_start="sft"))
-    names = ["sft", "round-1/collect", "round-1/rm", "round-1/rl", "round-2/collect", "round-2/rm", "round-2/rl",
-             "eval", "leaderboard", "report"]
+    names = [
+        "sft",
+        "round-1/collect",
+        "round-1/rm",
+        "round-1/rl",
+        "round-2/collect",
+        "round-2/rm",
+        "round-2/rl",
+        "eval",
+        "leaderboard",
+        "report",
+    ]
     assert result.stages == dict.fromkeys(names, "ran")
 
     # round 2 compares answers to prompts of its own, and its reward model learns from both rounds
@@ -135,8 +154,15 @@ def test_rounds_need_labels_of_each_policy(small_base, tmp_path):
     from rufus.config import ConfigError
 
     with pytest.raises(ConfigError, match="rounds"):
-        run_pipeline(tiny(small_base, tmp_path / "a", rounds=2, playground={"enabled": False},
-                          data={"sft": "x.jsonl", "prompts": "p.jsonl", "comparisons": "c.jsonl"}))
+        run_pipeline(
+            tiny(
+                small_base,
+                tmp_path / "a",
+                rounds=2,
+                playground={"enabled": False},
+                data={"sft": "x.jsonl", "prompts": "p.jsonl", "comparisons": "c.jsonl"},
+            )
+        )
     with pytest.raises(ConfigError, match="rounds"):
         run_pipeline(tiny(small_base, tmp_path / "b", rounds=0))
     with pytest.raises(ConfigError, match="collect.studio.prompts"):
@@ -149,10 +175,12 @@ def gold_pairs(answers: list[dict]) -> list[dict]:
     for row in answers:
         texts = list(row["answers"].values())
         for i, a in enumerate(texts):
-            for b in texts[i + 1:]:
+            for b in texts[i + 1 :]:
                 ga, gb = gold_score(row["prompt"], a), gold_score(row["prompt"], b)
                 if ga != gb and a != b:
-                    out.append({"prompt": row["prompt"], "chosen": a if ga > gb else b, "rejected": b if ga > gb else a})
+                    out.append(
+                        {"prompt": row["prompt"], "chosen": a if ga > gb else b, "rejected": b if ga > gb else a}
+                    )
     return out
 
 
@@ -164,14 +192,22 @@ def test_two_studio_rounds_with_simulated_annotators_make_better_policies(small_
     annotator is the one flagged; and putting their labels back does not make the reward model
     agree better with the gold taste."""
     out = tmp_path / "run"
-    cfg = tiny(small_base, out, rounds=2,
-               playground={"comparison_prompts": 150, "eval_prompts": 256, "temperature": 0.2},
-               collect={"responses": 4, "held_out": 0.2, "generation": {"max_new_tokens": 48}, "source": "studio",
-                        "studio": {"prompts": 150, "simulate": 3, "adversarial": 1, "exclude_below_chance": True}},
-               rm={"epochs": 4, "batch_size": 16},
-               rl={"max_steps": 40, "batch_size": 16, "lr": 1e-4, "kl": {"coef": 0.05},
-                   "generation": {"max_new_tokens": 48}},
-               eval={"generation": {"max_new_tokens": 48}})
+    cfg = tiny(
+        small_base,
+        out,
+        rounds=2,
+        playground={"comparison_prompts": 150, "eval_prompts": 256, "temperature": 0.2},
+        collect={
+            "responses": 4,
+            "held_out": 0.2,
+            "generation": {"max_new_tokens": 48},
+            "source": "studio",
+            "studio": {"prompts": 150, "simulate": 3, "adversarial": 1, "exclude_below_chance": True},
+        },
+        rm={"epochs": 4, "batch_size": 16},
+        rl={"max_steps": 40, "batch_size": 16, "lr": 1e-4, "kl": {"coef": 0.05}, "generation": {"max_new_tokens": 48}},
+        eval={"generation": {"max_new_tokens": 48}},
+    )
     result = run_pipeline(cfg)
     # round_start=previous, the default: round 2's RL continues from round 1's policy, anchored to SFT
     rl2 = yaml.safe_load((out / "round-2" / "rl" / "config.yaml").read_text())
@@ -198,10 +234,29 @@ def test_two_studio_rounds_with_simulated_annotators_make_better_policies(small_
     rm = out / "round-1" / "rm" / "final"
     without = eval_reward_model({"model": str(rm), "data": str(pairs), "max_length": 256})["rm/accuracy"]
     shutil.copytree(rm, tmp_path / "rm_without")
-    assert main(["studio", "exclude", "--db", str(out / "studio.db"), "--round", "run round 1",
-                 "--annotator", "adversarial-1", "--undo"]) == 0
-    again = run_pipeline({**cfg, "stages": ["collect", "rm"],
-                          "collect": {**cfg["collect"], "studio": {**cfg["collect"]["studio"], "exclude_below_chance": False}}})
+    assert (
+        main(
+            [
+                "studio",
+                "exclude",
+                "--db",
+                str(out / "studio.db"),
+                "--round",
+                "run round 1",
+                "--annotator",
+                "adversarial-1",
+                "--undo",
+            ]
+        )
+        == 0
+    )
+    again = run_pipeline(
+        {
+            **cfg,
+            "stages": ["collect", "rm"],
+            "collect": {**cfg["collect"], "studio": {**cfg["collect"]["studio"], "exclude_below_chance": False}},
+        }
+    )
     assert again.stages["round-1/collect"] == "ran" and again.stages["round-1/rm"] == "ran"
     with_adversary = eval_reward_model({"model": str(rm), "data": str(pairs), "max_length": 256})["rm/accuracy"]
     print("RM gold accuracy without the adversarial annotator", without, "with", with_adversary)

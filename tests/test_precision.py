@@ -11,8 +11,15 @@ from rufus.precision import MasterWeights
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -23,8 +30,7 @@ def test_masters_are_the_float32_weights_and_the_model_computes_in_bfloat16():
     mw = MasterWeights(model)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert len(mw.parameters()) == len(original) - 1
-    for (name, param), (p, master) in zip(
-            [(n, p) for n, p in model.named_parameters() if p.requires_grad], mw.pairs):
+    for (name, param), (p, master) in zip([(n, p) for n, p in model.named_parameters() if p.requires_grad], mw.pairs):
         assert p is param and master.dtype == torch.float32
         assert torch.equal(master, original[name])  # the exact float32 values, not the rounded ones
         assert torch.equal(param, original[name].to(torch.bfloat16))

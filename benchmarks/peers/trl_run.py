@@ -69,8 +69,10 @@ def make_timer():
             self.seconds.append(now - self.last)
             metrics = getattr(self.trainer, "_metrics", None)
             if isinstance(metrics, dict) and metrics.get("train", {}).get("completions/min_length"):
-                self.lengths += [metrics["train"]["completions/min_length"][-1],
-                                 metrics["train"]["completions/max_length"][-1]]
+                self.lengths += [
+                    metrics["train"]["completions/min_length"][-1],
+                    metrics["train"]["completions/max_length"][-1],
+                ]
             self.last = time.perf_counter()  # the bookkeeping above is not counted
 
     return StepTimer()
@@ -116,10 +118,16 @@ def build_sft(a, out, bf16, tok, path, timer):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    cfg = SFTConfig(**common_args(a, out, bf16), completion_only_loss=True, packing=False, padding_free=False,
-                    max_length=None)
-    return SFTTrainer(model=load_causal(path), args=cfg, train_dataset=Dataset.from_list(read_jsonl("sft")),
-                      processing_class=tok, callbacks=[timer])
+    cfg = SFTConfig(
+        **common_args(a, out, bf16), completion_only_loss=True, packing=False, padding_free=False, max_length=None
+    )
+    return SFTTrainer(
+        model=load_causal(path),
+        args=cfg,
+        train_dataset=Dataset.from_list(read_jsonl("sft")),
+        processing_class=tok,
+        callbacks=[timer],
+    )
 
 
 def build_rm(a, out, bf16, tok, path, timer):
@@ -127,8 +135,13 @@ def build_rm(a, out, bf16, tok, path, timer):
     from trl import RewardConfig, RewardTrainer
 
     cfg = RewardConfig(**common_args(a, out, bf16), max_length=None, center_rewards_coefficient=None)
-    return RewardTrainer(model=load_scalar(path), args=cfg, train_dataset=Dataset.from_list(read_jsonl("pref")),
-                         processing_class=tok, callbacks=[timer])
+    return RewardTrainer(
+        model=load_scalar(path),
+        args=cfg,
+        train_dataset=Dataset.from_list(read_jsonl("pref")),
+        processing_class=tok,
+        callbacks=[timer],
+    )
 
 
 def build_dpo(a, out, bf16, tok, path, timer):
@@ -136,10 +149,21 @@ def build_dpo(a, out, bf16, tok, path, timer):
     from trl import DPOConfig, DPOTrainer
 
     w = common.WORK["dpo"]
-    cfg = DPOConfig(**common_args(a, out, bf16), beta=w["beta"], loss_type=["sigmoid"], max_length=None,
-                    precompute_ref_log_probs=False)
-    return DPOTrainer(model=load_causal(path), ref_model=None, args=cfg,
-                      train_dataset=Dataset.from_list(read_jsonl("pref")), processing_class=tok, callbacks=[timer])
+    cfg = DPOConfig(
+        **common_args(a, out, bf16),
+        beta=w["beta"],
+        loss_type=["sigmoid"],
+        max_length=None,
+        precompute_ref_log_probs=False,
+    )
+    return DPOTrainer(
+        model=load_causal(path),
+        ref_model=None,
+        args=cfg,
+        train_dataset=Dataset.from_list(read_jsonl("pref")),
+        processing_class=tok,
+        callbacks=[timer],
+    )
 
 
 def completion_length_reward(completions, **kwargs) -> list[float]:
@@ -169,8 +193,14 @@ def build_grpo(a, out, bf16, tok, path, timer):
         log_completions=False,
     )
     prompts = Dataset.from_list([{"prompt": r["prompt"]} for r in read_jsonl("prompts")])
-    return GRPOTrainer(model=load_causal(path), reward_funcs=completion_length_reward, args=cfg,
-                       train_dataset=prompts, processing_class=tok, callbacks=[timer])
+    return GRPOTrainer(
+        model=load_causal(path),
+        reward_funcs=completion_length_reward,
+        args=cfg,
+        train_dataset=prompts,
+        processing_class=tok,
+        callbacks=[timer],
+    )
 
 
 def build_ppo(a, out, bf16, tok, path, timer):
@@ -196,9 +226,17 @@ def build_ppo(a, out, bf16, tok, path, timer):
     )
     ids = [tok(r["prompt"])["input_ids"] for r in read_jsonl("prompts")]
     dataset = Dataset.from_list([{"input_ids": x} for x in ids])
-    return PPOTrainer(args=cfg, processing_class=tok, model=load_causal(path), ref_model=load_causal(path),
-                      reward_model=load_scalar(path), value_model=load_scalar(path), train_dataset=dataset,
-                      eval_dataset=None, callbacks=[timer])
+    return PPOTrainer(
+        args=cfg,
+        processing_class=tok,
+        model=load_causal(path),
+        ref_model=load_causal(path),
+        reward_model=load_scalar(path),
+        value_model=load_scalar(path),
+        train_dataset=dataset,
+        eval_dataset=None,
+        callbacks=[timer],
+    )
 
 
 BUILDERS = {"sft": build_sft, "rm": build_rm, "dpo": build_dpo, "grpo": build_grpo, "ppo": build_ppo}
@@ -213,8 +251,10 @@ def main() -> None:
         # trl 0.29's PPOTrainer builds its own Accelerator() that ignores args.bf16; the accelerate way
         # (`accelerate launch --mixed_precision bf16`) is this variable, read by that Accelerator.
         os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
-        notes.append("bf16 via ACCELERATE_MIXED_PRECISION: autocast covers the PPO update forward only; "
-                     "generation and ref/value/reward scoring run float32")
+        notes.append(
+            "bf16 via ACCELERATE_MIXED_PRECISION: autocast covers the PPO update forward only; "
+            "generation and ref/value/reward scoring run float32"
+        )
 
     import torch
     import transformers
@@ -236,13 +276,20 @@ def main() -> None:
     if len(timer.seconds) != a.steps:
         notes.append(f"timed {len(timer.seconds)} steps, asked for {a.steps}")
     used = "bf16-autocast" if bf16 and not any("refused" in n for n in notes) else "float32"
-    notes.append(f"transformers {transformers.__version__}, torch {torch.__version__}, "
-                 f"optim {trainer.args.optim}")
+    notes.append(f"transformers {transformers.__version__}, torch {torch.__version__}, optim {trainer.args.optim}")
     if a.compile:
         notes.append("torch_compile=True")
-    row = common.result_row(impl="trl", version=trl.__version__, algo=a.algo, model=a.model,
-                            precision=a.precision + ("+compile" if a.compile else ""),
-                            dtype_used=used, step_seconds=timer.seconds, warmup=a.warmup, notes="; ".join(notes))
+    row = common.result_row(
+        impl="trl",
+        version=trl.__version__,
+        algo=a.algo,
+        model=a.model,
+        precision=a.precision + ("+compile" if a.compile else ""),
+        dtype_used=used,
+        step_seconds=timer.seconds,
+        warmup=a.warmup,
+        notes="; ".join(notes),
+    )
     common.print_row(row)
 
 

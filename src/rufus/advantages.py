@@ -122,9 +122,7 @@ def gae(
 # the response tokens.
 
 
-def group_advantages(
-    rewards: torch.Tensor, group_size: int, *, scale: bool = True, eps: float = 1e-4
-) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
     """Group-relative outcome advantages.
 
     scale=True   A_i = (r_i - mean_g r) / (std_g r + eps)
@@ -175,9 +173,7 @@ def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     return group_advantages(rewards, k, scale=False) * (k / (k - 1))
 
 
-def kl_penalized_rewards(
-    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
-) -> torch.Tensor:
+def kl_penalized_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
     """Per-token RLHF rewards: the KL penalty on every response token, the score on the last one.
 
         r_t = -beta * KL_t + 1[t = last valid token] * score
@@ -245,9 +241,7 @@ def reinforce_pp_returns(rewards: torch.Tensor, mask: torch.Tensor, *, gamma: fl
     to the whole batch (not per minibatch, not per group).
     """
     if rewards.shape != mask.shape or rewards.dim() != 2:
-        raise ValueError(
-            f"rewards and mask must both be (B, A), got {tuple(rewards.shape)} and {tuple(mask.shape)}"
-        )
+        raise ValueError(f"rewards and mask must both be (B, A), got {tuple(rewards.shape)} and {tuple(mask.shape)}")
     returns, _ = gae(rewards, torch.zeros_like(_upcast(rewards)), mask, gamma=gamma, lam=1.0)
     return returns
 
@@ -270,9 +264,7 @@ def equal_reward_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """(N,) -> (N / group_size, group_size), upcast, with clear errors."""
     if rewards.dim() != 1:
-        raise ValueError(
-            f"rewards must be (N,) with groups laid out consecutively, got {tuple(rewards.shape)}"
-        )
+        raise ValueError(f"rewards must be (N,) with groups laid out consecutively, got {tuple(rewards.shape)}")
     if group_size < 1 or rewards.numel() % group_size:
         raise ValueError(
             f"group_size must be a positive divisor of the number of rewards ({rewards.numel()}), got {group_size}"

@@ -36,9 +36,7 @@ def bon_kl_bound(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
-def bon_expected_gold(
-    proxy: torch.Tensor | Sequence[float], gold: torch.Tensor | Sequence[float], n: int
-) -> float:
+def bon_expected_gold(proxy: torch.Tensor | Sequence[float], gold: torch.Tensor | Sequence[float], n: int) -> float:
     """Unbiased estimate of E[gold reward of the proxy-best of n draws] from N >= n samples.
 
     Nakano et al. 2021 ("WebGPT"), App. I; used by Gao et al. 2022, Sec. 2 for every n at once:
@@ -108,15 +106,8 @@ def select_best(
     """
     values = _as_1d(scores, "scores").tolist()
     total = len(values)
-    if (
-        isinstance(group_size, bool)
-        or not isinstance(group_size, int)
-        or group_size < 1
-        or total % group_size
-    ):
-        raise ValueError(
-            f"group_size must be a positive divisor of the number of scores ({total}), got {group_size!r}"
-        )
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or total % group_size:
+        raise ValueError(f"group_size must be a positive divisor of the number of scores ({total}), got {group_size!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= group_size:
         raise ValueError(f"top_k must be an integer in [1, group_size={group_size}], got {top_k!r}")
     if any(math.isnan(v) for v in values):
@@ -132,11 +123,7 @@ def select_best(
 
 def _as_1d(x: torch.Tensor | Sequence[float], name: str) -> torch.Tensor:
     """A detached float64 CPU copy of a 1-D tensor or sequence of numbers."""
-    t = (
-        x.detach().to("cpu", torch.float64)
-        if isinstance(x, torch.Tensor)
-        else torch.tensor(x, dtype=torch.float64)
-    )
+    t = x.detach().to("cpu", torch.float64) if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.float64)
     if t.dim() != 1:
         raise ValueError(f"{name} must be 1-D (N,), got shape {tuple(t.shape)}")
     return t

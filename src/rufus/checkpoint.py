@@ -137,7 +137,9 @@ def load_checkpoint(
         missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
         unexpected = [n for n in weights if n not in params]
         if missing or unexpected:
-            raise ValueError(f"checkpoint {path} does not match {name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            raise ValueError(
+                f"checkpoint {path} does not match {name}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
         with torch.no_grad():
             for n, tensor in weights.items():
                 params[n].copy_(tensor)

@@ -43,16 +43,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="command")
     for name, (_, _, _, desc) in COMMANDS.items():
-        p = sub.add_parser(name, help=desc, description=desc, add_help=False,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name, help=desc, description=desc, add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         p.add_argument("-h", "--help", action="store_true", help="list every config key and exit")
         p.add_argument("--config", "-c", help="YAML config file (key=value overrides win)")
-        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lr=1e-5 data.train=x.jsonl")
+        p.add_argument(
+            "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lr=1e-5 data.train=x.jsonl"
+        )
     from rufus.classic import ALGOS
 
     desc = "classic RL on gymnasium: tabular Q-learning / SARSA / TD(0) vs MC, DQN, REINFORCE, A2C, PPO, DDPG, TD3"
-    p = sub.add_parser("classic", help=desc, description=desc, add_help=False,
-                       usage=f"rufus classic {{{','.join(ALGOS)}}} [--config cfg.yaml] [key=value ...]")
+    p = sub.add_parser(
+        "classic",
+        help=desc,
+        description=desc,
+        add_help=False,
+        usage=f"rufus classic {{{','.join(ALGOS)}}} [--config cfg.yaml] [key=value ...]",
+    )
     p.add_argument("algo", nargs="?", choices=list(ALGOS), metavar="algo", help="one of: " + ", ".join(ALGOS))
     p.add_argument("-h", "--help", action="store_true", help="list every config key and exit")
     p.add_argument("--config", "-c", help="YAML config file (key=value overrides win)")
@@ -96,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         print(sub.format_help())
         print(config_help(cfg_cls))
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     from rufus.data.errors import DataError
     from rufus.rewards.sources import RewardError
 
@@ -133,8 +142,10 @@ def print_summary(command: str, result) -> None:
         return
     rows = getattr(result, "metrics", None) or []
     if hasattr(result, "episodes"):  # a classic agent: episodes, the recent mean return, its extras
-        print(f"\nrufus {command}: {len(result.episodes)} episodes; mean return of the last 20: "
-              f"{result.mean_return(20):.4g}")
+        print(
+            f"\nrufus {command}: {len(result.episodes)} episodes; mean return of the last 20: "
+            f"{result.mean_return(20):.4g}"
+        )
         for key, value in result.extra.items():
             if isinstance(value, (int, float)):
                 print(f"  {key:<22} {value:.4g}")
@@ -149,8 +160,10 @@ def print_summary(command: str, result) -> None:
         for key, value in last.items():
             if key != "step":
                 print(f"  {key:<{width}}  {value:.4g}" if isinstance(value, float) else f"  {key:<{width}}  {value}")
-    print(f"rufus {command}: outputs in {getattr(result, 'output_dir', '')}"
-          + (f"; final model in {result.final_dir}" if getattr(result, "final_dir", None) else ""))
+    print(
+        f"rufus {command}: outputs in {getattr(result, 'output_dir', '')}"
+        + (f"; final model in {result.final_dir}" if getattr(result, "final_dir", None) else "")
+    )
 
 
 if __name__ == "__main__":

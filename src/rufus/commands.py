@@ -12,20 +12,51 @@ import importlib
 COMMANDS = {
     "sft": ("rufus.trainers.sft", "SFTConfig", "train_sft", "supervised fine-tuning on demonstrations"),
     "rm": ("rufus.trainers.reward", "RMConfig", "train_reward_model", "train a reward model on comparisons"),
-    "ppo": ("rufus.trainers.ppo", "PPOConfig", "train_ppo", "RL fine-tuning with PPO (actor, critic, reward, reference)"),
+    "ppo": (
+        "rufus.trainers.ppo",
+        "PPOConfig",
+        "train_ppo",
+        "RL fine-tuning with PPO (actor, critic, reward, reference)",
+    ),
     "grpo": ("rufus.trainers.grpo", "GRPOConfig", "train_grpo", "GRPO: group-relative advantages, no critic"),
-    "rloo": ("rufus.trainers.rloo", "RLOOConfig", "train_rloo", "RLOO / REINFORCE++: policy gradient with a sample baseline"),
-    "dpo": ("rufus.trainers.dpo", "DPOConfig", "train_dpo", "DPO and variants (IPO, hinge, conservative), offline or iterated"),
+    "rloo": (
+        "rufus.trainers.rloo",
+        "RLOOConfig",
+        "train_rloo",
+        "RLOO / REINFORCE++: policy gradient with a sample baseline",
+    ),
+    "dpo": (
+        "rufus.trainers.dpo",
+        "DPOConfig",
+        "train_dpo",
+        "DPO and variants (IPO, hinge, conservative), offline or iterated",
+    ),
     "bon": ("rufus.trainers.bon", "BoNConfig", "train_bon", "best-of-n rejection-sampling fine-tuning"),
     "generate": ("rufus.generate", "GenerateConfig", "generate", "sample responses, optionally best-of-n by a reward"),
-    "eval": ("rufus.evaluate", "EvalConfig", "evaluate",
-             "evaluate a policy: reward score, KL, length, diversity, win rate (and gold, on the playground)"),
-    "pipeline": ("rufus.pipeline", "PipelineConfig", "run_pipeline",
-                 "the whole loop: sft -> collect comparisons -> rm -> rl -> eval -> report"),
-    "demo": ("rufus.pipeline", "DemoConfig", "run_demo",
-             "the pipeline on the built-in offline playground, minutes on a laptop CPU"),
-    "eval-rm": ("rufus.trainers.reward", "EvalRMConfig", "eval_reward_model",
-                "evaluate a reward model on comparisons (accuracy, margin, calibration)"),
+    "eval": (
+        "rufus.evaluate",
+        "EvalConfig",
+        "evaluate",
+        "evaluate a policy: reward score, KL, length, diversity, win rate (and gold, on the playground)",
+    ),
+    "pipeline": (
+        "rufus.pipeline",
+        "PipelineConfig",
+        "run_pipeline",
+        "the whole loop: sft -> collect comparisons -> rm -> rl -> eval -> report",
+    ),
+    "demo": (
+        "rufus.pipeline",
+        "DemoConfig",
+        "run_demo",
+        "the pipeline on the built-in offline playground, minutes on a laptop CPU",
+    ),
+    "eval-rm": (
+        "rufus.trainers.reward",
+        "EvalRMConfig",
+        "eval_reward_model",
+        "evaluate a reward model on comparisons (accuracy, margin, calibration)",
+    ),
 }
 
 

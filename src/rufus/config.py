@@ -68,10 +68,15 @@ class ModelArgs:
     trust_remote_code: bool = opt(False, "allow model code from the hub to run (off: untrusted code never runs)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
     attn_implementation: str | None = opt(
-        None, "attention kernel: eager, sdpa, flash_attention_2 (default: eager for bfloat16 on CPU, else transformers' choice)")
+        None,
+        "attention kernel: eager, sdpa, flash_attention_2 "
+        "(default: eager for bfloat16 on CPU, else transformers' choice)",
+    )
     compile: bool = opt(
-        False, "torch.compile each transformer block of the trained and frozen models (one-off compile of some "
-        "seconds per input shape, then faster training and scoring passes; generation stays eager)")
+        False,
+        "torch.compile each transformer block of the trained and frozen models (one-off compile of some "
+        "seconds per input shape, then faster training and scoring passes; generation stays eager)",
+    )
 
 
 @dataclass
@@ -89,7 +94,9 @@ class OptimArgs:
 
     lr: float = opt(2e-5, "peak learning rate (AdamW)")
     batch_size: int = opt(8, "examples per optimiser step, over all processes and accumulation steps")
-    grad_accum: int = opt(1, "micro-batches per optimiser step (each process runs batch_size / (processes * grad_accum))")
+    grad_accum: int = opt(
+        1, "micro-batches per optimiser step (each process runs batch_size / (processes * grad_accum))"
+    )
     max_steps: int = opt(-1, "optimiser steps to run; -1 = as many as `epochs` passes over the data take")
     epochs: float = opt(1.0, "passes over the training data when max_steps is -1")
     warmup_steps: int = opt(0, "linear warm-up steps (overrides warmup_ratio when > 0)")
@@ -229,7 +236,7 @@ def merge_mappings(base: dict, extra: dict) -> dict:
 
 
 def _nest(dotted: str, value: Any) -> dict:
-    """"a.b.c", v -> {"a": {"b": {"c": v}}}."""
+    """ "a.b.c", v -> {"a": {"b": {"c": v}}}."""
     for part in reversed(dotted.split(".")):
         value = {part: value}
     return value
@@ -355,8 +362,9 @@ def _check_required(cfg: Any, prefix: str = "") -> None:
             raise ConfigError(f"{prefix}{f.name}: required, but not set ({f.metadata.get('help', '')})")
 
 
-def load_config(cls: type, path: str | os.PathLike | None = None, overrides: list[str] | None = None,
-                defaults: dict | None = None):
+def load_config(
+    cls: type, path: str | os.PathLike | None = None, overrides: list[str] | None = None, defaults: dict | None = None
+):
     """Build a `cls` from `defaults` (a command's own), then YAML `path`, then `key=value` overrides.
 
     Raises ConfigError naming the key for unknown keys, wrong types and missing required values.
@@ -399,7 +407,7 @@ def load_config(cls: type, path: str | os.PathLike | None = None, overrides: lis
         inner = values.get(owner, ({}, None))[0]
         if not isinstance(inner, dict):
             raise ConfigError(f"{owner}: expected a mapping, got {type(inner).__name__} {inner!r}")
-        values[owner] = (merge_mappings(inner, _nest(key[len(owner) + 1:], value)), None)
+        values[owner] = (merge_mappings(inner, _nest(key[len(owner) + 1 :], value)), None)
     cfg = _build(cls, values)
     _check_required(cfg)
     return cfg
@@ -495,9 +503,13 @@ class RewardConfig:
     """Where the reward comes from: reward models, Python functions, or a weighted sum of several."""
 
     model: list[str] = opt([], "reward model directories or hub ids (scores are their normalised outputs)")
-    function: list[str] = opt([], "Python reward functions, 'path/to/file.py:fn' or 'module:fn', called as fn(prompts, completions, **kw)")
+    function: list[str] = opt(
+        [], "Python reward functions, 'path/to/file.py:fn' or 'module:fn', called as fn(prompts, completions, **kw)"
+    )
     weights: list[float] = opt([], "one weight per source, models first then functions (default: all 1)")
-    missing_eos_penalty: float | None = opt(None, "score given to a response that never produced EOS (None = no penalty)")
+    missing_eos_penalty: float | None = opt(
+        None, "score given to a response that never produced EOS (None = no penalty)"
+    )
     scale: bool = opt(False, "divide scores by their running standard deviation (the mean is not shifted)")
     clip: float | None = opt(None, "clip scores to [-clip, clip] after scaling")
     batch_size: int = opt(16, "sequences per reward-model forward pass")
@@ -507,7 +519,9 @@ class RewardConfig:
 class OnlineArgs:
     """What the online RL trainers share: prompts, sampling, reward sources, reference, samples."""
 
-    ref_model: str | None = opt(None, "reference model (default: the starting policy; with LoRA, the adapter-disabled base)")
+    ref_model: str | None = opt(
+        None, "reference model (default: the starting policy; with LoRA, the adapter-disabled base)"
+    )
     data: DataConfig = opt(DataConfig, "prompts (prompt-only format; extra columns reach reward functions)")
     generation: GenerationConfig = opt(GenerationConfig, "sampling")
     reward: RewardConfig = opt(RewardConfig, "reward sources (several, with weights)")

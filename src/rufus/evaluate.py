@@ -46,25 +46,40 @@ class EvalConfig:
     """Evaluate a policy on held-out prompts: reward score, KL to a reference, length, diversity, win rate."""
 
     model: str = opt(REQUIRED, "policy to evaluate: local path, hub id, or builtin:...")
-    tokenizer: str | None = opt(None, "tokenizer path or hub id (default: the model's); baseline and ref_model use it too")
-    baseline: str | None = opt(None, "model to compare with (e.g. the SFT model): its responses to the same prompts "
-                                     "give win_rate and, on the playground, gold win rate")
+    tokenizer: str | None = opt(
+        None, "tokenizer path or hub id (default: the model's); baseline and ref_model use it too"
+    )
+    baseline: str | None = opt(
+        None,
+        "model to compare with (e.g. the SFT model): its responses to the same prompts "
+        "give win_rate and, on the playground, gold win rate",
+    )
     ref_model: str | None = opt(None, "reference for the KL estimate (default: baseline; None and no baseline = no KL)")
     prompts: str = opt(REQUIRED, "prompt-format file (.jsonl/.json/.csv/.parquet) or hub dataset")
     split: str = opt("train", "split to read when `prompts` or `pairs` is a hub dataset")
     num_prompts: int | None = opt(None, "evaluate on the first N prompts (None = all)")
     generation: GenerationConfig = opt(GenerationConfig, "sampling, for both policy and baseline")
-    reward: RewardConfig = opt(RewardConfig, "reward sources: the score and the judge of win_rate "
-                                             "(optional: without any, score and win_rate are skipped)")
-    preference: str | None = opt(None, "playground gold taste (a name such as default/concise/polite/helpful or "
-                                       "'dim=w,...'): adds gold metrics; None = not the playground")
-    pairs: str | None = opt(None, "held-out comparisons (preference format) for the reward's accuracy against the "
-                                  "labels and, with `preference`, against gold")
+    reward: RewardConfig = opt(
+        RewardConfig,
+        "reward sources: the score and the judge of win_rate (optional: without any, score and win_rate are skipped)",
+    )
+    preference: str | None = opt(
+        None,
+        "playground gold taste (a name such as default/concise/polite/helpful or "
+        "'dim=w,...'): adds gold metrics; None = not the playground",
+    )
+    pairs: str | None = opt(
+        None,
+        "held-out comparisons (preference format) for the reward's accuracy against the "
+        "labels and, with `preference`, against gold",
+    )
     output_dir: str | None = opt(None, "if set, write config.yaml, eval.json (the metrics) and generations.jsonl here")
     batch_size: int = opt(32, "prompts per generate call and per logprob forward pass")
     max_prompt_length: int | None = opt(None, "cut longer prompts from the left to this many tokens (None = no limit)")
     seed: int = opt(0, "random seed of the sampler (re-used for the baseline)")
-    dtype: Literal["auto", "float32", "bfloat16"] = opt("auto", "weights dtype; auto = bfloat16 where the hardware runs it fast")
+    dtype: Literal["auto", "float32", "bfloat16"] = opt(
+        "auto", "weights dtype; auto = bfloat16 where the hardware runs it fast"
+    )
     trust_remote_code: bool = opt(False, "allow model code from the hub to run (off: untrusted code never runs)")
     progress: bool = opt(True, "show a progress bar")
 
@@ -88,8 +103,9 @@ def evaluate(config: EvalConfig | dict, reward_fn=None) -> dict:
     fns = [] if reward_fn is None else (list(reward_fn) if isinstance(reward_fn, (list, tuple)) else [reward_fn])
     scored = bool(cfg.reward.model or cfg.reward.function or fns)
     if cfg.pairs and not scored:
-        raise ConfigError("pairs: scoring comparisons needs a reward; set reward.model or reward.function, "
-                          "or pass reward_fn")
+        raise ConfigError(
+            "pairs: scoring comparisons needs a reward; set reward.model or reward.function, or pass reward_fn"
+        )
     if cfg.preference is not None:
         from rufus.playground.taste import resolve_preference
 
@@ -107,8 +123,9 @@ def evaluate(config: EvalConfig | dict, reward_fn=None) -> dict:
     pairs = load_records(cfg.pairs, format="preference", split=cfg.split, key="pairs").dataset if cfg.pairs else None
     reward = None
     if scored:
-        reward = build_reward_pipeline(cfg.reward, device=device, dtype=dtype, extra_functions=fns,
-                                       trust_remote_code=cfg.trust_remote_code)
+        reward = build_reward_pipeline(
+            cfg.reward, device=device, dtype=dtype, extra_functions=fns, trust_remote_code=cfg.trust_remote_code
+        )
     t0 = time.perf_counter()
     prompts = [p["prompt"] for p in items]
     extra = {k: [p["extra"][k] for p in items] for k in items[0]["extra"]}  # columns for reward functions
@@ -181,12 +198,14 @@ def evaluate(config: EvalConfig | dict, reward_fn=None) -> dict:
             for row, g in zip(rows, gold):
                 row[prefix.replace("/", "_") + "gold"] = g
             mean, half = sum(gold) / len(gold), 1.96 * _std_err(gold)  # 95% normal interval
-            metrics.update({f"{prefix}gold/mean": mean, f"{prefix}gold/ci_low": mean - half,
-                            f"{prefix}gold/ci_high": mean + half})
+            metrics.update(
+                {f"{prefix}gold/mean": mean, f"{prefix}gold/ci_low": mean - half, f"{prefix}gold/ci_high": mean + half}
+            )
         metrics["gold/best"] = best_gold(cfg.preference)
         if cfg.baseline:
-            metrics["gold/win_rate"] = gold_win_rate(prompts, completions, [r["baseline_response"] for r in rows],
-                                                     cfg.preference)
+            metrics["gold/win_rate"] = gold_win_rate(
+                prompts, completions, [r["baseline_response"] for r in rows], cfg.preference
+            )
     if pairs is not None:
         metrics.update(_pair_metrics(cfg, reward, pairs))
 
@@ -210,7 +229,7 @@ def distinct_n(texts: list[str], n: int) -> float:
     grams = []
     for text in texts:
         words = text.lower().split()
-        grams += [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+        grams += [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -220,9 +239,10 @@ def _prompts(cfg: EvalConfig, tokenizer) -> list[dict]:
     from rufus.data.prompts import tokenize_prompts
 
     records = load_records(cfg.prompts, format="prompt", split=cfg.split, key="prompts")
-    items = tokenize_prompts(records, tokenizer, max_prompt_length=cfg.max_prompt_length or 10**9,
-                             truncation="truncate", key="prompts")
-    return items[:cfg.num_prompts]
+    items = tokenize_prompts(
+        records, tokenizer, max_prompt_length=cfg.max_prompt_length or 10**9, truncation="truncate", key="prompts"
+    )
+    return items[: cfg.num_prompts]
 
 
 def _load(cfg: EvalConfig, name: str, tokenizer, dtype, device):
@@ -250,9 +270,17 @@ def _sample(cfg: EvalConfig, model, tokenizer, items: list[dict], device, desc: 
     rollouts = []
     with tqdm(total=len(items), desc=desc, unit="prompt", dynamic_ncols=True, disable=not cfg.progress) as bar:
         for start in range(0, len(items), cfg.batch_size):
-            group = items[start:start + cfg.batch_size]
-            rollouts.append(generate_responses(model, tokenizer, [p["prompt"] for p in group],
-                                               [p["ids"] for p in group], cfg.generation, device=device))
+            group = items[start : start + cfg.batch_size]
+            rollouts.append(
+                generate_responses(
+                    model,
+                    tokenizer,
+                    [p["prompt"] for p in group],
+                    [p["ids"] for p in group],
+                    cfg.generation,
+                    device=device,
+                )
+            )
             bar.update(len(group))
     return rollouts
 
@@ -264,14 +292,16 @@ def _sequence_logprobs(cfg: EvalConfig, model, rollouts: list) -> torch.Tensor:
 
     out = []
     for ro in rollouts:
-        lp = batched_logprobs(model, ro.input_ids, ro.attention_mask, ro.prompt_length,
-                              cfg.generation.temperature, cfg.batch_size)  # (B, A)
+        lp = batched_logprobs(
+            model, ro.input_ids, ro.attention_mask, ro.prompt_length, cfg.generation.temperature, cfg.batch_size
+        )  # (B, A)
         out.append(torch.where(ro.response_mask.bool(), lp, 0.0).double().sum(-1).cpu())  # (B,)
     return torch.cat(out)
 
 
-def _score(reward, prompts: list, completions: list[str], has_eos: torch.Tensor, extra: dict,
-           batch_size: int) -> tuple[list[float], dict[str, float]]:
+def _score(
+    reward, prompts: list, completions: list[str], has_eos: torch.Tensor, extra: dict, batch_size: int
+) -> tuple[list[float], dict[str, float]]:
     """Scores (N,) of `completions`, `batch_size` at a time, and each source's mean over all N."""
     scores, sums = [], {name: 0.0 for name, _ in reward.sources}
     for i in range(0, len(completions), batch_size):

@@ -38,18 +38,27 @@ class GenerateConfig:
     prompts: str | None = opt(None, "prompt-format file (.jsonl/.json/.csv/.parquet) or hub dataset; or set `prompt`")
     prompt: str | None = opt(None, "a single prompt string, instead of a `prompts` file")
     split: str = opt("train", "split to read when `prompts` is a hub dataset")
-    output: str | None = opt(None, "jsonl file for the generations, '-' = stdout; default output_dir/generations.jsonl, "
-                                   "or stdout without output_dir")
+    output: str | None = opt(
+        None,
+        "jsonl file for the generations, '-' = stdout; default output_dir/generations.jsonl, "
+        "or stdout without output_dir",
+    )
     output_dir: str | None = opt(None, "if set, write config.yaml, generations.jsonl and summary.json here")
     generation: GenerationConfig = opt(GenerationConfig, "sampling")
-    reward: RewardConfig = opt(RewardConfig, "reward sources: required for best_of > 1; otherwise, if set, each response is scored")
+    reward: RewardConfig = opt(
+        RewardConfig, "reward sources: required for best_of > 1; otherwise, if set, each response is scored"
+    )
     best_of: int = opt(1, "n: responses sampled per prompt, the highest-scoring one returned")
-    return_all: bool = opt(False, "with each row also write all n candidates and their scores (all_responses, all_scores)")
+    return_all: bool = opt(
+        False, "with each row also write all n candidates and their scores (all_responses, all_scores)"
+    )
     batch_size: int = opt(16, "prompts per generate call (each repeated best_of times)")
     max_prompt_length: int | None = opt(None, "cut longer prompts from the left to this many tokens (None = no limit)")
     chat_template: str | None = opt(None, "Jinja chat template overriding the tokenizer's (for message-list prompts)")
     seed: int = opt(0, "random seed of the sampler")
-    dtype: Literal["auto", "float32", "bfloat16"] = opt("auto", "weights dtype; auto = bfloat16 where the hardware runs it fast")
+    dtype: Literal["auto", "float32", "bfloat16"] = opt(
+        "auto", "weights dtype; auto = bfloat16 where the hardware runs it fast"
+    )
     trust_remote_code: bool = opt(False, "allow model code from the hub to run (off: untrusted code never runs)")
     progress: bool = opt(True, "show a progress bar")
 
@@ -80,21 +89,25 @@ def generate(config: GenerateConfig | dict, reward_fn=None) -> dict:
     fns = [] if reward_fn is None else (list(reward_fn) if isinstance(reward_fn, (list, tuple)) else [reward_fn])
     scored = bool(cfg.reward.model or cfg.reward.function or fns)
     if cfg.best_of > 1 and not scored:
-        raise ConfigError(f"best_of: {cfg.best_of} needs a reward to pick the best; set reward.model or "
-                          "reward.function, or pass reward_fn")
+        raise ConfigError(
+            f"best_of: {cfg.best_of} needs a reward to pick the best; set reward.model or "
+            "reward.function, or pass reward_fn"
+        )
     n = cfg.best_of
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(cfg.dtype, device)
     set_seed(cfg.seed)
 
     # prompts and reward sources first: bad input fails before the model loads
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code,
-                               chat_template=cfg.chat_template)
+    tokenizer = load_tokenizer(
+        cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code, chat_template=cfg.chat_template
+    )
     items = _prompts(cfg, tokenizer)
     reward = None
     if scored:
-        reward = build_reward_pipeline(cfg.reward, device=device, dtype=dtype, extra_functions=fns,
-                                       trust_remote_code=cfg.trust_remote_code)
+        reward = build_reward_pipeline(
+            cfg.reward, device=device, dtype=dtype, extra_functions=fns, trust_remote_code=cfg.trust_remote_code
+        )
     model = load_causal_lm(cfg.model, tokenizer=tokenizer, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     model.to(device).eval()
 
@@ -102,12 +115,13 @@ def generate(config: GenerateConfig | dict, reward_fn=None) -> dict:
     rows, all_scores, best_scores, lengths = [], [], [], []
     progress = tqdm(total=len(items), desc="generate", unit="prompt", dynamic_ncols=True, disable=not cfg.progress)
     for start in range(0, len(items), cfg.batch_size):
-        group = items[start:start + cfg.batch_size]
+        group = items[start : start + cfg.batch_size]
         rep = [p for p in group for _ in range(n)]  # prompt g's samples sit at g*n .. g*n+n-1
 
         # 1. sample n responses per prompt
-        ro = generate_responses(model, tokenizer, [p["prompt"] for p in rep], [p["ids"] for p in rep],
-                                cfg.generation, device=device)
+        ro = generate_responses(
+            model, tokenizer, [p["prompt"] for p in rep], [p["ids"] for p in rep], cfg.generation, device=device
+        )
 
         # 2. score them
         scores = None
@@ -125,9 +139,9 @@ def generate(config: GenerateConfig | dict, reward_fn=None) -> dict:
                 row["score"] = float(scores[j])
                 best_scores.append(float(scores[j]))
             if cfg.return_all:
-                row["all_responses"] = ro.completions[g * n:(g + 1) * n]
+                row["all_responses"] = ro.completions[g * n : (g + 1) * n]
                 if scores is not None:
-                    row["all_scores"] = scores[g * n:(g + 1) * n].tolist()
+                    row["all_scores"] = scores[g * n : (g + 1) * n].tolist()
             rows.append(row)
             lengths.append(int(ro.response_length[j]))
         progress.update(len(group))
@@ -144,14 +158,20 @@ def generate(config: GenerateConfig | dict, reward_fn=None) -> dict:
     if reward is not None:
         summary["bon/score_mean"] = sum(all_scores) / len(all_scores)
         summary["bon/score_best"] = sum(best_scores) / len(best_scores)
-    summary.update({"response/length": sum(lengths) / len(lengths), "time/s": time.perf_counter() - t0,
-                    "output": output})
+    summary.update(
+        {"response/length": sum(lengths) / len(lengths), "time/s": time.perf_counter() - t0, "output": output}
+    )
     if cfg.output_dir:
         save_config(cfg, Path(cfg.output_dir) / "config.yaml")
         atomic_write_text(Path(cfg.output_dir) / "summary.json", json.dumps(summary, indent=1) + "\n")
     if n > 1:
-        log.info("best of %d: mean score %.4g (all samples) -> %.4g (best); KL to the sampler <= %.4f nats",
-                 n, summary["bon/score_mean"], summary["bon/score_best"], summary["bon/kl_bound"])
+        log.info(
+            "best of %d: mean score %.4g (all samples) -> %.4g (best); KL to the sampler <= %.4f nats",
+            n,
+            summary["bon/score_mean"],
+            summary["bon/score_best"],
+            summary["bon/kl_bound"],
+        )
     return {**summary, "generations": rows}
 
 
@@ -166,7 +186,12 @@ def _prompts(cfg: GenerateConfig, tokenizer) -> list[dict]:
         ids = encode_prompt(tokenizer, cfg.prompt)
         if len(ids) > limit:  # as tokenize_prompts cuts: keep the end, and a leading bos
             keep_bos = tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
-            ids = ids[:keep_bos] + ids[len(ids) - limit + keep_bos:]
+            ids = ids[:keep_bos] + ids[len(ids) - limit + keep_bos :]
         return [{"prompt": cfg.prompt, "ids": ids, "extra": {}}]
-    return tokenize_prompts(load_records(cfg.prompts, format="prompt", split=cfg.split, key="prompts"), tokenizer,
-                            max_prompt_length=limit, truncation="truncate", key="prompts")
+    return tokenize_prompts(
+        load_records(cfg.prompts, format="prompt", split=cfg.split, key="prompts"),
+        tokenizer,
+        max_prompt_length=limit,
+        truncation="truncate",
+        key="prompts",
+    )

@@ -70,9 +70,7 @@ class AdaptiveKLController:
         self.value = float(state["value"])
 
 
-def make_kl_controller(
-    coef: float, target: float | None, horizon: int
-) -> FixedKLController | AdaptiveKLController:
+def make_kl_controller(coef: float, target: float | None, horizon: int) -> FixedKLController | AdaptiveKLController:
     """Fixed beta = coef when `target` is None, else adaptive from coef towards `target`."""
     if target is None:
         return FixedKLController(coef)

@@ -72,7 +72,9 @@ class PlaygroundSection:
     """The built-in offline task (rufus.playground): base model, data and simulated annotators."""
 
     enabled: bool = opt(True, "use the playground; false = your own model and data (the data.* keys)")
-    preference: str = opt("default", "hidden gold taste: default, concise, polite, helpful, or weights 'polite=2,concise=1'")
+    preference: str = opt(
+        "default", "hidden gold taste: default, concise, polite, helpful, or weights 'polite=2,concise=1'"
+    )
     annotators: int = opt(3, "simulated annotators (labels go round-robin)")
     temperature: float = opt(0.5, "Bradley-Terry temperature of each choice (0 = no noise)")
     disagreement: float = opt(0.3, "spread of the annotators' own weights (lognormal sigma; 0 = all alike)")
@@ -89,7 +91,9 @@ class PipelineData:
 
     sft: str | None = opt(None, "demonstrations (sft format)")
     prompts: str | None = opt(None, "prompts (prompt format) for sampling comparisons and for RL")
-    comparisons: str | None = opt(None, "labelled comparisons (preference format): used instead of sampling + annotators")
+    comparisons: str | None = opt(
+        None, "labelled comparisons (preference format): used instead of sampling + annotators"
+    )
     eval_prompts: str | None = opt(None, "held-out prompts for evaluation (default: prompts)")
 
 
@@ -98,19 +102,28 @@ class StudioCollect:
     """People label each round in a studio database (collect.source=studio)."""
 
     db: str | None = opt(None, "studio database: an SQLite file or an SQLAlchemy URL (default: <output_dir>/studio.db)")
-    name: str | None = opt(None, "rounds are named '<name> round 1', ..., '<name> leaderboard' (default: the output_dir's name)")
+    name: str | None = opt(
+        None, "rounds are named '<name> round 1', ..., '<name> leaderboard' (default: the output_dir's name)"
+    )
     prompts: int = opt(200, "prompts per round (taken from the comparison prompts)")
     labels_per_item: int = opt(2, "labels each item needs before the round is complete (2 or more measures agreement)")
-    instructions: str = opt("Which answer helps the person more: on topic, polite, concise, answering the request?",
-                            "shown to the annotators above every item")
-    wait: bool = opt(False, "wait (polling) until a round's labels are in; false = stop with a message and pick up "
-                            "from there when the same command is run again")
+    instructions: str = opt(
+        "Which answer helps the person more: on topic, polite, concise, answering the request?",
+        "shown to the annotators above every item",
+    )
+    wait: bool = opt(
+        False,
+        "wait (polling) until a round's labels are in; false = stop with a message and pick up "
+        "from there when the same command is run again",
+    )
     poll_seconds: float = opt(30.0, "how often to look while waiting")
     simulate: int = opt(0, "honest simulated annotators who label every round over HTTP (0 = people label it)")
     careless: int = opt(0, "careless simulated annotators among them (answer at random)")
     adversarial: int = opt(0, "adversarial simulated annotators among them (answer against their taste)")
-    exclude_below_chance: bool = opt(False, "leave out the labels of annotators flagged below chance in a round "
-                                            "(rufus studio exclude does it by hand)")
+    exclude_below_chance: bool = opt(
+        False,
+        "leave out the labels of annotators flagged below chance in a round (rufus studio exclude does it by hand)",
+    )
 
 
 @dataclass
@@ -118,9 +131,13 @@ class CollectSection:
     """Sampling the current policy's responses for comparison, and who compares them."""
 
     source: Literal["auto", "playground", "file", "studio"] = opt(
-        "auto", "who labels: playground (simulated annotators), file (data.comparisons), studio (people, through "
-                "rufus studio); auto = playground when it is enabled, else file")
-    responses: int = opt(4, "K responses per prompt: 2 = pairs, more = K-way rankings (all K(K-1)/2 pairs learnt at once)")
+        "auto",
+        "who labels: playground (simulated annotators), file (data.comparisons), studio (people, through "
+        "rufus studio); auto = playground when it is enabled, else file",
+    )
+    responses: int = opt(
+        4, "K responses per prompt: 2 = pairs, more = K-way rankings (all K(K-1)/2 pairs learnt at once)"
+    )
     held_out: float = opt(0.15, "share of the comparisons kept out of RM training, for evaluation")
     batch_size: int = opt(64, "prompts per generate call")
     generation: GenerationConfig = opt(GenerationConfig, "sampling")
@@ -139,20 +156,29 @@ class LeaderboardSection:
 class PipelineConfig:
     """The whole RLHF pipeline: sft -> collect comparisons -> rm -> rl -> eval -> report."""
 
-    output_dir: str = opt("runs/pipeline", "directory of the run: one sub-directory per stage, summary.json, report.html")
+    output_dir: str = opt(
+        "runs/pipeline", "directory of the run: one sub-directory per stage, summary.json, report.html"
+    )
     model: str = opt("builtin:playground-base", "the pretrained base model the pipeline starts from")
     seed: int = opt(0, "random seed of every stage")
-    dtype: Literal["auto", "float32", "bfloat16"] = opt("float32", "weights dtype of every stage (auto = bfloat16 where fast)")
+    dtype: Literal["auto", "float32", "bfloat16"] = opt(
+        "float32", "weights dtype of every stage (auto = bfloat16 where fast)"
+    )
     stages: list[str] = opt(list(STAGES), f"stages to run, in order, from {', '.join(STAGES)}")
     overwrite: bool = opt(False, "re-run every stage even when its output is up to date")
     progress: bool = opt(True, "progress bars")
     playground: PlaygroundSection = opt(PlaygroundSection, "the built-in offline task")
     data: PipelineData = opt(PipelineData, "your own data (without the playground)")
-    rounds: int = opt(1, "iterated rounds of collect -> rm -> rl: round r samples the policy of round r-1 (and the "
-                         "earlier ones), its reward model learns from the labels of rounds 1..r")
+    rounds: int = opt(
+        1,
+        "iterated rounds of collect -> rm -> rl: round r samples the policy of round r-1 (and the "
+        "earlier ones), its reward model learns from the labels of rounds 1..r",
+    )
     round_start: Literal["previous", "sft"] = opt(
-        "previous", "where the RL of round r > 1 starts: previous = from the policy of round r-1 (the KL reference "
-                    "stays the SFT model); sft = from the SFT model again, with the new reward model")
+        "previous",
+        "where the RL of round r > 1 starts: previous = from the policy of round r-1 (the KL reference "
+        "stays the SFT model); sft = from the SFT model again, with the new reward model",
+    )
     collect: CollectSection = opt(CollectSection, "sampling responses for comparison")
     leaderboard: LeaderboardSection = opt(LeaderboardSection, "ranking every policy of the run")
     sft: dict[str, Any] = opt({}, "settings of the sft stage: any key of `rufus sft --help` (e.g. sft.lr=1e-4)")
@@ -178,24 +204,79 @@ class PipelineResult:
 # Settings that fit the playground on a 2-core CPU (tuned with benchmarks/… see docs/pipeline.md);
 # the user's stage settings are laid over these.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "sft": {"lr": 1e-3, "batch_size": 32, "max_steps": 120, "warmup_steps": 10, "log_every": 10,
-            "save_every": 0, "data": {"max_length": 128, "truncation": "truncate"}},
-    "rm": {"lr": 1e-3, "batch_size": 32, "epochs": 3, "warmup_steps": 10, "log_every": 10, "save_every": 0,
-           "data": {"max_length": 128, "truncation": "truncate"}},
-    "ppo": {"lr": 5e-5, "batch_size": 32, "max_steps": 100, "log_every": 5, "save_every": 0, "sample_every": 0,
-            "data": {"max_length": 128}, "generation": {"max_new_tokens": 72},
-            "kl": {"coef": 0.1}, "ppo": {"epochs": 2, "minibatches": 2}, "critic": {"lr": 1e-4}},
-    "grpo": {"lr": 1e-4, "batch_size": 8, "max_steps": 100, "log_every": 5, "save_every": 0, "sample_every": 0,
-             "data": {"max_length": 128}, "generation": {"max_new_tokens": 72}, "grpo": {"group_size": 4},
-             "kl": {"coef": 0.05}},
-    "rloo": {"lr": 1e-4, "batch_size": 8, "max_steps": 100, "log_every": 5, "save_every": 0, "sample_every": 0,
-             "data": {"max_length": 128}, "generation": {"max_new_tokens": 72}, "rloo": {"group_size": 4},
-             "kl": {"coef": 0.05}},
-    "dpo": {"lr": 1e-4, "batch_size": 32, "epochs": 2, "log_every": 10, "save_every": 0,
-            "data": {"max_length": 128, "truncation": "truncate"}, "dpo": {"beta": 0.1}},
-    "bon": {"lr": 1e-3, "batch_size": 32, "log_every": 5, "save_every": 0,
-            "data": {"max_length": 128}, "generation": {"max_new_tokens": 72},
-            "bon": {"group_size": 8, "rounds": 2, "prompts_per_round": 512}},
+    "sft": {
+        "lr": 1e-3,
+        "batch_size": 32,
+        "max_steps": 120,
+        "warmup_steps": 10,
+        "log_every": 10,
+        "save_every": 0,
+        "data": {"max_length": 128, "truncation": "truncate"},
+    },
+    "rm": {
+        "lr": 1e-3,
+        "batch_size": 32,
+        "epochs": 3,
+        "warmup_steps": 10,
+        "log_every": 10,
+        "save_every": 0,
+        "data": {"max_length": 128, "truncation": "truncate"},
+    },
+    "ppo": {
+        "lr": 5e-5,
+        "batch_size": 32,
+        "max_steps": 100,
+        "log_every": 5,
+        "save_every": 0,
+        "sample_every": 0,
+        "data": {"max_length": 128},
+        "generation": {"max_new_tokens": 72},
+        "kl": {"coef": 0.1},
+        "ppo": {"epochs": 2, "minibatches": 2},
+        "critic": {"lr": 1e-4},
+    },
+    "grpo": {
+        "lr": 1e-4,
+        "batch_size": 8,
+        "max_steps": 100,
+        "log_every": 5,
+        "save_every": 0,
+        "sample_every": 0,
+        "data": {"max_length": 128},
+        "generation": {"max_new_tokens": 72},
+        "grpo": {"group_size": 4},
+        "kl": {"coef": 0.05},
+    },
+    "rloo": {
+        "lr": 1e-4,
+        "batch_size": 8,
+        "max_steps": 100,
+        "log_every": 5,
+        "save_every": 0,
+        "sample_every": 0,
+        "data": {"max_length": 128},
+        "generation": {"max_new_tokens": 72},
+        "rloo": {"group_size": 4},
+        "kl": {"coef": 0.05},
+    },
+    "dpo": {
+        "lr": 1e-4,
+        "batch_size": 32,
+        "epochs": 2,
+        "log_every": 10,
+        "save_every": 0,
+        "data": {"max_length": 128, "truncation": "truncate"},
+        "dpo": {"beta": 0.1},
+    },
+    "bon": {
+        "lr": 1e-3,
+        "batch_size": 32,
+        "log_every": 5,
+        "save_every": 0,
+        "data": {"max_length": 128},
+        "generation": {"max_new_tokens": 72},
+        "bon": {"group_size": 8, "rounds": 2, "prompts_per_round": 512},
+    },
     "eval": {"batch_size": 64, "generation": {"max_new_tokens": 72}},
 }
 
@@ -206,6 +287,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
 def _fingerprint(out: Path, *parts: Any) -> str:
     """A stage's identity: its settings, with paths inside the run written relative to it, so a
     run directory that is copied or moved is still up to date."""
+
     def settings_only(x: Any) -> Any:  # how a stage shows progress does not change its output
         if isinstance(x, dict):
             return {k: settings_only(v) for k, v in x.items() if k not in ("progress", "overwrite")}
@@ -280,8 +362,9 @@ def _stage_config(cfg: PipelineConfig, name: str, settings: dict, wiring: dict) 
     """The stage's trainer config: built-in defaults, then the pipeline's wiring (models, data,
     output_dir), then the user's `<stage>.*` settings, which may not move the output_dir."""
     if "output_dir" in settings:
-        raise ConfigError(f"{name}.output_dir: set by the pipeline ({wiring['output_dir']}); "
-                          "choose the pipeline's output_dir instead")
+        raise ConfigError(
+            f"{name}.output_dir: set by the pipeline ({wiring['output_dir']}); choose the pipeline's output_dir instead"
+        )
     common = {"seed": cfg.seed, "dtype": cfg.dtype, "progress": cfg.progress, "overwrite": True}
     return merge_mappings(merge_mappings(merge_mappings(common, STAGE_DEFAULTS.get(name, {})), wiring), settings)
 
@@ -326,20 +409,30 @@ def run_pipeline(config: PipelineConfig | dict) -> PipelineResult:
         except ValueError as e:
             raise ConfigError(f"playground.preference: {e}") from None
     else:
-        missing = [k for k, need in (("data.sft", "sft" in cfg.stages), ("data.prompts", "rl" in cfg.stages or
-                   ("collect" in cfg.stages and source != "file"))) if need and not getattr(cfg.data, k[5:])]
+        missing = [
+            k
+            for k, need in (
+                ("data.sft", "sft" in cfg.stages),
+                ("data.prompts", "rl" in cfg.stages or ("collect" in cfg.stages and source != "file")),
+            )
+            if need and not getattr(cfg.data, k[5:])
+        ]
         if missing:
             raise ConfigError(f"{missing[0]}: required without the playground (playground.enabled=false)")
         if source == "playground":
             raise ConfigError("collect.source: the simulated annotators are the playground's (playground.enabled=true)")
     if source == "file" and "collect" in cfg.stages and not cfg.data.comparisons:
-        raise ConfigError("data.comparisons: without the playground there are no simulated annotators; "
-                          "give labelled comparisons (preference format), or collect.source=studio")
+        raise ConfigError(
+            "data.comparisons: without the playground there are no simulated annotators; "
+            "give labelled comparisons (preference format), or collect.source=studio"
+        )
     if cfg.rounds < 1:
         raise ConfigError(f"rounds: need at least 1, got {cfg.rounds}")
     if cfg.rounds > 1 and source == "file":
-        raise ConfigError("rounds: each round needs labels of the previous round's policy, which a fixed file "
-                          "cannot give; use collect.source=studio (people) or the playground")
+        raise ConfigError(
+            "rounds: each round needs labels of the previous round's policy, which a fixed file "
+            "cannot give; use collect.source=studio (people) or the playground"
+        )
     if cfg.collect.responses < 2:
         raise ConfigError(f"collect.responses: need at least 2 responses to compare, got {cfg.collect.responses}")
     if not 0 < cfg.collect.held_out < 1:
@@ -365,7 +458,9 @@ def run_pipeline(config: PipelineConfig | dict) -> PipelineResult:
     if _base_model(cfg):  # built now (first run): part of this run's time
         st.seconds["base"] = time.perf_counter() - t_base
 
-    key = _fingerprint(out, "base", _base_path(cfg), {k: _file_facts(v) if not pg.enabled else v for k, v in files.items()})
+    key = _fingerprint(
+        out, "base", _base_path(cfg), {k: _file_facts(v) if not pg.enabled else v for k, v in files.items()}
+    )
     for step in _steps(cfg):
         if step.kind == "report":
             break
@@ -434,8 +529,13 @@ def _plan(cfg: PipelineConfig, out: Path, algo: str, rl_settings: dict, files: d
 
     from rufus.trainers.sft import SFTConfig
 
-    plan["sft"] = _validated(SFTConfig, "sft", _stage_config(cfg, "sft", cfg.sft, {
-        "model": base, "output_dir": str(out / "sft"), "data": {"train": files["sft"]}}))
+    plan["sft"] = _validated(
+        SFTConfig,
+        "sft",
+        _stage_config(
+            cfg, "sft", cfg.sft, {"model": base, "output_dir": str(out / "sft"), "data": {"train": files["sft"]}}
+        ),
+    )
 
     from rufus.trainers.reward import RMConfig
 
@@ -449,10 +549,24 @@ def _plan(cfg: PipelineConfig, out: Path, algo: str, rl_settings: dict, files: d
         collect, rm_dir, rl_dir = (_round_dir(cfg, out, k, r) for k in ROUND_STAGES)
         every = "" if r == 1 else "_all"  # from round 2 on: this round's labels and every earlier round's
         rm_model = str(rm_dir / "final")
-        rm = _validated(RMConfig, "rm", _stage_config(cfg, "rm", cfg.rm, {
-            "model": sft_model, "output_dir": str(rm_dir), "rm": {"format": fmt},
-            "data": {"train": str(collect / f"train{every}.jsonl"),
-                     "eval": str(collect / ("eval.jsonl" if fmt == "preference" else "eval_ranking.jsonl"))}}))
+        rm = _validated(
+            RMConfig,
+            "rm",
+            _stage_config(
+                cfg,
+                "rm",
+                cfg.rm,
+                {
+                    "model": sft_model,
+                    "output_dir": str(rm_dir),
+                    "rm": {"format": fmt},
+                    "data": {
+                        "train": str(collect / f"train{every}.jsonl"),
+                        "eval": str(collect / ("eval.jsonl" if fmt == "preference" else "eval_ranking.jsonl")),
+                    },
+                },
+            ),
+        )
         start = policies[-1][1] if cfg.round_start == "previous" else sft_model
         wiring: dict[str, Any] = {"model": start, "output_dir": str(rl_dir)}
         if algo == "dpo":  # offline DPO on the same comparisons the reward model learnt from
@@ -472,8 +586,16 @@ def _plan(cfg: PipelineConfig, out: Path, algo: str, rl_settings: dict, files: d
             values["reward"] = {**reward, "weights": list(reward.get("weights") or [1.0] * n) + [0.0]}
         rl = _validated(rl_cls, "rl", values)
         policy = str(rl_dir / "final") if "rl" in cfg.stages or (rl_dir / "final").exists() else policies[-1][1]
-        plan["rounds"].append({"collect": collect, "rm": rm, "rl": rl, "rm_model": rm_model,
-                               "policies": list(policies), "prompts": _round_prompts(cfg, files, r)})
+        plan["rounds"].append(
+            {
+                "collect": collect,
+                "rm": rm,
+                "rl": rl,
+                "rm_model": rm_model,
+                "policies": list(policies),
+                "prompts": _round_prompts(cfg, files, r),
+            }
+        )
         if policy != policies[-1][1]:
             policies.append((f"round-{r}", policy))
     plan["policies"] = policies
@@ -482,9 +604,15 @@ def _plan(cfg: PipelineConfig, out: Path, algo: str, rl_settings: dict, files: d
 
     from rufus.evaluate import EvalConfig
 
-    wiring = {"model": policies[-1][1], "baseline": sft_model, "ref_model": sft_model, "prompts": files["eval_prompts"],
-              "output_dir": str(out / "eval"), "reward": {"model": [last["rm_model"]]},
-              "pairs": str(last["collect"] / "eval.jsonl")}
+    wiring = {
+        "model": policies[-1][1],
+        "baseline": sft_model,
+        "ref_model": sft_model,
+        "prompts": files["eval_prompts"],
+        "output_dir": str(out / "eval"),
+        "reward": {"model": [last["rm_model"]]},
+        "pairs": str(last["collect"] / "eval.jsonl"),
+    }
     if cfg.playground.enabled:
         wiring["preference"] = cfg.playground.preference
     values = _stage_config(cfg, "eval", cfg.eval, wiring)
@@ -523,8 +651,12 @@ def _data_files(cfg: PipelineConfig, out: Path) -> dict[str, str | None]:
     """Paths of the data files: the user's, or those the playground writes into out/data."""
     if not cfg.playground.enabled:
         d = cfg.data
-        return {"sft": d.sft, "prompts": d.prompts, "comparisons": d.comparisons,
-                "eval_prompts": d.eval_prompts or d.prompts}
+        return {
+            "sft": d.sft,
+            "prompts": d.prompts,
+            "comparisons": d.comparisons,
+            "eval_prompts": d.eval_prompts or d.prompts,
+        }
     names = ["sft", "comparison_prompts", "prompts", "eval_prompts"]
     names += [f"comparison_prompts_{r}" for r in range(2, cfg.rounds + 1)]
     return {**{name: str(out / "data" / f"{name}.jsonl") for name in names}, "comparisons": None}
@@ -539,10 +671,12 @@ def _write_playground_data(cfg: PipelineConfig, files: dict) -> None:
     pg = cfg.playground
     n = cfg.collect.studio.prompts if _source(cfg) == "studio" else pg.comparison_prompts
     # distinct seeds per use keep the prompt sets apart (held-out prompts are never trained on)
-    made = {"sft": make_sft_demos(pg.sft_demos, cfg.seed * 7 + 1),
-            "comparison_prompts": make_prompts(n, cfg.seed * 7 + 2),
-            "prompts": make_prompts(pg.rl_prompts, cfg.seed * 7 + 3),
-            "eval_prompts": make_prompts(pg.eval_prompts, cfg.seed * 7 + 4)}
+    made = {
+        "sft": make_sft_demos(pg.sft_demos, cfg.seed * 7 + 1),
+        "comparison_prompts": make_prompts(n, cfg.seed * 7 + 2),
+        "prompts": make_prompts(pg.rl_prompts, cfg.seed * 7 + 3),
+        "eval_prompts": make_prompts(pg.eval_prompts, cfg.seed * 7 + 4),
+    }
     for r in range(2, cfg.rounds + 1):  # each round compares answers to prompts of its own
         made[f"comparison_prompts_{r}"] = make_prompts(n, cfg.seed * 7 + 5 + 1000 * r)
     for name, rows in made.items():
@@ -566,8 +700,11 @@ def _base_model(cfg: PipelineConfig) -> bool:
         return False
     from rufus.playground.base import base_model_path
 
-    print("\n[0] base: building the playground base model (first run only: a tokenizer and a tiny "
-          "Llama pretrained on the task's text, about 2-3 minutes)", flush=True)
+    print(
+        "\n[0] base: building the playground base model (first run only: a tokenizer and a tiny "
+        "Llama pretrained on the task's text, about 2-3 minutes)",
+        flush=True,
+    )
     base_model_path(seed=cfg.playground.base_seed)
     return True
 
@@ -592,12 +729,19 @@ def _run_sft(cfg: PipelineConfig, st: _Stages, plan: dict, files: dict, upstream
         result = train_sft(plan["sft"])
         return {"final": str(result.final_dir), "steps": result.steps}
 
-    return _run_trainer(st, step.name, upstream, plan["sft"],
-                        f"fine-tuning {plan['sft'].model} on demonstrations ({files['sft']})", train)
+    return _run_trainer(
+        st,
+        step.name,
+        upstream,
+        plan["sft"],
+        f"fine-tuning {plan['sft'].model} on demonstrations ({files['sft']})",
+        train,
+    )
 
 
-def _sample_groups(cfg: PipelineConfig, policies: list[tuple[str, str]], prompts: list, k: int, *, seed: int,
-                   desc: str) -> tuple[list[list[str]], list[list[str]]]:
+def _sample_groups(
+    cfg: PipelineConfig, policies: list[tuple[str, str]], prompts: list, k: int, *, seed: int, desc: str
+) -> tuple[list[list[str]], list[list[str]]]:
     """K responses to each prompt, and the name of the policy behind each. With one policy, all K
     are its samples; with several, the newest gives ceil(K/2) and the earlier ones take the other
     places in turn (prompt i's slot j: earlier policy (i + j) mod count), so every prompt compares
@@ -616,8 +760,9 @@ def _sample_groups(cfg: PipelineConfig, policies: list[tuple[str, str]], prompts
                 if row.count(e):
                     by_count.setdefault(row.count(e), []).append(i)
             for count, idx in sorted(by_count.items()):
-                answers = sample_responses(path, [prompts[i] for i in idx], count, c.generation, seed=seed + 1 + e,
-                                           desc=f"{desc} {name}", **kw)
+                answers = sample_responses(
+                    path, [prompts[i] for i in idx], count, c.generation, seed=seed + 1 + e, desc=f"{desc} {name}", **kw
+                )
                 for i, got in zip(idx, answers):
                     groups[i] += got
                     models[i] += [name] * count
@@ -629,11 +774,12 @@ def _prompt_rows(spec: tuple[str, int, int]) -> list:
     rows = [r["prompt"] for r in read_jsonl(Path(path))]
     if first >= len(rows):
         first %= max(len(rows), 1)  # more rounds than slices: start over
-    return rows[first:first + n]
+    return rows[first : first + n]
 
 
-def _collect_files(out: Path, r: int, train_rows: list[dict], eval_rows: list[dict], pairs: list[dict],
-                   eval_ranking: list[dict] | None) -> None:
+def _collect_files(
+    out: Path, r: int, train_rows: list[dict], eval_rows: list[dict], pairs: list[dict], eval_ranking: list[dict] | None
+) -> None:
     """Write a round's comparison files; from round 2 on also train_all / pairs_all, this round's
     rows after every earlier round's (what the round's reward model and DPO learn from)."""
     _write_jsonl(out / "train.jsonl", train_rows)
@@ -657,8 +803,14 @@ def _run_collect(cfg: PipelineConfig, st: _Stages, plan: dict, files: dict, upst
     out = rp["collect"]
     collect = {k: v for k, v in to_dict(c).items() if k not in ("source", "studio")}
     models = [path for _, path in rp["policies"]]
-    settings = {"collect": collect, "seed": cfg.seed, "dtype": cfg.dtype, "model": models[0] if len(models) == 1 else models,
-                "playground": to_dict(pg) if pg.enabled else None, "comparisons": files["comparisons"]}
+    settings = {
+        "collect": collect,
+        "seed": cfg.seed,
+        "dtype": cfg.dtype,
+        "model": models[0] if len(models) == 1 else models,
+        "playground": to_dict(pg) if pg.enabled else None,
+        "comparisons": files["comparisons"],
+    }
     if cfg.rounds > 1:
         settings["prompts"] = rp["prompts"][1:]
     key = _fingerprint(st.out, upstream, settings)
@@ -681,17 +833,24 @@ def _run_collect(cfg: PipelineConfig, st: _Stages, plan: dict, files: dict, upst
     prompts = _prompt_rows(rp["prompts"])
     k = c.responses
     names = " and ".join(name for name, _ in rp["policies"]) if len(rp["policies"]) > 1 else "the SFT model"
-    t0 = st.begin(step.name, f"sampling {k} responses to each of {len(prompts)} prompts from {names}; "
-                             f"{pg.annotators} simulated annotators compare them")
+    t0 = st.begin(
+        step.name,
+        f"sampling {k} responses to each of {len(prompts)} prompts from {names}; "
+        f"{pg.annotators} simulated annotators compare them",
+    )
     seed = cfg.seed + 100 * (step.round - 1)
     groups, _ = _sample_groups(cfg, rp["policies"], prompts, k, seed=seed, desc="collect")
-    annotators = Annotators(pg.preference, n=pg.annotators, temperature=pg.temperature,
-                            disagreement=pg.disagreement, seed=cfg.seed)
+    annotators = Annotators(
+        pg.preference, n=pg.annotators, temperature=pg.temperature, disagreement=pg.disagreement, seed=cfg.seed
+    )
     n_eval = max(1, round(len(prompts) * c.held_out))
     # held-out comparisons are always pairs (the first two samples), labelled the same way
-    eval_rows = annotators.label_pairs(prompts[:n_eval], [g[0] for g in groups[:n_eval]],
-                                       [g[-1] for g in groups[:n_eval]] if step.round > 1 else
-                                       [g[1] for g in groups[:n_eval]], seed=seed + 1)
+    eval_rows = annotators.label_pairs(
+        prompts[:n_eval],
+        [g[0] for g in groups[:n_eval]],
+        [g[-1] for g in groups[:n_eval]] if step.round > 1 else [g[1] for g in groups[:n_eval]],
+        seed=seed + 1,
+    )
     train_p, train_g = prompts[n_eval:], groups[n_eval:]
     if k == 2:
         train_rows = annotators.label_pairs(train_p, [g[0] for g in train_g], [g[1] for g in train_g], seed=seed)
@@ -699,20 +858,47 @@ def _run_collect(cfg: PipelineConfig, st: _Stages, plan: dict, files: dict, upst
     else:
         train_rows = annotators.rank_rows(train_p, train_g, seed=seed)
         # DPO trains on pairs: each ranking's best against its worst
-        pairs = [{"prompt": r["prompt"], "chosen": r["responses"][0], "rejected": r["responses"][-1],
-                  "annotator": r["annotator"]} for r in train_rows]
+        pairs = [
+            {
+                "prompt": r["prompt"],
+                "chosen": r["responses"][0],
+                "rejected": r["responses"][-1],
+                "annotator": r["annotator"],
+            }
+            for r in train_rows
+        ]
     if len(train_rows) < 2 or len(eval_rows) < 1:
-        raise ConfigError("collect: too few distinct responses to compare; raise playground.comparison_prompts "
-                          "or the sampling temperature")
-    eval_ranking = None if k == 2 else [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]],
-                                         "annotator": r["annotator"]} for r in eval_rows]
+        raise ConfigError(
+            "collect: too few distinct responses to compare; raise playground.comparison_prompts "
+            "or the sampling temperature"
+        )
+    eval_ranking = (
+        None
+        if k == 2
+        else [
+            {"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]], "annotator": r["annotator"]}
+            for r in eval_rows
+        ]
+    )
     _collect_files(out, step.round, train_rows, eval_rows, pairs, eval_ranking)
-    agreement = gold_label_accuracy([r["prompt"] for r in pairs], [r["chosen"] for r in pairs],
-                                    [r["rejected"] for r in pairs], pg.preference)
-    print(f"[{step.name}] {len(train_rows)} training comparisons, {len(eval_rows)} held out; "
-          f"labels agree with the gold taste on {agreement:.1%} of training pairs", flush=True)
-    st.done(step.name, t0, {"format": "preference" if k == 2 else "ranking", "train": len(train_rows),
-                            "eval": len(eval_rows), "label_gold_agreement": agreement})
+    agreement = gold_label_accuracy(
+        [r["prompt"] for r in pairs], [r["chosen"] for r in pairs], [r["rejected"] for r in pairs], pg.preference
+    )
+    print(
+        f"[{step.name}] {len(train_rows)} training comparisons, {len(eval_rows)} held out; "
+        f"labels agree with the gold taste on {agreement:.1%} of training pairs",
+        flush=True,
+    )
+    st.done(
+        step.name,
+        t0,
+        {
+            "format": "preference" if k == 2 else "ranking",
+            "train": len(train_rows),
+            "eval": len(eval_rows),
+            "label_gold_agreement": agreement,
+        },
+    )
     return key
 
 
@@ -741,8 +927,17 @@ def _simulated_kinds(cfg: PipelineConfig) -> list[str]:
     return ["honest"] * sc.simulate + ["careless"] * sc.careless + ["adversarial"] * sc.adversarial
 
 
-def _studio_round(cfg: PipelineConfig, st: _Stages, step: Step, label: str, round_key: str, task: str, pairs: str,
-                  make_candidates, what: str):
+def _studio_round(
+    cfg: PipelineConfig,
+    st: _Stages,
+    step: Step,
+    label: str,
+    round_key: str,
+    task: str,
+    pairs: str,
+    make_candidates,
+    what: str,
+):
     """Find or create the studio round of this step, have it labelled (simulated annotators, or
     people meanwhile), and return (db, round name, stage key, start time) once its labels are in;
     (None, None, key, None) when the step is up to date. Raises LabelsPending when the round is not
@@ -767,11 +962,21 @@ def _studio_round(cfg: PipelineConfig, st: _Stages, step: Step, label: str, roun
     if name is None:
         candidates = make_candidates()
         name = loop.free_name(db, base_name, round_key)
-        made = create_round(db, name, task, candidates, labels_per_item=sc.labels_per_item, pairs=pairs,
-                            instructions=sc.instructions,
-                            source={"pipeline": str(st.out.resolve()), "stage": step.name, "fingerprint": round_key})
-        print(f"[{step.name}] studio round {name!r} in {st.studio_url}: {made['items']} {task} items, "
-              f"{sc.labels_per_item} label(s) each", flush=True)
+        made = create_round(
+            db,
+            name,
+            task,
+            candidates,
+            labels_per_item=sc.labels_per_item,
+            pairs=pairs,
+            instructions=sc.instructions,
+            source={"pipeline": str(st.out.resolve()), "stage": step.name, "fingerprint": round_key},
+        )
+        print(
+            f"[{step.name}] studio round {name!r} in {st.studio_url}: {made['items']} {task} items, "
+            f"{sc.labels_per_item} label(s) each",
+            flush=True,
+        )
     else:
         print(f"[{step.name}] studio round {name!r} in {st.studio_url}: resuming", flush=True)
     kinds = _simulated_kinds(cfg)
@@ -780,11 +985,15 @@ def _studio_round(cfg: PipelineConfig, st: _Stages, step: Step, label: str, roun
         from rufus.studio.simulate import simulate_round
 
         pg = cfg.playground
-        taste = Annotators(pg.preference, n=len(kinds), temperature=pg.temperature, disagreement=pg.disagreement,
-                           seed=cfg.seed)
+        taste = Annotators(
+            pg.preference, n=len(kinds), temperature=pg.temperature, disagreement=pg.disagreement, seed=cfg.seed
+        )
         given = simulate_round(db, name, kinds, taste, seed=cfg.seed * 31 + step.round)
-        print(f"[{step.name}] simulated annotators labelled through the studio's web pages: "
-              + ", ".join(f"{who} {n}" for who, n in given.items()), flush=True)
+        print(
+            f"[{step.name}] simulated annotators labelled through the studio's web pages: "
+            + ", ".join(f"{who} {n}" for who, n in given.items()),
+            flush=True,
+        )
     p = loop.progress(db, name)
     last = None
     while not p.finished and sc.wait:
@@ -800,7 +1009,9 @@ def _studio_round(cfg: PipelineConfig, st: _Stages, step: Step, label: str, roun
             f"  round {name!r} in the studio database {where}: {p.items} items, {p.labels_per_item} label(s) each\n"
             f"  label it:  rufus studio serve --db {where}\n"
             f"  people:    rufus studio add-annotator --db {where} NAME   (prints their login link)\n"
-            f"  admin:     rufus studio admin-token --db {where}", p)
+            f"  admin:     rufus studio admin-token --db {where}",
+            p,
+        )
     if sc.exclude_below_chance:
         for who in loop.exclude_below_chance(db, name):
             print(f"[{step.name}] excluded {who}: labels below chance", flush=True)
@@ -819,61 +1030,105 @@ def _collect_from_studio(cfg: PipelineConfig, st: _Stages, plan: dict, upstream:
 
     c, sc, rp = cfg.collect, cfg.collect.studio, plan["rounds"][step.round - 1]
     k = c.responses
-    settings = {"responses": k, "held_out": c.held_out, "batch_size": c.batch_size, "generation": to_dict(c.generation),
-                "prompts": rp["prompts"][1:], "labels_per_item": sc.labels_per_item, "instructions": sc.instructions,
-                "seed": cfg.seed, "dtype": cfg.dtype, "policies": rp["policies"]}
+    settings = {
+        "responses": k,
+        "held_out": c.held_out,
+        "batch_size": c.batch_size,
+        "generation": to_dict(c.generation),
+        "prompts": rp["prompts"][1:],
+        "labels_per_item": sc.labels_per_item,
+        "instructions": sc.instructions,
+        "seed": cfg.seed,
+        "dtype": cfg.dtype,
+        "policies": rp["policies"],
+    }
     round_key = _fingerprint(st.out, upstream, settings)
     prompts = _prompt_rows(rp["prompts"])
     task = "pairwise" if k == 2 else "ranking"
 
     def candidates():
-        groups, models = _sample_groups(cfg, rp["policies"], prompts, k, seed=cfg.seed + 100 * (step.round - 1),
-                                        desc="collect")
+        groups, models = _sample_groups(
+            cfg, rp["policies"], prompts, k, seed=cfg.seed + 100 * (step.round - 1), desc="collect"
+        )
         return [Candidate(p, g, m) for p, g, m in zip(prompts, groups, models)]
 
     names = " and ".join(name for name, _ in rp["policies"])
     db, name, key, t0 = _studio_round(
-        cfg, st, step, f"round {step.round}", round_key, task, "all", candidates,
-        f"{k} answers from {names} to each of {len(prompts)} prompts, labelled in the studio")
+        cfg,
+        st,
+        step,
+        f"round {step.round}",
+        round_key,
+        task,
+        "all",
+        candidates,
+        f"{k} answers from {names} to each of {len(prompts)} prompts, labelled in the studio",
+    )
     if db is None:
         return key
     fmt = plan["format"]
     rows = export_rows(db, name, fmt)
-    held = {canonical(p) for p in prompts[:max(1, round(len(prompts) * c.held_out))]}
+    held = {canonical(p) for p in prompts[: max(1, round(len(prompts) * c.held_out))]}
     if fmt == "preference":
-        slim = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
-                 "annotator": r["annotator_id"]} for r in rows]
+        slim = [
+            {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"], "annotator": r["annotator_id"]}
+            for r in rows
+        ]
     else:
-        slim = [{"prompt": r["prompt"], "responses": r["responses"], "scores": r["scores"],
-                 "annotator": r["annotator_id"]} for r in rows]
+        slim = [
+            {"prompt": r["prompt"], "responses": r["responses"], "scores": r["scores"], "annotator": r["annotator_id"]}
+            for r in rows
+        ]
     train_rows = [r for r in slim if canonical(r["prompt"]) not in held]
     held_rows = [r for r in slim if canonical(r["prompt"]) in held]
     if fmt == "preference":
         eval_rows, pairs, eval_ranking = held_rows, train_rows, None
     else:
+
         def best_worst(r):
-            return {"prompt": r["prompt"], "chosen": r["responses"][0], "rejected": r["responses"][-1],
-                    "annotator": r["annotator"]}
+            return {
+                "prompt": r["prompt"],
+                "chosen": r["responses"][0],
+                "rejected": r["responses"][-1],
+                "annotator": r["annotator"],
+            }
 
         eval_ranking = held_rows
         eval_rows = [best_worst(r) for r in held_rows if r["scores"][0] > r["scores"][-1]]
         pairs = [best_worst(r) for r in train_rows if r["scores"][0] > r["scores"][-1]]
     if len(train_rows) < 2 or not eval_rows:
-        raise ConfigError(f"collect: round {name!r} gave {len(train_rows)} training and {len(eval_rows)} held-out "
-                          "comparisons; raise collect.studio.prompts")
+        raise ConfigError(
+            f"collect: round {name!r} gave {len(train_rows)} training and {len(eval_rows)} held-out "
+            "comparisons; raise collect.studio.prompts"
+        )
     _collect_files(rp["collect"], step.round, train_rows, eval_rows, pairs, eval_ranking)
     figures = loop.round_figures(db, name)
     atomic_write_text(rp["collect"] / "studio.json", json.dumps(figures, indent=1, default=str) + "\n")
-    info = {"format": fmt, "train": len(train_rows), "eval": len(eval_rows), "round": name,
-            "excluded": loop.excluded_names(db, name)}
+    info = {
+        "format": fmt,
+        "train": len(train_rows),
+        "eval": len(eval_rows),
+        "round": name,
+        "excluded": loop.excluded_names(db, name),
+    }
     if cfg.playground.enabled:
         from rufus.playground.taste import gold_label_accuracy
 
-        info["label_gold_agreement"] = gold_label_accuracy([r["prompt"] for r in pairs], [r["chosen"] for r in pairs],
-                                                           [r["rejected"] for r in pairs], cfg.playground.preference)
-    print(f"[{step.name}] {len(train_rows)} training comparisons, {len(eval_rows)} held out from round {name!r}"
-          + (f"; labels agree with the gold taste on {info['label_gold_agreement']:.1%} of training pairs"
-             if "label_gold_agreement" in info else ""), flush=True)
+        info["label_gold_agreement"] = gold_label_accuracy(
+            [r["prompt"] for r in pairs],
+            [r["chosen"] for r in pairs],
+            [r["rejected"] for r in pairs],
+            cfg.playground.preference,
+        )
+    print(
+        f"[{step.name}] {len(train_rows)} training comparisons, {len(eval_rows)} held out from round {name!r}"
+        + (
+            f"; labels agree with the gold taste on {info['label_gold_agreement']:.1%} of training pairs"
+            if "label_gold_agreement" in info
+            else ""
+        ),
+        flush=True,
+    )
     st.done(step.name, t0, info)
     return key
 
@@ -910,7 +1165,9 @@ def _run_rl(cfg: PipelineConfig, st: _Stages, plan: dict, files: dict, upstream:
         result = plan["rl_train"](config, **kwargs)
         return {"algo": algo, "final": str(result.final_dir), "steps": result.steps}
 
-    start = f"the round-{step.round - 1} policy" if step.round > 1 and cfg.round_start == "previous" else "the SFT model"
+    start = (
+        f"the round-{step.round - 1} policy" if step.round > 1 and cfg.round_start == "previous" else "the SFT model"
+    )
     what = f"{algo} from {start}" + (" on the comparisons" if algo == "dpo" else " against the reward model")
     return _run_trainer(st, step.name, _fingerprint(st.out, upstream, algo), config, what, train)
 
@@ -935,15 +1192,24 @@ def _run_leaderboard(cfg: PipelineConfig, st: _Stages, plan: dict, files: dict, 
     policies, lb, c = plan["policies"], cfg.leaderboard, cfg.collect
     source = plan["source"]
     prompts = [r["prompt"] for r in read_jsonl(Path(files["eval_prompts"]))]
-    prompts = prompts[:lb.prompts] if lb.prompts > 0 else prompts
-    settings = {"policies": policies, "prompts": len(prompts), "resamples": lb.resamples, "seed": cfg.seed,
-                "dtype": cfg.dtype, "generation": to_dict(c.generation), "source": source,
-                "playground": to_dict(cfg.playground) if cfg.playground.enabled else None}
+    prompts = prompts[: lb.prompts] if lb.prompts > 0 else prompts
+    settings = {
+        "policies": policies,
+        "prompts": len(prompts),
+        "resamples": lb.resamples,
+        "seed": cfg.seed,
+        "dtype": cfg.dtype,
+        "generation": to_dict(c.generation),
+        "source": source,
+        "playground": to_dict(cfg.playground) if cfg.playground.enabled else None,
+    }
     round_key = _fingerprint(st.out, upstream, settings)
     if len(policies) < 2 or source == "file":
         if not st.up_to_date(step.name, round_key):
             t0 = st.begin(step.name, "nothing to rank" if len(policies) < 2 else "no annotators to compare answers")
-            st.done(step.name, t0, {"leaderboard": [], "note": "needs two policies and annotators (playground or studio)"})
+            st.done(
+                step.name, t0, {"leaderboard": [], "note": "needs two policies and annotators (playground or studio)"}
+            )
         return round_key
     out = st.out / step.name
     answers_path = out / "answers.jsonl"
@@ -952,19 +1218,36 @@ def _run_leaderboard(cfg: PipelineConfig, st: _Stages, plan: dict, files: dict, 
         """One sampled answer per prompt from each policy (cached: a resumed run reuses them)."""
         if answers_path.exists():
             rows = read_jsonl(answers_path)
-            if [r["prompt"] for r in rows] == prompts and all(set(r["answers"]) == {n for n, _ in policies} for r in rows):
+            if [r["prompt"] for r in rows] == prompts and all(
+                set(r["answers"]) == {n for n, _ in policies} for r in rows
+            ):
                 return {name: [r["answers"][name] for r in rows] for name, _ in policies}
         got = {}
         for j, (name, path) in enumerate(policies):
-            got[name] = [g[0] for g in sample_responses(path, prompts, 1, c.generation, batch_size=c.batch_size,
-                                                        seed=cfg.seed + 7 + j, dtype=cfg.dtype,
-                                                        progress=cfg.progress, desc=f"leaderboard {name}")]
-        _write_jsonl(answers_path, [{"prompt": p, "answers": {n: got[n][i] for n in got}} for i, p in enumerate(prompts)])
+            got[name] = [
+                g[0]
+                for g in sample_responses(
+                    path,
+                    prompts,
+                    1,
+                    c.generation,
+                    batch_size=c.batch_size,
+                    seed=cfg.seed + 7 + j,
+                    dtype=cfg.dtype,
+                    progress=cfg.progress,
+                    desc=f"leaderboard {name}",
+                )
+            ]
+        _write_jsonl(
+            answers_path, [{"prompt": p, "answers": {n: got[n][i] for n in got}} for i, p in enumerate(prompts)]
+        )
         return got
 
-    what = (f"{', '.join(n for n, _ in policies)} answer {len(prompts)} held-out prompts; "
-            + ("the answers are compared in the studio" if source == "studio" else
-               "the simulated annotators compare the answers"))
+    what = f"{', '.join(n for n, _ in policies)} answer {len(prompts)} held-out prompts; " + (
+        "the answers are compared in the studio"
+        if source == "studio"
+        else "the simulated annotators compare the answers"
+    )
     agreement = []
     if source == "studio":
         from rufus.studio import loop
@@ -973,8 +1256,9 @@ def _run_leaderboard(cfg: PipelineConfig, st: _Stages, plan: dict, files: dict, 
 
         def candidates():
             got = answer()
-            return [Candidate(p, [got[n][i] for n, _ in policies], [n for n, _ in policies])
-                    for i, p in enumerate(prompts)]
+            return [
+                Candidate(p, [got[n][i] for n, _ in policies], [n for n, _ in policies]) for i, p in enumerate(prompts)
+            ]
 
         task = "pairwise" if len(policies) == 2 else "ranking"
         db, name, key, t0 = _studio_round(cfg, st, step, "leaderboard", round_key, task, "models", candidates, what)
@@ -994,8 +1278,9 @@ def _run_leaderboard(cfg: PipelineConfig, st: _Stages, plan: dict, files: dict, 
         from rufus.playground.taste import Annotators
 
         pg = cfg.playground
-        annotators = Annotators(pg.preference, n=pg.annotators, temperature=pg.temperature,
-                                disagreement=pg.disagreement, seed=cfg.seed)
+        annotators = Annotators(
+            pg.preference, n=pg.annotators, temperature=pg.temperature, disagreement=pg.disagreement, seed=cfg.seed
+        )
         comparisons = []
         rng = random.Random(cfg.seed + 5)
         names = [n for n, _ in policies]
@@ -1018,12 +1303,20 @@ def _run_leaderboard(cfg: PipelineConfig, st: _Stages, plan: dict, files: dict, 
 
         gold = {}
         for name, _ in policies:
-            gold[name] = {"gold_score": statistics.fmean(gold_score(p, a, cfg.playground.preference)
-                                                         for p, a in zip(prompts, got[name])),
-                          "gold_win_rate_vs_sft": gold_win_rate(prompts, got[name], got["sft"], cfg.playground.preference)}
+            gold[name] = {
+                "gold_score": statistics.fmean(
+                    gold_score(p, a, cfg.playground.preference) for p, a in zip(prompts, got[name])
+                ),
+                "gold_win_rate_vs_sft": gold_win_rate(prompts, got[name], got["sft"], cfg.playground.preference),
+            }
         info["gold"] = gold
-        print("  gold taste: " + ", ".join(f"{n} {g['gold_score']:.3f} (wins {g['gold_win_rate_vs_sft']:.0%} vs sft)"
-                                           for n, g in gold.items()), flush=True)
+        print(
+            "  gold taste: "
+            + ", ".join(
+                f"{n} {g['gold_score']:.3f} (wins {g['gold_win_rate_vs_sft']:.0%} vs sft)" for n, g in gold.items()
+            ),
+            flush=True,
+        )
     if agreement:
         info["agreement"] = agreement
         atomic_write_text(out / "agreement.json", json.dumps(agreement, indent=1, default=str) + "\n")
@@ -1031,8 +1324,14 @@ def _run_leaderboard(cfg: PipelineConfig, st: _Stages, plan: dict, files: dict, 
     return key
 
 
-RUNNERS = {"sft": _run_sft, "collect": _run_collect, "rm": _run_rm, "rl": _run_rl, "eval": _run_eval,
-           "leaderboard": _run_leaderboard}
+RUNNERS = {
+    "sft": _run_sft,
+    "collect": _run_collect,
+    "rm": _run_rm,
+    "rl": _run_rl,
+    "eval": _run_eval,
+    "leaderboard": _run_leaderboard,
+}
 
 
 # --- summary and report -------------------------------------------------------------------------
@@ -1074,9 +1373,13 @@ def _summary(cfg: PipelineConfig, st: _Stages, plan: dict, algo: str, t_start: f
     board = st.info("leaderboard")
     if board.get("leaderboard"):
         gold = board.get("gold", {})
-        summary["policies"] = {r["model"]: {**{k: r[k] for k in ("rating", "ci_low", "ci_high", "rank", "wins", "losses",
-                                                                  "ties", "elo")}, **gold.get(r["model"], {})}
-                               for r in board["leaderboard"]}
+        summary["policies"] = {
+            r["model"]: {
+                **{k: r[k] for k in ("rating", "ci_low", "ci_high", "rank", "wins", "losses", "ties", "elo")},
+                **gold.get(r["model"], {}),
+            }
+            for r in board["leaderboard"]
+        }
         summary["leaderboard_comparisons"] = board.get("comparisons")
         if board.get("agreement"):
             summary["agreement"] = [_agreement_row(a) for a in board["agreement"]]
@@ -1090,14 +1393,27 @@ def _summary(cfg: PipelineConfig, st: _Stages, plan: dict, algo: str, t_start: f
 def _agreement_row(figures: dict) -> dict:
     """One studio round's agreement figures, flattened (round_figures -> summary)."""
     a = figures["agreement"]
-    row = {"round": figures["round"], "task": a["task"], "labels": a["labels"], "shared_units": a["shared_units"],
-           "raw_agreement": a["raw_agreement"]}
+    row = {
+        "round": figures["round"],
+        "task": a["task"],
+        "labels": a["labels"],
+        "shared_units": a["shared_units"],
+        "raw_agreement": a["raw_agreement"],
+    }
     for key in ("fleiss_kappa", "krippendorff_alpha"):
         if key in a:
             row[key] = a[key]
-    row["annotators"] = [{"annotator": q["annotator"], "labels": q["labels"], "agreement": q["agreement"],
-                          "gold_accuracy": q["gold_accuracy"], "excluded": q["excluded"], "flags": q["flags"]}
-                         for q in figures["annotators"]]
+    row["annotators"] = [
+        {
+            "annotator": q["annotator"],
+            "labels": q["labels"],
+            "agreement": q["agreement"],
+            "gold_accuracy": q["gold_accuracy"],
+            "excluded": q["excluded"],
+            "flags": q["flags"],
+        }
+        for q in figures["annotators"]
+    ]
     return row
 
 
@@ -1134,17 +1450,33 @@ def _run_report(cfg: PipelineConfig, st: _Stages, plan: dict, algo: str, summary
     gen_path = st.out / "eval" / "generations.jsonl"
     if gen_path.exists():
         for r in read_jsonl(gen_path)[:12]:
-            samples.append({"prompt": r["prompt"], "sft": r.get("baseline_response", ""), "final": r["response"],
-                            **({"gold_sft": r["baseline_gold"], "gold_final": r["gold"]} if "gold" in r else {}),
-                            **({"score_sft": r["baseline_score"], "score_final": r["score"]} if "score" in r else {})})
-    notes = [f"rufus pipeline: {', '.join(cfg.stages)} in {st.out}",
-             f"rl.algo={algo}, collect.source={plan['source']}, rounds={cfg.rounds}"
-             + (f", playground.preference={cfg.playground.preference}" if cfg.playground.enabled else "")]
+            samples.append(
+                {
+                    "prompt": r["prompt"],
+                    "sft": r.get("baseline_response", ""),
+                    "final": r["response"],
+                    **({"gold_sft": r["baseline_gold"], "gold_final": r["gold"]} if "gold" in r else {}),
+                    **({"score_sft": r["baseline_score"], "score_final": r["score"]} if "score" in r else {}),
+                }
+            )
+    notes = [
+        f"rufus pipeline: {', '.join(cfg.stages)} in {st.out}",
+        f"rl.algo={algo}, collect.source={plan['source']}, rounds={cfg.rounds}"
+        + (f", playground.preference={cfg.playground.preference}" if cfg.playground.enabled else ""),
+    ]
     table = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
     table.update({f"seconds/{s}": v for s, v in summary.get("stage_seconds", {}).items()})
-    write_report(st.out, title=f"Rufus pipeline report ({algo})", summary=table, curves=curves,
-                 overopt=overopt or None, samples=samples, notes=notes, headline=headline_rows(summary),
-                 sections=_report_sections(st))
+    write_report(
+        st.out,
+        title=f"Rufus pipeline report ({algo})",
+        summary=table,
+        curves=curves,
+        overopt=overopt or None,
+        samples=samples,
+        notes=notes,
+        headline=headline_rows(summary),
+        sections=_report_sections(st),
+    )
     st.done("report", t0)
 
 
@@ -1159,34 +1491,79 @@ def _report_sections(st: _Stages) -> list[dict]:
             header += ["gold score", "gold win rate vs SFT"]
         rows = []
         for r in board["leaderboard"]:
-            row = [r["model"], f"{r['rating']:.0f}", f"{r['ci_low']:.0f} .. {r['ci_high']:.0f}", r["rank"],
-                   f"{r['wins']:g} / {r['losses']:g} / {r['ties']:g}", f"{r['elo']:.0f}"]
+            row = [
+                r["model"],
+                f"{r['rating']:.0f}",
+                f"{r['ci_low']:.0f} .. {r['ci_high']:.0f}",
+                r["rank"],
+                f"{r['wins']:g} / {r['losses']:g} / {r['ties']:g}",
+                f"{r['elo']:.0f}",
+            ]
             if gold:
                 g = gold.get(r["model"], {})
-                row += [f"{g.get('gold_score', float('nan')):.3f}", f"{g.get('gold_win_rate_vs_sft', float('nan')):.1%}"]
+                row += [
+                    f"{g.get('gold_score', float('nan')):.3f}",
+                    f"{g.get('gold_win_rate_vs_sft', float('nan')):.1%}",
+                ]
             rows.append(row)
         png = st.out / "leaderboard" / "leaderboard.png"
-        sections.append({"title": "Leaderboard of the run's policies", "table": (header, rows),
-                         "figure": png.read_bytes() if png.exists() else None, "stem": "leaderboard",
-                         "text": f"Bradley-Terry ratings (Elo scale, SFT = 1000) from {board.get('comparisons')} "
-                                 "comparisons of the policies' answers to held-out prompts, with 95% bootstrap "
-                                 "intervals; a rank counts the policies whose interval lies wholly above. Online Elo "
-                                 "(K = 4) depends on the order of the comparisons."})
+        sections.append(
+            {
+                "title": "Leaderboard of the run's policies",
+                "table": (header, rows),
+                "figure": png.read_bytes() if png.exists() else None,
+                "stem": "leaderboard",
+                "text": f"Bradley-Terry ratings (Elo scale, SFT = 1000) from {board.get('comparisons')} "
+                "comparisons of the policies' answers to held-out prompts, with 95% bootstrap "
+                "intervals; a rank counts the policies whose interval lies wholly above. Online Elo "
+                "(K = 4) depends on the order of the comparisons.",
+            }
+        )
     if board.get("agreement"):
-        header = ["round", "task", "labels", "items labelled twice or more", "raw agreement", "Fleiss' kappa",
-                  "Krippendorff's alpha"]
+        header = [
+            "round",
+            "task",
+            "labels",
+            "items labelled twice or more",
+            "raw agreement",
+            "Fleiss' kappa",
+            "Krippendorff's alpha",
+        ]
         rows, people = [], []
         for figures in board["agreement"]:
             a = _agreement_row(figures)
-            rows.append([a["round"], a["task"], a["labels"], a["shared_units"], _fmt_opt(a["raw_agreement"]),
-                         _fmt_opt(a.get("fleiss_kappa")), _fmt_opt(a.get("krippendorff_alpha"))])
+            rows.append(
+                [
+                    a["round"],
+                    a["task"],
+                    a["labels"],
+                    a["shared_units"],
+                    _fmt_opt(a["raw_agreement"]),
+                    _fmt_opt(a.get("fleiss_kappa")),
+                    _fmt_opt(a.get("krippendorff_alpha")),
+                ]
+            )
             for q in a["annotators"]:
-                people.append([a["round"], q["annotator"], q["labels"], _fmt_opt(q["agreement"]),
-                               "yes" if q["excluded"] else "", "; ".join(q["flags"])])
+                people.append(
+                    [
+                        a["round"],
+                        q["annotator"],
+                        q["labels"],
+                        _fmt_opt(q["agreement"]),
+                        "yes" if q["excluded"] else "",
+                        "; ".join(q["flags"]),
+                    ]
+                )
         sections.append({"title": "Agreement among the annotators", "table": (header, rows)})
-        sections.append({"title": "Annotators", "table": (["round", "annotator", "labels",
-                                                           "agreement with the others' majority", "excluded", "flags"],
-                                                          people)})
+        sections.append(
+            {
+                "title": "Annotators",
+                "table": (
+                    ["round", "annotator", "labels", "agreement with the others' majority", "excluded", "flags"],
+                    people,
+                ),
+            }
+        )
     return sections
 
 
@@ -1196,11 +1573,16 @@ def _fmt_opt(value) -> str:
 
 # (plain name, summary key, how to show it): the figures a person reads first
 HEADLINES = [
-    ("gold score, SFT", "gold_score_sft", "{:.4g}"), ("gold score, final", "gold_score_final", "{:.4g}"),
-    ("gold score, best possible", "gold_score_best", "{:.4g}"), ("gold win rate, final vs SFT", "gold_win_rate", "{:.1%}"),
-    ("KL(final || SFT), nats", "kl", "{:.4g}"), ("RM agrees with gold (held-out)", "rm_gold_accuracy", "{:.1%}"),
-    ("RM agrees with labels (held-out)", "rm_label_accuracy", "{:.1%}"), ("RM score, SFT", "rm_score_sft", "{:.4g}"),
-    ("RM score, final", "rm_score_final", "{:.4g}"), ("labels agree with gold (training)", "label_gold_agreement", "{:.1%}"),
+    ("gold score, SFT", "gold_score_sft", "{:.4g}"),
+    ("gold score, final", "gold_score_final", "{:.4g}"),
+    ("gold score, best possible", "gold_score_best", "{:.4g}"),
+    ("gold win rate, final vs SFT", "gold_win_rate", "{:.1%}"),
+    ("KL(final || SFT), nats", "kl", "{:.4g}"),
+    ("RM agrees with gold (held-out)", "rm_gold_accuracy", "{:.1%}"),
+    ("RM agrees with labels (held-out)", "rm_label_accuracy", "{:.1%}"),
+    ("RM score, SFT", "rm_score_sft", "{:.4g}"),
+    ("RM score, final", "rm_score_final", "{:.4g}"),
+    ("labels agree with gold (training)", "label_gold_agreement", "{:.1%}"),
 ]
 
 
@@ -1211,20 +1593,31 @@ def headline_rows(summary: dict) -> list[tuple[str, str]]:
         if isinstance(summary.get(key), (int, float)):
             text = form.format(summary[key])
             if key == "gold_score_final" and "gold_score_final_ci_low" in summary:
-                text += f"  (95% CI {summary['gold_score_final_ci_low']:.3g} .. {summary['gold_score_final_ci_high']:.3g})"
+                text += (
+                    f"  (95% CI {summary['gold_score_final_ci_low']:.3g} .. {summary['gold_score_final_ci_high']:.3g})"
+                )
             rows.append((label, text))
         if key == "rm_score_final" and "length_sft" in summary and "length_final" in summary:
-            rows.append(("length, SFT -> final (tokens)", f"{summary['length_sft']:.1f} -> {summary['length_final']:.1f}"))
+            rows.append(
+                ("length, SFT -> final (tokens)", f"{summary['length_sft']:.1f} -> {summary['length_final']:.1f}")
+            )
     for name, p in (summary.get("policies") or {}).items():
         text = f"rating {p['rating']:.0f} ({p['ci_low']:.0f} .. {p['ci_high']:.0f}), rank {p['rank']}"
         if "gold_win_rate_vs_sft" in p and name != "sft":
             text += f", gold win rate vs SFT {p['gold_win_rate_vs_sft']:.1%}"
         rows.append((f"leaderboard: {name}", text))
     for a in summary.get("agreement") or []:
-        coef = (f"Fleiss' kappa {a['fleiss_kappa']:.3f}" if a.get("fleiss_kappa") is not None else
-                f"Krippendorff's alpha {a['krippendorff_alpha']:.3f}" if a.get("krippendorff_alpha") is not None else "")
+        coef = (
+            f"Fleiss' kappa {a['fleiss_kappa']:.3f}"
+            if a.get("fleiss_kappa") is not None
+            else f"Krippendorff's alpha {a['krippendorff_alpha']:.3f}"
+            if a.get("krippendorff_alpha") is not None
+            else ""
+        )
         raw = "-" if a["raw_agreement"] is None else f"{a['raw_agreement']:.3f}"
-        rows.append((f"agreement: {a['round']}", f"raw {raw}" + (f", {coef}" if coef else "") + f" ({a['labels']} labels)"))
+        rows.append(
+            (f"agreement: {a['round']}", f"raw {raw}" + (f", {coef}" if coef else "") + f" ({a['labels']} labels)")
+        )
     if "seconds" in summary:
         rows.append(("seconds (all stages)", f"{summary['seconds']:.4g}"))
     return rows
@@ -1236,8 +1629,10 @@ def print_pipeline_summary(summary: dict, status: dict[str, str], out: Path) -> 
     print(f"rufus pipeline summary ({out})")
     secs = summary.get("stage_seconds", {})
     shown = (["base"] if "base" in secs else []) + [s for s, v in status.items() if v != "not run"]
-    print("  stages: " + ", ".join(f"{s} {status.get(s, 'built')}" + (f" ({secs[s]:.0f} s)" if s in secs else "")
-                                   for s in shown))
+    print(
+        "  stages: "
+        + ", ".join(f"{s} {status.get(s, 'built')}" + (f" ({secs[s]:.0f} s)" if s in secs else "") for s in shown)
+    )
     for label, text in headline_rows(summary):
         print(f"  {label:<34} {text}")
     print(f"  report: {out / 'report.html'}")

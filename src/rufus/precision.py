@@ -79,8 +79,9 @@ class MasterWeights:
             raise ValueError(f"master weights: checkpoint has {len(masters)} tensors, the model {len(self.pairs)}")
         for (_, master), saved in zip(self.pairs, masters):
             if saved.shape != master.shape:
-                raise ValueError(f"master weights: shape {tuple(saved.shape)} in the checkpoint, "
-                                 f"{tuple(master.shape)} in the model")
+                raise ValueError(
+                    f"master weights: shape {tuple(saved.shape)} in the checkpoint, {tuple(master.shape)} in the model"
+                )
             master.copy_(saved)
         self.master_to_model()
 

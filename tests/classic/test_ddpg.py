@@ -39,8 +39,12 @@ def one_thread():
 def test_td3_target_takes_min_of_twin_critics():
     reward = torch.tensor([1.0, -2.0])
     terminated = torch.tensor([0.0, 0.0])
-    next_q = torch.tensor([[10.0, -4.0],   # Q1'(s', a~)
-                           [8.0, -3.0]])   # Q2'(s', a~)
+    next_q = torch.tensor(
+        [
+            [10.0, -4.0],  # Q1'(s', a~)
+            [8.0, -3.0],
+        ]
+    )  # Q2'(s', a~)
     y = bootstrap_target(reward, terminated, next_q, gamma=0.5)
     # transition 0: 1 + 0.5 * min(10, 8) = 1 + 4 = 5
     # transition 1: -2 + 0.5 * min(-4, -3) = -2 - 2 = -4
@@ -128,8 +132,14 @@ def test_config_defaults():
 # --- short runs -----------------------------------------------------------------------------------
 
 # small networks and batches, so that a few thousand steps take seconds
-FAST = {"hidden_sizes": [64, 64], "batch_size": 64, "learning_starts": 300, "eval_episodes": 5,
-        "log_every": 500, "progress": False}
+FAST = {
+    "hidden_sizes": [64, 64],
+    "batch_size": 64,
+    "learning_starts": 300,
+    "eval_episodes": 5,
+    "log_every": 500,
+    "progress": False,
+}
 
 
 def _check_outputs(result, algo):
@@ -141,8 +151,7 @@ def _check_outputs(result, algo):
     assert any("critic_loss" in r and "actor_loss" in r and "q_mean" in r for r in rows)
     saved = load_agent(out / "agent.pt")
     assert saved["algo"] == algo and saved["env"] == "Pendulum-v1"
-    actor = Actor(saved["obs_dim"], saved["act_dim"], saved["hidden_sizes"], saved["action_low"],
-                  saved["action_high"])
+    actor = Actor(saved["obs_dim"], saved["act_dim"], saved["hidden_sizes"], saved["action_low"], saved["action_high"])
     actor.load_state_dict(saved["actor"])
     assert (out / "plots" / "episodic_return.png").exists()
     assert np.isfinite(result.extra["greedy_mean_return"])
@@ -155,8 +164,17 @@ SHORT = {"ddpg": (train_ddpg, 3000), "td3": (train_td3, 4000)}
 def _short_run(algo, seed, tmp_path):
     train, steps = SHORT[algo]
     # a random policy scores about -1200 on Pendulum (-900..-1600 an episode); the untrained actor as bad
-    return train({**FAST, "total_steps": steps, "seed": seed, "actor_lr": 3e-3, "critic_lr": 3e-3,
-                  "tau": 0.01, "output_dir": str(tmp_path / f"{algo}-{seed}")})
+    return train(
+        {
+            **FAST,
+            "total_steps": steps,
+            "seed": seed,
+            "actor_lr": 3e-3,
+            "critic_lr": 3e-3,
+            "tau": 0.01,
+            "output_dir": str(tmp_path / f"{algo}-{seed}"),
+        }
+    )
 
 
 @pytest.mark.parametrize("algo", ["ddpg", "td3"])
@@ -186,7 +204,9 @@ def test_td3_defaults_solve_pendulum(tmp_path, request):
     episodes (with exploration noise) >= -250."""
     _skip_unless_slow(request)
     result = train_td3({"output_dir": str(tmp_path / "td3"), "progress": False})
-    print(f"TD3 Pendulum-v1 {TD3Config().total_steps} steps: last-20 mean {result.mean_return(20):.1f}, "
-          f"greedy mean {result.extra['greedy_mean_return']:.1f}")
+    print(
+        f"TD3 Pendulum-v1 {TD3Config().total_steps} steps: last-20 mean {result.mean_return(20):.1f}, "
+        f"greedy mean {result.extra['greedy_mean_return']:.1f}"
+    )
     assert result.mean_return(20) >= -250
     assert result.extra["greedy_mean_return"] >= -250

@@ -168,9 +168,15 @@ def test_q_network_shapes():
 
 @pytest.mark.parametrize(
     "override, key",
-    [({"tau": 0.0}, "tau"), ({"gamma": 1.5}, "gamma"), ({"batch_size": 0}, "batch_size"),
-     ({"hidden_sizes": []}, "hidden_sizes"), ({"epsilon_end": -0.1}, "epsilon_end"),
-     ({"loss": "l1"}, "loss"), ({"env": "Pendulum-v1"}, "env")],
+    [
+        ({"tau": 0.0}, "tau"),
+        ({"gamma": 1.5}, "gamma"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"hidden_sizes": []}, "hidden_sizes"),
+        ({"epsilon_end": -0.1}, "epsilon_end"),
+        ({"loss": "l1"}, "loss"),
+        ({"env": "Pendulum-v1"}, "env"),
+    ],
 )
 def test_bad_config_names_the_key(tmp_path, override, key):
     with pytest.raises(ConfigError, match=f"^{key}:"):
@@ -186,9 +192,20 @@ def test_unknown_key_is_an_error(tmp_path):
 
 # A short schedule that learns CartPole quickly (not to the end): epsilon falls over 1200 steps,
 # a gradient step every 2 env steps at a higher learning rate, a smaller network.
-SHORT = {"env": "CartPole-v1", "total_steps": 4000, "learning_starts": 500, "exploration_fraction": 0.3,
-         "train_every": 2, "lr": 1e-3, "target_update_every": 250, "batch_size": 64, "hidden_sizes": [64, 64],
-         "log_every": 500, "eval_episodes": 5, "progress": False}
+SHORT = {
+    "env": "CartPole-v1",
+    "total_steps": 4000,
+    "learning_starts": 500,
+    "exploration_fraction": 0.3,
+    "train_every": 2,
+    "lr": 1e-3,
+    "target_update_every": 250,
+    "batch_size": 64,
+    "hidden_sizes": [64, 64],
+    "log_every": 500,
+    "eval_episodes": 5,
+    "progress": False,
+}
 
 
 def test_short_run_writes_outputs(tmp_path):
@@ -235,9 +252,19 @@ def test_short_run_learns(tmp_path, seed):
 
 
 def test_double_dqn_soft_updates_huber_run(tmp_path):
-    result = train_dqn({**SHORT, "total_steps": 1000, "double_dqn": True, "tau": 0.05, "target_update_every": 1,
-                        "max_grad_norm": 10.0, "loss": "huber", "eval_episodes": 0,
-                        "output_dir": str(tmp_path / "run")})
+    result = train_dqn(
+        {
+            **SHORT,
+            "total_steps": 1000,
+            "double_dqn": True,
+            "tau": 0.05,
+            "target_update_every": 1,
+            "max_grad_norm": 10.0,
+            "loss": "huber",
+            "eval_episodes": 0,
+            "output_dir": str(tmp_path / "run"),
+        }
+    )
     assert result.episodes and "greedy_mean_return" not in result.extra
 
 
@@ -251,7 +278,9 @@ def test_defaults_solve_cartpole(tmp_path, request):
     start = time.time()
     result = train_dqn({"output_dir": str(tmp_path / "run"), "progress": False})
     cfg = DQNConfig()
-    print(f"\nDQN defaults on {cfg.env}: {cfg.total_steps} steps, mean of last 20 episodes "
-          f"{result.mean_return(20):.1f}, greedy {result.extra['greedy_mean_return']:.1f}, "
-          f"{time.time() - start:.0f} s")
+    print(
+        f"\nDQN defaults on {cfg.env}: {cfg.total_steps} steps, mean of last 20 episodes "
+        f"{result.mean_return(20):.1f}, greedy {result.extra['greedy_mean_return']:.1f}, "
+        f"{time.time() - start:.0f} s"
+    )
     assert result.mean_return(20) >= 400

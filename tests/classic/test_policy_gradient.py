@@ -86,8 +86,15 @@ def test_ppo_calls_the_shared_losses_and_gae(tmp_path, monkeypatch):
     spy("policy_loss", rufus.losses.ppo)
     spy("value_loss", rufus.losses.ppo)
     envs, steps, minibatches, epochs, iterations = 2, 64, 4, 2, 3
-    result = train("ppo", tmp_path, total_steps=envs * steps * iterations, num_envs=envs, num_steps=steps,
-                   num_minibatches=minibatches, update_epochs=epochs)
+    result = train(
+        "ppo",
+        tmp_path,
+        total_steps=envs * steps * iterations,
+        num_envs=envs,
+        num_steps=steps,
+        num_minibatches=minibatches,
+        update_epochs=epochs,
+    )
 
     assert len(calls["gae"]) == iterations
     ended = 0

@@ -239,8 +239,15 @@ def test_q_learning_defaults_on_slippery_frozenlake(tmp_path, slow_only):
 @pytest.mark.slow
 def test_cliff_walking_sarsa_safe_q_learning_optimal(tmp_path, slow_only):
     # S&B Example 6.6: constant epsilon = 0.1, undiscounted.
-    cfg = dict(env="CliffWalking-v1", total_steps=30_000, alpha=0.2, gamma=1.0, epsilon_start=0.1, epsilon_end=0.1,
-               eval_episodes=1)
+    cfg = dict(
+        env="CliffWalking-v1",
+        total_steps=30_000,
+        alpha=0.2,
+        gamma=1.0,
+        epsilon_start=0.1,
+        epsilon_end=0.1,
+        eval_episodes=1,
+    )
     q = train_q_learning(small(tmp_path, "q", **cfg))
     s = train_sarsa(small(tmp_path, "s", **cfg))
     # Q-learning's greedy path runs along the cliff edge: the shortest path, 13 moves, 10 cells beside the cliff
@@ -251,5 +258,7 @@ def test_cliff_walking_sarsa_safe_q_learning_optimal(tmp_path, slow_only):
     assert s.extra["cliff_edge_cells"] == 0 and s.extra["greedy_path_length"] > 13
     # and, exploring, SARSA falls less: its online return is higher (Figure 6.4: about -25 vs -50)
     assert s.mean_return(200) > q.mean_return(200)
-    print(f"\nCliffWalking: Q-learning path {q.extra['greedy_path_length']} moves, online {q.mean_return(200):.1f}; "
-          f"SARSA path {s.extra['greedy_path_length']} moves, online {s.mean_return(200):.1f}")
+    print(
+        f"\nCliffWalking: Q-learning path {q.extra['greedy_path_length']} moves, online {q.mean_return(200):.1f}; "
+        f"SARSA path {s.extra['greedy_path_length']} moves, online {s.mean_return(200):.1f}"
+    )

@@ -58,10 +58,7 @@ def test_json_file_with_one_object_is_not_rows(write):
 def test_directory_with_mixed_file_types(write):
     write("shards/a.jsonl", [{"prompt": "a", "completion": "b"}])
     write("shards/b.csv", "prompt,completion\na,b\n")
-    assert (
-        error("shards", "sft")
-        == "data.train: shards: mixes file types (csv, jsonl); keep one type per directory"
-    )
+    assert error("shards", "sft") == "data.train: shards: mixes file types (csv, jsonl); keep one type per directory"
 
 
 def test_error_in_second_shard_names_the_shard(write):
@@ -76,9 +73,7 @@ def test_non_utf8_jsonl_names_line_and_column(write):
         b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xc3\xa9 \xff", "completion": "b"}\n',
     )
     # column counts characters: {"prompt": "café  -> the bad byte is the 18th character of the line
-    assert (
-        error("enc.jsonl", "sft") == "data.train: enc.jsonl, line 2: not valid UTF-8 (byte 0xff at column 18)"
-    )
+    assert error("enc.jsonl", "sft") == "data.train: enc.jsonl, line 2: not valid UTF-8 (byte 0xff at column 18)"
 
 
 def test_non_utf8_csv_names_line(write):
@@ -190,9 +185,7 @@ def test_sft_completion_must_be_assistant_turns(write):
 
 def test_both_messages_and_prompt(write):
     write("chat.jsonl", [{"messages": [USER, GOOD], "prompt": "hi"}])
-    assert "chat.jsonl, line 1, field 'messages': row has both 'messages' and 'prompt'" in error(
-        "chat.jsonl", "sft"
-    )
+    assert "chat.jsonl, line 1, field 'messages': row has both 'messages' and 'prompt'" in error("chat.jsonl", "sft")
 
 
 def test_mixed_row_styles_names_first_deviating_row(write):
@@ -214,16 +207,12 @@ def test_mixed_string_and_list_within_a_row(write):
 
 def test_empty_field_in_csv_names_row_and_line(write):
     write("prefs.csv", "prompt,chosen,rejected\na,b,c\nd,e,f\ng,h,\n")
-    assert (
-        error("prefs.csv", "preference") == "data.train: prefs.csv, row 3 (line 4), field 'rejected': empty"
-    )
+    assert error("prefs.csv", "preference") == "data.train: prefs.csv, row 3 (line 4), field 'rejected': empty"
 
 
 def test_csv_line_follows_multiline_quoted_fields(write):
     write("prefs.csv", 'prompt,chosen,rejected\n"two\nlines",b,c\nd,e,\n')
-    assert (
-        error("prefs.csv", "preference") == "data.train: prefs.csv, row 2 (line 4), field 'rejected': empty"
-    )
+    assert error("prefs.csv", "preference") == "data.train: prefs.csv, row 2 (line 4), field 'rejected': empty"
 
 
 def test_missing_rejected(write):
@@ -233,9 +222,7 @@ def test_missing_rejected(write):
 
 def test_missing_rejected_column_in_parquet(write):
     write("prefs.parquet", [{"prompt": "p", "chosen": "a"}])
-    assert (
-        error("prefs.parquet", "preference") == "data.train: prefs.parquet, row 1, field 'rejected': missing"
-    )
+    assert error("prefs.parquet", "preference") == "data.train: prefs.parquet, row 1, field 'rejected': missing"
 
 
 @pytest.mark.parametrize(
@@ -262,9 +249,7 @@ def test_plain_strings_need_an_explicit_prompt(write):
 def test_implicit_prompt_needs_shared_opening(write):
     other = {"role": "user", "content": "Something else"}
     write("prefs.jsonl", [{"chosen": [USER, GOOD], "rejected": [other, BAD]}])
-    assert "field 'prompt': missing; chosen and rejected share no opening turns" in error(
-        "prefs.jsonl", "preference"
-    )
+    assert "field 'prompt': missing; chosen and rejected share no opening turns" in error("prefs.jsonl", "preference")
 
 
 def test_implicit_prompt_answers_must_be_assistant_turns(write):
@@ -347,9 +332,7 @@ def test_hub_failure_is_a_data_error(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     msg = error("hub:org/prefs", "preference", key="data.eval")
-    assert msg.startswith(
-        "data.eval: could not load the hub dataset 'org/prefs' (split 'train'): ConnectionError"
-    )
+    assert msg.startswith("data.eval: could not load the hub dataset 'org/prefs' (split 'train'): ConnectionError")
 
 
 def test_error_is_a_value_error_with_attributes(write):

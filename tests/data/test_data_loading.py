@@ -190,9 +190,7 @@ def test_prompt_format_keeps_extra_columns(write):
     write("prompts.jsonl", rows)
     assert load_records("prompts.jsonl", format="prompt").dataset.to_list() == rows
     write("chat_prompts.csv", "prompt,answer\nHi,hello\n")
-    assert load_records("chat_prompts.csv", format="prompt").dataset.to_list() == [
-        {"prompt": "Hi", "answer": "hello"}
-    ]
+    assert load_records("chat_prompts.csv", format="prompt").dataset.to_list() == [{"prompt": "Hi", "answer": "hello"}]
 
 
 def test_hub_dataset_is_loaded_by_name(monkeypatch):

@@ -92,8 +92,7 @@ def test_only_assistant_turns_are_labelled(tok, load):
     ]
     [ex] = tokenize_sft(load([{"messages": messages}]), tok, max_length=256)
     assert (
-        ex["input_ids"]
-        == tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+        ex["input_ids"] == tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
     )
     runs = [tok.decode(run) for run in labelled_runs(ex)]
     assert runs == ["Hello, how can I help?</s>", "Four.</s>"]
@@ -104,9 +103,7 @@ def test_only_assistant_turns_are_labelled(tok, load):
 def test_conversational_prompt_completion_labels_only_the_completion(tok, load):
     prompt = [user("Hi there."), assistant("Hello."), user("Name a colour.")]
     [ex] = tokenize_sft(load([{"prompt": prompt, "completion": [assistant("Red.")]}]), tok, max_length=256)
-    assert [tok.decode(run) for run in labelled_runs(ex)] == [
-        "Red.</s>"
-    ]  # the prompt's assistant turn is not
+    assert [tok.decode(run) for run in labelled_runs(ex)] == ["Red.</s>"]  # the prompt's assistant turn is not
     n_prompt = len(encode_prompt(tok, prompt))
     assert ex["labels"][:n_prompt] == [-100] * n_prompt and ex["labels"][n_prompt] != -100
 
@@ -165,14 +162,11 @@ def lengths(tok, prompt=LONG_PROMPT, completion=COMPLETION):
 
 def test_reject_long_prompt_names_row_field_and_lengths(tok, load):
     n_prompt, _ = lengths(tok)
-    records = load(
-        [{"prompt": "Hi", "completion": "Hello."}, {"prompt": LONG_PROMPT, "completion": COMPLETION}]
-    )
+    records = load([{"prompt": "Hi", "completion": "Hello."}, {"prompt": LONG_PROMPT, "completion": COMPLETION}])
     with pytest.raises(DataError) as info:
         tokenize_sft(records, tok, max_length=256, max_prompt_length=20)
     assert str(info.value) == (
-        f"data.train: train.jsonl, line 2, field 'prompt': prompt is {n_prompt} tokens, "
-        "limit data.max_prompt_length=20"
+        f"data.train: train.jsonl, line 2, field 'prompt': prompt is {n_prompt} tokens, limit data.max_prompt_length=20"
     )
 
 
@@ -218,27 +212,23 @@ def test_drop_skips_long_rows_with_one_warning(tok, load):
 
 def test_drop_everything_is_an_error(tok, load):
     with pytest.raises(DataError, match="all 1 rows are longer than data.max_length=8"):
-        tokenize_sft(
-            load([{"prompt": LONG_PROMPT, "completion": COMPLETION}]), tok, max_length=8, truncation="drop"
-        )
+        tokenize_sft(load([{"prompt": LONG_PROMPT, "completion": COMPLETION}]), tok, max_length=8, truncation="drop")
 
 
 def test_truncate_cuts_prompt_left_keeping_bos_then_completion_right(tok, load, caplog):
     prompt_ids = tok(LONG_PROMPT)["input_ids"]
     completion_ids = tok(COMPLETION, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert len(prompt_ids) > 20 and len(completion_ids) > 5
-    records = load(
-        [{"prompt": LONG_PROMPT, "completion": COMPLETION}, {"prompt": "Hi", "completion": "Hello."}]
-    )
+    records = load([{"prompt": LONG_PROMPT, "completion": COMPLETION}, {"prompt": "Hi", "completion": "Hello."}])
     with caplog.at_level(logging.WARNING, logger="rufus.data.sft"):
         examples = tokenize_sft(records, tok, max_length=25, max_prompt_length=20, truncation="truncate")
     # prompt: bos + its last 19 tokens (20); then 5 completion tokens fill max_length=25; eos is cut off
     expected = [tok.bos_token_id] + prompt_ids[-19:] + completion_ids[:5]
     assert examples[0]["input_ids"] == expected and len(expected) == 25
     assert examples[0]["labels"] == [-100] * 20 + completion_ids[:5]
-    assert examples[1]["input_ids"] == tok("Hi")["input_ids"] + tok("Hello.", add_special_tokens=False)[
-        "input_ids"
-    ] + [tok.eos_token_id]  # short rows untouched
+    assert examples[1]["input_ids"] == tok("Hi")["input_ids"] + tok("Hello.", add_special_tokens=False)["input_ids"] + [
+        tok.eos_token_id
+    ]  # short rows untouched
     assert "truncated 1 of 2 rows" in caplog.text
 
 

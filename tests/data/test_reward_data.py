@@ -73,8 +73,7 @@ def test_chat_renders_the_template_and_ends_with_eos(tok):
     ids = encode_for_reward(tok, prompt, "Red.")
     rendered = tok.apply_chat_template(prompt + [assistant("Red.")], tokenize=False)
     assert rendered == (
-        "<s><|user|>\nHi there.</s><|assistant|>\nHello.</s><|user|>\nName a colour.</s>"
-        "<|assistant|>\nRed.</s>"
+        "<s><|user|>\nHi there.</s><|assistant|>\nHello.</s><|user|>\nName a colour.</s><|assistant|>\nRed.</s>"
     )
     assert ids == tok(rendered, add_special_tokens=False)["input_ids"]
     assert ids.count(tok.bos_token_id) == 1 and ids[-1] == tok.eos_token_id and ids[-2] != tok.eos_token_id
@@ -173,9 +172,7 @@ def test_all_tied_rankings_are_skipped_with_a_warning(tok, load):
         "data.train: skipped 1 of 2 rows whose responses all have equal scores: rows.jsonl, line 1"
     ]
     assert [g["scores"] for g in groups] == [[1.0, 0.0]]
-    with pytest.raises(
-        DataError, match=r"rows.jsonl: no row has responses with different scores \(1 of 1 rows"
-    ):
+    with pytest.raises(DataError, match=r"rows.jsonl: no row has responses with different scores \(1 of 1 rows"):
         tokenize_comparisons(load(rows[:1], "ranking"), tok, max_length=64)
 
 
@@ -196,9 +193,7 @@ def test_responses_that_tokenize_alike_are_an_error(load):
 
 
 def test_comparisons_need_comparison_records(tok, load):
-    with pytest.raises(
-        ValueError, match="needs preference or ranking records, but rows.jsonl was loaded as 'sft'"
-    ):
+    with pytest.raises(ValueError, match="needs preference or ranking records, but rows.jsonl was loaded as 'sft'"):
         tokenize_comparisons(load([{"prompt": "a", "completion": "b"}], "sft"), tok, max_length=64)
 
 
@@ -224,8 +219,7 @@ def test_reject_long_prompt_names_prompt(tok, load):
     with pytest.raises(DataError) as info:
         tokenize_comparisons(records, tok, max_length=256, max_prompt_length=20)
     assert str(info.value) == (
-        f"data.train: rows.jsonl, line 1, field 'prompt': prompt is {n_prompt} tokens, limit "
-        "data.max_prompt_length=20"
+        f"data.train: rows.jsonl, line 1, field 'prompt': prompt is {n_prompt} tokens, limit data.max_prompt_length=20"
     )
 
 
@@ -247,17 +241,12 @@ def test_truncate_cuts_every_response_the_same_way(tok, load, caplog):
     prompt_ids = tok(LONG_PROMPT)["input_ids"]
     records = load([{"prompt": LONG_PROMPT, "chosen": CHOSEN, "rejected": REJECTED}], "preference")
     with caplog.at_level(logging.WARNING, logger="rufus.data.reward"):
-        [group] = tokenize_comparisons(
-            records, tok, max_length=25, max_prompt_length=20, truncation="truncate"
-        )
+        [group] = tokenize_comparisons(records, tok, max_length=25, max_prompt_length=20, truncation="truncate")
     # prompt: bos + its last 19 tokens (20, the same for both); then the first 5 response tokens
     for response, ids in zip((CHOSEN, REJECTED), group["responses"]):
         full_response = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         assert ids == [tok.bos_token_id] + prompt_ids[-19:] + full_response[:5]
-    assert (
-        "data.train: truncated 1 of 1 rows to fit data.max_length=25, data.max_prompt_length=20"
-        in caplog.text
-    )
+    assert "data.train: truncated 1 of 1 rows to fit data.max_length=25, data.max_prompt_length=20" in caplog.text
 
 
 def test_truncate_without_response_left_is_an_error(tok, load):
@@ -275,9 +264,7 @@ def test_truncate_without_response_left_is_an_error(tok, load):
 def test_truncation_that_makes_responses_identical_warns(tok, load):
     shared = "the cat sat on a mat and the dog ran to sea "
     records = load([{"prompt": "Hi", "chosen": shared + "yes", "rejected": shared + "no"}], "preference")
-    with pytest.warns(
-        UserWarning, match="1 of 1 rows have two responses with different scores that are identical"
-    ):
+    with pytest.warns(UserWarning, match="1 of 1 rows have two responses with different scores that are identical"):
         [group] = tokenize_comparisons(records, tok, max_length=8, truncation="truncate")
     assert group["responses"][0] == group["responses"][1]
 
@@ -286,9 +273,7 @@ def test_bad_limits(tok, load):
     records = load([{"prompt": "a", "chosen": "b", "rejected": "c"}], "preference")
     with pytest.raises(ValueError, match="unknown truncation policy 'cut'"):
         tokenize_comparisons(records, tok, max_length=64, truncation="cut")
-    with pytest.raises(
-        ValueError, match=r"data.max_prompt_length must be between 1 and data.max_length - 1 \(63\)"
-    ):
+    with pytest.raises(ValueError, match=r"data.max_prompt_length must be between 1 and data.max_length - 1 \(63\)"):
         tokenize_comparisons(records, tok, max_length=64, max_prompt_length=64)
 
 
@@ -366,16 +351,13 @@ def test_tokenize_graded(tok, load, write):
     with pytest.raises(DataError) as info:
         tokenize_graded(records, tok, max_length=64, score_range=(0, 1), key="rm.pointwise_data")
     assert str(info.value) == (
-        "rm.pointwise_data: rows.jsonl, line 2, field 'score': 2 is outside [0, 1], "
-        "the range this loss accepts"
+        "rm.pointwise_data: rows.jsonl, line 2, field 'score': 2 is outside [0, 1], the range this loss accepts"
     )
     long = {"prompt": "Sea?", "completion": "the dog ran to sea " * 20, "score": 1}
     with pytest.raises(DataError, match=r"line 1, field 'completion': prompt \+ completion is \d+ tokens"):
         tokenize_graded(load([long], "graded"), tok, max_length=32)
     with pytest.raises(ValueError, match="needs graded records, but rows.jsonl was loaded as 'preference'"):
-        tokenize_graded(
-            load([{"prompt": "a", "chosen": "b", "rejected": "c"}], "preference"), tok, max_length=64
-        )
+        tokenize_graded(load([{"prompt": "a", "chosen": "b", "rejected": "c"}], "preference"), tok, max_length=64)
 
 
 # --- collator ------------------------------------------------------------------------------------

@@ -119,9 +119,7 @@ def test_exact_expectation_ppo_converges_to_4_decimals(one_thread):
             advantages, _ = gae(rewards, values, mask, gamma=1.0, lam=0.95)
         for _ in range(4):
             logprobs = torch.log_softmax(theta, -1).unsqueeze(1)  # (3, 1) log pi_theta(a)
-            loss, _ = policy_loss(
-                logprobs, old_logprobs, advantages * pi_old, mask, aggregation="sum", normalizer=1.0
-            )
+            loss, _ = policy_loss(logprobs, old_logprobs, advantages * pi_old, mask, aggregation="sum", normalizer=1.0)
             opt.zero_grad()
             loss.backward()
             opt.step()

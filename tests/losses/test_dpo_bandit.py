@@ -72,8 +72,8 @@ def test_worked_example_numbers():
 def test_dpo_converges_to_the_tilted_optimum(one_thread):
     # Full-batch gradient descent on the logits theta, started at pi_theta = pi_ref.
     # A cautious schedule (lr 0.5 for thousands of steps) also gets there; on the exact expected loss a
-    # larger step is stable and much faster. Observed max |pi - pi*_exact| at lr 2.0: 8e-4 after 25 steps, 3e-6 after 50,
-    # 3e-11 after 100, 4e-16 after 150 (at lr 0.5: 7.6e-6 after 200 steps).
+    # larger step is stable and much faster. Observed max |pi - pi*_exact| at lr 2.0: 8e-4 after 25 steps,
+    # 3e-6 after 50, 3e-11 after 100, 4e-16 after 150 (at lr 0.5: 7.6e-6 after 200 steps).
     # Plain theta <- theta - lr * grad by hand (torch.optim's first step imports torch._dynamo, which
     # alone takes seconds on a busy machine).
     theta = PI_REF.log().clone()
@@ -106,9 +106,7 @@ def test_expected_loss_is_stationary_at_pi_star_and_equals_cdpo():
     for a, b in PAIRS:
         win, lose = (a, b) if R[a] > R[b] else (b, a)
         eps = 1 - torch.sigmoid(R[win] - R[lose]).item()
-        loss, _ = dpo_loss(
-            logpi[[win]], logpi[[lose]], logref[[win]], logref[[lose]], beta=BETA, label_smoothing=eps
-        )
+        loss, _ = dpo_loss(logpi[[win]], logpi[[lose]], logref[[win]], logref[[lose]], beta=BETA, label_smoothing=eps)
         cdpo += loss.item()
     assert cdpo == pytest.approx(_expected_dpo_loss(theta).item(), abs=1e-12)
     # and at pi_ref (h = 0 for every pair) each pair costs log 2: 3 log 2 = 2.079442

@@ -67,9 +67,7 @@ def test_label_smoothing_by_hand_and_its_minimum():
     #   -(0.9) log sigmoid(2) - 0.1 log sigmoid(-2) = 0.9 * log(1 + e^-2) + 0.1 * log(1 + e^2)
     #   = 0.9 * 0.126928 + 0.1 * 2.126928 = 0.114235 + 0.212693 = 0.326928
     loss, _ = dpo_loss(*_pairs([2.0]), beta=1.0, label_smoothing=0.1)
-    assert loss.item() == pytest.approx(
-        0.9 * math.log1p(math.exp(-2)) + 0.1 * math.log1p(math.exp(2)), abs=1e-12
-    )
+    assert loss.item() == pytest.approx(0.9 * math.log1p(math.exp(-2)) + 0.1 * math.log1p(math.exp(2)), abs=1e-12)
     assert abs(loss.item() - 0.326928) < 1e-6
     # eps = 0 is plain DPO: log(1 + e^-2) = 0.126928
     plain, _ = dpo_loss(*_pairs([2.0]), beta=1.0)

@@ -20,9 +20,7 @@ def _ragged_case():
     padding holds nan / inf, which must not reach the loss or the gradients.
     """
     old = torch.tensor([[-1.0, -2.0, -0.5], [-1.2, -1.0, -1.0]], dtype=torch.float64)
-    log_ratio = torch.tensor(
-        [[0.0, math.log(1.5), math.log(0.5)], [math.log(1.5), 0.0, 0.0]], dtype=torch.float64
-    )
+    log_ratio = torch.tensor([[0.0, math.log(1.5), math.log(0.5)], [math.log(1.5), 0.0, 0.0]], dtype=torch.float64)
     logprobs = old + log_ratio
     logprobs[1, 1:] = NAN
     to_ref = torch.tensor([[0.0, math.log(2), -math.log(2)], [math.log(2), 0.0, 0.0]], dtype=torch.float64)
@@ -62,9 +60,7 @@ K3_MLOG2 = 2 - 1 - math.log(2)
 )
 def test_aggregations_by_hand(aggregation, normalizer, surrogate, kl):
     logprobs, old, ref, adv, mask = _ragged_case()
-    loss, stats = grpo_policy_loss(
-        logprobs, old, None, adv, mask, aggregation=aggregation, normalizer=normalizer
-    )
+    loss, stats = grpo_policy_loss(logprobs, old, None, adv, mask, aggregation=aggregation, normalizer=normalizer)
     assert loss.item() == pytest.approx(surrogate, abs=1e-12)
     assert stats["kl"].item() == 0.0  # no reference given
     assert stats["clipfrac"].item() == pytest.approx(0.25)  # 1 of 4 valid tokens
@@ -216,9 +212,7 @@ def test_two_halves_with_the_global_normalizer_add_up(aggregation):
     # gradient accumulation: pass the whole batch's token count (token) or a constant (sum)
     logprobs, old, ref, adv, mask = _ragged_case()
     norm = 4.0 if aggregation == "token" else 6.0  # 4 valid tokens in the batch; Dr. GRPO 3 * 2
-    full, _ = grpo_policy_loss(
-        logprobs, old, ref, adv, mask, kl_coef=0.1, aggregation=aggregation, normalizer=norm
-    )
+    full, _ = grpo_policy_loss(logprobs, old, ref, adv, mask, kl_coef=0.1, aggregation=aggregation, normalizer=norm)
     parts = [
         grpo_policy_loss(
             logprobs[s],
@@ -233,9 +227,7 @@ def test_two_halves_with_the_global_normalizer_add_up(aggregation):
         for s in (slice(0, 1), slice(1, 2))
     ]
     assert (parts[0] + parts[1]).item() == pytest.approx(full.item(), abs=1e-12)
-    assert torch.allclose(
-        torch.autograd.grad(full, logprobs)[0], torch.autograd.grad(parts[0] + parts[1], logprobs)[0]
-    )
+    assert torch.allclose(torch.autograd.grad(full, logprobs)[0], torch.autograd.grad(parts[0] + parts[1], logprobs)[0])
 
 
 def test_errors():

@@ -80,9 +80,7 @@ def test_logistic_matches_naive_loop():
 
 
 def test_scores_are_upcast_and_shapes_checked():
-    loss, stats = pairwise_logistic_loss(
-        torch.zeros(3, dtype=torch.bfloat16), torch.zeros(3, dtype=torch.bfloat16)
-    )
+    loss, stats = pairwise_logistic_loss(torch.zeros(3, dtype=torch.bfloat16), torch.zeros(3, dtype=torch.bfloat16))
     assert loss.dtype == torch.float32 and abs(loss.item() - LOG2) < 1e-6
     with pytest.raises(ValueError, match=r"must both be \(P,\), got \(3,\) and \(2,\)"):
         pairwise_logistic_loss(torch.zeros(3), torch.zeros(2))
@@ -246,9 +244,7 @@ def test_centering_by_hand():
     loss.backward()
     assert loss.item() == pytest.approx(14 / 3)
     assert r.grad.tolist() == pytest.approx([2 / 3, -4 / 3, 2.0])
-    assert stats["mean"].item() == pytest.approx(2 / 3) and stats["mean_square"].item() == pytest.approx(
-        14 / 3
-    )
+    assert stats["mean"].item() == pytest.approx(2 / 3) and stats["mean_square"].item() == pytest.approx(14 / 3)
     loss, _ = centering_loss(t(1.0, -2.0, 3.0), normalizer=7)
     assert loss.item() == pytest.approx(2.0)
 

@@ -12,8 +12,18 @@ from rufus.playground import base
 from rufus.playground.corpus import TOPICS, make_corpus, prompt_topic
 from tests.helpers import write_jsonl
 
-SMALL = dict(corpus_size=300, steps=60, hidden_size=48, num_layers=1, num_heads=4, vocab_size=400,
-             batch_size=16, lr=5e-3, max_length=96, progress=False)
+SMALL = dict(
+    corpus_size=300,
+    steps=60,
+    hidden_size=48,
+    num_layers=1,
+    num_heads=4,
+    vocab_size=400,
+    batch_size=16,
+    lr=5e-3,
+    max_length=96,
+    progress=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +55,21 @@ def test_small_build_loads_round_trips_and_samples(small_base):
 
     ids = tokenizer("Tell me about owls.", return_tensors="pt")["input_ids"]
     torch.manual_seed(0)
-    out = model.generate(ids, max_new_tokens=20, do_sample=True, temperature=0.8,
-                         pad_token_id=tokenizer.pad_token_id)
-    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    out = model.generate(ids, max_new_tokens=20, do_sample=True, temperature=0.8, pad_token_id=tokenizer.pad_token_id)
+    text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert out.shape[1] > ids.shape[1] and text.strip()
 
 
 def test_training_lowers_held_out_lm_loss(small_base):
     tokenizer = AutoTokenizer.from_pretrained(small_base)
     trained = AutoModelForCausalLM.from_pretrained(small_base)
-    untrained = make_tiny_model(tokenizer, hidden_size=SMALL["hidden_size"], num_layers=SMALL["num_layers"],
-                                num_heads=SMALL["num_heads"], seed=0)
+    untrained = make_tiny_model(
+        tokenizer,
+        hidden_size=SMALL["hidden_size"],
+        num_layers=SMALL["num_layers"],
+        num_heads=SMALL["num_heads"],
+        seed=0,
+    )
     held_out = base.pretraining_text(make_corpus(20, seed=12345, quality="mixed"))
     before, after = lm_loss(untrained, tokenizer, held_out), lm_loss(trained, tokenizer, held_out)
     assert after < 0.8 * before, (before, after)

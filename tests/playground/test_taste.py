@@ -34,7 +34,11 @@ def _random_pairs(n: int, seed: int = 0):
 def test_resolve_preference():
     assert resolve_preference("default") == resolve_preference(None)
     assert resolve_preference("polite=2,concise=1") == {
-        "on_topic": 0.0, "polite": 2.0, "concise": 1.0, "non_repetitive": 0.0, "answers": 0.0
+        "on_topic": 0.0,
+        "polite": 2.0,
+        "concise": 1.0,
+        "non_repetitive": 0.0,
+        "answers": 0.0,
     }
     with pytest.raises(ValueError, match="default"):
         resolve_preference("nope")
@@ -77,8 +81,7 @@ def test_default_annotators_agree_with_gold_partly():
     ann = Annotators("default", seed=0)
     rows = ann.label_pairs(prompts, a, b, seed=1)
     assert {r["annotator"] for r in rows} == {0, 1, 2}
-    acc = gold_label_accuracy([r["prompt"] for r in rows], [r["chosen"] for r in rows],
-                              [r["rejected"] for r in rows])
+    acc = gold_label_accuracy([r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows])
     assert 0.6 < acc < 0.95
     assert ann.label_pairs(prompts, a, b, seed=1) == rows  # deterministic by seed
 

@@ -13,8 +13,17 @@ from rufus.report.html import curve_keys, write_report
 def _rl_rows():
     rows = []
     for step in range(1, 9):
-        rows.append({"step": step, "reward/mean": 0.1 * step, "kl/mean": 0.02 * step, "policy/entropy": 2.0 - 0.1 * step,
-                     "policy/loss": 1.0 / step, "score/raw": 5.0, "score/length_penalty": -0.01 * step})
+        rows.append(
+            {
+                "step": step,
+                "reward/mean": 0.1 * step,
+                "kl/mean": 0.02 * step,
+                "policy/entropy": 2.0 - 0.1 * step,
+                "policy/loss": 1.0 / step,
+                "score/raw": 5.0,
+                "score/length_penalty": -0.01 * step,
+            }
+        )
         if step % 4 == 0:  # eval rows carry only their own keys
             rows.append({"step": step, "score/gold": 0.05 * step})
     return rows
@@ -34,8 +43,14 @@ def _inputs():
         {"prompt": "other prompt", "sft": "x", "final": "y", "gold_sft": 0.1, "gold_final": 0.2},
     ]
     summary = {"algo": "ppo", "gold_score_sft": 0.123456789, "gold_score_final": 0.987654321, "kl": 1.5, "seconds": 42}
-    return dict(title="Run <report>", summary=summary, curves=curves, overopt=overopt, samples=samples,
-                notes=["rufus demo --algo ppo"])
+    return dict(
+        title="Run <report>",
+        summary=summary,
+        curves=curves,
+        overopt=overopt,
+        samples=samples,
+        notes=["rufus demo --algo ppo"],
+    )
 
 
 def _html_images(text):
@@ -129,8 +144,9 @@ def test_a_metric_logged_once_is_a_number_not_a_line(tmp_path):
 
     rows = [{"step": s, "loss": 3.0 / s} for s in range(1, 6)] + [{"step": 5, "eval/loss": 0.9}]
     assert curve_keys(rows) == ["loss"] and single_points(rows) == [("eval/loss", 0.9, 5)]
-    html_path, md_path = write_report(tmp_path, title="t", summary={}, curves={"sft": rows, "rm": rows[-1:]},
-                                      overopt=None, samples=[])
+    html_path, md_path = write_report(
+        tmp_path, title="t", summary={}, curves={"sft": rows, "rm": rows[-1:]}, overopt=None, samples=[]
+    )
     text, md = html_path.read_text(encoding="utf-8"), md_path.read_text(encoding="utf-8")
     assert len(_html_images(text)) == 1  # sft's loss; rm logged a single point: no figure
     for doc in (text, md):
@@ -150,14 +166,33 @@ def test_headline_and_sections_come_first(tmp_path):
     png = _html_images(write_report(tmp_path / "a", **_inputs())[0].read_text(encoding="utf-8"))[0]
     buf = io.BytesIO()
     png.save(buf, format="PNG")
-    sections = [{"title": "Leaderboard", "table": (["policy", "rating"], [["sft", "1000"], ["round-1", "1042"]]),
-                 "figure": buf.getvalue(), "stem": "leaderboard", "text": "Bradley-Terry <ratings>"}]
-    html_path, md_path = write_report(tmp_path / "b", **_inputs(), headline=[("gold win rate, final vs SFT", "61.0%")],
-                                      sections=sections)
+    sections = [
+        {
+            "title": "Leaderboard",
+            "table": (["policy", "rating"], [["sft", "1000"], ["round-1", "1042"]]),
+            "figure": buf.getvalue(),
+            "stem": "leaderboard",
+            "text": "Bradley-Terry <ratings>",
+        }
+    ]
+    html_path, md_path = write_report(
+        tmp_path / "b", **_inputs(), headline=[("gold win rate, final vs SFT", "61.0%")], sections=sections
+    )
     text, md = html_path.read_text(encoding="utf-8"), md_path.read_text(encoding="utf-8")
     for doc in (text, md):
-        order = [doc.index(s) for s in ("Headline figures", "gold win rate, final vs SFT", "Leaderboard", "round-1",
-                                        "Training curves", "Over-optimisation", "Every figure", "gold_score_sft")]
+        order = [
+            doc.index(s)
+            for s in (
+                "Headline figures",
+                "gold win rate, final vs SFT",
+                "Leaderboard",
+                "round-1",
+                "Training curves",
+                "Over-optimisation",
+                "Every figure",
+                "gold_score_sft",
+            )
+        ]
         assert order == sorted(order)
     assert "Bradley-Terry &lt;ratings&gt;" in text
     assert len(_html_images(text)) == 5 and (tmp_path / "b" / "report_files" / "leaderboard.png").exists()

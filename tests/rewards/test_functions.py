@@ -44,7 +44,9 @@ def test_load_relative_path_and_unique_module_names(tmp_path, monkeypatch):
     # two files with the same name in different directories stay two modules
     for sub, value in (("a", 1.0), ("b", 2.0)):
         (tmp_path / sub).mkdir()
-        (tmp_path / sub / "rewards.py").write_text(f"def r(prompts, completions, **kw):\n    return [{value}] * len(completions)\n")
+        (tmp_path / sub / "rewards.py").write_text(
+            f"def r(prompts, completions, **kw):\n    return [{value}] * len(completions)\n"
+        )
     monkeypatch.chdir(tmp_path)
     fa, fb = load_reward_function("a/rewards.py:r"), load_reward_function("b/rewards.py:r")
     assert fa(prompts=["x"], completions=["y"]) == [1.0] and fb(prompts=["x"], completions=["y"]) == [2.0]
@@ -54,7 +56,8 @@ def test_load_relative_path_and_unique_module_names(tmp_path, monkeypatch):
 def test_file_can_import_its_neighbour(tmp_path):
     (tmp_path / "helper_for_rufus_test.py").write_text("BONUS = 5.0\n")
     (tmp_path / "main.py").write_text(
-        "from helper_for_rufus_test import BONUS\n\ndef r(prompts, completions, **kw):\n    return [BONUS] * len(completions)\n"
+        "from helper_for_rufus_test import BONUS\n\n"
+        "def r(prompts, completions, **kw):\n    return [BONUS] * len(completions)\n"
     )
     assert load_reward_function(f"{tmp_path / 'main.py'}:r")(prompts=["x"], completions=["y"]) == [5.0]
 
@@ -108,10 +111,17 @@ def test_function_reward_calls_with_keywords_and_columns():
 
     scores = FunctionReward(fn, "exact")(["p1", "p2"], ["4", "5"], answer=["4", "6"], other=[1, 2])
     assert scores.dtype == torch.float32 and scores.tolist() == [1.0, 0.0]
-    assert seen == {"prompts": ["p1", "p2"], "completions": ["4", "5"], "answer": ["4", "6"], "extra": {"other": [1, 2]}}
+    assert seen == {
+        "prompts": ["p1", "p2"],
+        "completions": ["4", "5"],
+        "answer": ["4", "6"],
+        "extra": {"other": [1, 2]},
+    }
 
 
-@pytest.mark.parametrize("out", [np.array([1.0, 2.0]), torch.tensor([1.0, 2.0]), (1, 2.0), [np.float32(1), torch.tensor(2.0)]])
+@pytest.mark.parametrize(
+    "out", [np.array([1.0, 2.0]), torch.tensor([1.0, 2.0]), (1, 2.0), [np.float32(1), torch.tensor(2.0)]]
+)
 def test_function_reward_accepts_array_likes(out):
     assert FunctionReward(lambda **kw: out, "f")(["a", "b"], ["c", "d"]).tolist() == [1.0, 2.0]
 

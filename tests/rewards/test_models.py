@@ -35,7 +35,8 @@ def direct_scores(rm_dir, prompts, completions, padding_side="right"):
     tok = load_tokenizer(str(rm_dir))
     model = load_reward_model(str(rm_dir), tokenizer=tok).eval()
     batch = RewardCollator(tok.pad_token_id, padding_side=padding_side)(
-        [encode_for_reward(tok, p, c) for p, c in zip(prompts, completions)])
+        [encode_for_reward(tok, p, c) for p, c in zip(prompts, completions)]
+    )
     normalised = score(model, batch["input_ids"], batch["attention_mask"])
     with torch.no_grad():
         raw = raw_scores(model, batch["input_ids"], batch["attention_mask"])
@@ -96,8 +97,9 @@ def test_policy_with_a_different_tokenizer(tmp_path, rm_dir, reward):
 def test_models_come_first_then_functions(rm_dir, tmp_path, reward):
     path = tmp_path / "rules.py"
     path.write_text("def length(prompts, completions, **kw):\n    return [len(c) for c in completions]\n")
-    p = build_reward_pipeline(RewardConfig(model=[str(rm_dir)], function=[f"{path}:length"], weights=[0.5, 0.1],
-                                           batch_size=3))
+    p = build_reward_pipeline(
+        RewardConfig(model=[str(rm_dir)], function=[f"{path}:length"], weights=[0.5, 0.1], batch_size=3)
+    )
     assert [name for name, _ in p.sources] == ["reward", f"{path}:length"] and p.models[0].batch_size == 3
     scores, stats = p(PROMPTS, COMPLETIONS)
     rm = reward(PROMPTS, COMPLETIONS)

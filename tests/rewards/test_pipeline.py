@@ -171,8 +171,9 @@ def test_build_from_functions_and_extra_functions(rules):
     def bonus(prompts, completions, **kw):
         return [0.5] * len(completions)
 
-    p = build_reward_pipeline(RewardConfig(function=[rules], weights=[1.0, 2.0], missing_eos_penalty=-1.0),
-                              extra_functions=[bonus])
+    p = build_reward_pipeline(
+        RewardConfig(function=[rules], weights=[1.0, 2.0], missing_eos_penalty=-1.0), extra_functions=[bonus]
+    )
     assert [name for name, _ in p.sources] == [rules, "bonus"] and p.weights == [1.0, 2.0]
     scores, stats = p(["q"] * 3, ["yes yes", "no", "yes"], has_eos=torch.tensor([True, True, False]))
     assert scores.tolist() == [3.0, 1.0, -1.0]

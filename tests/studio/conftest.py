@@ -62,8 +62,10 @@ def add_people(db, *names, admin=False):
 
 def pairwise_candidates(n: int = 4) -> list[Candidate]:
     """n prompts, each answered by two models with different texts."""
-    return [Candidate(f"prompt {i}", [f"answer {i} from m1", f"answer {i} from m2"], ["model-one", "model-two"])
-            for i in range(n)]
+    return [
+        Candidate(f"prompt {i}", [f"answer {i} from m1", f"answer {i} from m2"], ["model-one", "model-two"])
+        for i in range(n)
+    ]
 
 
 @pytest.fixture()

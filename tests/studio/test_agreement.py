@@ -40,8 +40,12 @@ def test_cohen_kappa_by_hand():
 def test_fleiss_kappa_and_raw_agreement_by_hand():
     # u1 x x x: P = 1; u2 x x y: P = (2*1 + 1*0) / (3*2) = 1/3; u3 y y y: P = 1; P-bar = 7/9.
     # p_x = 5/9, p_y = 4/9, P_e = 25/81 + 16/81 = 41/81; kappa = (63/81 - 41/81) / (40/81) = 22/40
-    labels = {1: {"a": "x", "b": "x", "c": "x"}, 2: {"a": "x", "b": "x", "c": "y"}, 3: {"a": "y", "b": "y", "c": "y"},
-              4: {"a": "x"}}  # one label only: left out
+    labels = {
+        1: {"a": "x", "b": "x", "c": "x"},
+        2: {"a": "x", "b": "x", "c": "y"},
+        3: {"a": "y", "b": "y", "c": "y"},
+        4: {"a": "x"},
+    }  # one label only: left out
     assert raw_agreement(labels) == pytest.approx(7 / 9)
     assert fleiss_kappa(labels) == pytest.approx(0.55)
     assert fleiss_kappa({1: {"a": "x", "b": "x"}}) is None and raw_agreement({1: {"a": "x"}}) is None

@@ -26,8 +26,16 @@ RANKED = ("secret-model-gamma", "secret-model-delta", "secret-model-epsilon")  #
 
 @pytest.fixture()
 def studio(db):
-    create_round(db, "r1", "pairwise", [Candidate(XSS_PROMPT, [XSS_RESPONSE, "plain answer"], list(MODELS)),
-                                        Candidate("second prompt", ["one", "two"], list(MODELS))], labels_per_item=2)
+    create_round(
+        db,
+        "r1",
+        "pairwise",
+        [
+            Candidate(XSS_PROMPT, [XSS_RESPONSE, "plain answer"], list(MODELS)),
+            Candidate("second prompt", ["one", "two"], list(MODELS)),
+        ],
+        labels_per_item=2,
+    )
     create_round(db, "<b onclick=x>r2", "ranking", [Candidate("rank these", ["x", "y", "z"], list(RANKED))])
     people = add_people(db, "ann", "bob", admin=True)
     app = create_app(db, login_limit=5, login_window=60)
@@ -164,8 +172,11 @@ def all_pages(app, people):
         c.post(f"/items/{aid}", data={"choice": "A", "csrf": token})
         pages.append((who, c.get(f"/items/{aid}").text))
     pages.append(("ann", ann.get("/rounds/%3Cb%20onclick%3Dx%3Er2/next").text))
-    pages += [("admin", admin.get("/admin").text), ("admin", admin.get("/admin/rounds/r1").text),
-              ("admin", admin.get("/admin/rounds/%3Cb%20onclick%3Dx%3Er2").text)]
+    pages += [
+        ("admin", admin.get("/admin").text),
+        ("admin", admin.get("/admin/rounds/r1").text),
+        ("admin", admin.get("/admin/rounds/%3Cb%20onclick%3Dx%3Er2").text),
+    ]
     return pages
 
 
@@ -231,8 +242,9 @@ def test_a_ranking_that_leaves_a_response_out_is_refused(studio):
     assert r.status_code == 400 and "response C has no rank" in r.text
     assert 'option value="1" selected' in r.text  # what was entered is kept on the page
     assert label_count(db) == 0
-    r = ann.post(f"/items/{aid}", data={"rank_A": "1", "rank_B": "1", "rank_C": "3", "csrf": token},
-                 follow_redirects=False)
+    r = ann.post(
+        f"/items/{aid}", data={"rank_A": "1", "rank_B": "1", "rank_C": "3", "csrf": token}, follow_redirects=False
+    )
     assert r.status_code == 303 and label_count(db) == 1
 
 
@@ -240,8 +252,11 @@ def test_a_closed_round_takes_no_labels(studio):
     db, app, people = studio
     ann, admin = client(app, people["ann"][1]), client(app, people["admin"][1])
     aid, token, _ = open_item(ann)
-    r = admin.post("/admin/rounds/r1/status", data={"status": "closed", "csrf": csrf_of(admin.get("/admin").text)},
-                   follow_redirects=False)
+    r = admin.post(
+        "/admin/rounds/r1/status",
+        data={"status": "closed", "csrf": csrf_of(admin.get("/admin").text)},
+        follow_redirects=False,
+    )
     assert r.status_code == 303
     r = ann.post(f"/items/{aid}", data={"choice": "A", "csrf": token})
     assert r.status_code == 409 and "closed" in r.text
@@ -281,13 +296,20 @@ def test_admin_creates_a_round_and_an_annotator_and_exports(studio):
     token = csrf_of(admin.get("/admin").text)
     rows = [{"prompt": f"p{i}", "responses": [f"a{i}", f"b{i}"], "models": ["x", "y"]} for i in range(3)]
     upload = io.BytesIO("".join(json.dumps(r) + "\n" for r in rows).encode())
-    r = admin.post("/admin/rounds", data={"name": "up", "task": "pairwise", "labels_per_item": "1", "csrf": token},
-                   files={"file": ("round.jsonl", upload, "application/x-ndjson")}, follow_redirects=False)
+    r = admin.post(
+        "/admin/rounds",
+        data={"name": "up", "task": "pairwise", "labels_per_item": "1", "csrf": token},
+        files={"file": ("round.jsonl", upload, "application/x-ndjson")},
+        follow_redirects=False,
+    )
     assert r.status_code == 303 and r.headers["location"] == "/admin/rounds/up"
     assert "3 items" in admin.get("/admin/rounds/up").text
     bad = io.BytesIO(b'{"prompt": "p", "responses": ["only one"]}\n')
-    r = admin.post("/admin/rounds", data={"name": "bad", "task": "pairwise", "csrf": token},
-                   files={"file": ("bad.jsonl", bad, "application/x-ndjson")})
+    r = admin.post(
+        "/admin/rounds",
+        data={"name": "bad", "task": "pairwise", "csrf": token},
+        files={"file": ("bad.jsonl", bad, "application/x-ndjson")},
+    )
     assert r.status_code == 400 and "bad.jsonl, line 1" in r.text and "responses" in r.text
     r = admin.post("/admin/annotators", data={"name": "cat", "round": "up", "csrf": token})
     url = re.search(r'id="login-url"[^>]*|value="([^"]+)"', r.text)

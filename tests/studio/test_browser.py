@@ -62,20 +62,27 @@ XSS_IMG = '<img src=x onerror="window.__xss=2">'
 # The uploaded responses file: 4 prompts with 2 responses each, response 0 from MODELS[0], 1 from MODELS[1].
 # The last prompt and one of its responses carry XSS payloads.
 PROMPTS = [
-    {"prompt": "Explain in two sentences why the sky is blue.",
-     "responses": ["Sunlight is scattered by the molecules of the air, and blue light, with its short "
-                   "wavelength, is scattered much more than red. So blue light reaches our eyes from every "
-                   "direction of the sky.",
-                   "The sky is blue because it reflects the colour of the oceans."]},
-    {"prompt": "Give me a synonym for 'happy', used in a sentence.",
-     "responses": ["Sad.", "Cheerful: she was cheerful all day after the good news."]},
-    {"prompt": "What is 17 + 25?",
-     "responses": ["42", "17 + 25 = 42."]},
-    {"prompt": f"What does {XSS_SCRIPT} do when a web page shows it without escaping?",
-     "responses": ["It runs as JavaScript inside the page: the browser executes the script, which sets "
-                   "window.__xss.",
-                   f"The same as {XSS_IMG}: someone else's code runs in your page. Always escape "
-                   "untrusted text."]},
+    {
+        "prompt": "Explain in two sentences why the sky is blue.",
+        "responses": [
+            "Sunlight is scattered by the molecules of the air, and blue light, with its short "
+            "wavelength, is scattered much more than red. So blue light reaches our eyes from every "
+            "direction of the sky.",
+            "The sky is blue because it reflects the colour of the oceans.",
+        ],
+    },
+    {
+        "prompt": "Give me a synonym for 'happy', used in a sentence.",
+        "responses": ["Sad.", "Cheerful: she was cheerful all day after the good news."],
+    },
+    {"prompt": "What is 17 + 25?", "responses": ["42", "17 + 25 = 42."]},
+    {
+        "prompt": f"What does {XSS_SCRIPT} do when a web page shows it without escaping?",
+        "responses": [
+            "It runs as JavaScript inside the page: the browser executes the script, which sets window.__xss.",
+            f"The same as {XSS_IMG}: someone else's code runs in your page. Always escape untrusted text.",
+        ],
+    },
 ]
 XSS_PROMPT = 3
 
@@ -83,13 +90,18 @@ XSS_PROMPT = 3
 MOUSE_PLAN = {0: (0, "much"), 1: (1, "not sure"), 2: ("tie", "not sure"), 3: (0, "slightly")}
 # The keyboard annotator's better answer (typed into the text box; its u, x, s, m and digits must not
 # trigger shortcuts there).
-BETTER_ANSWER = ("Air molecules scatter short (blue) wavelengths about 5x more than long (red) ones, "
-                 "so scattered blue light reaches us from all over the sky.")
+BETTER_ANSWER = (
+    "Air molecules scatter short (blue) wavelengths about 5x more than long (red) ones, "
+    "so scattered blue light reaches us from all over the sky."
+)
 CHOICE_TEXT = {"A": "A is better", "B": "B is better", "tie": "About the same", "both_bad": "Both bad"}
 CHOICE_KEY = {"A": "1", "B": "2", "tie": "3", "both_bad": "4"}
 STRENGTH_KEY = {"not sure": "0", "slightly": "s", "much": "m"}
-SCREENSHOTS = {"annotator": "studio-annotator.png", "admin-round": "studio-admin-round.png",
-               "admin": "studio-admin.png"}
+SCREENSHOTS = {
+    "annotator": "studio-annotator.png",
+    "admin-round": "studio-admin-round.png",
+    "admin": "studio-admin.png",
+}
 
 
 # --- the server ---------------------------------------------------------------------------------
@@ -136,8 +148,7 @@ def studio(tmp_path):
         db_path = tmp_path / f"studio-{attempt}.db"  # fresh: only a new studio prints the admin link
         out_path, err_path = tmp_path / f"server-{attempt}.out", tmp_path / f"server-{attempt}.err"
         with open(out_path, "w") as out, open(err_path, "w") as err:
-            command = [sys.executable, "-m", "rufus.cli", "studio", "serve", "--db", str(db_path),
-                       "--port", str(port)]
+            command = [sys.executable, "-m", "rufus.cli", "studio", "serve", "--db", str(db_path), "--port", str(port)]
             proc = subprocess.Popen(command, stdout=out, stderr=err, cwd=tmp_path, env=env)
         base, admin_url, up = f"http://127.0.0.1:{port}", None, False
         deadline = time.monotonic() + SERVER_START_S
@@ -177,18 +188,26 @@ def _start_chromium(profile: str):
     """A headless Chromium driver on a fresh profile, or a skip saying why the browser cannot start."""
     options = ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--window-size=1280,900", "--no-proxy-server",
-                f"--user-data-dir={profile}"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1280,900",
+        "--no-proxy-server",
+        f"--user-data-dir={profile}",
+    ):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # to read the console
     try:
         driver = Chrome(service=Service(CHROMEDRIVER), options=options)  # a path: no Selenium Manager
     except WebDriverException as e:
         first_line = (e.msg or str(e)).strip().splitlines()[0]
-        pytest.skip(f"chromium could not start ({first_line}): check {CHROMIUM} and {CHROMEDRIVER} "
-                    f"({INSTALL_HINT})")
+        pytest.skip(f"chromium could not start ({first_line}): check {CHROMIUM} and {CHROMEDRIVER} ({INSTALL_HINT})")
     driver.set_page_load_timeout(WAIT_S)
     return driver
 
@@ -325,8 +344,10 @@ def screenshot(driver, key: str) -> Path:
         if page == height:
             break
         height = page
-        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                               {"width": 1280, "height": height, "deviceScaleFactor": 1, "mobile": False})
+        driver.execute_cdp_cmd(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": 1280, "height": height, "deviceScaleFactor": 1, "mobile": False},
+        )
     path = artifacts_dir() / SCREENSHOTS[key]
     try:
         assert driver.save_screenshot(str(path)), f"could not write {path}"
@@ -390,10 +411,13 @@ def label_with_mouse(driver, name: str, made: dict) -> None:
         index, shown = read_item(driver, labelled=sum(k[0] == name for k in made))
         better, strength = MOUSE_PLAN[index]
         choice = "tie" if better == "tie" else letter_of(shown, PROMPTS[index]["responses"][better])
-        driver.find_element(By.XPATH, f"//fieldset[contains(@class, 'choice')]//label"
-                                      f"[contains(normalize-space(.), '{CHOICE_TEXT[choice]}')]").click()
-        driver.find_element(By.XPATH, f"//fieldset[contains(@class, 'strength')]//label"
-                                      f"[contains(normalize-space(.), '{strength}')]").click()
+        driver.find_element(
+            By.XPATH,
+            f"//fieldset[contains(@class, 'choice')]//label[contains(normalize-space(.), '{CHOICE_TEXT[choice]}')]",
+        ).click()
+        driver.find_element(
+            By.XPATH, f"//fieldset[contains(@class, 'strength')]//label[contains(normalize-space(.), '{strength}')]"
+        ).click()
         assert_selected(driver, choice, strength)
         if index == 0:
             screenshot(driver, "annotator")
@@ -443,8 +467,7 @@ def label_with_keyboard(driver, name: str, made: dict, skipped: list) -> None:
             better_answer = BETTER_ANSWER
         else:
             after(driver, lambda: press(driver, Keys.ENTER))
-        made[name, index] = {"choice": choice, "shown": shown, "strength": strength,
-                             "better_answer": better_answer}
+        made[name, index] = {"choice": choice, "shown": shown, "strength": strength, "better_answer": better_answer}
         undo_next = index == 1 and not undone
     assert on_done_page(driver), "the keyboard annotator never reached the All done page"
     assert undone and skipped == [2]
@@ -455,8 +478,9 @@ def label_with_keyboard(driver, name: str, made: dict, skipped: list) -> None:
 
 def test_admin_and_two_annotators_label_a_round_in_a_browser(browser, studio, tmp_path):
     responses_file = tmp_path / "responses.jsonl"
-    responses_file.write_text("".join(json.dumps({**p, "models": list(MODELS)}) + "\n" for p in PROMPTS),
-                              encoding="utf-8")
+    responses_file.write_text(
+        "".join(json.dumps({**p, "models": list(MODELS)}) + "\n" for p in PROMPTS), encoding="utf-8"
+    )
 
     # The admin logs in with the link the server printed, creates the round and two annotators.
     admin = browser()
@@ -527,26 +551,27 @@ def test_admin_and_two_annotators_label_a_round_in_a_browser(browser, studio, tm
         strength = None if label["strength"] == "not sure" else label["strength"]
         other = "B" if choice == "A" else "A"
         expected.append((ids[name], prompt, shown[choice], shown[other], strength))
-    got = [(r["annotator_id"], r["prompt"], r["chosen"], r["rejected"], r.get("strength"))
-           for r in preference]
+    got = [(r["annotator_id"], r["prompt"], r["chosen"], r["rejected"], r.get("strength")) for r in preference]
     assert sorted(got, key=repr) == sorted(expected, key=repr)
     assert Counter(r["annotator_id"] for r in preference) == {ids["alice"]: 3, ids["bob"]: 3}
     # the plan, in terms of responses (whatever the A/B order was): bob's re-label of prompt 1 counts
-    assert (ids["bob"], PROMPTS[1]["prompt"], PROMPTS[1]["responses"][1], PROMPTS[1]["responses"][0],
-            "slightly") in got
+    assert (ids["bob"], PROMPTS[1]["prompt"], PROMPTS[1]["responses"][1], PROMPTS[1]["responses"][0], "slightly") in got
     assert all(r["prompt"] != PROMPTS[2]["prompt"] or r["annotator_id"] == ids["alice"] for r in with_ties)
-    tie_rows = [(r["annotator_id"], r["prompt"], r["chosen"], r["rejected"])
-                for r in with_ties if r.get("tie")]
+    tie_rows = [(r["annotator_id"], r["prompt"], r["chosen"], r["rejected"]) for r in with_ties if r.get("tie")]
     assert sorted(tie_rows, key=repr) == sorted(ties, key=repr) and len(tie_rows) == 2
     assert len(with_ties) == len(preference) + 2
 
-    written = [(ids[name], PROMPTS[index]["prompt"], label["better_answer"])
-               for (name, index), label in made.items() if label["better_answer"]]
+    written = [
+        (ids[name], PROMPTS[index]["prompt"], label["better_answer"])
+        for (name, index), label in made.items()
+        if label["better_answer"]
+    ]
     assert written == [(ids["bob"], PROMPTS[0]["prompt"], BETTER_ANSWER)]
     assert [(r["annotator_id"], r["prompt"], r["completion"]) for r in sft] == written
     # every stored label is one made on the page (bob's undone label is gone, his skip left none)
-    assert sorted((r["annotator_id"], item_prompt[r["item_id"]]) for r in labels) == \
-        sorted((ids[name], PROMPTS[index]["prompt"]) for name, index in made)
+    assert sorted((r["annotator_id"], item_prompt[r["item_id"]]) for r in labels) == sorted(
+        (ids[name], PROMPTS[index]["prompt"]) for name, index in made
+    )
     assert Counter(r["annotator_id"] for r in labels) == {ids["alice"]: 4, ids["bob"]: 3}
 
     for key in SCREENSHOTS:  # the artefacts are there and are real images

@@ -15,15 +15,23 @@ from tests.helpers import WORDS, make_tiny_model_dir, write_jsonl
 
 
 def test_cli_round_annotator_and_export(tmp_path, capsys):
-    rows = [{"prompt": f"what is {i} ?", "responses": [f" yes {i} .", f" no {i} ."], "models": ["good", "bad"]}
-            for i in range(6)]
+    rows = [
+        {"prompt": f"what is {i} ?", "responses": [f" yes {i} .", f" no {i} ."], "models": ["good", "bad"]}
+        for i in range(6)
+    ]
     responses = write_jsonl(tmp_path / "responses.jsonl", rows)
     db = str(tmp_path / "studio.db")
-    assert main(["studio", "new-round", "--db", db, "--name", "r", "--responses", str(responses),
-                 "--labels-per-item", "1"]) == 0
+    assert (
+        main(
+            ["studio", "new-round", "--db", db, "--name", "r", "--responses", str(responses), "--labels-per-item", "1"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "6 pairwise items" in out and "admin login" in out
-    assert main(["studio", "add-annotator", "ann", "--db", db, "--round", "r", "--url-base", "http://127.0.0.1:9000"]) == 0
+    assert (
+        main(["studio", "add-annotator", "ann", "--db", db, "--round", "r", "--url-base", "http://127.0.0.1:9000"]) == 0
+    )
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("http://127.0.0.1:9000/login?token=") and len(last.split("=", 1)[1]) >= 40
     # the person labels (through the library here; the pages are tested elsewhere): "yes" wins
@@ -36,8 +44,24 @@ def test_cli_round_annotator_and_export(tmp_path, capsys):
         view = R.view_assignment(database, uid, aid)
         R.submit_label(database, uid, aid, {"choice": next(k for k, t in view.responses if "yes" in t)})
     out_file = tmp_path / "prefs.jsonl"
-    assert main(["studio", "export", "--db", db, "--round", "r", "--format", "preference", "--out", str(out_file),
-                 "--with-models"]) == 0
+    assert (
+        main(
+            [
+                "studio",
+                "export",
+                "--db",
+                db,
+                "--round",
+                "r",
+                "--format",
+                "preference",
+                "--out",
+                str(out_file),
+                "--with-models",
+            ]
+        )
+        == 0
+    )
     exported = [json.loads(line) for line in out_file.read_text().splitlines()]
     assert len(exported) == 6 and all("yes" in r["chosen"] and r["chosen_model"] == "good" for r in exported)
 
@@ -63,9 +87,33 @@ def test_a_round_sampled_from_two_models(tiny_model, tmp_path, capsys):
     other = make_tiny_model_dir(tmp_path / "other", seed=1)
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"what is {i} ?"} for i in range(3)])
     db = str(tmp_path / "s.db")
-    assert main(["studio", "new-round", "--db", db, "--name", "m", "--task", "ranking", "--prompts", str(prompts),
-                 "--models", str(tiny_model), str(other), "--samples-per-model", "2", "--progress", "false",
-                 "generation.max_new_tokens=6", "--dtype", "float32"]) == 0
+    assert (
+        main(
+            [
+                "studio",
+                "new-round",
+                "--db",
+                db,
+                "--name",
+                "m",
+                "--task",
+                "ranking",
+                "--prompts",
+                str(prompts),
+                "--models",
+                str(tiny_model),
+                str(other),
+                "--samples-per-model",
+                "2",
+                "--progress",
+                "false",
+                "generation.max_new_tokens=6",
+                "--dtype",
+                "float32",
+            ]
+        )
+        == 0
+    )
     database, _ = open_database(db)
     with database.session() as s:
         responses = list(s.scalars(select(Response)))
@@ -83,10 +131,12 @@ def yes_no_round(db, task, n, seed=0):
     filler = [w for w in WORDS if w not in ("yes", "no")]
     cands = []
     for i in range(n):
+
         def words(extra):
             body = rng.choices(filler, k=rng.randint(2, 5)) + extra
             rng.shuffle(body)
             return " " + " ".join(body) + " ."
+
         responses = [words(["yes"]), words(["no"])] + ([words([])] if task == "ranking" else [])
         cands.append(R.Candidate(f"what is {i % 10} ?", responses))
     R.create_round(db, "train-" + task, task, cands)
@@ -116,22 +166,69 @@ def test_exports_train_a_reward_model_and_sft(tiny_model, tmp_path, task, fmt):
 
     db, _ = open_database(tmp_path / "s.db")
     yes_no_round(db, task, 32)
-    (uid, _), = add_people(db, "ann").values()
+    ((uid, _),) = add_people(db, "ann").values()
     oracle_labels(db, uid, "train-" + task)
     prefs = tmp_path / f"{fmt}.jsonl"
     demos = tmp_path / "sft.jsonl"
     for name, out in ((fmt, prefs), ("sft", demos)):
-        assert main(["studio", "export", "--db", str(tmp_path / "s.db"), "--round", "train-" + task, "--format", name,
-                     "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "studio",
+                    "export",
+                    "--db",
+                    str(tmp_path / "s.db"),
+                    "--round",
+                    "train-" + task,
+                    "--format",
+                    name,
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
     rm_dir, sft_dir = tmp_path / "rm", tmp_path / "sft"
-    assert main(["rm", f"model={tiny_model}", f"output_dir={rm_dir}", f"data.train={prefs}", f"rm.format={fmt}",
-                 "data.max_length=48", "batch_size=16", "lr=3e-3", "max_steps=24", "dtype=float32",
-                 "progress=false", "log_every=10"]) == 0
+    assert (
+        main(
+            [
+                "rm",
+                f"model={tiny_model}",
+                f"output_dir={rm_dir}",
+                f"data.train={prefs}",
+                f"rm.format={fmt}",
+                "data.max_length=48",
+                "batch_size=16",
+                "lr=3e-3",
+                "max_steps=24",
+                "dtype=float32",
+                "progress=false",
+                "log_every=10",
+            ]
+        )
+        == 0
+    )
     rows = read_metrics(rm_dir / "metrics.jsonl")
     accuracy = [r["rm/train_accuracy"] for r in rows if "rm/train_accuracy" in r]
     assert accuracy[-1] > 0.8  # the taste in the labels is learnt: "yes" over "no"
     assert (rm_dir / "final" / "config.json").exists()
-    assert main(["sft", f"model={tiny_model}", f"output_dir={sft_dir}", f"data.train={demos}", "data.max_length=32",
-                 "batch_size=8", "lr=3e-3", "max_steps=10", "dtype=float32", "progress=false", "log_every=5"]) == 0
+    assert (
+        main(
+            [
+                "sft",
+                f"model={tiny_model}",
+                f"output_dir={sft_dir}",
+                f"data.train={demos}",
+                "data.max_length=32",
+                "batch_size=8",
+                "lr=3e-3",
+                "max_steps=10",
+                "dtype=float32",
+                "progress=false",
+                "log_every=5",
+            ]
+        )
+        == 0
+    )
     losses = [r["loss"] for r in read_metrics(sft_dir / "metrics.jsonl") if "loss" in r]
     assert losses[-1] < losses[0]

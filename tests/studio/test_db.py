@@ -17,8 +17,19 @@ def test_new_database_has_the_schema_and_its_version(tmp_path):
     database, created = open_database(tmp_path / "s.db")
     assert created
     tables = set(inspect(database.engine).get_table_names())
-    assert {"meta", "users", "rounds", "prompts", "responses", "items", "assignments", "labels", "sessions",
-            "events", "round_members"} <= tables
+    assert {
+        "meta",
+        "users",
+        "rounds",
+        "prompts",
+        "responses",
+        "items",
+        "assignments",
+        "labels",
+        "sessions",
+        "events",
+        "round_members",
+    } <= tables
     with database.session() as s:
         assert s.get(Meta, "schema_version").value == str(studio_db.SCHEMA_VERSION)
     database.dispose()

@@ -29,8 +29,13 @@ def label(db, uid, round_name, decide):
 def pairwise(db):
     """One item (good vs bad), three annotators: two say good is better (one "much", one with a better
     answer), one says tie. A second item: one says both bad."""
-    R.create_round(db, "p", "pairwise", [R.Candidate("Q1", ["good", "bad"], ["m1", "m2"]),
-                                         R.Candidate("Q2", ["meh", "ugh"], ["m1", "m2"])], labels_per_item=3)
+    R.create_round(
+        db,
+        "p",
+        "pairwise",
+        [R.Candidate("Q1", ["good", "bad"], ["m1", "m2"]), R.Candidate("Q2", ["meh", "ugh"], ["m1", "m2"])],
+        labels_per_item=3,
+    )
     people = add_people(db, "a", "b", "c")
     ua, ub, uc = (people[n][0] for n in "abc")
     label(db, ua, "p", lambda v: {"choice": by_text(v, "good"), "strength": "much"})
@@ -44,7 +49,9 @@ def test_pairwise_preference_per_label_drops_ties_and_both_bad(db, pairwise):
     ua, ub, _ = pairwise
     rows = E.export_rows(db, "p", "preference")
     assert [(r["prompt"], r["chosen"], r["rejected"], r["annotator_id"]) for r in rows] == [
-        ("Q1", "good", "bad", ua), ("Q1", "good", "bad", ub)]
+        ("Q1", "good", "bad", ua),
+        ("Q1", "good", "bad", ub),
+    ]
     assert rows[0]["strength"] == "much" and "strength" not in rows[1]
     assert all(r["round"] == "p" and "chosen_model" not in r for r in rows)  # models only on request
 
@@ -61,7 +68,11 @@ def test_majority_per_item(db, pairwise):
     assert len(rows) == 1
     (row,) = rows
     assert (row["chosen"], row["rejected"], row["chosen_model"], row["rejected_model"]) == ("good", "bad", "m1", "m2")
-    assert row["votes"]["labels"] == 3 and row["votes"]["tie"] == 1 and sorted(row["votes"]["responses"].values()) == [0, 2]
+    assert (
+        row["votes"]["labels"] == 3
+        and row["votes"]["tie"] == 1
+        and sorted(row["votes"]["responses"].values()) == [0, 2]
+    )
 
 
 def test_majority_draw_is_a_tie(db):
@@ -82,7 +93,8 @@ def test_ranking_sft_and_graded_from_pairwise(db, pairwise):
     graded = E.export_rows(db, "p", "graded")
     # per label: winner 1, loser 0; a tie 0.5 each; both bad 0 each
     assert sorted((r["completion"], r["score"]) for r in graded) == sorted(
-        [("good", 1.0), ("bad", 0.0)] * 2 + [("good", 0.5), ("bad", 0.5), ("meh", 0.0), ("ugh", 0.0)])
+        [("good", 1.0), ("bad", 0.0)] * 2 + [("good", 0.5), ("bad", 0.5), ("meh", 0.0), ("ugh", 0.0)]
+    )
 
 
 def test_borda_points_by_hand():
@@ -101,13 +113,16 @@ def test_ranking_round_exports(db):
                 for text in group if isinstance(group, list) else [group]:
                     form[f"rank_{by_text(v, text)}"] = str(rank)
             return form
+
         return decide
 
     label(db, people["a"][0], "k", ranks(["r1", ["r2", "r3"]]))
     label(db, people["b"][0], "k", ranks(["r2", "r1", "r3"]))
     rows = E.export_rows(db, "k", "ranking")
-    assert [(r["responses"], r["scores"]) for r in rows] == [(["r1", "r2", "r3"], [2.0, 0.5, 0.5]),
-                                                            (["r2", "r1", "r3"], [2.0, 1.0, 0.0])]
+    assert [(r["responses"], r["scores"]) for r in rows] == [
+        (["r1", "r2", "r3"], [2.0, 0.5, 0.5]),
+        (["r2", "r1", "r3"], [2.0, 1.0, 0.0]),
+    ]
     # majority: mean Borda points r1 (2 + 1) / 2 = 1.5, r2 (0.5 + 2) / 2 = 1.25, r3 (0.5 + 0) / 2 = 0.25
     (maj,) = E.export_rows(db, "k", "ranking", aggregate="majority", with_models=True)
     assert maj["responses"] == ["r1", "r2", "r3"] and maj["scores"] == [1.5, 1.25, 0.25]
@@ -115,15 +130,21 @@ def test_ranking_round_exports(db):
     prefs = E.export_rows(db, "k", "preference")
     # a: r1>r2, r1>r3 (r2 = r3 dropped); b: r2>r1, r2>r3, r1>r3
     assert sorted((r["annotator_id"], r["chosen"], r["rejected"]) for r in prefs) == sorted(
-        [(people["a"][0], "r1", "r2"), (people["a"][0], "r1", "r3"),
-         (people["b"][0], "r2", "r1"), (people["b"][0], "r2", "r3"), (people["b"][0], "r1", "r3")])
+        [
+            (people["a"][0], "r1", "r2"),
+            (people["a"][0], "r1", "r3"),
+            (people["b"][0], "r2", "r1"),
+            (people["b"][0], "r2", "r3"),
+            (people["b"][0], "r1", "r3"),
+        ]
+    )
     graded = E.export_rows(db, "k", "graded")  # Borda / (K - 1)
     assert [(r["completion"], r["score"]) for r in graded][:3] == [("r1", 1.0), ("r2", 0.25), ("r3", 0.25)]
 
 
 def test_rating_round_exports(db):
     R.create_round(db, "g", "rating", [R.Candidate("Q", ["lo", "hi"])])
-    (uid, _), = add_people(db, "a").values()
+    ((uid, _),) = add_people(db, "a").values()
     label(db, uid, "g", lambda v: {f"rating_{by_text(v, 'lo')}": "1", f"rating_{by_text(v, 'hi')}": "7"})
     unit = E.export_rows(db, "g", "graded")
     assert sorted((r["completion"], r["score"]) for r in unit) == [("hi", 1.0), ("lo", 0.0)]  # (r - 1) / 6
@@ -140,8 +161,17 @@ def test_exported_files_read_as_their_formats(db, pairwise, tmp_path):
         records = load_records(str(out), format=reader)
         assert len(records) == n > 0
     first = json.loads((tmp_path / "preference.jsonl").read_text().splitlines()[0])
-    assert {"prompt", "chosen", "rejected", "round", "item_id", "annotator_id", "label_id", "chosen_id",
-            "rejected_id"} <= set(first)
+    assert {
+        "prompt",
+        "chosen",
+        "rejected",
+        "round",
+        "item_id",
+        "annotator_id",
+        "label_id",
+        "chosen_id",
+        "rejected_id",
+    } <= set(first)
 
 
 def test_export_errors(db, pairwise, tmp_path):
@@ -173,7 +203,7 @@ def test_raw_tables_and_csv(db, pairwise):
 def test_conversational_rounds_export_assistant_turns(db, tmp_path):
     prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
     R.create_round(db, "chat", "pairwise", [R.Candidate(prompt, ["Hello.", "Go away."])])
-    (uid, _), = add_people(db, "a").values()
+    ((uid, _),) = add_people(db, "a").values()
     label(db, uid, "chat", lambda v: {"choice": by_text(v, "Hello."), "better_answer": "Hello there."})
     (row,) = E.export_rows(db, "chat", "preference")
     assert row["prompt"] == prompt and row["chosen"] == [{"role": "assistant", "content": "Hello."}]

@@ -18,8 +18,7 @@ from rufus.studio.leaderboard import (
 
 
 def games(a, b, wins_a=0, wins_b=0, ties=0):
-    return ([Comparison(a, b, "a")] * wins_a + [Comparison(a, b, "b")] * wins_b
-            + [Comparison(a, b, "tie")] * ties)
+    return [Comparison(a, b, "a")] * wins_a + [Comparison(a, b, "b")] * wins_b + [Comparison(a, b, "tie")] * ties
 
 
 def test_two_models_by_hand():
@@ -43,8 +42,11 @@ def test_three_models_satisfy_the_likelihood_equations():
     theta = {m: (v - 1000) * math.log(10) / 400 for m, v in r.items()}
     for m in "ABC":
         score = sum(c.score() if c.model_a == m else 1 - c.score() for c in data if m in (c.model_a, c.model_b))
-        expected = sum(1 / (1 + math.exp(-(theta[m] - theta[c.model_b if c.model_a == m else c.model_a])))
-                       for c in data if m in (c.model_a, c.model_b))
+        expected = sum(
+            1 / (1 + math.exp(-(theta[m] - theta[c.model_b if c.model_a == m else c.model_a])))
+            for c in data
+            if m in (c.model_a, c.model_b)
+        )
         assert score == pytest.approx(expected, abs=1e-8)
     assert r["A"] > r["B"] > r["C"]
 
@@ -64,7 +66,7 @@ def test_online_elo_by_hand_and_its_order_dependence():
     assert r == {"A": 1002.0, "B": 998.0}
     # then B wins: E_B = 1 / (1 + 10^((1002 - 998) / 400)) = 0.494245, B gains 4 * 0.505755 = 2.02302
     r = online_elo([Comparison("A", "B", "a"), Comparison("A", "B", "b")])
-    assert r["B"] == pytest.approx(998 + 4 * (1 - 1 / (1 + 10 ** 0.01)), abs=1e-9)
+    assert r["B"] == pytest.approx(998 + 4 * (1 - 1 / (1 + 10**0.01)), abs=1e-9)
     assert r["A"] + r["B"] == pytest.approx(2000)
     reverse = online_elo([Comparison("A", "B", "b"), Comparison("A", "B", "a")])
     assert reverse["A"] == pytest.approx(r["B"]) and reverse["A"] != pytest.approx(r["A"])

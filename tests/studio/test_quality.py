@@ -91,10 +91,18 @@ def test_gold_items_are_spread_offered_to_everyone_and_scored(db):
         positions = [i.position for i in s.scalars(select(Item).order_by(Item.position)) if i.gold]
     assert positions == [2, 6, 10]  # spread through the 12 items, not bunched at the end
     people = add_people(db, "good", "bad")
-    work(db, people["good"][0], "r", lambda v: {"choice": letter(v, next(t for _, t in v.responses
-                                                                       if t.startswith(("good", "right"))))})
-    work(db, people["bad"][0], "r", lambda v: {"choice": letter(v, next(t for _, t in v.responses
-                                                                      if t.startswith(("bad", "wrong"))))})
+    work(
+        db,
+        people["good"][0],
+        "r",
+        lambda v: {"choice": letter(v, next(t for _, t in v.responses if t.startswith(("good", "right"))))},
+    )
+    work(
+        db,
+        people["bad"][0],
+        "r",
+        lambda v: {"choice": letter(v, next(t for _, t in v.responses if t.startswith(("bad", "wrong"))))},
+    )
     quality = {q.annotator: q for q in annotator_quality(db, "r")}
     # labels_per_item = 1: the 9 ordinary items went to "good"; the 3 gold items to both
     assert (quality["good"].labels, quality["bad"].labels) == (12, 3)
@@ -124,20 +132,48 @@ def test_schema_1_is_upgraded_to_2(tmp_path):
 
 def test_cli_gold_exclude_and_stats(tmp_path, capsys):
     db = str(tmp_path / "s.db")
-    responses = write_jsonl(tmp_path / "r.jsonl", [{"prompt": f"q{i}", "responses": [f"good {i}", f"bad {i}"]}
-                                                   for i in range(10)])
-    gold = write_jsonl(tmp_path / "gold.jsonl", [{"prompt": f"g{i}", "responses": [f"right {i}", f"wrong {i}"],
-                                                  "scores": [1, 0]} for i in range(2)])
-    assert main(["studio", "new-round", "--db", db, "--name", "r", "--responses", str(responses), "--gold", str(gold),
-                 "--labels-per-item", "2"]) == 0
+    responses = write_jsonl(
+        tmp_path / "r.jsonl", [{"prompt": f"q{i}", "responses": [f"good {i}", f"bad {i}"]} for i in range(10)]
+    )
+    gold = write_jsonl(
+        tmp_path / "gold.jsonl",
+        [{"prompt": f"g{i}", "responses": [f"right {i}", f"wrong {i}"], "scores": [1, 0]} for i in range(2)],
+    )
+    assert (
+        main(
+            [
+                "studio",
+                "new-round",
+                "--db",
+                db,
+                "--name",
+                "r",
+                "--responses",
+                str(responses),
+                "--gold",
+                str(gold),
+                "--labels-per-item",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert "and 2 gold items" in capsys.readouterr().out
     database, _ = open_database(db)
     people = add_people(database, "h1", "h2", "adv")
     for name in ("h1", "h2"):
-        work(database, people[name][0], "r", lambda v: {"choice": letter(v, next(
-            t for _, t in v.responses if t.startswith(("good", "right"))))})
-    work(database, people["adv"][0], "r", lambda v: {"choice": letter(v, next(
-        t for _, t in v.responses if t.startswith(("bad", "wrong"))))})
+        work(
+            database,
+            people[name][0],
+            "r",
+            lambda v: {"choice": letter(v, next(t for _, t in v.responses if t.startswith(("good", "right"))))},
+        )
+    work(
+        database,
+        people["adv"][0],
+        "r",
+        lambda v: {"choice": letter(v, next(t for _, t in v.responses if t.startswith(("bad", "wrong"))))},
+    )
     assert main(["studio", "stats", "--db", db, "--round", "r"]) == 0
     out = capsys.readouterr().out
     assert "adv:" in out and "gold accuracy 0.00" in out and "h1:" in out

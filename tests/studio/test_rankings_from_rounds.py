@@ -27,7 +27,7 @@ def letter(view, text):
 def test_pairwise_and_ranking_labels_become_model_comparisons(db):
     R.create_round(db, "p", "pairwise", [R.Candidate("q", ["good", "bad", "same"], ["M1", "M2", "M1"])], pairs="all")
     R.create_round(db, "k", "ranking", [R.Candidate("q", ["x", "y", "z"], ["M1", "M2", "M3"])])
-    (uid, _), = add_people(db, "a").values()
+    ((uid, _),) = add_people(db, "a").values()
     decisions = {frozenset({"good", "bad"}): "good", frozenset({"bad", "same"}): "tie"}
 
     def pairwise(view):
@@ -39,11 +39,20 @@ def test_pairwise_and_ranking_labels_become_model_comparisons(db):
 
     for _ in range(3):
         label_next(db, uid, "p", pairwise)
-    label_next(db, uid, "k", lambda v: {f"rank_{letter(v, 'x')}": "1", f"rank_{letter(v, 'y')}": "2",
-                                       f"rank_{letter(v, 'z')}": "2"})
+    label_next(
+        db,
+        uid,
+        "k",
+        lambda v: {f"rank_{letter(v, 'x')}": "1", f"rank_{letter(v, 'y')}": "2", f"rank_{letter(v, 'z')}": "2"},
+    )
     got = {(c.model_a, c.model_b, c.winner) for c in round_comparisons(db, ["p", "k"])}
-    assert got == {("M1", "M2", "a"), ("M2", "M1", "tie"),  # pairwise: good > bad, bad ~ same
-                   ("M1", "M2", "a"), ("M1", "M3", "a"), ("M2", "M3", "tie")}  # the ranking's three pairs
+    assert got == {
+        ("M1", "M2", "a"),
+        ("M2", "M1", "tie"),  # pairwise: good > bad, bad ~ same
+        ("M1", "M2", "a"),
+        ("M1", "M3", "a"),
+        ("M2", "M3", "tie"),
+    }  # the ranking's three pairs
     assert len(round_comparisons(db, ["p", "k"])) == 5
 
 
@@ -51,7 +60,9 @@ def test_pairwise_agreement_of_a_round_by_hand(db):
     # 2 items x 3 annotators. Item 1: first, first, second -> P = (2*1)/(3*2) = 1/3; item 2: all tie -> 1.
     # P-bar = 2/3; shares: first 2/6, second 1/6, tie 3/6 -> P_e = (4 + 1 + 9)/36 = 14/36;
     # Fleiss' kappa = (24/36 - 14/36) / (22/36) = 10/22
-    R.create_round(db, "r", "pairwise", [R.Candidate("q1", ["u", "v"]), R.Candidate("q2", ["s", "t"])], labels_per_item=3)
+    R.create_round(
+        db, "r", "pairwise", [R.Candidate("q1", ["u", "v"]), R.Candidate("q2", ["s", "t"])], labels_per_item=3
+    )
     people = add_people(db, "a", "b", "c")
     plan = {"a": {"q1": "u", "q2": "tie"}, "b": {"q1": "u", "q2": "tie"}, "c": {"q1": "v", "q2": "tie"}}
     for name, (uid, _) in people.items():
@@ -77,14 +88,23 @@ def test_rating_agreement_uses_ordinal_alpha(db):
 
 
 def test_leaderboard_command_from_a_file_and_from_rounds(db, tmp_path, capsys):
-    rows = ([{"model_a": "big", "model_b": "small", "winner": "a"}] * 30 + [{"model_a": "big", "model_b": "small", "winner": "b"}] * 10
-            + [{"model_a": "small", "model_b": "tiny", "winner": "a"}] * 30 + [{"model_a": "tiny", "model_b": "small", "winner": "a"}] * 10
-            + [{"model_a": "big", "model_b": "tiny", "winner": "tie"}] * 2 + [{"model_a": "big", "model_b": "tiny", "winner": "a"}] * 8
-            + [{"model_a": "tiny", "model_b": "big", "winner": "a"}] * 1)
+    rows = (
+        [{"model_a": "big", "model_b": "small", "winner": "a"}] * 30
+        + [{"model_a": "big", "model_b": "small", "winner": "b"}] * 10
+        + [{"model_a": "small", "model_b": "tiny", "winner": "a"}] * 30
+        + [{"model_a": "tiny", "model_b": "small", "winner": "a"}] * 10
+        + [{"model_a": "big", "model_b": "tiny", "winner": "tie"}] * 2
+        + [{"model_a": "big", "model_b": "tiny", "winner": "a"}] * 8
+        + [{"model_a": "tiny", "model_b": "big", "winner": "a"}] * 1
+    )
     path = write_jsonl(tmp_path / "cmp.jsonl", rows)
     out, png = tmp_path / "board.json", tmp_path / "board.png"
-    assert main(["leaderboard", str(path), "--anchor", "small", "--resamples", "200", "--out", str(out),
-                 "--plot", str(png)]) == 0
+    assert (
+        main(
+            ["leaderboard", str(path), "--anchor", "small", "--resamples", "200", "--out", str(out), "--plot", str(png)]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert printed.index("big") < printed.index("small") < printed.index("tiny")  # best first
     table = json.loads(out.read_text())
@@ -98,7 +118,7 @@ def test_leaderboard_command_from_a_file_and_from_rounds(db, tmp_path, capsys):
     assert "bad.jsonl, line 1" in capsys.readouterr().err
 
     R.create_round(db, "r", "pairwise", [R.Candidate(f"q{i}", ["strong", f"weak {i}"], ["S", "W"]) for i in range(6)])
-    (uid, _), = add_people(db, "a").values()
+    ((uid, _),) = add_people(db, "a").values()
     for _ in range(6):
         label_next(db, uid, "r", lambda v: {"choice": letter(v, "strong") if not v.prompt.endswith("5") else "tie"})
     if db.is_sqlite:

@@ -34,9 +34,11 @@ def label_all(db, uid, name, choose):
 
 
 def test_pairwise_items_are_every_distinct_pair_and_duplicates_show_once(db):
-    cands = [R.Candidate("p0", ["x", "y", "z"], ["m1", "m2", "m1"]),
-             R.Candidate("p1", ["same", "same"], ["m1", "m2"]),  # nothing to compare: no item
-             R.Candidate("p2", ["a", "b", "a"], ["m1", "m2", "m3"])]  # "a" twice: shown once
+    cands = [
+        R.Candidate("p0", ["x", "y", "z"], ["m1", "m2", "m1"]),
+        R.Candidate("p1", ["same", "same"], ["m1", "m2"]),  # nothing to compare: no item
+        R.Candidate("p2", ["a", "b", "a"], ["m1", "m2", "m3"]),
+    ]  # "a" twice: shown once
     summary = R.create_round(db, "all", "pairwise", cands)
     assert summary["items"] == 3 + 1 and summary["skipped_prompts"] == 1
     pairs = [sorted(texts(db, it.response_ids)) for it in items_of(db, "all")]
@@ -91,14 +93,14 @@ def test_interleaved_annotators_share_items_depth_first(db):
 
 
 def test_a_returning_annotator_gets_their_open_item_back(db, pairwise_round):
-    (uid, _), = add_people(db, "a").values()
+    ((uid, _),) = add_people(db, "a").values()
     first = R.next_assignment(db, uid, pairwise_round)
     assert R.next_assignment(db, uid, pairwise_round) == first
 
 
 def test_order_is_random_per_annotator_and_stored(db):
     R.create_round(db, "r", "pairwise", pairwise_candidates(40), labels_per_item=1)
-    (uid, _), = add_people(db, "a").values()
+    ((uid, _),) = add_people(db, "a").values()
     shown_first = Counter()
     while (aid := R.next_assignment(db, uid, "r")) is not None:
         view = R.view_assignment(db, uid, aid)
@@ -113,7 +115,7 @@ def test_order_is_random_per_annotator_and_stored(db):
 
 def test_labels_are_stored_in_response_ids_whatever_the_order(db):
     R.create_round(db, "r", "pairwise", pairwise_candidates(20))
-    (uid, _), = add_people(db, "a").values()
+    ((uid, _),) = add_people(db, "a").values()
     # an annotator who always prefers the m2 answer, wherever it is shown
     label_all(db, uid, "r", lambda v: {"choice": "A" if v.responses[0][1].endswith("m2") else "B"})
     with db.session() as s:
@@ -137,7 +139,7 @@ def test_skip_goes_to_someone_else_and_never_back(db):
 
 
 def test_undo_removes_the_last_label_and_reopens_its_item(db, pairwise_round):
-    (uid, _), = add_people(db, "a").values()
+    ((uid, _),) = add_people(db, "a").values()
     with pytest.raises(R.Conflict, match="no label"):
         R.undo_last(db, uid)
     first = R.next_assignment(db, uid, pairwise_round)
@@ -224,10 +226,14 @@ def test_parse_pairwise():
     out = R.parse_label("pairwise", {"choice": "A", "strength": ""}, order)
     assert (out["outcome"], out["winner_id"], out["strength"]) == ("win", 11, None)
     assert R.parse_label("pairwise", {"choice": "both_bad"}, order)["outcome"] == "both_bad"
-    for bad, match in (({}, "choice"), ({"choice": "tie", "strength": "much"}, "strength goes with"),
-                       ({"choice": "A", "strength": "huge"}, "strength"), ({"choice": ["A", "B"]}, "2 times"),
-                       ({"choice": "A", "flag": ["harmful", "rude"]}, "unknown flag"),
-                       ({"choice": "A", "comment": "x" * (R.MAX_TEXT + 1)}, "longer")):
+    for bad, match in (
+        ({}, "choice"),
+        ({"choice": "tie", "strength": "much"}, "strength goes with"),
+        ({"choice": "A", "strength": "huge"}, "strength"),
+        ({"choice": ["A", "B"]}, "2 times"),
+        ({"choice": "A", "flag": ["harmful", "rude"]}, "unknown flag"),
+        ({"choice": "A", "comment": "x" * (R.MAX_TEXT + 1)}, "longer"),
+    ):
         with pytest.raises(R.LabelError, match=match):
             R.parse_label("pairwise", bad, order)
 
@@ -236,16 +242,21 @@ def test_parse_ranking_with_ties():
     order = [5, 6, 7, 8]  # A..D
     out = R.parse_label("ranking", {"rank_A": "2", "rank_B": "1", "rank_C": "2", "rank_D": "4"}, order)
     assert out["ranking"] == [[6], [5, 7], [8]]
-    for form, match in (({"rank_A": "1", "rank_B": "2", "rank_C": "3"}, "response D has no rank"),
-                        ({"rank_A": "1", "rank_B": "2", "rank_C": "3", "rank_D": "5"}, "between 1 and 4"),
-                        ({"rank_A": "1", "rank_B": "2", "rank_C": "3", "rank_D": "x"}, "whole number")):
+    for form, match in (
+        ({"rank_A": "1", "rank_B": "2", "rank_C": "3"}, "response D has no rank"),
+        ({"rank_A": "1", "rank_B": "2", "rank_C": "3", "rank_D": "5"}, "between 1 and 4"),
+        ({"rank_A": "1", "rank_B": "2", "rank_C": "3", "rank_D": "x"}, "whole number"),
+    ):
         with pytest.raises(R.LabelError, match=match):
             R.parse_label("ranking", form, order)
 
 
 def test_parse_rating_and_extras():
-    out = R.parse_label("rating", {"rating_A": "7", "rating_B": "1", "better_answer": "  better  ",
-                                   "flag": ["wrong", "harmful", "wrong"]}, [3, 9])
+    out = R.parse_label(
+        "rating",
+        {"rating_A": "7", "rating_B": "1", "better_answer": "  better  ", "flag": ["wrong", "harmful", "wrong"]},
+        [3, 9],
+    )
     assert out["ratings"] == {"3": 7, "9": 1} and out["better_answer"] == "better"
     assert out["flags"] == ["harmful", "wrong"]
     with pytest.raises(R.LabelError, match="between 1 and 7"):
@@ -255,7 +266,7 @@ def test_parse_rating_and_extras():
 
 
 def test_progress_counts_and_medians(db, pairwise_round):
-    (uid, _), = add_people(db, "a").values()
+    ((uid, _),) = add_people(db, "a").values()
     aid = R.next_assignment(db, uid, pairwise_round, now=100.0)
     R.submit_label(db, uid, aid, {"choice": "A"}, now=104.0)
     bid = R.next_assignment(db, uid, pairwise_round, now=104.0)

@@ -29,8 +29,13 @@ def free_port() -> int:
 
 def start_server(db_path, port):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "rufus.cli", "studio", "serve", "--db", str(db_path),
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rufus.cli", "studio", "serve", "--db", str(db_path), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
+    )
     deadline = time.time() + 30
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -60,8 +65,9 @@ def test_the_server_binds_loopback_by_default(studio_db):
     port = free_port()
     proc = start_server(path, port)
     try:
-        listening = [c.laddr for c in psutil.Process(proc.pid).net_connections(kind="inet")
-                     if c.status == psutil.CONN_LISTEN]
+        listening = [
+            c.laddr for c in psutil.Process(proc.pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
+        ]
         assert listening and {a.ip for a in listening} == {"127.0.0.1"} and {a.port for a in listening} == {port}
     finally:
         proc.terminate()

@@ -23,7 +23,9 @@ def playground_round(db, name: str, n: int, task: str = "pairwise") -> None:
         good = make_response(info, rng)
         bad = make_response(info, rng, on_topic=False, polite=False, answers=False)
         extra = [make_response(info, rng, polite=False)] if task == "ranking" else []
-        cands.append(R.Candidate(info["prompt"], [good, bad] + extra, ["good", "bad"] + (["middling"] if extra else [])))
+        cands.append(
+            R.Candidate(info["prompt"], [good, bad] + extra, ["good", "bad"] + (["middling"] if extra else []))
+        )
     R.create_round(db, name, task, cands, labels_per_item=3)
 
 
@@ -32,8 +34,25 @@ def test_simulated_annotators_label_over_http(tmp_path, capsys):
     db, _ = open_database(path)
     playground_round(db, "r", 16)
     db.dispose()
-    assert main(["studio", "simulate", "--db", str(path), "--round", "r", "--annotators", "2", "--adversarial", "1",
-                 "--temperature", "0.2"]) == 0
+    assert (
+        main(
+            [
+                "studio",
+                "simulate",
+                "--db",
+                str(path),
+                "--round",
+                "r",
+                "--annotators",
+                "2",
+                "--adversarial",
+                "1",
+                "--temperature",
+                "0.2",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "sim-1 gave 16 labels" in out and "adversarial-1 gave 16 labels" in out
     db, _ = open_database(path)

@@ -39,9 +39,18 @@ def prompts(tmp_path_factory):
 
 
 def bon_config(tiny, prompts, out, **over):
-    cfg = {"model": str(tiny), "output_dir": str(out), "data": {"train": str(prompts), "max_length": 40},
-           "generation": {"max_new_tokens": 6}, "batch_size": 8, "lr": 1e-2, "dtype": "float32",
-           "progress": False, "seed": 0, "bon": {"group_size": 8, "top_k": 1, "rounds": 3, "sft_epochs": 3}}
+    cfg = {
+        "model": str(tiny),
+        "output_dir": str(out),
+        "data": {"train": str(prompts), "max_length": 40},
+        "generation": {"max_new_tokens": 6},
+        "batch_size": 8,
+        "lr": 1e-2,
+        "dtype": "float32",
+        "progress": False,
+        "seed": 0,
+        "bon": {"group_size": 8, "top_k": 1, "rounds": 3, "sft_epochs": 3},
+    }
     for k, v in over.items():
         section, _, key = k.rpartition(".")
         (cfg.setdefault(section, {}) if section else cfg)[key] = v
@@ -82,14 +91,21 @@ def test_top_k_and_threshold_keep_what_they_say(tiny, prompts, tmp_path):
         return scores
 
     n, top_k, threshold = 4, 2, 0.5
-    train_bon(bon_config(tiny, prompts, tmp_path / "thr", max_steps=1,
-                         **{"bon.group_size": n, "bon.top_k": top_k, "bon.threshold": threshold, "bon.rounds": 1}),
-              reward_fn=recorded)
+    train_bon(
+        bon_config(
+            tiny,
+            prompts,
+            tmp_path / "thr",
+            max_steps=1,
+            **{"bon.group_size": n, "bon.top_k": top_k, "bon.threshold": threshold, "bon.rounds": 1},
+        ),
+        reward_fn=recorded,
+    )
     # by hand: each prompt's n scores sit together; keep its top_k, then those >= threshold
     expected = 0
     for scores in seen:
         for g in range(0, len(scores), n):
-            best = sorted(scores[g:g + n], reverse=True)[:top_k]
+            best = sorted(scores[g : g + n], reverse=True)[:top_k]
             expected += sum(s >= threshold for s in best)
     (row,) = read_metrics(tmp_path / "thr" / "metrics.jsonl")
     assert sum(len(s) for s in seen) == 16 * n
@@ -115,7 +131,13 @@ def test_gradient_accumulation_does_not_change_the_update(tiny, prompts, tmp_pat
 
 def test_resume_at_a_round_boundary_reproduces_the_final_weights(tiny, prompts, tmp_path):
     # 8 of the 16 prompts a round: the two rounds see different prompts
-    over = {"bon.group_size": 4, "bon.rounds": 2, "bon.prompts_per_round": 8, "bon.sft_epochs": 1, "save_total_limit": 0}
+    over = {
+        "bon.group_size": 4,
+        "bon.rounds": 2,
+        "bon.prompts_per_round": 8,
+        "bon.sft_epochs": 1,
+        "save_total_limit": 0,
+    }
     train_bon(bon_config(tiny, prompts, tmp_path / "straight", **over), reward_fn=digit_share)
     cut = tmp_path / "cut"
     (cut / "checkpoints").mkdir(parents=True)
@@ -131,12 +153,21 @@ def test_resume_at_a_round_boundary_reproduces_the_final_weights(tiny, prompts, 
     def untimed(rows):
         return [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s"))} for r in rows]
 
-    assert untimed(read_metrics(cut / "metrics.jsonl")) == untimed(read_metrics(tmp_path / "straight" / "metrics.jsonl"))
+    assert untimed(read_metrics(cut / "metrics.jsonl")) == untimed(
+        read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    )
     assert (cut / "samples.jsonl").read_text() == (tmp_path / "straight" / "samples.jsonl").read_text()
 
 
-@pytest.mark.parametrize("over, key", [({"bon.top_k": 5, "bon.group_size": 4}, "bon.top_k"), ({"bon.group_size": 0}, "bon.group_size"),
-                                       ({"bon.rounds": 0}, "bon.rounds"), ({"bon.sft_epochs": 0.0}, "bon.sft_epochs")])
+@pytest.mark.parametrize(
+    "over, key",
+    [
+        ({"bon.top_k": 5, "bon.group_size": 4}, "bon.top_k"),
+        ({"bon.group_size": 0}, "bon.group_size"),
+        ({"bon.rounds": 0}, "bon.rounds"),
+        ({"bon.sft_epochs": 0.0}, "bon.sft_epochs"),
+    ],
+)
 def test_bad_bon_settings_fail_before_anything_loads(tmp_path, over, key):
     cfg = bon_config("no/such/model", tmp_path / "missing.jsonl", tmp_path / "out", **over)
     with pytest.raises(ConfigError, match=key):

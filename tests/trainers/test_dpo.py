@@ -29,7 +29,9 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def prefs(tmp_path_factory):
     d = tmp_path_factory.mktemp("prefs")
-    return write_jsonl(d / "train.jsonl", preference_rows(64, seed=1)), write_jsonl(d / "eval.jsonl", preference_rows(64, seed=2))
+    return write_jsonl(d / "train.jsonl", preference_rows(64, seed=1)), write_jsonl(
+        d / "eval.jsonl", preference_rows(64, seed=2)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +46,18 @@ def prompts(tmp_path_factory):
 
 
 def dpo_config(tiny, train, out, **over):
-    cfg = {"model": str(tiny), "output_dir": str(out), "data": {"train": str(train), "max_length": 48},
-           "batch_size": 8, "lr": 3e-3, "max_steps": 4, "dtype": "float32", "progress": False, "log_every": 1,
-           "generation": {"max_new_tokens": 8}}
+    cfg = {
+        "model": str(tiny),
+        "output_dir": str(out),
+        "data": {"train": str(train), "max_length": 48},
+        "batch_size": 8,
+        "lr": 3e-3,
+        "max_steps": 4,
+        "dtype": "float32",
+        "progress": False,
+        "log_every": 1,
+        "generation": {"max_new_tokens": 8},
+    }
     for k, v in over.items():
         section, _, key = k.rpartition(".")
         (cfg.setdefault(section, {}) if section else cfg)[key] = v
@@ -62,14 +73,15 @@ def test_pairs_label_only_the_response_and_sequence_logprobs_match_a_naive_loop(
 
     tok = load_tokenizer(str(tiny))
     rows = preference_rows(3, seed=5)
-    pairs = tokenize_pairs(load_records(write_jsonl(tmp_path / "three.jsonl", rows), format="preference"), tok,
-                           max_length=48)
+    pairs = tokenize_pairs(
+        load_records(write_jsonl(tmp_path / "three.jsonl", rows), format="preference"), tok, max_length=48
+    )
     for row, pair in zip(rows, pairs):
         prompt = encode_prompt(tok, row["prompt"])
         for side in ("chosen", "rejected"):
             ids, labels = pair[side]["input_ids"], pair[side]["labels"]
-            assert ids[:len(prompt)] == prompt and set(labels[:len(prompt)]) == {-100}  # the prompt is masked
-            assert labels[len(prompt):] == ids[len(prompt):] and ids[-1] == tok.eos_token_id  # response + eos
+            assert ids[: len(prompt)] == prompt and set(labels[: len(prompt)]) == {-100}  # the prompt is masked
+            assert labels[len(prompt) :] == ids[len(prompt) :] and ids[-1] == tok.eos_token_id  # response + eos
     batch = PairCollator(tok.pad_token_id)(pairs)  # (6, T): 3 chosen rows, then 3 rejected rows
     assert batch["input_ids"].shape[0] == 6 and batch["labels"][3][0] == -100
     model = load_causal_lm(str(tiny), tokenizer=tok).eval()
@@ -85,14 +97,26 @@ def test_pairs_label_only_the_response_and_sequence_logprobs_match_a_naive_loop(
 
 def test_starts_at_log2_and_learns_the_held_out_preference(tiny, prefs, tmp_path):
     train, held_out = prefs
-    result = train_dpo(dpo_config(tiny, train, tmp_path / "run", max_steps=6, eval_every=3,
-                                  **{"data.eval": str(held_out)}))
+    result = train_dpo(
+        dpo_config(tiny, train, tmp_path / "run", max_steps=6, eval_every=3, **{"data.eval": str(held_out)})
+    )
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     # pi == pi_ref at step 1 (dropout off), so h = 0 and the loss is -log sigmoid(0) = log 2
     assert abs(rows[0]["dpo/loss"] - math.log(2)) < 1e-4, rows[0]
     assert abs(rows[0]["rewards/margin"]) < 1e-4
-    for key in ("dpo/loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
-                "logps/chosen", "logps/rejected", "lr", "grad_norm", "time/step_s", "dpo/round"):
+    for key in (
+        "dpo/loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margin",
+        "rewards/accuracy",
+        "logps/chosen",
+        "logps/rejected",
+        "lr",
+        "grad_norm",
+        "time/step_s",
+        "dpo/round",
+    ):
         assert key in rows[-1], key
     evals = [r for r in rows if "eval/rewards/accuracy" in r]
     assert [r["step"] for r in evals] == [3, 6]
@@ -117,8 +141,11 @@ def test_precomputed_and_on_the_fly_reference_and_grad_accum_give_the_same_losse
     assert losses["on_the_fly_accumulated"] == pytest.approx(losses["precomputed"], abs=1e-5)
 
 
-@pytest.mark.parametrize("variant", [{"dpo.loss_type": "ipo"}, {"dpo.loss_type": "hinge"},
-                                     {"dpo.label_smoothing": 0.1}], ids=["ipo", "hinge", "cdpo"])
+@pytest.mark.parametrize(
+    "variant",
+    [{"dpo.loss_type": "ipo"}, {"dpo.loss_type": "hinge"}, {"dpo.label_smoothing": 0.1}],
+    ids=["ipo", "hinge", "cdpo"],
+)
 def test_variants_reduce_their_loss(tiny, small, tmp_path, variant):
     train_dpo(dpo_config(tiny, small, tmp_path / "run", max_steps=3, **variant))
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
@@ -129,8 +156,16 @@ def test_variants_reduce_their_loss(tiny, small, tmp_path, variant):
 
 
 def test_lora_reference_is_the_adapter_disabled_base(tiny, small, tmp_path):
-    result = train_dpo(dpo_config(tiny, small, tmp_path / "lora", max_steps=3, lr=1e-2,
-                                  **{"lora.r": 4, "lora.alpha": 8, "dpo.precompute_ref": False}))
+    result = train_dpo(
+        dpo_config(
+            tiny,
+            small,
+            tmp_path / "lora",
+            max_steps=3,
+            lr=1e-2,
+            **{"lora.r": 4, "lora.alpha": 8, "dpo.precompute_ref": False},
+        )
+    )
     assert result.reference is None  # no second model: the base with adapters off is pi_ref
     base = AutoModelForCausalLM.from_pretrained(tiny).state_dict()
     for name, p in result.policy.named_parameters():
@@ -148,9 +183,10 @@ def test_lora_reference_is_the_adapter_disabled_base(tiny, small, tmp_path):
 
 def test_online_rounds_train_on_pairs_sampled_from_the_policy(tiny, prompts, tmp_path):
     # a prompt-only file: every round is online, round 1 included
-    result = train_dpo(dpo_config(tiny, prompts, tmp_path / "online", max_steps=2,
-                                  **{"dpo.rounds": 2, "dpo.prompts_per_round": 12}),
-                       reward_fn=completion_length)
+    result = train_dpo(
+        dpo_config(tiny, prompts, tmp_path / "online", max_steps=2, **{"dpo.rounds": 2, "dpo.prompts_per_round": 12}),
+        reward_fn=completion_length,
+    )
     rows = read_metrics(tmp_path / "online" / "metrics.jsonl")
     assert [r["dpo/round"] for r in rows] == [1, 1, 2, 2]
     for first in (rows[0], rows[2]):  # each round's sampling statistics are logged with its first row
@@ -171,8 +207,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, small, tmp_path):
     # round 1 offline on the pairs, round 2 online; resume at the round boundary (the round's pairs
     # are sampled again, identically) and inside round 2 (its pairs come back from the checkpoint)
     train = small
-    common = dict(max_steps=2, save_every=1, save_total_limit=0,
-                  **{"dpo.rounds": 2, "dpo.prompts_per_round": 8})
+    common = dict(max_steps=2, save_every=1, save_total_limit=0, **{"dpo.rounds": 2, "dpo.prompts_per_round": 8})
     straight = train_dpo(dpo_config(tiny, train, tmp_path / "straight", **common), reward_fn=completion_length)
     final = {k: v.clone() for k, v in straight.policy.state_dict().items()}
     assert read_metrics(tmp_path / "straight" / "metrics.jsonl")[2]["online/pairs"] > 0

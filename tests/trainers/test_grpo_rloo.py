@@ -22,9 +22,18 @@ def prompts(tmp_path_factory):
 
 
 def config(tiny, prompts, out, **over):
-    cfg = {"model": str(tiny), "output_dir": str(out), "data": {"train": str(prompts), "max_length": 40},
-           "generation": {"max_new_tokens": 8}, "batch_size": 4, "lr": 2e-3, "max_steps": 30,
-           "dtype": "float32", "progress": False, "seed": 0}
+    cfg = {
+        "model": str(tiny),
+        "output_dir": str(out),
+        "data": {"train": str(prompts), "max_length": 40},
+        "generation": {"max_new_tokens": 8},
+        "batch_size": 4,
+        "lr": 2e-3,
+        "max_steps": 30,
+        "dtype": "float32",
+        "progress": False,
+        "seed": 0,
+    }
     return with_overrides(cfg, over)
 
 
@@ -34,8 +43,10 @@ def early_late(rows, key="score/mean", n=5):
 
 
 def test_grpo_raises_the_reward_with_bounded_kl(tiny, prompts, tmp_path):
-    result = train_grpo(config(tiny, prompts, tmp_path / "grpo", lr=5e-3, max_steps=40,
-                               **{"grpo.group_size": 4, "kl.coef": 0.1}), reward_fn=digit_fraction)
+    result = train_grpo(
+        config(tiny, prompts, tmp_path / "grpo", lr=5e-3, max_steps=40, **{"grpo.group_size": 4, "kl.coef": 0.1}),
+        reward_fn=digit_fraction,
+    )
     rows = read_metrics(tmp_path / "grpo" / "metrics.jsonl")
     start, end = early_late(rows)
     assert end > start + 0.15, (start, end)
@@ -44,8 +55,9 @@ def test_grpo_raises_the_reward_with_bounded_kl(tiny, prompts, tmp_path):
     assert result.reference is not None
 
 
-def test_grpo_without_kl_loads_no_reference_and_dr_grpo_and_dapo_options_take_effect(tiny, prompts, tmp_path,
-                                                                                      monkeypatch):
+def test_grpo_without_kl_loads_no_reference_and_dr_grpo_and_dapo_options_take_effect(
+    tiny, prompts, tmp_path, monkeypatch
+):
     """kl.coef=0 loads no reference; scale_rewards=false (Dr. GRPO) centres without dividing by the std;
     loss_aggregation=constant divides by responses x max_new_tokens; clip_high reaches the loss;
     epochs x minibatches optimiser steps; drop_equal_groups masks out the groups with equal scores."""
@@ -54,21 +66,40 @@ def test_grpo_without_kl_loads_no_reference_and_dr_grpo_and_dapo_options_take_ef
     import rufus.models.loading as loading
 
     loads, scales, calls = [], [], []
-    original_load, original_adv, original_loss = (loading.load_causal_lm, advantages.group_advantages,
-                                                  grpo_losses.grpo_policy_loss)
+    original_load, original_adv, original_loss = (
+        loading.load_causal_lm,
+        advantages.group_advantages,
+        grpo_losses.grpo_policy_loss,
+    )
     monkeypatch.setattr(loading, "load_causal_lm", lambda *a, **k: loads.append(a) or original_load(*a, **k))
-    monkeypatch.setattr(advantages, "group_advantages", lambda r, g, **k: scales.append(k["scale"]) or original_adv(r, g, **k))
+    monkeypatch.setattr(
+        advantages, "group_advantages", lambda r, g, **k: scales.append(k["scale"]) or original_adv(r, g, **k)
+    )
 
     def loss_spy(logprobs, old, ref, adv, mask, **kw):
         calls.append({"adv": adv.detach().clone(), "mask": mask.clone(), **kw})
         return original_loss(logprobs, old, ref, adv, mask, **kw)
 
     monkeypatch.setattr(grpo_losses, "grpo_policy_loss", loss_spy)
-    result = train_grpo(config(tiny, prompts, tmp_path / "dr", max_steps=6,
-                               **{"grpo.group_size": 4, "kl.coef": 0.0, "grpo.scale_rewards": False,
-                                  "grpo.loss_aggregation": "constant", "grpo.clip_high": 0.28,
-                                  "grpo.epochs": 2, "grpo.minibatches": 2, "grpo.drop_equal_groups": True}),
-                       reward_fn=digit_fraction)
+    result = train_grpo(
+        config(
+            tiny,
+            prompts,
+            tmp_path / "dr",
+            max_steps=6,
+            **{
+                "grpo.group_size": 4,
+                "kl.coef": 0.0,
+                "grpo.scale_rewards": False,
+                "grpo.loss_aggregation": "constant",
+                "grpo.clip_high": 0.28,
+                "grpo.epochs": 2,
+                "grpo.minibatches": 2,
+                "grpo.drop_equal_groups": True,
+            },
+        ),
+        reward_fn=digit_fraction,
+    )
     assert result.reference is None
     assert len(loads) == 1  # the policy only
     rows = read_metrics(tmp_path / "dr" / "metrics.jsonl")
@@ -85,11 +116,21 @@ def test_grpo_without_kl_loads_no_reference_and_dr_grpo_and_dapo_options_take_ef
     assert dropped and all(float(a) == 0.0 for a, _ in dropped)
 
 
-@pytest.mark.parametrize("estimator, lr, steps", [("rloo", 1e-2, 40), ("reinforce_pp", 5e-3, 40),
-                                                 ("reinforce_pp_baseline", 5e-3, 60)])
+@pytest.mark.parametrize(
+    "estimator, lr, steps", [("rloo", 1e-2, 40), ("reinforce_pp", 5e-3, 40), ("reinforce_pp_baseline", 5e-3, 60)]
+)
 def test_rloo_and_reinforce_pp_raise_the_reward(tiny, prompts, tmp_path, estimator, lr, steps):
-    train_rloo(config(tiny, prompts, tmp_path / estimator, lr=lr, max_steps=steps,
-                      **{"rloo.group_size": 4, "rloo.advantage": estimator}), reward_fn=digit_fraction)
+    train_rloo(
+        config(
+            tiny,
+            prompts,
+            tmp_path / estimator,
+            lr=lr,
+            max_steps=steps,
+            **{"rloo.group_size": 4, "rloo.advantage": estimator},
+        ),
+        reward_fn=digit_fraction,
+    )
     rows = read_metrics(tmp_path / estimator / "metrics.jsonl")
     start, end = early_late(rows, "score/mean")
     assert end > start + 0.08 and end > 2.5 * start, (estimator, start, end)
@@ -97,8 +138,7 @@ def test_rloo_and_reinforce_pp_raise_the_reward(tiny, prompts, tmp_path, estimat
     assert torch.isfinite(torch.tensor([r["kl/mean"] for r in rows])).all()
 
 
-def test_grpo_single_update_takes_pi_old_from_its_own_pass_with_the_same_result(tiny, prompts, tmp_path,
-                                                                                monkeypatch):
+def test_grpo_single_update_takes_pi_old_from_its_own_pass_with_the_same_result(tiny, prompts, tmp_path, monkeypatch):
     """grpo.epochs = minibatches = 1: no separate pi_old forward pass; the run (weights, logged KL,
     loss) is the one where pi_old has a pass of its own."""
     import rufus.trainers.online as online

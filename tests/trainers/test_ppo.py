@@ -25,10 +25,22 @@ def prompts(tmp_path_factory):
 
 
 def ppo_config(tiny, prompts, out, **over):
-    cfg = {"model": str(tiny), "output_dir": str(out), "data": {"train": str(prompts), "max_length": 40},
-           "generation": {"max_new_tokens": 8}, "batch_size": 16, "lr": 3e-3, "max_steps": 25,
-           "dtype": "float32", "progress": False, "seed": 0, "kl": {"coef": 0.05},
-           "critic": {"lr": 3e-3}, "ppo": {"epochs": 2, "minibatches": 2}, "sample_every": 5}
+    cfg = {
+        "model": str(tiny),
+        "output_dir": str(out),
+        "data": {"train": str(prompts), "max_length": 40},
+        "generation": {"max_new_tokens": 8},
+        "batch_size": 16,
+        "lr": 3e-3,
+        "max_steps": 25,
+        "dtype": "float32",
+        "progress": False,
+        "seed": 0,
+        "kl": {"coef": 0.05},
+        "critic": {"lr": 3e-3},
+        "ppo": {"epochs": 2, "minibatches": 2},
+        "sample_every": 5,
+    }
     return with_overrides(cfg, over)
 
 
@@ -43,10 +55,27 @@ def test_programmatic_reward_rises_with_bounded_kl(tiny, prompts, tmp_path):
     start, end = first_last(rows, "score/mean")
     assert end > start + 0.15, (start, end)
     assert max(r["kl/mean"] for r in rows) < 20.0  # nats over 8 tokens; the penalty holds it there
-    for key in ("reward/mean", "reward/std", "score/mean", "score/std", "kl/mean", "kl/coef", "policy/entropy",
-                "policy/loss", "policy/clipfrac", "policy/approx_kl", "policy/updates", "value/loss", "value/clipfrac",
-                "value/explained_variance", "response/length", "time/rollout_s", "time/train_s", "time/step_s",
-                "tokens_per_s"):
+    for key in (
+        "reward/mean",
+        "reward/std",
+        "score/mean",
+        "score/std",
+        "kl/mean",
+        "kl/coef",
+        "policy/entropy",
+        "policy/loss",
+        "policy/clipfrac",
+        "policy/approx_kl",
+        "policy/updates",
+        "value/loss",
+        "value/clipfrac",
+        "value/explained_variance",
+        "response/length",
+        "time/rollout_s",
+        "time/train_s",
+        "time/step_s",
+        "tokens_per_s",
+    ):
         assert key in rows[-1], key
     assert "ptx/loss" not in rows[-1]  # PPO-ptx is off
     # reward = score - beta * KL per response, so the means differ by beta times the mean KL
@@ -66,8 +95,9 @@ def test_programmatic_reward_rises_with_bounded_kl(tiny, prompts, tmp_path):
 
 def test_bfloat16_ppo_still_raises_the_reward(tiny, prompts, tmp_path):
     """dtype=bfloat16: actor and critic in bfloat16 with float32 masters, reference in bfloat16."""
-    result = train_ppo(ppo_config(tiny, prompts, tmp_path / "run", max_steps=40, dtype="bfloat16"),
-                       reward_fn=digit_fraction)
+    result = train_ppo(
+        ppo_config(tiny, prompts, tmp_path / "run", max_steps=40, dtype="bfloat16"), reward_fn=digit_fraction
+    )
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     start, end = first_last(rows, "score/mean")
     # over seeds 0-3 the rise is 0.08-0.19 in bfloat16 and 0.16-0.20 in float32; without learning
@@ -83,12 +113,28 @@ def test_learned_reward_model_rises_and_stays_frozen(tiny, prompts, tmp_path):
 
     # an RM that prefers responses with "yes" in them
     prefs = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(128, seed=1))
-    rm = train_reward_model({"model": str(tiny), "output_dir": str(tmp_path / "rm"), "dtype": "float32",
-                             "data": {"train": str(prefs), "max_length": 48}, "batch_size": 16, "lr": 3e-3,
-                             "max_steps": 40, "progress": False})
+    rm = train_reward_model(
+        {
+            "model": str(tiny),
+            "output_dir": str(tmp_path / "rm"),
+            "dtype": "float32",
+            "data": {"train": str(prefs), "max_length": 48},
+            "batch_size": 16,
+            "lr": 3e-3,
+            "max_steps": 40,
+            "progress": False,
+        }
+    )
     before = {k: v.clone() for k, v in rm.model.state_dict().items()}
-    result = train_ppo(ppo_config(tiny, prompts, tmp_path / "ppo_rm", max_steps=25,
-                                  **{"reward.model": [str(rm.final_dir)], "critic.model": str(rm.final_dir)}))
+    result = train_ppo(
+        ppo_config(
+            tiny,
+            prompts,
+            tmp_path / "ppo_rm",
+            max_steps=25,
+            **{"reward.model": [str(rm.final_dir)], "critic.model": str(rm.final_dir)},
+        )
+    )
     rows = read_metrics(tmp_path / "ppo_rm" / "metrics.jsonl")
     start, end = first_last(rows, "score/mean")
     assert end > start + 0.3, (start, end)
@@ -102,8 +148,10 @@ def test_learned_reward_model_rises_and_stays_frozen(tiny, prompts, tmp_path):
 def test_lora_ppo_uses_the_adapter_disabled_base_as_reference(tiny, prompts, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    result = train_ppo(ppo_config(tiny, prompts, tmp_path / "lora", max_steps=8, lr=1e-2,
-                                  **{"lora.r": 4, "lora.alpha": 8}), reward_fn=digit_fraction)
+    result = train_ppo(
+        ppo_config(tiny, prompts, tmp_path / "lora", max_steps=8, lr=1e-2, **{"lora.r": 4, "lora.alpha": 8}),
+        reward_fn=digit_fraction,
+    )
     assert result.reference is None  # no second copy of the base weights
     base = AutoModelForCausalLM.from_pretrained(tiny).state_dict()
     for name, p in result.policy.named_parameters():
@@ -143,9 +191,16 @@ def test_shared_critic_and_ptx_learn(tiny, prompts, tmp_path):
     from tests.helpers import sft_rows
 
     ptx = write_jsonl(tmp_path / "ptx.jsonl", sft_rows(8))
-    result = train_ppo(ppo_config(tiny, prompts, tmp_path / "shared", max_steps=40,
-                                  **{"critic.shared": True, "ptx.coef": 0.05, "ptx.data": str(ptx), "ptx.batch_size": 4}),
-                       reward_fn=digit_fraction)
+    result = train_ppo(
+        ppo_config(
+            tiny,
+            prompts,
+            tmp_path / "shared",
+            max_steps=40,
+            **{"critic.shared": True, "ptx.coef": 0.05, "ptx.data": str(ptx), "ptx.batch_size": 4},
+        ),
+        reward_fn=digit_fraction,
+    )
     rows = read_metrics(tmp_path / "shared" / "metrics.jsonl")
     start, end = first_last(rows, "score/mean")
     # seeds 0-2 rise by 0.12-0.15 (the shared backbone learns more slowly than separate networks)
@@ -168,9 +223,17 @@ def test_ptx_coef_weighs_the_language_model_loss(tiny, prompts, tmp_path):
     ptx = write_jsonl(tmp_path / "ptx.jsonl", sft_rows(8))
     last = {}
     for coef in (1e-6, 1.0):
-        train_ppo(ppo_config(tiny, prompts, tmp_path / f"ptx{coef}", max_steps=8, batch_size=8,
-                             **{"ptx.coef": coef, "ptx.data": str(ptx), "ptx.batch_size": 8}),
-                  reward_fn=digit_fraction)
+        train_ppo(
+            ppo_config(
+                tiny,
+                prompts,
+                tmp_path / f"ptx{coef}",
+                max_steps=8,
+                batch_size=8,
+                **{"ptx.coef": coef, "ptx.data": str(ptx), "ptx.batch_size": 8},
+            ),
+            reward_fn=digit_fraction,
+        )
         rows = read_metrics(tmp_path / f"ptx{coef}" / "metrics.jsonl")
         last[coef] = sum(r["ptx/loss"] for r in rows[-3:]) / 3
     assert last[1.0] < 0.8 * last[1e-6], last

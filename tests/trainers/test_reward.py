@@ -19,12 +19,23 @@ from tests.helpers import preference_rows, ranking_rows, with_overrides, write_j
 @pytest.fixture(scope="module")
 def prefs(tmp_path_factory):
     d = tmp_path_factory.mktemp("prefs")
-    return write_jsonl(d / "train.jsonl", preference_rows(256, seed=1)), write_jsonl(d / "eval.jsonl", preference_rows(128, seed=2))
+    return write_jsonl(d / "train.jsonl", preference_rows(256, seed=1)), write_jsonl(
+        d / "eval.jsonl", preference_rows(128, seed=2)
+    )
 
 
 def rm_config(tiny_model, train, out, **over):
-    cfg = {"model": str(tiny_model), "output_dir": str(out), "data": {"train": str(train), "max_length": 48},
-           "batch_size": 16, "lr": 3e-3, "max_steps": 60, "dtype": "float32", "progress": False, "log_every": 10}
+    cfg = {
+        "model": str(tiny_model),
+        "output_dir": str(out),
+        "data": {"train": str(train), "max_length": 48},
+        "batch_size": 16,
+        "lr": 3e-3,
+        "max_steps": 60,
+        "dtype": "float32",
+        "progress": False,
+        "log_every": 10,
+    }
     return with_overrides(cfg, over)
 
 
@@ -38,7 +49,9 @@ def test_new_head_init_scale(tiny_model):
 def test_left_and_right_padding_score_the_same(tiny_model):
     tok = load_tokenizer(str(tiny_model))
     model = load_reward_model(str(tiny_model), tokenizer=tok).eval()
-    seqs = [encode_for_reward(tok, "what is one ?", r) for r in (" yes", " the cat sat on a mat and ran to sea .", " no")]
+    seqs = [
+        encode_for_reward(tok, "what is one ?", r) for r in (" yes", " the cat sat on a mat and ran to sea .", " no")
+    ]
     with torch.no_grad():
         right = RewardCollator(tok.pad_token_id, padding_side="right")(seqs)
         left = RewardCollator(tok.pad_token_id, padding_side="left")(seqs)
@@ -51,8 +64,9 @@ def test_left_and_right_padding_score_the_same(tiny_model):
 
 def test_learns_the_synthetic_taste_and_normalises(tiny_model, prefs, tmp_path):
     train, held_out = prefs
-    result = train_reward_model(rm_config(tiny_model, train, tmp_path / "rm", max_steps=150, eval_every=50,
-                                          **{"data.eval": str(held_out)}))
+    result = train_reward_model(
+        rm_config(tiny_model, train, tmp_path / "rm", max_steps=150, eval_every=50, **{"data.eval": str(held_out)})
+    )
     assert result.eval["rm/accuracy"] >= 0.95, result.eval
     logged = [r for r in result.metrics if "rm/accuracy" in r]
     assert {"rm/accuracy", "rm/margin", "rm/ece"} <= set(logged[-1])
@@ -74,11 +88,22 @@ def test_learns_the_synthetic_taste_and_normalises(tiny_model, prefs, tmp_path):
 def test_k4_rankings_train(tiny_model, tmp_path):
     train = write_jsonl(tmp_path / "rank.jsonl", ranking_rows(128, seed=3))
     held = write_jsonl(tmp_path / "rank_eval.jsonl", ranking_rows(32, seed=4))
-    result = train_reward_model(rm_config(tiny_model, train, tmp_path / "rank", max_steps=80, batch_size=8,
-                                          **{"rm.format": "ranking", "data.eval": str(held)}))
+    result = train_reward_model(
+        rm_config(
+            tiny_model,
+            train,
+            tmp_path / "rank",
+            max_steps=80,
+            batch_size=8,
+            **{"rm.format": "ranking", "data.eval": str(held)},
+        )
+    )
     first = result.metrics[0]["rm/train_accuracy"]
     assert result.eval["rm/accuracy"] >= 0.85 and result.eval["rm/accuracy"] > first
-    assert eval_reward_model({"model": str(result.final_dir), "data": str(held), "format": "ranking"})["rm/pairs"] == 32 * 6
+    assert (
+        eval_reward_model({"model": str(result.final_dir), "data": str(held), "format": "ranking"})["rm/pairs"]
+        == 32 * 6
+    )
 
 
 def _train_gaps(model, tokenizer, rows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,9 +111,12 @@ def _train_gaps(model, tokenizer, rows) -> tuple[torch.Tensor, torch.Tensor]:
     collate = RewardCollator(tokenizer.pad_token_id)
     model.eval()
     with torch.no_grad():
-        scores = [raw_scores(model, b["input_ids"], b["attention_mask"])
-                  for b in (collate([encode_for_reward(tokenizer, r["prompt"], r[k]) for r in rows])
-                            for k in ("chosen", "rejected"))]
+        scores = [
+            raw_scores(model, b["input_ids"], b["attention_mask"])
+            for b in (
+                collate([encode_for_reward(tokenizer, r["prompt"], r[k]) for r in rows]) for k in ("chosen", "rejected")
+            )
+        ]
     return torch.cat(scores), scores[0] - scores[1]
 
 
@@ -106,8 +134,14 @@ def test_centering_and_margin_put_the_logistic_scores_where_the_formula_says(tin
     rows = preference_rows(256, seed=1)  # the training file's rows
     tok = load_tokenizer(str(tiny_model))
     for margin, expected_gap in ((None, 2.128), (3.0, 4.296)):
-        result = train_reward_model(rm_config(tiny_model, train, tmp_path / f"m{margin}",
-                                              **{"rm.center_coef": 0.1, "rm.margin": margin, "rm.normalize": False}))
+        result = train_reward_model(
+            rm_config(
+                tiny_model,
+                train,
+                tmp_path / f"m{margin}",
+                **{"rm.center_coef": 0.1, "rm.margin": margin, "rm.normalize": False},
+            )
+        )
         scores, gaps = _train_gaps(result.model, tok, rows)
         assert abs(scores.mean().item()) < 0.1, (margin, scores.mean().item())
         assert gaps.mean().item() == pytest.approx(expected_gap, rel=0.05), margin
@@ -120,13 +154,31 @@ def test_hinge_with_centering_settles_at_the_margin_after_a_pointwise_warmup(tin
     # every gap settles at g = m = 2 and the mean score at 0. (Without centering the hinge stops
     # pushing but nothing pulls back: observed gaps 4.6-8.1 for m = 1.)
     train, held_out = prefs
-    graded = write_jsonl(tmp_path / "graded.jsonl",
-                         [{"prompt": r["prompt"], "completion": r[k], "score": float(k == "chosen")}
-                          for r in preference_rows(32, seed=5) for k in ("chosen", "rejected")])
-    result = train_reward_model(rm_config(
-        tiny_model, train, tmp_path / "hinge", max_steps=60,
-        **{"rm.loss": "hinge", "rm.margin": 2.0, "rm.center_coef": 0.1, "rm.pointwise_data": str(graded),
-           "rm.pointwise_steps": 10, "rm.normalize": False, "data.eval": str(held_out)}))
+    graded = write_jsonl(
+        tmp_path / "graded.jsonl",
+        [
+            {"prompt": r["prompt"], "completion": r[k], "score": float(k == "chosen")}
+            for r in preference_rows(32, seed=5)
+            for k in ("chosen", "rejected")
+        ],
+    )
+    result = train_reward_model(
+        rm_config(
+            tiny_model,
+            train,
+            tmp_path / "hinge",
+            max_steps=60,
+            **{
+                "rm.loss": "hinge",
+                "rm.margin": 2.0,
+                "rm.center_coef": 0.1,
+                "rm.pointwise_data": str(graded),
+                "rm.pointwise_steps": 10,
+                "rm.normalize": False,
+                "data.eval": str(held_out),
+            },
+        )
+    )
     stages = [r["stage"] for r in result.metrics if "stage" in r]
     assert stages[0] == "pointwise" and stages[-1] == "pairwise"
     assert result.eval["rm/accuracy"] >= 0.9
@@ -139,8 +191,16 @@ def test_hinge_with_centering_settles_at_the_margin_after_a_pointwise_warmup(tin
 def test_lora_reward_model(tiny_model, prefs, tmp_path):
     train, held_out = prefs
     before = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1).state_dict()
-    result = train_reward_model(rm_config(tiny_model, train, tmp_path / "lora", max_steps=80, lr=1e-2,
-                                          **{"lora.r": 8, "lora.alpha": 16, "data.eval": str(held_out)}))
+    result = train_reward_model(
+        rm_config(
+            tiny_model,
+            train,
+            tmp_path / "lora",
+            max_steps=80,
+            lr=1e-2,
+            **{"lora.r": 8, "lora.alpha": 16, "data.eval": str(held_out)},
+        )
+    )
     assert result.eval["rm/accuracy"] >= 0.8
     for name, p in result.model.named_parameters():
         if "lora_" not in name and "score" not in name and "modules_to_save" not in name:

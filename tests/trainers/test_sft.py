@@ -23,8 +23,17 @@ def train_file(tmp_path_factory):
 
 
 def base_config(tiny_model, train_file, out, **over):
-    cfg = {"model": str(tiny_model), "output_dir": str(out), "data": {"train": str(train_file), "max_length": 48},
-           "batch_size": 8, "lr": 3e-3, "max_steps": 20, "dtype": "float32", "progress": False, "seed": 1}
+    cfg = {
+        "model": str(tiny_model),
+        "output_dir": str(out),
+        "data": {"train": str(train_file), "max_length": 48},
+        "batch_size": 8,
+        "lr": 3e-3,
+        "max_steps": 20,
+        "dtype": "float32",
+        "progress": False,
+        "seed": 1,
+    }
     for k, v in over.items():
         if "." in k:
             section, key = k.split(".", 1)
@@ -41,8 +50,11 @@ def logits_of(model, ids):
 
 
 def test_memorises_eight_examples_and_final_reloads(tiny_model, train_file, tmp_path):
-    result = train_sft(base_config(tiny_model, train_file, tmp_path / "run", max_steps=100, log_every=10,
-                                   **{"data.eval": str(train_file)}))
+    result = train_sft(
+        base_config(
+            tiny_model, train_file, tmp_path / "run", max_steps=100, log_every=10, **{"data.eval": str(train_file)}
+        )
+    )
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses[-1] <= 0.5 * losses[0], losses
@@ -61,7 +73,9 @@ def test_memorises_eight_examples_and_final_reloads(tiny_model, train_file, tmp_
 def test_bfloat16_trains_through_float32_masters_and_saves_them(tiny_model, train_file, tmp_path):
     """dtype=bfloat16: bfloat16 weights compute, float32 masters update (rufus.precision); the loss
     tracks the float32 run's, and final/ holds the float32 masters, not the rounded weights."""
-    result = train_sft(base_config(tiny_model, train_file, tmp_path / "bf16", dtype="bfloat16", max_steps=30, log_every=5))
+    result = train_sft(
+        base_config(tiny_model, train_file, tmp_path / "bf16", dtype="bfloat16", max_steps=30, log_every=5)
+    )
     losses = [r["loss"] for r in read_metrics(tmp_path / "bf16" / "metrics.jsonl")]
     assert all(map(torch.isfinite, torch.tensor(losses)))
     assert losses[-1] < 0.8 * losses[0]
@@ -76,8 +90,11 @@ def test_bfloat16_trains_through_float32_masters_and_saves_them(tiny_model, trai
 
 def test_lora_changes_only_adapters_and_merged_model_reloads(tiny_model, train_file, tmp_path):
     before = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
-    result = train_sft(base_config(tiny_model, train_file, tmp_path / "lora", max_steps=15,
-                                   **{"lora.r": 4, "lora.alpha": 8, "lr": 1e-2}))
+    result = train_sft(
+        base_config(
+            tiny_model, train_file, tmp_path / "lora", max_steps=15, **{"lora.r": 4, "lora.alpha": 8, "lr": 1e-2}
+        )
+    )
     peft_model = result.model
     changed_adapters = 0
     for name, p in peft_model.named_parameters():
@@ -93,13 +110,24 @@ def test_lora_changes_only_adapters_and_merged_model_reloads(tiny_model, train_f
     assert not any("lora" in n for n in reloaded.state_dict())
     ids = torch.tensor([[1, 5, 9, 30, 41, 2]])
     assert torch.allclose(logits_of(reloaded, ids), logits_of(peft_model, ids), atol=1e-5)
-    assert not torch.allclose(logits_of(reloaded, ids), logits_of(AutoModelForCausalLM.from_pretrained(tiny_model), ids))
+    assert not torch.allclose(
+        logits_of(reloaded, ids), logits_of(AutoModelForCausalLM.from_pretrained(tiny_model), ids)
+    )
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: the masters are in the checkpoint
 def test_resume_reproduces_the_uninterrupted_run(tiny_model, train_file, tmp_path, dtype):
-    common = dict(max_steps=20, save_every=10, save_total_limit=0, batch_size=4, grad_accum=2, lr=1e-3,
-                  warmup_steps=3, scheduler="cosine", dtype=dtype)
+    common = dict(
+        max_steps=20,
+        save_every=10,
+        save_total_limit=0,
+        batch_size=4,
+        grad_accum=2,
+        lr=1e-3,
+        warmup_steps=3,
+        scheduler="cosine",
+        dtype=dtype,
+    )
     straight = train_sft(base_config(tiny_model, train_file, tmp_path / "straight", **common))
     # an interrupted run: only its step-10 checkpoint and what it logged up to then survive
     cut = tmp_path / "cut"
@@ -114,6 +142,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model, train_file, tmp_pat
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-7, rtol=0), k
+
     def untimed(rs):
         return [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s"))} for r in rs]
 
@@ -160,8 +189,10 @@ def test_grad_accum_does_not_change_the_updates(tiny_model, tmp_path):
 
 
 def test_chat_messages_train_on_assistant_turns(tiny_model, tmp_path):
-    rows = [{"messages": [{"role": "user", "content": f"what is {i} ?"},
-                          {"role": "assistant", "content": f"{i} is {i} ."}]} for i in range(8)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"what is {i} ?"}, {"role": "assistant", "content": f"{i} is {i} ."}]}
+        for i in range(8)
+    ]
     data = write_jsonl(tmp_path / "chat.jsonl", rows)
     result = train_sft(base_config(tiny_model, data, tmp_path / "chat", max_steps=40, log_every=5))
     losses = [r["loss"] for r in result.metrics]

@@ -24,8 +24,17 @@ def run_sft(args: list[str], nproc: int, cwd) -> None:
 def test_two_processes_match_one(tmp_path, tiny_model):
     model = tiny_model
     train = write_jsonl(tmp_path / "train.jsonl", sft_rows(16))
-    common = [f"model={model}", f"data.train={train}", "data.max_length=48", "batch_size=8", "max_steps=6",
-              "lr=3e-3", "dtype=float32", "progress=false", "seed=3"]
+    common = [
+        f"model={model}",
+        f"data.train={train}",
+        "data.max_length=48",
+        "batch_size=8",
+        "max_steps=6",
+        "lr=3e-3",
+        "dtype=float32",
+        "progress=false",
+        "seed=3",
+    ]
     run_sft(common + [f"output_dir={tmp_path / 'one'}", "grad_accum=2"], 1, tmp_path)
     run_sft(common + [f"output_dir={tmp_path / 'two'}"], 2, tmp_path)
     one = [r["loss"] for r in read_metrics(tmp_path / "one" / "metrics.jsonl")]

@@ -80,13 +80,17 @@ class ActorCritic(nn.Module):
     def __init__(self, obs_dim: int, n_actions: int, hidden: int = 64):
         super().__init__()
         self.critic = nn.Sequential(
-            layer_init(nn.Linear(obs_dim, hidden)), nn.Tanh(),
-            layer_init(nn.Linear(hidden, hidden)), nn.Tanh(),
+            layer_init(nn.Linear(obs_dim, hidden)),
+            nn.Tanh(),
+            layer_init(nn.Linear(hidden, hidden)),
+            nn.Tanh(),
             layer_init(nn.Linear(hidden, 1), std=1.0),
         )
         self.actor = nn.Sequential(
-            layer_init(nn.Linear(obs_dim, hidden)), nn.Tanh(),
-            layer_init(nn.Linear(hidden, hidden)), nn.Tanh(),
+            layer_init(nn.Linear(obs_dim, hidden)),
+            nn.Tanh(),
+            layer_init(nn.Linear(hidden, hidden)),
+            nn.Tanh(),
             layer_init(nn.Linear(hidden, n_actions), std=0.01),
         )
 
@@ -105,8 +109,10 @@ def check_config(cfg: A2CConfig) -> None:
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key}: must be >= 1, got {getattr(cfg, key)}")
     if cfg.total_steps < cfg.num_envs * cfg.n_steps:
-        raise ConfigError(f"total_steps: {cfg.total_steps} is less than one update "
-                          f"(num_envs * n_steps = {cfg.num_envs * cfg.n_steps})")
+        raise ConfigError(
+            f"total_steps: {cfg.total_steps} is less than one update "
+            f"(num_envs * n_steps = {cfg.num_envs * cfg.n_steps})"
+        )
     for key in ("gamma", "gae_lambda"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise ConfigError(f"{key}: must be in [0, 1], got {getattr(cfg, key)}")
@@ -129,7 +135,6 @@ def env_dims(env, env_id: str) -> tuple[int, int]:
     if not isinstance(obs_space, gym.spaces.Box):
         raise ConfigError(f"env: {env_id} needs a Box observation space, got {obs_space}")
     return int(np.prod(obs_space.shape)), int(act_space.n)
-
 
 
 def train_a2c(config) -> ClassicResult:
@@ -200,12 +205,23 @@ def train_a2c(config) -> ClassicResult:
         if global_step >= next_log or update == num_updates:
             next_log = global_step + cfg.log_every
             ev = ppo_losses.explained_variance(values.detach().T, returns, mask)
-            run.log(global_step, policy_loss=pg_loss.item(), value_loss=v_loss.item(), entropy=entropy.item(),
-                    explained_variance=ev, lr=optimizer.param_groups[0]["lr"])
+            run.log(
+                global_step,
+                policy_loss=pg_loss.item(),
+                value_loss=v_loss.item(),
+                entropy=entropy.item(),
+                explained_variance=ev,
+                lr=optimizer.param_groups[0]["lr"],
+            )
     envs.close()
 
     greedy = greedy_returns(agent.actor, cfg.env, cfg.seed + 10_000, cfg.eval_episodes)
-    state = {"actor": agent.actor.state_dict(), "critic": agent.critic.state_dict(),
-             "obs_dim": obs_dim, "n_actions": n_actions, "hidden": cfg.hidden}
+    state = {
+        "actor": agent.actor.state_dict(),
+        "critic": agent.critic.state_dict(),
+        "obs_dim": obs_dim,
+        "n_actions": n_actions,
+        "hidden": cfg.hidden,
+    }
     extra = {"greedy_mean_return": float(np.mean(greedy)) if greedy else float("nan"), "greedy_returns": greedy}
     return finish_run(run, agent=agent, state=state, extra=extra)

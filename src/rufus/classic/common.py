@@ -40,11 +40,16 @@ class ClassicArgs:
     env: str = opt("CartPole-v1", "gymnasium environment id")
     seed: int = opt(0, "seed for the environment, the network and the exploration")
     total_steps: int = opt(100_000, "environment steps in all (over all vectorised environments)")
-    output_dir: str | None = opt(None, "where metrics.jsonl, agent.pt and plots/ go (default runs/classic/<algo>-<env>)")
+    output_dir: str | None = opt(
+        None, "where metrics.jsonl, agent.pt and plots/ go (default runs/classic/<algo>-<env>)"
+    )
     progress: bool = opt(True, "show a progress bar")
     log_every: int = opt(1000, "environment steps between rows of training statistics (losses, epsilon)")
-    threads: int = opt(1, "torch threads during the run (small networks: one thread is fastest; "
-                          "several threads on busy cores can be 30x slower)")
+    threads: int = opt(
+        1,
+        "torch threads during the run (small networks: one thread is fastest; "
+        "several threads on busy cores can be 30x slower)",
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -84,20 +89,29 @@ class Run:
         self.episodes: list[tuple[int, float]] = []
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=cfg.total_steps, desc=f"{algo} {cfg.env}", disable=not cfg.progress,
-                        unit="step", dynamic_ncols=True)
+        self.bar = tqdm(
+            total=cfg.total_steps, desc=f"{algo} {cfg.env}", disable=not cfg.progress, unit="step", dynamic_ncols=True
+        )
 
     def episode(self, global_step: int, episodic_return: float, episodic_length: int) -> None:
         """Record a finished episode (one metrics row)."""
         self.episodes.append((int(global_step), float(episodic_return)))
-        self.logger.log(int(global_step), {"global_step": int(global_step), "episodic_return": float(episodic_return),
-                                           "episodic_length": int(episodic_length)})
+        self.logger.log(
+            int(global_step),
+            {
+                "global_step": int(global_step),
+                "episodic_return": float(episodic_return),
+                "episodic_length": int(episodic_length),
+            },
+        )
         recent = [r for _, r in self.episodes[-20:]]
         self.bar.set_postfix(ret=f"{np.mean(recent):.1f}", refresh=False)
 
     def log(self, global_step: int, **metrics: float) -> None:
         """A row of training statistics at `global_step`."""
-        self.logger.log(int(global_step), {"global_step": int(global_step), **{k: float(v) for k, v in metrics.items()}})
+        self.logger.log(
+            int(global_step), {"global_step": int(global_step), **{k: float(v) for k, v in metrics.items()}}
+        )
 
     def advance(self, n: int = 1) -> None:
         self.bar.update(n)
@@ -125,8 +139,9 @@ def finish_run(run: Run, agent, state: dict, extra: dict | None = None) -> Class
     if extra:
         run.log(run.cfg.total_steps, **{k: v for k, v in extra.items() if isinstance(v, (int, float))})
     run.logger.close()
-    return ClassicResult(run.output_dir, run.algo, run.cfg.env, run.episodes, run.logger.rows, agent, path,
-                         dict(extra or {}))
+    return ClassicResult(
+        run.output_dir, run.algo, run.cfg.env, run.episodes, run.logger.rows, agent, path, dict(extra or {})
+    )
 
 
 def load_agent(path: str | Path) -> dict:
@@ -149,7 +164,7 @@ def plot_returns(output_dir: Path, episodes: list[tuple[int, float]], title: str
     if len(returns) >= 2:
         w = min(window, len(returns))
         mean = np.convolve(returns, np.ones(w) / w, mode="valid")
-        ax.plot(steps[w - 1:], mean, label=f"mean of {w}")
+        ax.plot(steps[w - 1 :], mean, label=f"mean of {w}")
     ax.set_xlabel("global step")
     ax.set_ylabel("episodic return")
     ax.set_title(title)
@@ -188,8 +203,9 @@ def make_vec_env(env_id: str, num_envs: int, seed: int, **kwargs):
     def thunk(i):
         return lambda: make_env(env_id, seed + i, **kwargs)
 
-    envs = gym.vector.SyncVectorEnv([thunk(i) for i in range(num_envs)],
-                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    envs = gym.vector.SyncVectorEnv(
+        [thunk(i) for i in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+    )
     envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
     envs.action_space.seed(seed)
     return envs

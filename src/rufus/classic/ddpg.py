@@ -121,15 +121,21 @@ def soft_update(target: nn.Module, online: nn.Module, tau: float) -> None:
         t.mul_(1.0 - tau).add_(o, alpha=tau)
 
 
-def smoothed_target_action(next_action: torch.Tensor, noise: torch.Tensor, noise_clip: torch.Tensor | float,
-                           low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+def smoothed_target_action(
+    next_action: torch.Tensor,
+    noise: torch.Tensor,
+    noise_clip: torch.Tensor | float,
+    low: torch.Tensor,
+    high: torch.Tensor,
+) -> torch.Tensor:
     """TD3's a~ = clip(mu'(s') + clip(noise, -noise_clip, noise_clip), low, high)."""
     clip = torch.as_tensor(noise_clip, dtype=noise.dtype)
     return torch.clamp(next_action + torch.clamp(noise, -clip, clip), low, high)
 
 
-def bootstrap_target(reward: torch.Tensor, terminated: torch.Tensor, next_q: torch.Tensor,
-                     gamma: float) -> torch.Tensor:
+def bootstrap_target(
+    reward: torch.Tensor, terminated: torch.Tensor, next_q: torch.Tensor, gamma: float
+) -> torch.Tensor:
     """y = r + gamma * (1 - terminated) * min over critics of Q'(s', a').
 
     `next_q` is (n_q, batch): one row for DDPG, two for TD3 (the min is then the clipped double-Q
@@ -188,8 +194,9 @@ class ReplayBuffer:
 
     def sample(self, n: int) -> tuple[torch.Tensor, ...]:
         idx = self.rng.integers(0, self.size, size=n)
-        return tuple(torch.from_numpy(a[idx]) for a in
-                     (self.obs, self.actions, self.rewards, self.next_obs, self.terminated))
+        return tuple(
+            torch.from_numpy(a[idx]) for a in (self.obs, self.actions, self.rewards, self.next_obs, self.terminated)
+        )
 
 
 # --- training -------------------------------------------------------------------------------------
@@ -234,8 +241,7 @@ def _continuous_env(cfg: DDPGConfig, seed: int):
         raise ConfigError(f"env: DDPG/TD3 need finite action bounds, {cfg.env} has {env.action_space}")
     if not isinstance(env.observation_space, gym.spaces.Box):
         env.close()
-        raise ConfigError(f"env: DDPG/TD3 need a Box observation space, {cfg.env} has "
-                          f"{env.observation_space}")
+        raise ConfigError(f"env: DDPG/TD3 need a Box observation space, {cfg.env} has {env.observation_space}")
     return env
 
 
@@ -366,9 +372,19 @@ def _train(cfg: DDPGConfig, algo: str) -> ClassicResult:
 
     actor.eval()
     greedy = greedy_returns(actor, cfg.env, cfg.eval_episodes, cfg.seed + 10_000) if cfg.eval_episodes else []
-    extra = {"greedy_mean_return": float(np.mean(greedy)) if greedy else float("nan"),
-             "greedy_returns": greedy, "updates": updates}
-    state = {"actor": actor.state_dict(), "critic": critic.state_dict(),
-             "obs_dim": obs_dim, "act_dim": act_dim, "action_low": low, "action_high": high,
-             "hidden_sizes": list(cfg.hidden_sizes), "n_q": n_q}
+    extra = {
+        "greedy_mean_return": float(np.mean(greedy)) if greedy else float("nan"),
+        "greedy_returns": greedy,
+        "updates": updates,
+    }
+    state = {
+        "actor": actor.state_dict(),
+        "critic": critic.state_dict(),
+        "obs_dim": obs_dim,
+        "act_dim": act_dim,
+        "action_low": low,
+        "action_high": high,
+        "hidden_sizes": list(cfg.hidden_sizes),
+        "n_q": n_q,
+    }
     return finish_run(run, agent=actor, state=state, extra=extra)

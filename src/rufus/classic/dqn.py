@@ -127,8 +127,13 @@ def linear_epsilon(step: int, start: float, end: float, duration: int) -> float:
     return start + (end - start) * min(step / duration, 1.0)
 
 
-def td_targets(rewards: torch.Tensor, terminated: torch.Tensor, next_q_target: torch.Tensor, gamma: float,
-               next_q_online: torch.Tensor | None = None) -> torch.Tensor:
+def td_targets(
+    rewards: torch.Tensor,
+    terminated: torch.Tensor,
+    next_q_target: torch.Tensor,
+    gamma: float,
+    next_q_online: torch.Tensor | None = None,
+) -> torch.Tensor:
     """y = r + gamma * (1 - terminated) * V(s'), with V(s') = max_a' Q_target(s', a'), or with
     `next_q_online` (double DQN) V(s') = Q_target(s', argmax_a' Q_online(s', a'))."""
     if next_q_online is None:
@@ -139,8 +144,14 @@ def td_targets(rewards: torch.Tensor, terminated: torch.Tensor, next_q_target: t
     return rewards + gamma * (1.0 - terminated) * next_value
 
 
-def dqn_loss(q_network: nn.Module, target_network: nn.Module, batch: dict[str, torch.Tensor], gamma: float,
-             double_dqn: bool = False, loss: str = "mse") -> tuple[torch.Tensor, torch.Tensor]:
+def dqn_loss(
+    q_network: nn.Module,
+    target_network: nn.Module,
+    batch: dict[str, torch.Tensor],
+    gamma: float,
+    double_dqn: bool = False,
+    loss: str = "mse",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss of Q(s, a) against the TD target -- mean squared error or Huber --, Q(s, a) of the batch)."""
     q_taken = q_network(batch["obs"]).gather(1, batch["actions"].long().unsqueeze(1)).squeeze(1)
     with torch.no_grad():
@@ -271,8 +282,9 @@ def train_dqn(config) -> ClassicResult:
         step = global_step + 1  # environment steps taken so far
         if step > cfg.learning_starts:
             if step % cfg.train_every == 0:
-                loss, q_taken = dqn_loss(q_network, target_network, buffer.sample(cfg.batch_size), cfg.gamma,
-                                         cfg.double_dqn, cfg.loss)
+                loss, q_taken = dqn_loss(
+                    q_network, target_network, buffer.sample(cfg.batch_size), cfg.gamma, cfg.double_dqn, cfg.loss
+                )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.max_grad_norm > 0:
@@ -295,6 +307,11 @@ def train_dqn(config) -> ClassicResult:
     if cfg.eval_episodes > 0:
         returns = evaluate(q_network, cfg.env, cfg.eval_episodes, seed=cfg.seed + 10_000)
         extra = {"greedy_mean_return": float(np.mean(returns)), "greedy_returns": returns}
-    state = {"q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
-             "obs_dim": obs_dim, "n_actions": n_actions, "hidden_sizes": list(cfg.hidden_sizes)}
+    state = {
+        "q_network": q_network.state_dict(),
+        "target_network": target_network.state_dict(),
+        "obs_dim": obs_dim,
+        "n_actions": n_actions,
+        "hidden_sizes": list(cfg.hidden_sizes),
+    }
     return finish_run(run, agent=q_network, state=state, extra=extra)

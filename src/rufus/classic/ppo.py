@@ -88,13 +88,17 @@ class ActorCritic(nn.Module):
     def __init__(self, obs_dim: int, n_actions: int, hidden: int = 64):
         super().__init__()
         self.critic = nn.Sequential(
-            layer_init(nn.Linear(obs_dim, hidden)), nn.Tanh(),
-            layer_init(nn.Linear(hidden, hidden)), nn.Tanh(),
+            layer_init(nn.Linear(obs_dim, hidden)),
+            nn.Tanh(),
+            layer_init(nn.Linear(hidden, hidden)),
+            nn.Tanh(),
             layer_init(nn.Linear(hidden, 1), std=1.0),
         )
         self.actor = nn.Sequential(
-            layer_init(nn.Linear(obs_dim, hidden)), nn.Tanh(),
-            layer_init(nn.Linear(hidden, hidden)), nn.Tanh(),
+            layer_init(nn.Linear(obs_dim, hidden)),
+            nn.Tanh(),
+            layer_init(nn.Linear(hidden, hidden)),
+            nn.Tanh(),
             layer_init(nn.Linear(hidden, n_actions), std=0.01),
         )
 
@@ -114,8 +118,9 @@ def check_config(cfg: PPOConfig) -> None:
             raise ConfigError(f"{key}: must be >= 1, got {getattr(cfg, key)}")
     batch = cfg.num_envs * cfg.num_steps
     if batch % cfg.num_minibatches:
-        raise ConfigError(f"num_minibatches: {cfg.num_minibatches} does not divide the batch "
-                          f"num_envs * num_steps = {batch}")
+        raise ConfigError(
+            f"num_minibatches: {cfg.num_minibatches} does not divide the batch num_envs * num_steps = {batch}"
+        )
     if cfg.total_steps < batch:
         raise ConfigError(f"total_steps: {cfg.total_steps} is less than one rollout (num_envs * num_steps = {batch})")
     for key in ("gamma", "lam"):
@@ -139,7 +144,6 @@ def env_dims(env, env_id: str) -> tuple[int, int]:
     if not isinstance(obs_space, gym.spaces.Box):
         raise ConfigError(f"env: {env_id} needs a Box observation space, got {obs_space}")
     return int(np.prod(obs_space.shape)), int(act_space.n)
-
 
 
 def train_ppo(config) -> ClassicResult:
@@ -205,12 +209,18 @@ def train_ppo(config) -> ClassicResult:
         b_returns = returns.T.reshape(batch_size)
 
         # 3. update_epochs passes of shuffled minibatches through the shared PPO losses
-        stats = {"policy_loss": [], "value_loss": [], "entropy": [], "approx_kl": [], "clipfrac": [],
-                 "value_clipfrac": []}
+        stats = {
+            "policy_loss": [],
+            "value_loss": [],
+            "entropy": [],
+            "approx_kl": [],
+            "clipfrac": [],
+            "value_clipfrac": [],
+        }
         for _epoch in range(cfg.update_epochs):
             perm = torch.randperm(batch_size)
             for start in range(0, batch_size, minibatch_size):
-                idx = perm[start:start + minibatch_size]
+                idx = perm[start : start + minibatch_size]
                 dist = agent.dist(b_obs[idx])
                 new_logprobs = dist.log_prob(b_actions[idx])
                 entropy = dist.entropy().mean()
@@ -219,12 +229,20 @@ def train_ppo(config) -> ClassicResult:
                 if cfg.norm_adv:  # detail 7
                     mb_adv = adv_fns.whiten(mb_adv, mb_mask)
                 pg_loss, pg_stats = ppo_losses.policy_loss(
-                    new_logprobs[None], b_logprobs[idx][None], mb_adv, mb_mask,
-                    clip=cfg.clip_coef, aggregation="token",
+                    new_logprobs[None],
+                    b_logprobs[idx][None],
+                    mb_adv,
+                    mb_mask,
+                    clip=cfg.clip_coef,
+                    aggregation="token",
                 )
                 v_loss, v_stats = ppo_losses.value_loss(
-                    new_values[None], b_values[idx][None], b_returns[idx][None], mb_mask,
-                    clip=cfg.clip_coef if cfg.clip_vloss else None, aggregation="token",
+                    new_values[None],
+                    b_values[idx][None],
+                    b_returns[idx][None],
+                    mb_mask,
+                    clip=cfg.clip_coef if cfg.clip_vloss else None,
+                    aggregation="token",
                 )
                 loss = pg_loss - cfg.ent_coef * entropy + cfg.vf_coef * v_loss
                 optimizer.zero_grad()
@@ -244,12 +262,21 @@ def train_ppo(config) -> ClassicResult:
         if global_step >= next_log or iteration == num_iterations:
             next_log = global_step + cfg.log_every
             ev = ppo_losses.explained_variance(b_values[None], b_returns[None], torch.ones(1, batch_size))
-            run.log(global_step, **{k: float(np.mean(v)) for k, v in stats.items()},
-                    explained_variance=ev, lr=optimizer.param_groups[0]["lr"])
+            run.log(
+                global_step,
+                **{k: float(np.mean(v)) for k, v in stats.items()},
+                explained_variance=ev,
+                lr=optimizer.param_groups[0]["lr"],
+            )
     envs.close()
 
     greedy = greedy_returns(agent.actor, cfg.env, cfg.seed + 10_000, cfg.eval_episodes)
-    state = {"actor": agent.actor.state_dict(), "critic": agent.critic.state_dict(),
-             "obs_dim": obs_dim, "n_actions": n_actions, "hidden": cfg.hidden}
+    state = {
+        "actor": agent.actor.state_dict(),
+        "critic": agent.critic.state_dict(),
+        "obs_dim": obs_dim,
+        "n_actions": n_actions,
+        "hidden": cfg.hidden,
+    }
     extra = {"greedy_mean_return": float(np.mean(greedy)) if greedy else float("nan"), "greedy_returns": greedy}
     return finish_run(run, agent=agent, state=state, extra=extra)

@@ -52,7 +52,8 @@ class ReinforceConfig(ClassicArgs):
     episodes_per_update: int = opt(4, "whole episodes collected for each gradient step")
     gamma: float = opt(0.99, "discount of the reward-to-go")
     baseline: Literal["value", "mean", "none"] = opt(
-        "value", "b(s): value = a learned value network, mean = the batch's mean return-to-go, none = 0")
+        "value", "b(s): value = a learned value network, mean = the batch's mean return-to-go, none = 0"
+    )
     normalize_advantages: bool = opt(True, "divide G_t - b by its standard deviation over the batch")
     lr: float = opt(3e-3, "Adam learning rate of the policy")
     value_lr: float = opt(1e-2, "Adam learning rate of the value baseline (baseline=value)")
@@ -63,8 +64,9 @@ class ReinforceConfig(ClassicArgs):
 
 def mlp(inp: int, out: int, hidden: int) -> nn.Sequential:
     """inp -> hidden -> tanh -> hidden -> tanh -> out."""
-    return nn.Sequential(nn.Linear(inp, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
-                         nn.Linear(hidden, out))
+    return nn.Sequential(
+        nn.Linear(inp, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, out)
+    )
 
 
 def check_config(cfg: ReinforceConfig) -> None:
@@ -92,7 +94,6 @@ def env_dims(env, env_id: str) -> tuple[int, int]:
     if not isinstance(env.observation_space, gym.spaces.Box):
         raise ConfigError(f"env: {env_id} needs a Box observation space, got {env.observation_space}")
     return int(np.prod(env.observation_space.shape)), int(env.action_space.n)
-
 
 
 def train_reinforce(config) -> ClassicResult:
@@ -142,8 +143,8 @@ def train_reinforce(config) -> ClassicResult:
         rewards = torch.zeros(E, L)
         mask = torch.zeros(E, L)
         for i, r in enumerate(ep_rewards):
-            rewards[i, :len(r)] = r
-            mask[i, :len(r)] = 1.0
+            rewards[i, : len(r)] = r
+            mask[i, : len(r)] = 1.0
         returns = adv_fns.reinforce_pp_returns(rewards, mask, gamma=cfg.gamma)  # (E, L) G_t
         g = returns[mask.bool()]  # (n,) the valid steps, episode after episode
         b_obs, b_actions = torch.cat(ep_obs), torch.cat(ep_actions)
@@ -172,13 +173,24 @@ def train_reinforce(config) -> ClassicResult:
 
         if global_step >= next_log or global_step >= cfg.total_steps:
             next_log = global_step + cfg.log_every
-            run.log(global_step, policy_loss=pg_loss.item(), value_loss=v_loss.item(), entropy=entropy.item(),
-                    batch_return=float(np.mean([r.sum().item() for r in ep_rewards])))
+            run.log(
+                global_step,
+                policy_loss=pg_loss.item(),
+                value_loss=v_loss.item(),
+                entropy=entropy.item(),
+                batch_return=float(np.mean([r.sum().item() for r in ep_rewards])),
+            )
     env.close()
 
     greedy = greedy_returns(policy, cfg.env, cfg.seed + 10_000, cfg.eval_episodes)
-    state = {"policy": policy.state_dict(), "value": value.state_dict() if value is not None else None,
-             "obs_dim": obs_dim, "n_actions": n_actions, "hidden": cfg.hidden, "baseline": cfg.baseline}
+    state = {
+        "policy": policy.state_dict(),
+        "value": value.state_dict() if value is not None else None,
+        "obs_dim": obs_dim,
+        "n_actions": n_actions,
+        "hidden": cfg.hidden,
+        "baseline": cfg.baseline,
+    }
     agent = nn.ModuleDict({"policy": policy, **({"value": value} if value is not None else {})})
     extra = {"greedy_mean_return": float(np.mean(greedy)) if greedy else float("nan"), "greedy_returns": greedy}
     return finish_run(run, agent=agent, state=state, extra=extra)

@@ -94,8 +94,20 @@ class RandomWalkEnv(gym.Env):
         self.n = n
         self.observation_space = gym.spaces.Discrete(n + 2)
         self.action_space = gym.spaces.Discrete(2)
-        self.P = {s: {a: [(1.0, s + (1 if a else -1), float(s + (1 if a else -1) == n + 1),
-                           s + (1 if a else -1) in (0, n + 1))] for a in (0, 1)} for s in range(1, n + 1)}
+        self.P = {
+            s: {
+                a: [
+                    (
+                        1.0,
+                        s + (1 if a else -1),
+                        float(s + (1 if a else -1) == n + 1),
+                        s + (1 if a else -1) in (0, n + 1),
+                    )
+                ]
+                for a in (0, 1)
+            }
+            for s in range(1, n + 1)
+        }
         for end in (0, n + 1):
             self.P[end] = {a: [(1.0, end, 0.0, True)] for a in (0, 1)}
         self.s = (n + 1) // 2
@@ -140,8 +152,9 @@ def _check_unit(key: str, value: float, low_open: bool = False) -> None:
 # --- control: SARSA and Q-learning ----------------------------------------------------------------
 
 
-def q_learning_update(q: np.ndarray, s: int, a: int, r: float, s_next: int, terminated: bool,
-                      alpha: float, gamma: float) -> float:
+def q_learning_update(
+    q: np.ndarray, s: int, a: int, r: float, s_next: int, terminated: bool, alpha: float, gamma: float
+) -> float:
     """Q(S,A) <- Q(S,A) + alpha * [R + gamma * max_a Q(S',a) - Q(S,A)]   (S&B eq. 6.8). Returns the TD error."""
     target = r + (0.0 if terminated else gamma * q[s_next].max())
     delta = target - q[s, a]
@@ -149,8 +162,9 @@ def q_learning_update(q: np.ndarray, s: int, a: int, r: float, s_next: int, term
     return float(delta)
 
 
-def sarsa_update(q: np.ndarray, s: int, a: int, r: float, s_next: int, a_next: int, terminated: bool,
-                 alpha: float, gamma: float) -> float:
+def sarsa_update(
+    q: np.ndarray, s: int, a: int, r: float, s_next: int, a_next: int, terminated: bool, alpha: float, gamma: float
+) -> float:
     """Q(S,A) <- Q(S,A) + alpha * [R + gamma * Q(S',A') - Q(S,A)]   (S&B eq. 6.7). Returns the TD error."""
     target = r + (0.0 if terminated else gamma * q[s_next, a_next])
     delta = target - q[s, a]
@@ -285,8 +299,9 @@ def _step_cap(env: gym.Env) -> int:
     return int(limit) if limit else 4 * int(env.observation_space.n)
 
 
-def greedy_path(q_table, env_id: str, slippery: bool | None = None, seed: int = 0,
-                max_steps: int | None = None) -> list[int]:
+def greedy_path(
+    q_table, env_id: str, slippery: bool | None = None, seed: int = 0, max_steps: int | None = None
+) -> list[int]:
     """The states one rollout of the greedy policy visits, start and last state included.
 
     Deterministic for a deterministic env (CliffWalking, non-slippery FrozenLake): ties go to the
@@ -426,7 +441,12 @@ def train_prediction(config) -> ClassicResult:
         obs, _ = env.reset()
     env.close()
 
-    extra = {"rms_error": rms(), "initial_rms_error": initial_rms, "rms_curve": curve,
-             "value_table": v.tolist(), "true_values": None if truth is None else truth[0].tolist(),
-             "episodes_run": len(curve)}
+    extra = {
+        "rms_error": rms(),
+        "initial_rms_error": initial_rms,
+        "rms_curve": curve,
+        "value_table": v.tolist(),
+        "true_values": None if truth is None else truth[0].tolist(),
+        "episodes_run": len(curve),
+    }
     return finish_run(run, agent=v, state={"v_table": torch.tensor(v), "method": cfg.method}, extra=extra)

@@ -45,7 +45,9 @@ def tokenize_pairs(
     """
     policy = LengthPolicy(max_length, max_prompt_length, truncation, key=key, noun="response")
     if records.format and records.format != "preference":
-        raise ValueError(f"tokenize_pairs needs preference records, but {records.source} was loaded as {records.format!r}")
+        raise ValueError(
+            f"tokenize_pairs needs preference records, but {records.source} was loaded as {records.format!r}"
+        )
     check_eos(tokenizer)
     pairs, dropped, collided, truncated = [], [], [], 0
     for i, row in enumerate(records.dataset):
@@ -75,9 +77,12 @@ def tokenize_pairs(
                 continue
             chosen, rejected = cut_c, cut_r
         pairs.append({"chosen": _example(chosen), "rejected": _example(rejected)})
-    warn_rows(key, collided, len(records.dataset),
-               f"dropped {{n}} of {{total}} rows whose chosen and rejected are identical after truncation to "
-               f"{policy.limits}")
+    warn_rows(
+        key,
+        collided,
+        len(records.dataset),
+        f"dropped {{n}} of {{total}} rows whose chosen and rejected are identical after truncation to {policy.limits}",
+    )
     if not pairs and collided:
         raise DataError("no pairs left after truncation", where=f"{key}: {records.source}")
     policy.report(dropped, truncated, kept=len(pairs), records=records, log=logger)
@@ -115,12 +120,15 @@ def _example(enc: Encoded) -> dict[str, list[int]]:
 def pair_from_ids(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int]) -> dict:
     """A pair from token ids (e.g. two sampled responses), in the layout of `tokenize_pairs`."""
     prompt = [IGNORE_INDEX] * len(prompt_ids)
-    return {"chosen": {"input_ids": prompt_ids + chosen_ids, "labels": prompt + chosen_ids},
-            "rejected": {"input_ids": prompt_ids + rejected_ids, "labels": prompt + rejected_ids}}
+    return {
+        "chosen": {"input_ids": prompt_ids + chosen_ids, "labels": prompt + chosen_ids},
+        "rejected": {"input_ids": prompt_ids + rejected_ids, "labels": prompt + rejected_ids},
+    }
 
 
-def pairs_from_samples(prompts: list[dict], responses: list[list[int]], completions: list[str],
-                       scores: list[float]) -> tuple[list[dict], int]:
+def pairs_from_samples(
+    prompts: list[dict], responses: list[list[int]], completions: list[str], scores: list[float]
+) -> tuple[list[dict], int]:
     """Pairs from two sampled responses per prompt (online DPO): chosen = the higher score.
 
     Rows 2j and 2j+1 of `responses` (token ids, up to and including eos), `completions` (their text)
@@ -136,8 +144,13 @@ def pairs_from_samples(prompts: list[dict], responses: list[list[int]], completi
             continue
         w, lo = (a, b) if scores[a] > scores[b] else (b, a)
         pair = pair_from_ids(p["ids"], responses[w], responses[lo])
-        pair["text"] = {"prompt": p["prompt"], "chosen": completions[w], "rejected": completions[lo],
-                        "score_chosen": float(scores[w]), "score_rejected": float(scores[lo])}
+        pair["text"] = {
+            "prompt": p["prompt"],
+            "chosen": completions[w],
+            "rejected": completions[lo],
+            "score_chosen": float(scores[w]),
+            "score_rejected": float(scores[lo]),
+        }
         pairs.append(pair)
     return pairs, ties
 

@@ -34,9 +34,7 @@ def render_prompt(tokenizer, prompt: str | list[dict[str, Any]]) -> str:
             f"tokenizer {tokenizer_name(tokenizer)!r} has no chat template, so a conversational prompt "
             "cannot be rendered; set tokenizer.chat_template, or use plain string prompts"
         )
-    return tokenizer.apply_chat_template(
-        [clean_message(m) for m in prompt], tokenize=False, add_generation_prompt=True
-    )
+    return tokenizer.apply_chat_template([clean_message(m) for m in prompt], tokenize=False, add_generation_prompt=True)
 
 
 def encode_prompt(tokenizer, prompt: str | list[dict[str, Any]]) -> list[int]:
@@ -70,9 +68,7 @@ def encode_plain(tokenizer, prompt: str, completion: str) -> Encoded:
     )
 
 
-def encode_conversation(
-    tokenizer, messages: list[dict[str, Any]], first: int, where: str, field: str
-) -> Encoded:
+def encode_conversation(tokenizer, messages: list[dict[str, Any]], first: int, where: str, field: str) -> Encoded:
     """Render a conversation and mark the tokens of its assistant turns from index `first` on.
 
     An assistant turn's text runs from the end of ``render(messages[:i], add_generation_prompt=True)``
@@ -110,13 +106,9 @@ def encode_conversation(
     return Encoded(ids=list(encoding["input_ids"]), in_loss=in_loss, n_prompt=n_prompt)
 
 
-def _render(
-    tokenizer, messages: list[dict[str, Any]], generation_prompt: bool, where: str, field: str
-) -> str:
+def _render(tokenizer, messages: list[dict[str, Any]], generation_prompt: bool, where: str, field: str) -> str:
     try:
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt
-        )
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as e:  # a template's raise_exception() or a jinja error: point at the row
         raise DataError(
             f"the chat template failed on this row: {type(e).__name__}: {e}", where=where, field=field
@@ -129,9 +121,7 @@ def tokenizer_name(tokenizer) -> str:
 
 def check_eos(tokenizer) -> None:
     if tokenizer.eos_token_id is None:
-        raise ValueError(
-            f"tokenizer {tokenizer_name(tokenizer)!r} has no eos token, so responses cannot be terminated"
-        )
+        raise ValueError(f"tokenizer {tokenizer_name(tokenizer)!r} has no eos token, so responses cannot be terminated")
 
 
 def encode_response(tokenizer, prompt: Prompt, response: Response, where: str | None = None, field: str = "response"):

@@ -88,9 +88,7 @@ def _number(value: Any, field: str, where: str) -> float:
     return float(value)
 
 
-def _messages(
-    value: Any, field: str, where: str, *, assistant_only: bool = False, start: int = 0
-) -> Messages:
+def _messages(value: Any, field: str, where: str, *, assistant_only: bool = False, start: int = 0) -> Messages:
     """Check a message list; `start` offsets the indices in error paths (for slices of a longer list)."""
     if not isinstance(value, list):
         raise DataError(f"expected a list of messages, got {describe(value)}", where=where, field=field)
@@ -119,9 +117,7 @@ def _messages(
         if content is None:
             raise DataError("missing", where=where, field=f"{path}.content")
         if not isinstance(content, str):
-            raise DataError(
-                f"expected a string, got {describe(content)}", where=where, field=f"{path}.content"
-            )
+            raise DataError(f"expected a string, got {describe(content)}", where=where, field=f"{path}.content")
         if role in ("user", "assistant") and not content.strip():
             raise DataError("empty", where=where, field=f"{path}.content")
     return value
@@ -220,14 +216,10 @@ def check_preference(row: Row, where: str) -> str:
         if not chosen_rest and not rejected_rest:
             raise DataError("chosen and rejected are identical", where=where, field="rejected")
         if not prompt:
-            raise _missing(
-                row, "prompt", where, "chosen and rejected share no opening turns to take as the prompt"
-            )
+            raise _missing(row, "prompt", where, "chosen and rejected share no opening turns to take as the prompt")
         for field, rest in (("chosen", chosen_rest), ("rejected", rejected_rest)):
             if not rest:
-                raise DataError(
-                    "has no turns after the prompt shared with the other answer", where=where, field=field
-                )
+                raise DataError("has no turns after the prompt shared with the other answer", where=where, field=field)
             _messages(rest, field, where, assistant_only=True, start=len(prompt))
         return "conversational"
     prompt = row["prompt"]
@@ -266,9 +258,7 @@ def check_ranking(row: Row, where: str) -> str:
             field="responses",
         )
     if len(responses) < 2:
-        raise DataError(
-            f"needs at least 2 responses to rank, got {len(responses)}", where=where, field="responses"
-        )
+        raise DataError(f"needs at least 2 responses to rank, got {len(responses)}", where=where, field="responses")
     for j, response in enumerate(responses):
         field = f"responses[{j}]"
         _same_style(response, style, field, "prompt", where)
@@ -288,13 +278,9 @@ def check_ranking(row: Row, where: str) -> str:
     scores = row.get("scores")
     if scores is not None:
         if not isinstance(scores, list):
-            raise DataError(
-                f"expected a list of numbers, got {describe(scores)}", where=where, field="scores"
-            )
+            raise DataError(f"expected a list of numbers, got {describe(scores)}", where=where, field="scores")
         if len(scores) != len(responses):
-            raise DataError(
-                f"has {len(scores)} scores for {len(responses)} responses", where=where, field="scores"
-            )
+            raise DataError(f"has {len(scores)} scores for {len(responses)} responses", where=where, field="scores")
         for j, score in enumerate(scores):
             _number(score, f"scores[{j}]", where)
     return style

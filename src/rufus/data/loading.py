@@ -69,9 +69,7 @@ class Records:
         return len(self.dataset)
 
 
-def load_records(
-    spec: str | os.PathLike, *, format: str, split: str = "train", key: str = "data.train"
-) -> Records:
+def load_records(spec: str | os.PathLike, *, format: str, split: str = "train", key: str = "data.train") -> Records:
     """Load `spec` and validate every row as `format`; raise DataError naming `key`, file, row and field.
 
     `spec` is a .jsonl / .json / .csv / .parquet file, a directory of files of one such type (read in
@@ -148,9 +146,7 @@ def _load_local(
     records = Records(
         dataset=None,  # filled in below, once the rows are known to be good
         source=spec,
-        lines=[line for s in scans for line in s.lines]
-        if any(s.kind in ("jsonl", "csv") for s in scans)
-        else None,
+        lines=[line for s in scans for line in s.lines] if any(s.kind in ("jsonl", "csv") for s in scans) else None,
         kind=kinds.pop() if len(kinds) == 1 else "json",
         format=format,
         files=[(start, shown) for start, (shown, _) in zip(starts, members)] if directory else None,
@@ -176,9 +172,7 @@ def _load_local(
     dataset = _read(BUILDERS[kind], [path for _, path in members], f"{key}: {spec}", **kwargs)
     if len(dataset) != total:
         if kind != "csv":
-            raise DataError(
-                f"datasets read {len(dataset)} rows but the file holds {total}", where=f"{key}: {spec}"
-            )
+            raise DataError(f"datasets read {len(dataset)} rows but the file holds {total}", where=f"{key}: {spec}")
         # pandas split the rows differently from the csv module: fall back to plain row numbers
         records.lines = None
     if objects is None:
@@ -245,13 +239,9 @@ def _scan_jsonl(lines: list[str], where: str) -> _Scan:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(
-                f"malformed JSON: {e.msg} (column {e.colno})", where=f"{where}, line {n}"
-            ) from None
+            raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", where=f"{where}, line {n}") from None
         if not isinstance(obj, dict):
-            raise DataError(
-                f"expected a JSON object {{...}}, got {describe(obj)}", where=f"{where}, line {n}"
-            )
+            raise DataError(f"expected a JSON object {{...}}, got {describe(obj)}", where=f"{where}, line {n}")
         objects.append(obj)
         numbers.append(n)
     return _Scan("jsonl", len(objects), numbers, objects)
@@ -269,8 +259,7 @@ def _reject_single_object(text: str, lines: list[str], where: str) -> None:
     if isinstance(whole, dict):
         keys = ", ".join(list(map(repr, whole))[:5])
         raise DataError(
-            f"holds a single JSON object (keys {keys}), not rows; write a JSON array of row objects, "
-            "or JSON Lines",
+            f"holds a single JSON object (keys {keys}), not rows; write a JSON array of row objects, or JSON Lines",
             where=where,
         )
 
@@ -279,14 +268,10 @@ def _scan_json_array(text: str, where: str) -> _Scan:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(
-            f"malformed JSON: {e.msg} (column {e.colno})", where=f"{where}, line {e.lineno}"
-        ) from None
+        raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", where=f"{where}, line {e.lineno}") from None
     for i, obj in enumerate(data):
         if not isinstance(obj, dict):
-            raise DataError(
-                f"expected a JSON object {{...}}, got {describe(obj)}", where=f"{where}, row {i + 1}"
-            )
+            raise DataError(f"expected a JSON object {{...}}, got {describe(obj)}", where=f"{where}, row {i + 1}")
     return _Scan("json", len(data), [None] * len(data), data)
 
 
@@ -304,9 +289,7 @@ def _scan_csv(lines: list[str], where: str) -> _Scan:
                 seen = set()
                 for name in header:
                     if name in seen:
-                        raise DataError(
-                            f"duplicate column {name!r} in the header", where=f"{where}, line {start}"
-                        )
+                        raise DataError(f"duplicate column {name!r} in the header", where=f"{where}, line {start}")
                     seen.add(name)
             else:
                 numbers.append(start)

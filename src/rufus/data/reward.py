@@ -46,7 +46,6 @@ from rufus.data.sft import LengthPolicy
 logger = logging.getLogger(__name__)
 
 
-
 def encode_for_reward(tokenizer, prompt: Prompt, response: Response) -> list[int]:
     """Token ids of (prompt, response) as a reward model reads them; ends with eos (module docstring).
 
@@ -81,8 +80,7 @@ def tokenize_comparisons(
     kind = records.format or ("ranking" if "responses" in records.dataset.column_names else "preference")
     if kind not in ("preference", "ranking"):
         raise ValueError(
-            f"tokenize_comparisons needs preference or ranking records, but {records.source} was loaded "
-            f"as {kind!r}"
+            f"tokenize_comparisons needs preference or ranking records, but {records.source} was loaded as {kind!r}"
         )
     check_eos(tokenizer)
 
@@ -162,9 +160,7 @@ def tokenize_graded(
     """
     policy = LengthPolicy(max_length, max_prompt_length, truncation, key=key, noun="completion")
     if records.format and records.format != "graded":
-        raise ValueError(
-            f"tokenize_graded needs graded records, but {records.source} was loaded as {records.format!r}"
-        )
+        raise ValueError(f"tokenize_graded needs graded records, but {records.source} was loaded as {records.format!r}")
     check_eos(tokenizer)
     examples, dropped, truncated = [], [], 0
     for i, row in enumerate(records.dataset):

@@ -60,9 +60,7 @@ def tokenize_sft(
     """
     policy = LengthPolicy(max_length, max_prompt_length, truncation, key=key, noun="completion")
     if records.format and records.format != "sft":
-        raise ValueError(
-            f"tokenize_sft needs sft records, but {records.source} was loaded as {records.format!r}"
-        )
+        raise ValueError(f"tokenize_sft needs sft records, but {records.source} was loaded as {records.format!r}")
     if tokenizer.eos_token_id is None:
         raise ValueError(
             f"tokenizer {tokenizer_name(tokenizer)!r} has no eos token, so completions cannot be terminated"
@@ -82,9 +80,7 @@ def tokenize_sft(
             enc = policy.cut(enc, tokenizer.bos_token_id)
             truncated += 1
         policy.check_left(enc, original, where, completion_field)
-        labels = [
-            t if keep or not completion_only_loss else IGNORE_INDEX for t, keep in zip(enc.ids, enc.in_loss)
-        ]
+        labels = [t if keep or not completion_only_loss else IGNORE_INDEX for t, keep in zip(enc.ids, enc.in_loss)]
         examples.append({"input_ids": enc.ids, "labels": labels})
     policy.report(dropped, truncated, kept=len(examples), records=records, log=logger)
     return examples
@@ -109,9 +105,7 @@ class LengthPolicy:
         noun: str = "completion",
     ):
         if truncation not in TRUNCATION:
-            raise ValueError(
-                f"unknown truncation policy {truncation!r}; choose one of {', '.join(TRUNCATION)}"
-            )
+            raise ValueError(f"unknown truncation policy {truncation!r}; choose one of {', '.join(TRUNCATION)}")
         section = key.rsplit(".", 1)[0]
         if max_length < 1:
             raise ValueError(f"{section}.max_length must be positive, got {max_length}")
@@ -135,9 +129,7 @@ class LengthPolicy:
         own limit, else the trained part's, with both lengths."""
         n_total, n_prompt = len(enc.ids), enc.n_prompt
         if self.max_prompt_length is not None and n_prompt > self.max_prompt_length:
-            return DataError(
-                f"prompt is {n_prompt} tokens, limit {self.prompt_limit}", where=where, field=prompt_field
-            )
+            return DataError(f"prompt is {n_prompt} tokens, limit {self.prompt_limit}", where=where, field=prompt_field)
         return DataError(
             f"prompt + {self.noun} is {n_total} tokens (prompt {n_prompt}, {self.noun} "
             f"{n_total - n_prompt}), limit {self.length_limit}",
@@ -161,9 +153,7 @@ class LengthPolicy:
             )
         raise DataError(problem, where=where, field=field)
 
-    def report(
-        self, dropped: list[str], truncated: int, *, kept: int, records: Records, log: logging.Logger
-    ) -> None:
+    def report(self, dropped: list[str], truncated: int, *, kept: int, records: Records, log: logging.Logger) -> None:
         """After the loop: one warning listing dropped rows (an error if nothing is left), one log line
         counting truncated ones. `dropped` holds the rows' locations."""
         total = len(records.dataset)

@@ -72,9 +72,7 @@ def grpo_policy_loss(
     if advantages.dim() == 1 and logprobs.dim() == 2 and advantages.shape[0] == logprobs.shape[0]:
         advantages = advantages.unsqueeze(-1).expand_as(logprobs)  # (B,) -> (B, A)
     elif advantages.shape != logprobs.shape:
-        raise ValueError(
-            f"advantages must be (B,) or (B, A) = {tuple(logprobs.shape)}, got {tuple(advantages.shape)}"
-        )
+        raise ValueError(f"advantages must be (B,) or (B, A) = {tuple(logprobs.shape)}, got {tuple(advantages.shape)}")
     loss, stats = policy_loss(
         logprobs,
         old_logprobs,

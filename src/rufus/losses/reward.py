@@ -146,9 +146,7 @@ def pointwise_loss(
     prediction is sigmoid(s) for bce and s for mse).
     """
     if scores.shape != targets.shape or scores.dim() != 1:
-        raise ValueError(
-            f"scores and targets must both be (N,), got {tuple(scores.shape)} and {tuple(targets.shape)}"
-        )
+        raise ValueError(f"scores and targets must both be (N,), got {tuple(scores.shape)} and {tuple(targets.shape)}")
     scores = _upcast(scores)
     targets = targets.to(scores.dtype)
     if kind == "bce":
@@ -258,9 +256,7 @@ def _per_pair(value: float | torch.Tensor, like: torch.Tensor, name: str) -> tor
     if not isinstance(value, torch.Tensor):
         return float(value)
     if value.dim() > 0 and value.shape != like.shape:
-        raise ValueError(
-            f"{name} must be a float or a ({like.numel()},) tensor, got shape {tuple(value.shape)}"
-        )
+        raise ValueError(f"{name} must be a float or a ({like.numel()},) tensor, got shape {tuple(value.shape)}")
     return value.to(device=like.device, dtype=like.dtype)
 
 

@@ -35,7 +35,8 @@ def resolve_model_path(name: str) -> str:
                     f"{name} is not built yet (it would be in {path}): any `rufus` command that names it builds it "
                     f"first (e.g. `rufus demo`, or `rufus sft model={name} ...`), and so does "
                     "`python -c 'from rufus.playground.base import base_model_path; base_model_path()'` "
-                    "(about 2-3 minutes on a laptop CPU, once)")
+                    "(about 2-3 minutes on a laptop CPU, once)"
+                )
             return str(path)
         return str(builtin_model_path(name.removeprefix("builtin:")))
     return name

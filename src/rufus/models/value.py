@@ -30,24 +30,41 @@ class ValueModel(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         backbone, head = self._parts()
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+        hidden = backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        ).last_hidden_state
         return head(hidden).squeeze(-1).float()  # (B, T)
 
     def save_pretrained(self, path, **kwargs):
         self.classifier.save_pretrained(path, **kwargs)
 
 
-def load_value_model(name: str, *, tokenizer, from_reward_model: bool, trust_remote_code: bool = False,
-                     gradient_checkpointing: bool = False, attn_implementation: str | None = None,
-                     compute_dtype: torch.dtype | None = None, compile: bool = False) -> ValueModel:
+def load_value_model(
+    name: str,
+    *,
+    tokenizer,
+    from_reward_model: bool,
+    trust_remote_code: bool = False,
+    gradient_checkpointing: bool = False,
+    attn_implementation: str | None = None,
+    compute_dtype: torch.dtype | None = None,
+    compile: bool = False,
+) -> ValueModel:
     """A critic from `name`: a reward model (head kept) or a policy checkpoint (new head, zeros).
 
     Loads in float32; `compute_dtype`, `attn_implementation` and `compile` as in `load_reward_model`."""
-    classifier = load_reward_model(name, tokenizer=tokenizer, trust_remote_code=trust_remote_code,
-                                   gradient_checkpointing=gradient_checkpointing,
-                                   attn_implementation=attn_implementation, compute_dtype=compute_dtype,
-                                   compile=compile)
+    classifier = load_reward_model(
+        name,
+        tokenizer=tokenizer,
+        trust_remote_code=trust_remote_code,
+        gradient_checkpointing=gradient_checkpointing,
+        attn_implementation=attn_implementation,
+        compute_dtype=compute_dtype,
+        compile=compile,
+    )
     if not from_reward_model:
         head = getattr(classifier, head_module_names(classifier)[0])
         with torch.no_grad():
@@ -69,21 +86,26 @@ def load_critic(name: str, *, tokenizer, lora=None, trust_remote_code: bool = Fa
 
     arch = AutoConfig.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code).architectures
     from_rm = any(a.endswith("ForSequenceClassification") for a in arch or [])
-    critic = load_value_model(name, tokenizer=tokenizer, from_reward_model=from_rm,
-                              trust_remote_code=trust_remote_code, **load_kwargs)
+    critic = load_value_model(
+        name, tokenizer=tokenizer, from_reward_model=from_rm, trust_remote_code=trust_remote_code, **load_kwargs
+    )
     if critic.classifier.get_input_embeddings().weight.shape[0] < len(tokenizer):
         raise ConfigError(f"critic.model: {name} has a smaller vocabulary than the policy's tokenizer")
     set_dropout(critic, 0.0)
     if lora is not None and lora.r > 0:
-        critic = ValueModel(apply_lora(critic.classifier, lora, task_type="SEQ_CLS",
-                                       modules_to_save=head_module_names(critic.classifier)))
+        critic = ValueModel(
+            apply_lora(
+                critic.classifier, lora, task_type="SEQ_CLS", modules_to_save=head_module_names(critic.classifier)
+            )
+        )
     return critic
 
 
-def values_at_response(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       prompt_length: int) -> torch.Tensor:
+def values_at_response(
+    critic, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int
+) -> torch.Tensor:
     """(B, A) V_t: the value at the position that emits response token t (position P - 1 + t)."""
-    return critic(input_ids, attention_mask)[:, prompt_length - 1:-1]
+    return critic(input_ids, attention_mask)[:, prompt_length - 1 : -1]
 
 
 class SharedActorCritic(torch.nn.Module):
@@ -108,8 +130,14 @@ class SharedActorCritic(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
         kwargs.pop("use_cache", None)
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          output_hidden_states=True, use_cache=False, **kwargs)
+        out = self.policy(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=True,
+            use_cache=False,
+            **kwargs,
+        )
         out["values"] = self.value_head(out.hidden_states[-1]).squeeze(-1).float()  # (B, T)
         return out
 

@@ -40,8 +40,18 @@ log = logging.getLogger(__name__)
 # The default recipe: ~2 min on 2 CPU cores in bfloat16 (AMX; float32 master weights). 1200 steps rather than 500: the
 # shorter run writes the task's kind of text but rarely names the prompt's subject, so its samples
 # almost never answer; at 1200 steps about a third do (held-out LM loss in build_info.json).
-DEFAULTS = dict(corpus_size=8000, steps=1200, hidden_size=128, num_layers=2, num_heads=4, vocab_size=1024,
-                batch_size=32, lr=3e-3, max_length=128, dtype="auto")
+DEFAULTS = dict(
+    corpus_size=8000,
+    steps=1200,
+    hidden_size=128,
+    num_layers=2,
+    num_heads=4,
+    vocab_size=1024,
+    batch_size=32,
+    lr=3e-3,
+    max_length=128,
+    dtype="auto",
+)
 
 
 def pretraining_text(rows: list[dict[str, Any]]) -> list[str]:
@@ -81,8 +91,15 @@ def build_base_model(
     rows = make_corpus(corpus_size, seed, "mixed")
     held_out = make_corpus(max(16, min(256, corpus_size // 10)), seed + 10_000, "mixed")
     tokenizer = train_tokenizer(pretraining_text(rows), vocab_size=vocab_size)
-    model = make_tiny_model(tokenizer, arch="llama", hidden_size=hidden_size, num_layers=num_layers,
-                            num_heads=num_heads, max_position_embeddings=max(256, max_length), seed=seed)
+    model = make_tiny_model(
+        tokenizer,
+        arch="llama",
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        max_position_embeddings=max(256, max_length),
+        seed=seed,
+    )
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="rufus-base-") as work:
@@ -93,19 +110,45 @@ def build_base_model(
             with open(work / f"{name}.jsonl", "w", encoding="utf-8") as f:
                 for row in data:
                     f.write(json.dumps({"prompt": row["prompt"], "completion": row["completion"]}) + "\n")
-        result = train_sft({
-            "model": str(work / "init"), "output_dir": str(work / "run"), "seed": seed, "dtype": dtype,
-            "lr": lr, "batch_size": batch_size, "max_steps": steps, "warmup_steps": max(1, steps // 20),
-            "scheduler": "cosine", "log_every": max(1, steps // 10), "eval_every": 0, "save_every": 0,
-            "progress": progress,
-            "data": {"train": str(work / "train.jsonl"), "eval": str(work / "eval.jsonl"),
-                     "max_length": max_length, "truncation": "truncate", "completion_only_loss": False},
-        })
+        result = train_sft(
+            {
+                "model": str(work / "init"),
+                "output_dir": str(work / "run"),
+                "seed": seed,
+                "dtype": dtype,
+                "lr": lr,
+                "batch_size": batch_size,
+                "max_steps": steps,
+                "warmup_steps": max(1, steps // 20),
+                "scheduler": "cosine",
+                "log_every": max(1, steps // 10),
+                "eval_every": 0,
+                "save_every": 0,
+                "progress": progress,
+                "data": {
+                    "train": str(work / "train.jsonl"),
+                    "eval": str(work / "eval.jsonl"),
+                    "max_length": max_length,
+                    "truncation": "truncate",
+                    "completion_only_loss": False,
+                },
+            }
+        )
         last = {k: v for row in result.metrics for k, v in row.items()}
-        info = {"version": BASE_VERSION, "seed": seed, "corpus_size": corpus_size, "steps": steps,
-                "hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads,
-                "vocab_size": len(tokenizer), "dtype": dtype, "train_loss": last.get("loss"), "eval_loss": last.get("eval/loss"),
-                "build_seconds": round(time.perf_counter() - t0, 1)}
+        info = {
+            "version": BASE_VERSION,
+            "seed": seed,
+            "corpus_size": corpus_size,
+            "steps": steps,
+            "hidden_size": hidden_size,
+            "num_layers": num_layers,
+            "num_heads": num_heads,
+            "vocab_size": len(tokenizer),
+            "dtype": dtype,
+            "train_loss": last.get("loss"),
+            "eval_loss": last.get("eval/loss"),
+            "build_seconds": round(time.perf_counter() - t0, 1),
+        }
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(result.final_dir, tmp)

@@ -30,14 +30,17 @@ TOPICS: dict[str, dict[str, list[str]]] = {
     "weather": {
         "subjects": ["rain", "snow", "fog", "wind", "storms", "hail"],
         "facts": ["clouds", "cold", "warm", "air", "droplets", "sky", "umbrella", "temperature", "forecast"],
-        "templates": ["What causes {s}?", "Tell me about {s}.", "How should I dress for {s}?",
-                      "Why do we get {s}?"],
+        "templates": ["What causes {s}?", "Tell me about {s}.", "How should I dress for {s}?", "Why do we get {s}?"],
     },
     "cooking": {
         "subjects": ["rice", "pasta", "eggs", "soup", "bread", "pancakes"],
         "facts": ["boil", "salt", "pan", "oven", "heat", "stir", "butter", "minutes", "simmer"],
-        "templates": ["What is a good way to cook {s}?", "How do I make {s}?", "Any tips for cooking {s}?",
-                      "Tell me how to prepare {s}."],
+        "templates": [
+            "What is a good way to cook {s}?",
+            "How do I make {s}?",
+            "Any tips for cooking {s}?",
+            "Tell me how to prepare {s}.",
+        ],
     },
     "animals": {
         "subjects": ["owls", "cats", "dogs", "horses", "whales", "foxes"],
@@ -47,33 +50,43 @@ TOPICS: dict[str, dict[str, list[str]]] = {
     "colours": {
         "subjects": ["red", "blue", "green", "yellow", "purple", "orange"],
         "facts": ["paint", "light", "mix", "bright", "shade", "hue", "rainbow", "dark", "pigment"],
-        "templates": ["What goes well with {s}?", "Tell me about the colour {s}.", "How do I mix {s}?",
-                      "Why do people like {s}?"],
+        "templates": [
+            "What goes well with {s}?",
+            "Tell me about the colour {s}.",
+            "How do I mix {s}?",
+            "Why do people like {s}?",
+        ],
     },
     "arithmetic": {
         # numbers also count as arithmetic words (see `_topic_of_word`)
         "subjects": [],
         "facts": ["plus", "sum", "add", "total", "equals", "numbers"],
-        "templates": ["What is {a} plus {b}?", "Add {a} and {b}.", "What do you get when you add {a} and {b}?",
-                      "Can you sum {a} and {b} for me?"],
+        "templates": [
+            "What is {a} plus {b}?",
+            "Add {a} and {b}.",
+            "What do you get when you add {a} and {b}?",
+            "Can you sum {a} and {b} for me?",
+        ],
     },
     "travel": {
         "subjects": ["trains", "flights", "hotels", "maps", "luggage", "beaches"],
         "facts": ["ticket", "journey", "passport", "booking", "route", "station", "airport", "trip", "pack"],
-        "templates": ["Any advice about {s}?", "Tell me about {s}.", "How do I choose {s}?",
-                      "What should I know about {s}?"],
+        "templates": [
+            "Any advice about {s}?",
+            "Tell me about {s}.",
+            "How do I choose {s}?",
+            "What should I know about {s}?",
+        ],
     },
     "music": {
         "subjects": ["guitar", "piano", "drums", "violin", "singing", "jazz"],
         "facts": ["chords", "rhythm", "melody", "practice", "notes", "tune", "scales", "tempo", "song"],
-        "templates": ["How do I learn {s}?", "Tell me about {s}.", "What is hard about {s}?",
-                      "Any tips for {s}?"],
+        "templates": ["How do I learn {s}?", "Tell me about {s}.", "What is hard about {s}?", "Any tips for {s}?"],
     },
     "plants": {
         "subjects": ["roses", "tomatoes", "ferns", "cactus", "tulips", "herbs"],
         "facts": ["soil", "sunlight", "water", "roots", "leaves", "seeds", "garden", "prune", "compost"],
-        "templates": ["How do I grow {s}?", "Tell me about {s}.", "How often should I water {s}?",
-                      "What do {s} need?"],
+        "templates": ["How do I grow {s}?", "Tell me about {s}.", "How often should I water {s}?", "What do {s} need?"],
     },
 }
 
@@ -86,8 +99,12 @@ ANSWER_TEMPLATES = [
 ]
 SUM_TEMPLATES = ["{a} plus {b} is {c}.", "The sum is {c}.", "That makes {c} in total.", "{a} and {b} add up to {c}."]
 # Dodges mention the subject (so a dodge can still be on topic) but give no answer.
-DODGES = ["I would rather not say anything about {s}.", "No idea about {s}, ask someone else.",
-          "I cannot help with {s} right now.", "I do not know, {s} is not my thing."]
+DODGES = [
+    "I would rather not say anything about {s}.",
+    "No idea about {s}, ask someone else.",
+    "I cannot help with {s} right now.",
+    "I do not know, {s} is not my thing.",
+]
 DODGE_MARKERS = ("rather not", "no idea", "ask someone else", "cannot help", "do not know")
 
 # Politeness is marked by single words so that `measure` can find it in any text.
@@ -218,8 +235,14 @@ def make_corpus(n: int, seed: int = 0, quality: str = "mixed") -> list[dict[str,
     for _ in range(n):
         info = make_prompt(rng)
         flags = {q: rng.random() < probs[q] for q in QUALITIES}
-        rows.append({"prompt": info["prompt"], "completion": " " + make_response(info, rng, **flags),
-                     "topic": info["topic"], "qualities": flags})
+        rows.append(
+            {
+                "prompt": info["prompt"],
+                "completion": " " + make_response(info, rng, **flags),
+                "topic": info["topic"],
+                "qualities": flags,
+            }
+        )
     return rows
 
 

@@ -48,8 +48,10 @@ def resolve_preference(preference: str | Mapping[str, float] | None = "default")
         text = preference.strip()
         if "=" not in text:
             if text not in PREFERENCES:
-                raise ValueError(f"unknown preference {text!r}; choose one of {', '.join(PREFERENCES)} "
-                                 f"or give weights like 'polite=2,concise=1'")
+                raise ValueError(
+                    f"unknown preference {text!r}; choose one of {', '.join(PREFERENCES)} "
+                    f"or give weights like 'polite=2,concise=1'"
+                )
             return dict(PREFERENCES[text])
         pairs = {}
         for item in filter(None, (part.strip() for part in text.split(","))):
@@ -115,8 +117,7 @@ class Annotators:
         self.disagreement = float(disagreement)
         rng = random.Random(seed)
         self.weights = [
-            {d: w * rng.lognormvariate(0.0, self.disagreement) for d, w in self.preference.items()}
-            for _ in range(n)
+            {d: w * rng.lognormvariate(0.0, self.disagreement) for d, w in self.preference.items()} for _ in range(n)
         ]
 
     def __len__(self) -> int:
@@ -168,9 +169,7 @@ class Annotators:
         keyed = [(key(r), rng.random(), r) for r in distinct]
         return [r for _, _, r in sorted(keyed, key=lambda t: (t[0], t[1]), reverse=True)]
 
-    def rank_rows(
-        self, prompts: Sequence[str], groups: Sequence[Sequence[str]], seed: int = 0
-    ) -> list[dict[str, Any]]:
+    def rank_rows(self, prompts: Sequence[str], groups: Sequence[Sequence[str]], seed: int = 0) -> list[dict[str, Any]]:
         """Ranking rows {"prompt", "responses" (best first), "annotator"}; groups with < 2 distinct skipped."""
         if len(prompts) != len(groups):
             raise ValueError("prompts and groups must have the same length")

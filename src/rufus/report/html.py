@@ -30,16 +30,32 @@ from rufus.config import atomic_write
 # draws a panel for each key it logged; keys it never logged are skipped, so one list serves
 # sft, rm, ppo, grpo, rloo, dpo and bon without per-algorithm branches.
 CURVE_KEYS = (
-    "reward/mean", "score/mean", "score/gold",
-    "kl/mean", "policy/entropy",
-    "policy/loss", "value/loss", "dpo/loss", "loss", "rm/loss", "eval/loss",
-    "rm/accuracy", "eval/rm/accuracy",
+    "reward/mean",
+    "score/mean",
+    "score/gold",
+    "kl/mean",
+    "policy/entropy",
+    "policy/loss",
+    "value/loss",
+    "dpo/loss",
+    "loss",
+    "rm/loss",
+    "eval/loss",
+    "rm/accuracy",
+    "eval/rm/accuracy",
 )
 # Any other "score/<name>" key (a reward source's mean score) is plotted too, except these
 # bookkeeping series, which restate a plotted one or are diagnostics rather than sources.
 REWARD_PREFIX = "score/"
-REWARD_EXCLUDED = {"score/raw", "score/std", "score/running_std", "score/clipped", "score/kept", "score/chosen",
-                   "score/rejected"}
+REWARD_EXCLUDED = {
+    "score/raw",
+    "score/std",
+    "score/running_std",
+    "score/clipped",
+    "score/kept",
+    "score/chosen",
+    "score/rejected",
+}
 MAX_COLUMNS = 4
 DPI = 100
 
@@ -128,7 +144,7 @@ def curves_figure(stage: str, rows: list[dict]) -> bytes | None:
         ax.set_title(key, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    for ax in axes[len(keys):]:
+    for ax in axes[len(keys) :]:
         ax.set_visible(False)
     return _png(fig)
 
@@ -137,7 +153,7 @@ def _binned(xs: list[float], ys: list[float], bins: int) -> tuple[list[float], l
     """The trend of ys against xs: the mean x and mean y of `bins` groups of neighbouring points
     (equal counts, sorted by x)."""
     order = sorted(range(len(xs)), key=lambda i: xs[i])
-    groups = [order[round(b * len(order) / bins):round((b + 1) * len(order) / bins)] for b in range(bins)]
+    groups = [order[round(b * len(order) / bins) : round((b + 1) * len(order) / bins)] for b in range(bins)]
     groups = [g for g in groups if g]
     return ([sum(xs[i] for i in g) / len(g) for g in groups], [sum(ys[i] for i in g) / len(g) for g in groups])
 
@@ -160,8 +176,10 @@ def overopt_figure(rows: list[dict] | None) -> bytes | None:
     fig = _new_figure(5.5, 3.8)
     ax = fig.subplots()
     bins = max(1, min(8, len(points) // 3))
-    for values, label, color, marker in ((proxy, "proxy (reward model)", "tab:blue", "o"),
-                                         (gold, "gold (hidden)", "tab:orange", "s")):
+    for values, label, color, marker in (
+        (proxy, "proxy (reward model)", "tab:blue", "o"),
+        (gold, "gold (hidden)", "tab:orange", "s"),
+    ):
         change = [v - values[0] for v in values]
         ax.scatter(kl, change, s=14, alpha=0.45, color=color, marker=marker, label=f"{label}, each step")
         if bins > 1:
@@ -195,7 +213,8 @@ def _html_table(header, rows, text_columns=()) -> str:
     body = ""
     for row in rows:
         cells = "".join(
-            f'<td{" class=text" if h in text_columns else ""}>{html.escape(_fmt(v))}</td>' for h, v in zip(header, row))
+            f"<td{' class=text' if h in text_columns else ''}>{html.escape(_fmt(v))}</td>" for h, v in zip(header, row)
+        )
         body += f"<tr>{cells}</tr>\n"
     return f"<table><tr>{head}</tr>\n{body}</table>"
 
@@ -206,9 +225,18 @@ def _md_table(header, rows) -> str:
     return "\n".join(lines)
 
 
-def write_report(output_dir, *, title: str, summary: dict, curves: dict[str, list[dict]], overopt: list[dict] | None,
-                 samples: list[dict], notes: list[str] | None = None, headline: list[tuple[str, str]] | None = None,
-                 sections: list[dict] | None = None) -> tuple[Path, Path]:
+def write_report(
+    output_dir,
+    *,
+    title: str,
+    summary: dict,
+    curves: dict[str, list[dict]],
+    overopt: list[dict] | None,
+    samples: list[dict],
+    notes: list[str] | None = None,
+    headline: list[tuple[str, str]] | None = None,
+    sections: list[dict] | None = None,
+) -> tuple[Path, Path]:
     """Write output_dir/report.html (self-contained) and output_dir/report.md (+ report_files/*.png).
 
     `summary` is a flat dict of numbers and strings (shown last, under its keys); `headline` holds
@@ -246,13 +274,18 @@ def write_report(output_dir, *, title: str, summary: dict, curves: dict[str, lis
         return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
     not_available = "Not available: this run has no rollouts with proxy and gold scores (e.g. offline DPO)."
-    overopt_caption = ("Proxy (reward model) and gold (hidden) scores, each as change from its first value, "
-                       "against the policy's KL to the reference: a point per logged step, and the mean of "
-                       "neighbouring points as the trend. Proxy rising while gold stalls or falls is "
-                       "over-optimisation of the reward model.")
+    overopt_caption = (
+        "Proxy (reward model) and gold (hidden) scores, each as change from its first value, "
+        "against the policy's KL to the reference: a point per logged step, and the mean of "
+        "neighbouring points as the trend. Proxy rising while gold stalls or falls is "
+        "over-optimisation of the reward model."
+    )
 
-    h = [f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>",
-         f"<style>{CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    h = [
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>',
+        f"<style>{CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
     m = [f"# {title}", ""]
     if notes:
         h.append('<div class="notes">' + "\n".join(html.escape(n) for n in notes) + "</div>")
@@ -284,8 +317,9 @@ def write_report(output_dir, *, title: str, summary: dict, curves: dict[str, lis
             h.append(img_html(png, stage))
             m += [f"![{stage}](report_files/{stem}.png)", ""]
         if once:
-            text = "Logged once: " + ", ".join(f"{k} {_fmt(v)}" + (f" (step {st})" if st is not None else "")
-                                               for k, v, st in once)
+            text = "Logged once: " + ", ".join(
+                f"{k} {_fmt(v)}" + (f" (step {st})" if st is not None else "") for k, v, st in once
+            )
             h.append(f"<p>{html.escape(text)}</p>")
             m += [text, ""]
     h.append("<h2>Over-optimisation</h2>")

@@ -35,8 +35,15 @@ class MetricsLogger:
     run are dropped first, so the file reads as one uninterrupted run.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, *, enabled: bool = True, report_to: list[str] = (),
-                 resume_step: int | None = None, run_config: dict | None = None):
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        *,
+        enabled: bool = True,
+        report_to: list[str] = (),
+        resume_step: int | None = None,
+        run_config: dict | None = None,
+    ):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self.sinks = []
@@ -58,7 +65,9 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise ImportError("report_to=tensorboard needs the tensorboard package: pip install 'rufus[tensorboard]'") from e
+                raise ImportError(
+                    "report_to=tensorboard needs the tensorboard package: pip install 'rufus[tensorboard]'"
+                ) from e
             writer = SummaryWriter(str(output_dir / "tensorboard"))
             return ("tensorboard", writer)
         if name == "wandb":

@@ -108,8 +108,9 @@ class RewardPipeline:
             raise ValueError(f"reward source names must be unique; repeated: {', '.join(duplicates)}")
         reserved = [n for n in names if n in RESERVED]
         if reserved:
-            raise ValueError(f"reward source name {reserved[0]!r} clashes with a logged statistic "
-                             f"(reserved: {', '.join(RESERVED)})")
+            raise ValueError(
+                f"reward source name {reserved[0]!r} clashes with a logged statistic (reserved: {', '.join(RESERVED)})"
+            )
         if len(weights) != len(sources):
             raise ValueError(f"{len(weights)} weights for {len(sources)} reward sources ({', '.join(names)})")
         weights = [float(w) for w in weights]
@@ -229,11 +230,16 @@ def build_reward_pipeline(
         )
 
     n_models = len(section.model)
-    functions = [FunctionReward(load_reward_function(spec), name)
-                 for spec, name in zip(section.function, names[n_models:])]
-    functions += [FunctionReward(fn, name) for fn, name in zip(extra, names[n_models + len(section.function):])]
-    models = [ModelReward(path, device=device, dtype=dtype, batch_size=section.batch_size,
-                          trust_remote_code=trust_remote_code) for path in section.model]
+    functions = [
+        FunctionReward(load_reward_function(spec), name) for spec, name in zip(section.function, names[n_models:])
+    ]
+    functions += [FunctionReward(fn, name) for fn, name in zip(extra, names[n_models + len(section.function) :])]
+    models = [
+        ModelReward(
+            path, device=device, dtype=dtype, batch_size=section.batch_size, trust_remote_code=trust_remote_code
+        )
+        for path in section.model
+    ]
     return RewardPipeline(
         list(zip(names, models + functions)),
         weights,
@@ -266,4 +272,3 @@ def _unique_names(names: list[str]) -> list[str]:
             candidate = f"{name}_{k}"
         out.append(candidate)
     return out
-

@@ -57,14 +57,10 @@ def load_reward_function(spec: str) -> Callable:
     there). ``fn`` may be dotted (``module:Class.method``). Every error names the spec.
     """
     if not isinstance(spec, str) or ":" not in spec:
-        raise RewardError(
-            f"reward function {spec!r}: expected 'path/to/file.py:function' or 'package.module:function'"
-        )
+        raise RewardError(f"reward function {spec!r}: expected 'path/to/file.py:function' or 'package.module:function'")
     target, _, attr = spec.rpartition(":")  # rpartition: a Windows drive letter keeps its colon
     if not target or not attr:
-        raise RewardError(
-            f"reward function {spec!r}: expected 'path/to/file.py:function' or 'package.module:function'"
-        )
+        raise RewardError(f"reward function {spec!r}: expected 'path/to/file.py:function' or 'package.module:function'")
     if target.endswith(".py") or "/" in target or os.sep in target:
         module, where = _import_file(spec, Path(target)), "the file"
     else:
@@ -74,7 +70,8 @@ def load_reward_function(spec: str) -> Callable:
     for part in attr.split("."):
         if not hasattr(obj, part):
             defined = sorted(
-                n for n, v in vars(module).items()
+                n
+                for n, v in vars(module).items()
                 if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == module.__name__
             )
             hint = f" (it defines: {', '.join(defined)})" if defined else ""
@@ -172,9 +169,7 @@ def to_scores(out: Any, n: int, where: str) -> torch.Tensor:
             raise RewardError(f"{where} returned an array of shape {tuple(out.shape)}; expected ({n},)")
         out = out.tolist()
     if isinstance(out, (str, bytes, dict)) or not isinstance(out, Sequence):
-        raise RewardError(
-            f"{where} returned {_describe(out)}; expected a list of {n} numbers, one per completion"
-        )
+        raise RewardError(f"{where} returned {_describe(out)}; expected a list of {n} numbers, one per completion")
     if len(out) != n:
         raise RewardError(f"{where} returned {len(out)} scores for {n} completions")
     values = []
@@ -233,8 +228,9 @@ class ModelReward:
         self.path, self.batch_size, self.device = str(path), batch_size, torch.device(device)
         try:
             self.tokenizer = load_tokenizer(self.path, trust_remote_code=trust_remote_code)
-            self.model = load_reward_model(self.path, tokenizer=self.tokenizer, dtype=dtype,
-                                           trust_remote_code=trust_remote_code)
+            self.model = load_reward_model(
+                self.path, tokenizer=self.tokenizer, dtype=dtype, trust_remote_code=trust_remote_code
+            )
         except (OSError, ValueError) as e:  # a missing directory, no weights, an unknown architecture
             raise RewardError(f"reward model {self.path!r}: cannot load it: {e}") from e
         self.model.to(self.device).eval()
@@ -257,9 +253,7 @@ class ModelReward:
         from rufus.models.reward import score
 
         if len(prompts) != len(completions):
-            raise RewardError(
-                f"reward model {self.path!r}: {len(prompts)} prompts but {len(completions)} completions"
-            )
+            raise RewardError(f"reward model {self.path!r}: {len(prompts)} prompts but {len(completions)} completions")
         sequences = [encode_for_reward(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]), reverse=True)
         collate = RewardCollator(self.tokenizer.pad_token_id, padding_side="right")

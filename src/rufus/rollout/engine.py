@@ -13,8 +13,9 @@ import torch
 from rufus.rollout.record import Rollout
 
 
-def sample_rollout(policy, tokenizer, rows: list[dict], n: int, generation, *,
-                   device: torch.device | str = "cpu") -> Rollout:
+def sample_rollout(
+    policy, tokenizer, rows: list[dict], n: int, generation, *, device: torch.device | str = "cpu"
+) -> Rollout:
     """n sampled responses to each prompt row, as one Rollout of len(rows) * n sequences.
 
     rows        tokenised prompts, as `data.prompts.tokenize_prompts` makes them:
@@ -37,7 +38,8 @@ def sample_rollout(policy, tokenizer, rows: list[dict], n: int, generation, *,
     from rufus.rollout.generate import generate_responses
 
     repeated = [row for row in rows for _ in range(n)]
-    ro = generate_responses(policy, tokenizer, [r["prompt"] for r in repeated], [r["ids"] for r in repeated],
-                            generation, device=device)
+    ro = generate_responses(
+        policy, tokenizer, [r["prompt"] for r in repeated], [r["ids"] for r in repeated], generation, device=device
+    )
     ro.extra = {k: [r["extra"][k] for r in repeated] for k in (repeated[0].get("extra", {}) if repeated else {})}
     return ro

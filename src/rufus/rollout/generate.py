@@ -18,13 +18,14 @@ def left_pad(prompt_ids: list[list[int]], pad_token_id: int) -> tuple[torch.Tens
     ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
     for i, p in enumerate(prompt_ids):
-        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
     return ids, mask
 
 
-def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int | None,
-                           generated: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def response_mask_from_ids(
+    response_ids: torch.Tensor, eos_token_id: int | None, generated: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, A) mask of the tokens up to and including the first EOS, and (B,) has_eos.
 
     `generated` (B, A) marks positions the sampler actually produced (generate pads finished rows).
@@ -40,8 +41,16 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int | None,
 
 
 @torch.no_grad()
-def generate_responses(model, tokenizer, prompts: list, prompt_ids: list[list[int]], gen, *,
-                       device: torch.device | str = "cpu", use_cache: bool = True) -> Rollout:
+def generate_responses(
+    model,
+    tokenizer,
+    prompts: list,
+    prompt_ids: list[list[int]],
+    gen,
+    *,
+    device: torch.device | str = "cpu",
+    use_cache: bool = True,
+) -> Rollout:
     """Sample one response per prompt with the settings in `gen` (a GenerationConfig section).
 
     stop_at_eos=False samples exactly max_new_tokens (the fixed-length "EOS trick" of N+ details
@@ -71,8 +80,14 @@ def generate_responses(model, tokenizer, prompts: list, prompt_ids: list[list[in
     model.eval()
     P = ids.shape[1]
     if use_cache and has_compiled_blocks(model):
-        response = sample_static(getattr(model, "policy", model), ids, mask, gen, tokenizer.pad_token_id,
-                                 tokenizer.eos_token_id if gen.stop_at_eos else None)
+        response = sample_static(
+            getattr(model, "policy", model),
+            ids,
+            mask,
+            gen,
+            tokenizer.pad_token_id,
+            tokenizer.eos_token_id if gen.stop_at_eos else None,
+        )
     else:
         # compiled blocks would recompile at every cache length: generate runs them eagerly
         with torch.compiler.set_stance("force_eager"):
@@ -80,8 +95,12 @@ def generate_responses(model, tokenizer, prompts: list, prompt_ids: list[list[in
     if was_training:
         model.train()
     if response.shape[1] < gen.max_new_tokens:  # every row stopped early: keep a fixed width A
-        pad = torch.full((response.shape[0], gen.max_new_tokens - response.shape[1]), tokenizer.pad_token_id,
-                         dtype=response.dtype, device=response.device)
+        pad = torch.full(
+            (response.shape[0], gen.max_new_tokens - response.shape[1]),
+            tokenizer.pad_token_id,
+            dtype=response.dtype,
+            device=response.device,
+        )
         response = torch.cat([response, pad], dim=1)
     # generate pads rows that finished; the pad id is never sampled, so the tokens before a row's
     # first pad are the ones it generated
@@ -91,9 +110,17 @@ def generate_responses(model, tokenizer, prompts: list, prompt_ids: list[list[in
     input_ids = torch.cat([ids, response], dim=1)
     attention_mask = torch.cat([mask, response_mask], dim=1)
     completions = tokenizer.batch_decode(
-        [r[m.bool()].tolist() for r, m in zip(response, response_mask)], skip_special_tokens=True)
-    return Rollout(prompts=list(prompts), completions=completions, input_ids=input_ids,
-                   attention_mask=attention_mask, prompt_length=P, response_mask=response_mask, has_eos=has_eos)
+        [r[m.bool()].tolist() for r, m in zip(response, response_mask)], skip_special_tokens=True
+    )
+    return Rollout(
+        prompts=list(prompts),
+        completions=completions,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        prompt_length=P,
+        response_mask=response_mask,
+        has_eos=has_eos,
+    )
 
 
 def has_compiled_blocks(model) -> bool:
@@ -123,14 +150,21 @@ def pick_tokens(logits: torch.Tensor, gen, pad_token_id: int) -> torch.Tensor:
 
 
 def _last_logits(model, input_ids, attention_mask, position_ids, cache_position, cache):
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=cache, cache_position=cache_position, use_cache=True)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        cache_position=cache_position,
+        use_cache=True,
+    )
     return out.logits[:, -1]
 
 
 @torch.no_grad()
-def sample_static(model, ids: torch.Tensor, mask: torch.Tensor, gen, pad_token_id: int,
-                  eos_token_id: int | None) -> torch.Tensor:
+def sample_static(
+    model, ids: torch.Tensor, mask: torch.Tensor, gen, pad_token_id: int, eos_token_id: int | None
+) -> torch.Tensor:
     """(B, A) sampled tokens (pad after a row's EOS) through a static KV cache and a compiled decode step.
 
     The path for models with compiled blocks (`compile=true`): the prompt is encoded eagerly into a
@@ -157,8 +191,9 @@ def sample_static(model, ids: torch.Tensor, mask: torch.Tensor, gen, pad_token_i
         state["step"] = torch.compile(_last_logits, dynamic=False)
     full_mask = torch.cat([mask, torch.ones((B, A), dtype=mask.dtype, device=mask.device)], dim=1)
     with torch.compiler.set_stance("force_eager"):
-        logits = _last_logits(model, ids, full_mask, position_ids_from_mask(mask),
-                              torch.arange(P, device=ids.device), cache)
+        logits = _last_logits(
+            model, ids, full_mask, position_ids_from_mask(mask), torch.arange(P, device=ids.device), cache
+        )
     next_position = mask.sum(-1, keepdim=True)  # (B, 1) each row's first response position
     out = torch.full((B, A), pad_token_id, dtype=torch.long, device=ids.device)
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
@@ -170,6 +205,7 @@ def sample_static(model, ids: torch.Tensor, mask: torch.Tensor, gen, pad_token_i
             if bool(done.all()):
                 break
         if t < A - 1:
-            logits = state["step"](model, tokens[:, None], full_mask, next_position + t,
-                                   torch.tensor([P + t], device=ids.device), cache)
+            logits = state["step"](
+                model, tokens[:, None], full_mask, next_position + t, torch.tensor([P + t], device=ids.device), cache
+            )
     return out

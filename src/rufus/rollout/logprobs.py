@@ -13,27 +13,40 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
-                    temperature: float = 1.0) -> torch.Tensor:
+def response_logits(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int, temperature: float = 1.0
+) -> torch.Tensor:
     """(B, A, V) the logits that predicted each response token, divided by the sampling temperature
     (N implementation details #10: the logprobs must be those of the distribution sampled from)."""
     return response_outputs(model, input_ids, attention_mask, prompt_length, temperature)[1]
 
 
-def response_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
-                     temperature: float = 1.0):
+def response_outputs(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int, temperature: float = 1.0
+):
     """(the model's whole output, (B, A, V) response logits as `response_logits`): for a model whose
     output carries more than logits (a shared actor-critic's values)."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    logits = out.logits[:, prompt_length - 1:-1]  # position P-1+t predicts response token t
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    logits = out.logits[:, prompt_length - 1 : -1]  # position P-1+t predicts response token t
     if temperature != 1.0 and temperature > 0:
         logits = logits / temperature
     return out, logits
 
 
-def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
-                      temperature: float = 1.0, *, with_entropy: bool = False):
+def response_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_length: int,
+    temperature: float = 1.0,
+    *,
+    with_entropy: bool = False,
+):
     """(B, A) log pi(y_t | x, y_<t) of the response tokens; with_entropy also returns (B, A) H_t."""
     logits = response_logits(model, input_ids, attention_mask, prompt_length, temperature)
     logprobs = token_logprobs(logits, input_ids[:, prompt_length:])
@@ -51,9 +64,12 @@ def batched_logprobs(model, input_ids, attention_mask, prompt_length, temperatur
     Trainers use the same chunking as their first update pass, so the recomputed logprobs match
     these bit for bit and the first PPO ratio is exactly 1.
     """
-    parts = [response_logprobs(model, input_ids[i:i + micro_batch], attention_mask[i:i + micro_batch],
-                               prompt_length, temperature)
-             for i in range(0, input_ids.shape[0], micro_batch)]
+    parts = [
+        response_logprobs(
+            model, input_ids[i : i + micro_batch], attention_mask[i : i + micro_batch], prompt_length, temperature
+        )
+        for i in range(0, input_ids.shape[0], micro_batch)
+    ]
     return torch.cat(parts)
 
 

@@ -14,27 +14,27 @@ import torch
 
 @dataclass
 class Rollout:
-    prompts: list                     # B prompts as given (strings or chat message lists)
-    completions: list[str]            # B decoded responses (special tokens removed)
-    input_ids: torch.Tensor           # (B, T) prompt (left-padded) followed by response (right-padded)
-    attention_mask: torch.Tensor      # (B, T) 1 on real prompt tokens and on response tokens
-    prompt_length: int                # P: response token t sits at input position P + t
-    response_mask: torch.Tensor       # (B, A) 1 on response tokens up to and including the first EOS
-    has_eos: torch.Tensor             # (B,) bool: the response ended with EOS within max_new_tokens
-    logprobs: torch.Tensor | None = None      # (B, A) log pi_old(y_t | x, y_<t), temperature-scaled logits
+    prompts: list  # B prompts as given (strings or chat message lists)
+    completions: list[str]  # B decoded responses (special tokens removed)
+    input_ids: torch.Tensor  # (B, T) prompt (left-padded) followed by response (right-padded)
+    attention_mask: torch.Tensor  # (B, T) 1 on real prompt tokens and on response tokens
+    prompt_length: int  # P: response token t sits at input position P + t
+    response_mask: torch.Tensor  # (B, A) 1 on response tokens up to and including the first EOS
+    has_eos: torch.Tensor  # (B,) bool: the response ended with EOS within max_new_tokens
+    logprobs: torch.Tensor | None = None  # (B, A) log pi_old(y_t | x, y_<t), temperature-scaled logits
     ref_logprobs: torch.Tensor | None = None  # (B, A) log pi_ref(y_t | x, y_<t)
-    values: torch.Tensor | None = None        # (B, A) V(x, y_<t): the critic's estimate before emitting y_t
-    scores: torch.Tensor | None = None        # (B,) sequence-level score from the reward sources
-    kl: torch.Tensor | None = None            # (B, A) per-token KL estimate, log pi_old - log pi_ref for k1
-    rewards: torch.Tensor | None = None       # (B, A) r_t = -beta * kl_t, plus the score on the last token
-    advantages: torch.Tensor | None = None    # (B, A) A_t (GAE), whitened
-    returns: torch.Tensor | None = None       # (B, A) R_t = A_t + V_t (value targets, before whitening)
+    values: torch.Tensor | None = None  # (B, A) V(x, y_<t): the critic's estimate before emitting y_t
+    scores: torch.Tensor | None = None  # (B,) sequence-level score from the reward sources
+    kl: torch.Tensor | None = None  # (B, A) per-token KL estimate, log pi_old - log pi_ref for k1
+    rewards: torch.Tensor | None = None  # (B, A) r_t = -beta * kl_t, plus the score on the last token
+    advantages: torch.Tensor | None = None  # (B, A) A_t (GAE), whitened
+    returns: torch.Tensor | None = None  # (B, A) R_t = A_t + V_t (value targets, before whitening)
     extra: dict = field(default_factory=dict)  # dataset columns passed on to reward functions
 
     @property
     def response_ids(self) -> torch.Tensor:
         """(B, A) the sampled tokens y_t (pad after the end)."""
-        return self.input_ids[:, self.prompt_length:]
+        return self.input_ids[:, self.prompt_length :]
 
     @property
     def response_length(self) -> torch.Tensor:

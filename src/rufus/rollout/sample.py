@@ -6,9 +6,19 @@ from __future__ import annotations
 from typing import Any
 
 
-def sample_responses(model_path: str, prompts: list[Any], k: int, generation, *,
-                     batch_size: int = 64, seed: int = 0, dtype: str = "auto", progress: bool = True,
-                     desc: str = "sample", trust_remote_code: bool = False) -> list[list[str]]:
+def sample_responses(
+    model_path: str,
+    prompts: list[Any],
+    k: int,
+    generation,
+    *,
+    batch_size: int = 64,
+    seed: int = 0,
+    dtype: str = "auto",
+    progress: bool = True,
+    desc: str = "sample",
+    trust_remote_code: bool = False,
+) -> list[list[str]]:
     """`k` sampled responses (text) to each prompt (a string or a message list): one list per prompt.
 
     `generation` is a `rufus.config.GenerationConfig` (max_new_tokens, temperature, top_k, top_p,
@@ -24,18 +34,24 @@ def sample_responses(model_path: str, prompts: list[Any], k: int, generation, *,
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
-    model = load_causal_lm(model_path, tokenizer=tokenizer, dtype=resolve_dtype(dtype, device),
-                           trust_remote_code=trust_remote_code).to(device).eval()
+    model = (
+        load_causal_lm(
+            model_path, tokenizer=tokenizer, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code
+        )
+        .to(device)
+        .eval()
+    )
     set_seed(seed)
     out: list[list[str]] = []
     per_call = max(1, batch_size // k) if k <= batch_size else 1
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", dynamic_ncols=True, disable=not progress)
     for start in range(0, len(prompts), per_call):
-        group = prompts[start:start + per_call]
+        group = prompts[start : start + per_call]
         rep = [p for p in group for _ in range(k)]  # prompt g's samples at g*k .. g*k+k-1
-        ro = generate_responses(model, tokenizer, rep, [encode_prompt(tokenizer, p) for p in rep], generation,
-                                device=device)
-        out += [ro.completions[g * k:(g + 1) * k] for g in range(len(group))]
+        ro = generate_responses(
+            model, tokenizer, rep, [encode_prompt(tokenizer, p) for p in rep], generation, device=device
+        )
+        out += [ro.completions[g * k : (g + 1) * k] for g in range(len(group))]
         bar.update(len(group))
     bar.close()
     return out

@@ -93,8 +93,11 @@ def krippendorff_alpha(labels: Labels, level: Literal["ordinal", "nominal"] = "o
     """Krippendorff's alpha (module docstring); ordinal values must be orderable (numbers, ranks).
     None without pairable values or when every value is the same (no expected disagreement)."""
     units = _shared(labels)
-    values = sorted({v for by in units.values() for v in by.values()}) if level == "ordinal" else \
-        list(dict.fromkeys(v for by in units.values() for v in by.values()))
+    values = (
+        sorted({v for by in units.values() for v in by.values()})
+        if level == "ordinal"
+        else list(dict.fromkeys(v for by in units.values() for v in by.values()))
+    )
     if len(values) < 2:
         return None
     index = {v: i for i, v in enumerate(values)}
@@ -114,7 +117,7 @@ def krippendorff_alpha(labels: Labels, level: Literal["ordinal", "nominal"] = "o
         if level == "nominal":
             return float(c != k)
         low, high = min(c, k), max(c, k)
-        return (sum(n_c[low:high + 1]) - (n_c[c] + n_c[k]) / 2) ** 2
+        return (sum(n_c[low : high + 1]) - (n_c[c] + n_c[k]) / 2) ** 2
 
     observed = sum(o[c][k] * delta(c, k) for c in range(m) for k in range(m))
     expected = sum(n_c[c] * n_c[k] * delta(c, k) for c in range(m) for k in range(m))

@@ -42,8 +42,10 @@ from rufus.studio.db import Database, Round, StudioError, User
 log = logging.getLogger(__name__)
 
 MAX_UPLOAD = 64 * 1024 * 1024  # a round file uploaded by the admin
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; form-action 'self'; "
-       "base-uri 'none'; frame-ancestors 'none'")
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; form-action 'self'; "
+    "base-uri 'none'; frame-ancestors 'none'"
+)
 SECURITY_HEADERS = [
     (b"content-security-policy", CSP.encode()),
     (b"referrer-policy", b"no-referrer"),
@@ -77,11 +79,21 @@ class Guard:
             return await self.app(scope, receive, send)
         host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
         if not auth.host_allowed(host, self.allowed):
-            body = (f"Host {host!r} is not allowed here. Open the studio by an allowed name "
-                    f"({', '.join(self.allowed)}), or start it with --allowed-hosts NAME.").encode()
-            await send({"type": "http.response.start", "status": 400,
-                        "headers": [(b"content-type", b"text/plain; charset=utf-8"),
-                                    (b"content-length", str(len(body)).encode())] + SECURITY_HEADERS})
+            body = (
+                f"Host {host!r} is not allowed here. Open the studio by an allowed name "
+                f"({', '.join(self.allowed)}), or start it with --allowed-hosts NAME."
+            ).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 400,
+                    "headers": [
+                        (b"content-type", b"text/plain; charset=utf-8"),
+                        (b"content-length", str(len(body)).encode()),
+                    ]
+                    + SECURITY_HEADERS,
+                }
+            )
             await send({"type": "http.response.body", "body": body})
             return
 
@@ -89,7 +101,8 @@ class Guard:
             if message["type"] == "http.response.start":
                 names = {k.lower() for k, _ in message.get("headers", [])}
                 message["headers"] = list(message.get("headers", [])) + [
-                    (k, v) for k, v in SECURITY_HEADERS if k not in names]
+                    (k, v) for k, v in SECURITY_HEADERS if k not in names
+                ]
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
@@ -110,11 +123,21 @@ def _response_text(content: Any) -> str:
     return "\n\n".join(str(m.get("content", "")) for m in content).strip()
 
 
-def create_app(db: Database, *, allowed_hosts: list[str] | None = None, secure_cookies: bool = False,
-               login_limit: int = 20, login_window: float = 60.0) -> Starlette:
+def create_app(
+    db: Database,
+    *,
+    allowed_hosts: list[str] | None = None,
+    secure_cookies: bool = False,
+    login_limit: int = 20,
+    login_window: float = 60.0,
+) -> Starlette:
     """The studio as an ASGI app over an opened database."""
-    env = Environment(loader=PackageLoader("rufus.studio", "templates"), autoescape=select_autoescape(default=True),
-                      trim_blocks=True, lstrip_blocks=True)
+    env = Environment(
+        loader=PackageLoader("rufus.studio", "templates"),
+        autoescape=select_autoescape(default=True),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters["turns"] = _prompt_turns
     env.filters["response_text"] = _response_text
     env.filters["quote"] = lambda s: quote(str(s), safe="")
@@ -164,8 +187,11 @@ def create_app(db: Database, *, allowed_hosts: list[str] | None = None, secure_c
             out[key] = values if len(values) > 1 or key == "flag" else values[0]
         token = out.get("csrf") or request.headers.get("x-csrf-token")
         if not isinstance(token, str) or not auth.csrf_ok(sess, token):
-            raise HTTPError(403, "This form has expired or did not come from the studio (missing or wrong CSRF "
-                                 "token). Reload the page and try again.")
+            raise HTTPError(
+                403,
+                "This form has expired or did not come from the studio (missing or wrong CSRF "
+                "token). Reload the page and try again.",
+            )
         return out
 
     def endpoint(fn):
@@ -192,6 +218,7 @@ def create_app(db: Database, *, allowed_hosts: list[str] | None = None, secure_c
         def mark(fn):
             fn.form, fn.upload = kind, upload
             return fn
+
         return mark
 
     def redirect(url: str) -> RedirectResponse:
@@ -207,13 +234,23 @@ def create_app(db: Database, *, allowed_hosts: list[str] | None = None, secure_c
             user = auth.user_for_token(s, token)
             if user is None:
                 limiter.fail(client)
-                raise HTTPError(403, "This login link is not valid (mistyped, or replaced by a newer one). "
-                                     "Ask the studio's admin for yours.")
+                raise HTTPError(
+                    403,
+                    "This login link is not valid (mistyped, or replaced by a newer one). "
+                    "Ask the studio's admin for yours.",
+                )
             cookie = auth.start_session(s, user)
             user_id, is_admin = user.id, user.role == "admin"
         response = redirect("/admin" if is_admin else _first_item(user_id))
-        response.set_cookie(auth.SESSION_COOKIE, cookie, max_age=auth.SESSION_SECONDS, httponly=True,
-                            samesite="lax", secure=secure_cookies, path="/")
+        response.set_cookie(
+            auth.SESSION_COOKIE,
+            cookie,
+            max_age=auth.SESSION_SECONDS,
+            httponly=True,
+            samesite="lax",
+            secure=secure_cookies,
+            path="/",
+        )
         return response
 
     def _first_item(user_id: int) -> str:
@@ -265,8 +302,16 @@ def create_app(db: Database, *, allowed_hosts: list[str] | None = None, secure_c
             for rnd in R.rounds_for(s, user):
                 mine = R.user_progress(s, user, rnd)
                 prog = R.round_progress(s, rnd)
-                rows.append({"name": rnd.name, "task": rnd.task, "status": rnd.status, "mine": mine["labelled"],
-                             "fraction": prog["fraction"], "items": prog["items"]})
+                rows.append(
+                    {
+                        "name": rnd.name,
+                        "task": rnd.task,
+                        "status": rnd.status,
+                        "mine": mine["labelled"],
+                        "fraction": prog["fraction"],
+                        "items": prog["items"],
+                    }
+                )
         return page("home.html", me=user, csrf=sess.csrf, rounds=rows)
 
     def next_item(request: Request) -> Response:
@@ -281,8 +326,18 @@ def create_app(db: Database, *, allowed_hosts: list[str] | None = None, secure_c
 
     def _item_page(user, sess, aid: int, status: int = 200, error: str | None = None, form=None) -> Response:
         view = R.view_assignment(db, user.id, aid)
-        return page("item.html", status, me=user, csrf=sess.csrf, item=view, labelled=view.labelled, error=error,
-                    form=form or {}, flags=R.FLAGS, scale=list(range(R.RATING_SCALE[0], R.RATING_SCALE[1] + 1)))
+        return page(
+            "item.html",
+            status,
+            me=user,
+            csrf=sess.csrf,
+            item=view,
+            labelled=view.labelled,
+            error=error,
+            form=form or {},
+            flags=R.FLAGS,
+            scale=list(range(R.RATING_SCALE[0], R.RATING_SCALE[1] + 1)),
+        )
 
     def item_get(request: Request) -> Response:
         user, sess = need(request)
@@ -326,10 +381,18 @@ def create_app(db: Database, *, allowed_hosts: list[str] | None = None, secure_c
             from sqlalchemy import select
 
             rounds = [R.round_progress(s, r) for r in s.scalars(select(Round).order_by(Round.created_at, Round.id))]
-            people = [{"name": u.name, "role": u.role, "active": u.active}
-                      for u in s.scalars(select(User).order_by(User.id))]
-        return page("admin.html", me=user, csrf=sess.csrf, rounds=rounds, people=people, tasks=("pairwise", "ranking", "rating"),
-                    created=None)
+            people = [
+                {"name": u.name, "role": u.role, "active": u.active} for u in s.scalars(select(User).order_by(User.id))
+            ]
+        return page(
+            "admin.html",
+            me=user,
+            csrf=sess.csrf,
+            rounds=rounds,
+            people=people,
+            tasks=("pairwise", "ranking", "rating"),
+            created=None,
+        )
 
     def admin_round(request: Request) -> Response:
         from rufus.studio.leaderboard import LeaderboardError, leaderboard
@@ -348,11 +411,21 @@ def create_app(db: Database, *, allowed_hosts: list[str] | None = None, secure_c
                 board = leaderboard(comparisons, resamples=200, seed=0, prior=0.01)
             except LeaderboardError as e:
                 board_note = str(e)
-        return page("admin_round.html", me=user, csrf=sess.csrf, p=prog, dist=label_distribution(db, name),
-                    disputed=disputed_items(db, name, limit=10), formats=("preference", "ranking", "sft", "graded"),
-                    tables=("labels", "items", "responses", "annotators"), agreement=round_agreement(db, name),
-                    quality={q.annotator: q for q in annotator_quality(db, name)},
-                    board=board, board_note=board_note, comparisons=len(comparisons))
+        return page(
+            "admin_round.html",
+            me=user,
+            csrf=sess.csrf,
+            p=prog,
+            dist=label_distribution(db, name),
+            disputed=disputed_items(db, name, limit=10),
+            formats=("preference", "ranking", "sft", "graded"),
+            tables=("labels", "items", "responses", "annotators"),
+            agreement=round_agreement(db, name),
+            quality={q.annotator: q for q in annotator_quality(db, name)},
+            board=board,
+            board_note=board_note,
+            comparisons=len(comparisons),
+        )
 
     @posts("admin", upload=True)
     def admin_new_round(request: Request) -> Response:
@@ -368,9 +441,16 @@ def create_app(db: Database, *, allowed_hosts: list[str] | None = None, secure_c
             lpi = int(form.get("labels_per_item") or 1)
         except ValueError:
             raise HTTPError(400, "labels per item must be a whole number") from None
-        R.create_round(db, str(form.get("name") or ""), str(form.get("task") or ""), cands, labels_per_item=lpi,
-                       pairs=str(form.get("pairs") or "all"), instructions=str(form.get("instructions") or ""),
-                       source={"upload": getattr(upload, "filename", None)})
+        R.create_round(
+            db,
+            str(form.get("name") or ""),
+            str(form.get("task") or ""),
+            cands,
+            labels_per_item=lpi,
+            pairs=str(form.get("pairs") or "all"),
+            instructions=str(form.get("instructions") or ""),
+            source={"upload": getattr(upload, "filename", None)},
+        )
         return redirect(f"/admin/rounds/{quote(str(form.get('name')).strip(), safe='')}")
 
     @posts("admin")
@@ -384,8 +464,7 @@ def create_app(db: Database, *, allowed_hosts: list[str] | None = None, secure_c
             if round_name:
                 R.add_member(s, new, R.get_round(s, round_name))
         base = str(request.base_url).rstrip("/")
-        return page("annotator_created.html", me=user, csrf=sess.csrf, name=new.name,
-                    url=f"{base}/login?token={token}")
+        return page("annotator_created.html", me=user, csrf=sess.csrf, name=new.name, url=f"{base}/login?token={token}")
 
     @posts("admin")
     def admin_exclude(request: Request) -> Response:
@@ -414,8 +493,15 @@ def create_app(db: Database, *, allowed_hosts: list[str] | None = None, secure_c
         q = request.query_params
         name = request.path_params["name"]
         fmt = q.get("format", "preference")
-        rows = export_rows(db, name, fmt, tie=q.get("tie", "drop"), aggregate=q.get("aggregate", "label"),
-                           with_models=q.get("with_models") in ("1", "true", "on"), scale=q.get("scale", "unit"))
+        rows = export_rows(
+            db,
+            name,
+            fmt,
+            tie=q.get("tie", "drop"),
+            aggregate=q.get("aggregate", "label"),
+            with_models=q.get("with_models") in ("1", "true", "on"),
+            scale=q.get("scale", "unit"),
+        )
         return _download(to_jsonl(rows), f"{name}-{fmt}.jsonl", "application/x-ndjson")
 
     def admin_download(request: Request) -> Response:
@@ -464,9 +550,11 @@ def create_app(db: Database, *, allowed_hosts: list[str] | None = None, secure_c
 
 
 def _method_not_allowed(request: Request, exc=None) -> Response:
-    return JSONResponse({"error": f"{request.method} is not allowed here"}, status_code=405) \
-        if "application/json" in request.headers.get("accept", "") else \
-        HTMLResponse(f"<p>{request.method} is not allowed here.</p>", status_code=405)
+    return (
+        JSONResponse({"error": f"{request.method} is not allowed here"}, status_code=405)
+        if "application/json" in request.headers.get("accept", "")
+        else HTMLResponse(f"<p>{request.method} is not allowed here.</p>", status_code=405)
+    )
 
 
 def _int(text: str) -> int:
@@ -482,4 +570,3 @@ def _int(text: str) -> int:
 def _download(text: str, filename: str, media_type: str) -> Response:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in filename)
     return Response(text, media_type=media_type, headers={"content-disposition": f'attachment; filename="{safe}"'})
-

@@ -74,7 +74,9 @@ def ensure_admin(s: Session) -> str | None:
         return None
     existing = s.scalar(select(User).where(User.name == "admin"))
     if existing is not None:  # a user took the name; the admin becomes "admin-1", ...
-        name = next(f"admin-{i}" for i in range(1, 10**6) if s.scalar(select(User).where(User.name == f"admin-{i}")) is None)
+        name = next(
+            f"admin-{i}" for i in range(1, 10**6) if s.scalar(select(User).where(User.name == f"admin-{i}")) is None
+        )
     else:
         name = "admin"
     _, token = create_user(s, name, role="admin")
@@ -108,8 +110,15 @@ def start_session(s: Session, user: User) -> str:
     """A new session for `user`; returns the cookie value (the database keeps its hash)."""
     value = new_token()
     now = time.time()
-    s.add(SessionRow(id_hash=token_hash(value), user_id=user.id, csrf=new_token(), created_at=now,
-                     expires_at=now + SESSION_SECONDS))
+    s.add(
+        SessionRow(
+            id_hash=token_hash(value),
+            user_id=user.id,
+            csrf=new_token(),
+            created_at=now,
+            expires_at=now + SESSION_SECONDS,
+        )
+    )
     s.execute(delete(SessionRow).where(SessionRow.expires_at < now))  # keep the table small
     log_event(s, "login", user.id)
     return value

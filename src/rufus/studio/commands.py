@@ -49,9 +49,13 @@ class ServeConfig:
     """Start the labelling web server on a studio database."""
 
     db: str = opt(REQUIRED, "studio database: an SQLite file (created if missing) or an SQLAlchemy URL")
-    host: str = opt("127.0.0.1", "address to bind; anything but loopback opens the studio to the network (a warning is printed)")
+    host: str = opt(
+        "127.0.0.1", "address to bind; anything but loopback opens the studio to the network (a warning is printed)"
+    )
     port: int = opt(DEFAULT_PORT, "port to listen on")
-    allowed_hosts: list[str] = opt([], "extra Host names the server answers to (loopback names and the bound address always)")
+    allowed_hosts: list[str] = opt(
+        [], "extra Host names the server answers to (loopback names and the bound address always)"
+    )
     secure_cookies: bool = opt(False, "mark session cookies Secure (set when a TLS proxy serves the studio over https)")
     log_level: str = opt("warning", "uvicorn log level: critical, error, warning, info, debug")
 
@@ -71,16 +75,29 @@ def serve(config: ServeConfig | dict) -> None:
     base = _base_url(cfg.host, cfg.port)
     loopback = cfg.host in auth.LOOPBACK_HOSTS
     if not loopback:
-        print(f"rufus studio: WARNING: binding {cfg.host}, not loopback: anyone who can reach this machine on port "
-              f"{cfg.port} can open the studio's pages (they still need a login link). Serve it over https "
-              "(a TLS proxy, with secure_cookies=true) on a shared network.", file=sys.stderr, flush=True)
+        print(
+            f"rufus studio: WARNING: binding {cfg.host}, not loopback: anyone who can reach this machine on port "
+            f"{cfg.port} can open the studio's pages (they still need a login link). Serve it over https "
+            "(a TLS proxy, with secure_cookies=true) on a shared network.",
+            file=sys.stderr,
+            flush=True,
+        )
     print(f"rufus studio: serving {db.url} on {base}", flush=True)
     if token:
         print("rufus studio: admin login (shown once; `rufus studio admin-token` makes a new one):", flush=True)
         print(login_url(base, token), flush=True)
-    app = create_app(db, allowed_hosts=auth.allowed_hosts(cfg.host, cfg.allowed_hosts), secure_cookies=cfg.secure_cookies)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=cfg.log_level in ("info", "debug"),
-                proxy_headers=False, server_header=False)
+    app = create_app(
+        db, allowed_hosts=auth.allowed_hosts(cfg.host, cfg.allowed_hosts), secure_cookies=cfg.secure_cookies
+    )
+    uvicorn.run(
+        app,
+        host=cfg.host,
+        port=cfg.port,
+        log_level=cfg.log_level,
+        access_log=cfg.log_level in ("info", "debug"),
+        proxy_headers=False,
+        server_header=False,
+    )
 
 
 # --- rounds -------------------------------------------------------------------------------------
@@ -92,15 +109,27 @@ class NewRoundConfig:
 
     db: str = opt(REQUIRED, "studio database: an SQLite file (created if missing) or an SQLAlchemy URL")
     name: str = opt(REQUIRED, "round name (unique)")
-    task: Literal["pairwise", "ranking", "rating"] = opt("pairwise", "what annotators do: pairwise (A/B/tie/both bad), ranking (order K, ties allowed), rating (1-7 each)")
+    task: Literal["pairwise", "ranking", "rating"] = opt(
+        "pairwise",
+        "what annotators do: pairwise (A/B/tie/both bad), ranking (order K, ties allowed), rating (1-7 each)",
+    )
     prompts: str | None = opt(None, "prompt-format file (.jsonl/.json/.csv/.parquet) whose prompts the models answer")
-    models: list[str] = opt([], "models or checkpoints to sample from (local path, hub id, builtin:...), with --prompts")
-    responses: str | None = opt(None, "instead of sampling: rows with 'prompt', a 'responses' list and optionally 'models'")
-    gold: str | None = opt(None, "gold items with known answers, mixed into the round: a ranking file (prompt, responses, "
-                                 "scores; higher = better), for each annotator's accuracy")
+    models: list[str] = opt(
+        [], "models or checkpoints to sample from (local path, hub id, builtin:...), with --prompts"
+    )
+    responses: str | None = opt(
+        None, "instead of sampling: rows with 'prompt', a 'responses' list and optionally 'models'"
+    )
+    gold: str | None = opt(
+        None,
+        "gold items with known answers, mixed into the round: a ranking file (prompt, responses, "
+        "scores; higher = better), for each annotator's accuracy",
+    )
     samples_per_model: int = opt(1, "responses sampled per prompt from each model")
     labels_per_item: int = opt(1, "independent labels each item gets (from different annotators)")
-    pairs: Literal["all", "models"] = opt("all", "pairwise rounds: every pair of a prompt's responses, or only pairs from different models")
+    pairs: Literal["all", "models"] = opt(
+        "all", "pairwise rounds: every pair of a prompt's responses, or only pairs from different models"
+    )
     instructions: str = opt("", "guidance shown above every item")
     max_prompts: int = opt(-1, "use at most this many prompts of the file (-1 = all)")
     generation: GenerationConfig = opt(GenerationConfig, "sampling, as in rufus generate")
@@ -120,8 +149,10 @@ def new_round(config: NewRoundConfig | dict) -> dict:
     cfg = as_config(NewRoundConfig, config)
     _quiet_datasets()
     if (cfg.responses is None) == (cfg.prompts is None):
-        raise ConfigError("responses / prompts: give exactly one: --responses FILE (responses made elsewhere), or "
-                          "--prompts FILE with --models A B ... (sampled here)")
+        raise ConfigError(
+            "responses / prompts: give exactly one: --responses FILE (responses made elsewhere), or "
+            "--prompts FILE with --models A B ... (sampled here)"
+        )
     if cfg.prompts is not None and not cfg.models:
         raise ConfigError("models: --prompts needs --models (one or more models to answer them)")
     if cfg.responses is not None and cfg.models:
@@ -129,37 +160,75 @@ def new_round(config: NewRoundConfig | dict) -> dict:
     if cfg.samples_per_model < 1:
         raise ConfigError(f"samples_per_model: must be at least 1, got {cfg.samples_per_model}")
     if cfg.prompts is not None and len(cfg.models) * cfg.samples_per_model < 2:
-        raise ConfigError("models / samples_per_model: a round compares at least two responses per prompt; give two "
-                          "models or samples_per_model >= 2")
+        raise ConfigError(
+            "models / samples_per_model: a round compares at least two responses per prompt; give two "
+            "models or samples_per_model >= 2"
+        )
     if cfg.responses is not None:
         cands = read_candidates(cfg.responses)
         source = {"responses": cfg.responses}
     else:
         prompts = read_prompts(cfg.prompts)
         if cfg.max_prompts > 0:
-            prompts = prompts[:cfg.max_prompts]
-        per_model = [sample_responses(m, prompts, cfg.samples_per_model, cfg.generation, batch_size=cfg.batch_size,
-                                      seed=cfg.seed + j, dtype=cfg.dtype, progress=cfg.progress, desc=f"sample {m}",
-                                      trust_remote_code=cfg.trust_remote_code)
-                     for j, m in enumerate(cfg.models)]
+            prompts = prompts[: cfg.max_prompts]
+        per_model = [
+            sample_responses(
+                m,
+                prompts,
+                cfg.samples_per_model,
+                cfg.generation,
+                batch_size=cfg.batch_size,
+                seed=cfg.seed + j,
+                dtype=cfg.dtype,
+                progress=cfg.progress,
+                desc=f"sample {m}",
+                trust_remote_code=cfg.trust_remote_code,
+            )
+            for j, m in enumerate(cfg.models)
+        ]
         k = cfg.samples_per_model
-        cands = [Candidate(p, [r for out in per_model for r in out[i]],
-                           [m for m in cfg.models for _ in range(k)], [j for _ in cfg.models for j in range(k)])
-                 for i, p in enumerate(prompts)]
-        source = {"prompts": cfg.prompts, "models": cfg.models, "samples_per_model": k,
-                  "generation": vars(cfg.generation), "seed": cfg.seed}
+        cands = [
+            Candidate(
+                p,
+                [r for out in per_model for r in out[i]],
+                [m for m in cfg.models for _ in range(k)],
+                [j for _ in cfg.models for j in range(k)],
+            )
+            for i, p in enumerate(prompts)
+        ]
+        source = {
+            "prompts": cfg.prompts,
+            "models": cfg.models,
+            "samples_per_model": k,
+            "generation": vars(cfg.generation),
+            "seed": cfg.seed,
+        }
     if cfg.max_prompts > 0:
-        cands = cands[:cfg.max_prompts]
+        cands = cands[: cfg.max_prompts]
     gold = read_gold(cfg.gold) if cfg.gold else None
     db, _ = open_database(cfg.db)
-    summary = create_round(db, cfg.name, cfg.task, cands, labels_per_item=cfg.labels_per_item, pairs=cfg.pairs,
-                           instructions=cfg.instructions, source=source, gold=gold)
+    summary = create_round(
+        db,
+        cfg.name,
+        cfg.task,
+        cands,
+        labels_per_item=cfg.labels_per_item,
+        pairs=cfg.pairs,
+        instructions=cfg.instructions,
+        source=source,
+        gold=gold,
+    )
     print_admin_token_if_new(db)
-    print(f"rufus studio: round {summary['round']!r}: {summary['items']} {cfg.task} items from {summary['prompts']} "
-          f"prompts, {cfg.labels_per_item} label(s) each"
-          + (f", and {summary['gold_items']} gold items" if summary["gold_items"] else "")
-          + (f"; {summary['skipped_prompts']} prompts skipped (fewer than two different responses)"
-             if summary["skipped_prompts"] else ""))
+    print(
+        f"rufus studio: round {summary['round']!r}: {summary['items']} {cfg.task} items from {summary['prompts']} "
+        f"prompts, {cfg.labels_per_item} label(s) each"
+        + (f", and {summary['gold_items']} gold items" if summary["gold_items"] else "")
+        + (
+            f"; {summary['skipped_prompts']} prompts skipped (fewer than two different responses)"
+            if summary["skipped_prompts"]
+            else ""
+        )
+    )
     return summary
 
 
@@ -200,8 +269,11 @@ def add_annotator(config: AddAnnotatorConfig | dict) -> str:
         if cfg.round:
             add_member(s, user, get_round(s, cfg.round))
     url = login_url(cfg.url_base, token)
-    print(f"rufus studio: {'admin' if cfg.admin else 'annotator'} {cfg.name!r} created"
-          + (f" for round {cfg.round!r}" if cfg.round else "") + "; their login URL (shown once):")
+    print(
+        f"rufus studio: {'admin' if cfg.admin else 'annotator'} {cfg.name!r} created"
+        + (f" for round {cfg.round!r}" if cfg.round else "")
+        + "; their login URL (shown once):"
+    )
     print(url)
     return url
 
@@ -244,7 +316,9 @@ class ExportConfig:
     db: str = opt(REQUIRED, "studio database: an SQLite file or an SQLAlchemy URL")
     round: str = opt(REQUIRED, "round to export")
     format: Literal["preference", "ranking", "sft", "graded"] = opt(
-        "preference", "preference (rm, dpo), ranking (rm rm.format=ranking), sft (the better answers), graded (rm warm-up)")
+        "preference",
+        "preference (rm, dpo), ranking (rm rm.format=ranking), sft (the better answers), graded (rm warm-up)",
+    )
     out: str = opt(REQUIRED, "output .jsonl file")
     tie: Literal["drop", "half"] = opt("drop", "ties in preference files: drop, or half (written in both orders)")
     aggregate: Literal["label", "majority"] = opt("label", "one row per label, or the majority per item")
@@ -258,8 +332,16 @@ def export(config: ExportConfig | dict) -> int:
 
     cfg = as_config(ExportConfig, config)
     db, _ = open_database(cfg.db, create=False)
-    n = export_round(db, cfg.round, cfg.format, cfg.out, tie=cfg.tie, aggregate=cfg.aggregate,
-                     with_models=cfg.with_models, scale=cfg.scale)
+    n = export_round(
+        db,
+        cfg.round,
+        cfg.format,
+        cfg.out,
+        tie=cfg.tie,
+        aggregate=cfg.aggregate,
+        with_models=cfg.with_models,
+        scale=cfg.scale,
+    )
     print(f"rufus studio: wrote {n} {cfg.format} rows of round {cfg.round!r} to {cfg.out}")
     return n
 
@@ -300,20 +382,41 @@ def demo(config: StudioDemoConfig | dict) -> dict:
         auth.ensure_admin(s)
         have_round = s.scalar(select(Round.id).where(Round.name == "demo")) is not None
     if not have_round:
-        print("[studio demo] the playground's SFT model (base model built once and cached; SFT about a minute)",
-              flush=True)
-        pipe = run_pipeline({"output_dir": str(out / "pipeline"), "stages": ["sft"], "seed": cfg.seed,
-                             "progress": cfg.progress, "dtype": "auto"})
+        print(
+            "[studio demo] the playground's SFT model (base model built once and cached; SFT about a minute)",
+            flush=True,
+        )
+        pipe = run_pipeline(
+            {
+                "output_dir": str(out / "pipeline"),
+                "stages": ["sft"],
+                "seed": cfg.seed,
+                "progress": cfg.progress,
+                "dtype": "auto",
+            }
+        )
         sft, base = str(pipe.output_dir / "sft" / "final"), _playground_base()
         prompts = [r["prompt"] for r in make_prompts(cfg.prompts, 1000 + cfg.seed)]
         gen = Gen(max_new_tokens=72, temperature=0.7)
-        answers = {name: sample_responses(path, prompts, 1, gen, seed=cfg.seed + j, progress=cfg.progress,
-                                          desc=f"sample {name}")
-                   for j, (name, path) in enumerate((("sft", sft), ("base", base)))}
-        cands = [Candidate(p, [answers["sft"][i][0], answers["base"][i][0]], ["sft", "base"]) for i, p in enumerate(prompts)]
-        create_round(db, "demo", "pairwise", cands, labels_per_item=cfg.labels_per_item, pairs="models",
-                     instructions="Which answer helps the person more: on topic, polite, concise, answering the request?",
-                     source={"demo": True, "models": {"sft": sft, "base": base}})
+        answers = {
+            name: sample_responses(
+                path, prompts, 1, gen, seed=cfg.seed + j, progress=cfg.progress, desc=f"sample {name}"
+            )
+            for j, (name, path) in enumerate((("sft", sft), ("base", base)))
+        }
+        cands = [
+            Candidate(p, [answers["sft"][i][0], answers["base"][i][0]], ["sft", "base"]) for i, p in enumerate(prompts)
+        ]
+        create_round(
+            db,
+            "demo",
+            "pairwise",
+            cands,
+            labels_per_item=cfg.labels_per_item,
+            pairs="models",
+            instructions="Which answer helps the person more: on topic, polite, concise, answering the request?",
+            source={"demo": True, "models": {"sft": sft, "base": base}},
+        )
     with db.session() as s:
         if s.scalar(select(User.id).where(User.name == cfg.annotator)) is None:
             auth.create_user(s, cfg.annotator)
@@ -325,8 +428,12 @@ def demo(config: StudioDemoConfig | dict) -> dict:
     print(f"  studio:          {base_url}")
     print(f"  admin login:     {login_url(base_url, admin)}")
     print(f"  annotator login: {login_url(base_url, you)}", flush=True)
-    result = {"db": str(out / "studio.db"), "url": base_url, "admin_url": login_url(base_url, admin),
-              "annotator_url": login_url(base_url, you)}
+    result = {
+        "db": str(out / "studio.db"),
+        "url": base_url,
+        "admin_url": login_url(base_url, admin),
+        "annotator_url": login_url(base_url, you),
+    }
     if cfg.serve:
         db.dispose()
         serve({"db": str(out / "studio.db"), "host": cfg.host, "port": cfg.port})
@@ -346,14 +453,19 @@ def _playground_base() -> str:
 class LeaderboardConfig:
     """Rank models from comparisons: Bradley-Terry ratings with bootstrap intervals, and online Elo."""
 
-    file: str | None = opt(None, "comparisons (.jsonl/.json/.csv/.parquet): rows with model_a, model_b, winner (a, b or tie)")
+    file: str | None = opt(
+        None, "comparisons (.jsonl/.json/.csv/.parquet): rows with model_a, model_b, winner (a, b or tie)"
+    )
     db: str | None = opt(None, "instead of a file: a studio database, with --rounds")
     rounds: list[str] = opt([], "studio rounds whose labels compare models (rankings count as all their pairs)")
     anchor: str | None = opt(None, "the model rated 1000 (default: the first one seen)")
     resamples: int = opt(1000, "bootstrap resamples for the intervals (0 = none)")
     seed: int = opt(0, "seed of the bootstrap")
-    prior: float = opt(0.0, "Gaussian prior precision on the log-odds strengths (0 = maximum likelihood); "
-                            "keeps ratings finite when a model never wins or never loses")
+    prior: float = opt(
+        0.0,
+        "Gaussian prior precision on the log-odds strengths (0 = maximum likelihood); "
+        "keeps ratings finite when a model never wins or never loses",
+    )
     elo_k: float = opt(4.0, "K of the online Elo view")
     out: str | None = opt(None, "write the table as JSON here")
     plot: str | None = opt(None, "write a PNG of the ratings with their intervals here")
@@ -384,13 +496,16 @@ def leaderboard(config: LeaderboardConfig | dict) -> list:
         if not comparisons:
             raise ConfigError(f"rounds: {', '.join(cfg.rounds)} hold no labels comparing two different models")
     try:
-        rows = L.leaderboard(comparisons, anchor=cfg.anchor, resamples=cfg.resamples, seed=cfg.seed,
-                             prior=cfg.prior, elo_k=cfg.elo_k)
+        rows = L.leaderboard(
+            comparisons, anchor=cfg.anchor, resamples=cfg.resamples, seed=cfg.seed, prior=cfg.prior, elo_k=cfg.elo_k
+        )
     except L.LeaderboardError as e:
         raise ConfigError(str(e)) from None
     print(L.format_table(rows))
-    print(f"({len(comparisons)} comparisons; intervals from {cfg.resamples} bootstrap resamples; online Elo depends "
-          "on the order of the comparisons)")
+    print(
+        f"({len(comparisons)} comparisons; intervals from {cfg.resamples} bootstrap resamples; online Elo depends "
+        "on the order of the comparisons)"
+    )
     if cfg.out:
         from rufus.config import atomic_write_text
 
@@ -402,7 +517,8 @@ def leaderboard(config: LeaderboardConfig | dict) -> list:
 
 @dataclass
 class StatsConfig:
-    """Agreement among a round's annotators, and progress: raw agreement, Cohen's / Fleiss' kappa, Krippendorff's alpha."""
+    """Agreement among a round's annotators, and progress: raw agreement, Cohen's / Fleiss' kappa,
+    Krippendorff's alpha."""
 
     db: str = opt(REQUIRED, "studio database: an SQLite file or an SQLAlchemy URL")
     round: str = opt(REQUIRED, "the round")
@@ -421,31 +537,43 @@ def stats(config: StatsConfig | dict) -> dict:
     with db.read() as s:
         progress = round_progress(s, get_round(s, cfg.round))
     figures = round_agreement(db, cfg.round)
-    print(f"round {cfg.round!r} ({figures['task']}): {progress['labels']} of {progress['labels_wanted']} labels, "
-          f"{progress['complete_items']} of {progress['items']} items complete; {figures['shared_units']} units "
-          "labelled by two or more people")
-    for key, name in (("raw_agreement", "raw agreement"), ("fleiss_kappa", "Fleiss' kappa"),
-                      ("krippendorff_alpha", "Krippendorff's alpha (ordinal)")):
+    print(
+        f"round {cfg.round!r} ({figures['task']}): {progress['labels']} of {progress['labels_wanted']} labels, "
+        f"{progress['complete_items']} of {progress['items']} items complete; {figures['shared_units']} units "
+        "labelled by two or more people"
+    )
+    for key, name in (
+        ("raw_agreement", "raw agreement"),
+        ("fleiss_kappa", "Fleiss' kappa"),
+        ("krippendorff_alpha", "Krippendorff's alpha (ordinal)"),
+    ):
         if key in figures:
             value = figures[key]
             print(f"  {name:<32} {'-' if value is None else f'{value:.3f}'}")
     for pair in figures["cohen"]:
         kappa = "-" if pair["kappa"] is None else f"{pair['kappa']:.3f}"
-        print(f"  Cohen's kappa {pair['annotators'][0]} / {pair['annotators'][1]}: {kappa} "
-              f"(agreement {pair['agreement']:.3f} on {pair['units']} units)")
+        print(
+            f"  Cohen's kappa {pair['annotators'][0]} / {pair['annotators'][1]}: {kappa} "
+            f"(agreement {pair['agreement']:.3f} on {pair['units']} units)"
+        )
     from rufus.studio.quality import annotator_quality
 
     quality = annotator_quality(db, cfg.round)
     for q in quality:
         agree = "-" if q.agreement is None else f"{q.agreement:.2f}"
         gold = "-" if q.gold_accuracy is None else f"{q.gold_accuracy:.2f}"
-        print(f"  {q.annotator}: {q.labels} labels, agreement with the others {agree}, gold accuracy {gold}"
-              + (" (excluded)" if q.excluded else "") + "".join(f"\n    flag: {f}" for f in q.flags))
+        print(
+            f"  {q.annotator}: {q.labels} labels, agreement with the others {agree}, gold accuracy {gold}"
+            + (" (excluded)" if q.excluded else "")
+            + "".join(f"\n    flag: {f}" for f in q.flags)
+        )
     figures["annotators"] = [q.as_dict() for q in quality]
     if cfg.out:
         from rufus.config import atomic_write_text
 
-        atomic_write_text(cfg.out, json.dumps({"progress": progress, "agreement": figures}, indent=1, default=str) + "\n")
+        atomic_write_text(
+            cfg.out, json.dumps({"progress": progress, "agreement": figures}, indent=1, default=str) + "\n"
+        )
     return figures
 
 
@@ -471,8 +599,10 @@ def exclude_annotator(config: ExcludeConfig | dict) -> None:
         print(f"rufus studio: {cfg.annotator!r}'s labels of round {cfg.round!r} count again")
     else:
         exclude(db, cfg.round, cfg.annotator, cfg.reason)
-        print(f"rufus studio: {cfg.annotator!r}'s labels of round {cfg.round!r} are left out of its exports, "
-              "agreement and leaderboard")
+        print(
+            f"rufus studio: {cfg.annotator!r}'s labels of round {cfg.round!r} are left out of its exports, "
+            "agreement and leaderboard"
+        )
 
 
 @dataclass
@@ -502,14 +632,16 @@ def simulate(config: SimulateConfig | dict) -> dict:
     if total < 1:
         raise ConfigError("annotators / careless / adversarial: simulate at least one annotator")
     try:
-        taste = Annotators(cfg.preference, n=total, temperature=cfg.temperature, disagreement=cfg.disagreement,
-                           seed=cfg.seed)
+        taste = Annotators(
+            cfg.preference, n=total, temperature=cfg.temperature, disagreement=cfg.disagreement, seed=cfg.seed
+        )
     except ValueError as e:
         raise ConfigError(f"preference: {e}") from None
     db, _ = open_database(cfg.db, create=False)
     kinds = ["honest"] * cfg.annotators + ["careless"] * cfg.careless + ["adversarial"] * cfg.adversarial
-    done = simulate_round(db, cfg.round, kinds, taste, seed=cfg.seed, limit=cfg.limit if cfg.limit > 0 else None,
-                          url=cfg.url)
+    done = simulate_round(
+        db, cfg.round, kinds, taste, seed=cfg.seed, limit=cfg.limit if cfg.limit > 0 else None, url=cfg.url
+    )
     for name, n in done.items():
         print(f"rufus studio simulate: {name} gave {n} labels in round {cfg.round!r}")
     return done
@@ -529,8 +661,12 @@ COMMANDS = {
     "demo": (StudioDemoConfig, demo, "a studio pre-filled with playground responses, served on loopback", ()),
 }
 TOP_COMMANDS = {
-    "leaderboard": (LeaderboardConfig, leaderboard, "rank models from comparisons: Bradley-Terry with intervals, Elo",
-                    ("file",)),
+    "leaderboard": (
+        LeaderboardConfig,
+        leaderboard,
+        "rank models from comparisons: Bradley-Terry with intervals, Elo",
+        ("file",),
+    ),
 }
 
 
@@ -551,8 +687,13 @@ def _add_command(sub, name: str, cls: type, help_text: str, positional: tuple[st
     import dataclasses
     import typing
 
-    p = sub.add_parser(name, help=help_text, description=(cls.__doc__ or help_text).strip(), add_help=False,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        name,
+        help=help_text,
+        description=(cls.__doc__ or help_text).strip(),
+        add_help=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("-h", "--help", action="store_true", help="list every config key and exit")
     p.add_argument("--config", "-c", help="YAML config file (flags and key=value overrides win)")
     hints = typing.get_type_hints(cls)
@@ -571,7 +712,9 @@ def _add_command(sub, name: str, cls: type, help_text: str, positional: tuple[st
             p.add_argument(flag, dest=f"flag_{f.name}", nargs="+", metavar="VALUE", help=doc)
         else:
             p.add_argument(flag, dest=f"flag_{f.name}", metavar="VALUE", help=doc)
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. generation.max_new_tokens=32")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. generation.max_new_tokens=32"
+    )
 
 
 def run(args, parser) -> int:
@@ -607,7 +750,9 @@ def _run_command(args, sub, label: str, cls: type, fn, positional: tuple[str, ..
         if value is None:
             continue
         overrides.append(f"{f.name}={json.dumps(value)}" if isinstance(value, list) else f"{f.name}={value}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     try:
         cfg = load_config(cls, args.config, overrides + list(args.overrides))
         fn(cfg)

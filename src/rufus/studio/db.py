@@ -297,11 +297,11 @@ def open_database(db: str | os.PathLike, *, create: bool = True) -> tuple[Databa
         path = url.split(":///", 1)[1] if ":///" in url else ""
         if path and path != ":memory:":
             if not create and not Path(path).exists():
-                raise StudioError(f"no studio database at {path}; create one with `rufus studio new-round` "
-                                  "or `rufus studio serve`")
+                raise StudioError(
+                    f"no studio database at {path}; create one with `rufus studio new-round` or `rufus studio serve`"
+                )
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        kwargs = {"connect_args": {"check_same_thread": False, "timeout": 30}, "pool_size": 16,
-                  "max_overflow": 16}
+        kwargs = {"connect_args": {"check_same_thread": False, "timeout": 30}, "pool_size": 16, "max_overflow": 16}
     engine = create_engine(url, **kwargs)
     if engine.dialect.name == "sqlite":
         _sqlite_setup(engine)
@@ -316,16 +316,20 @@ def _migrate(database: Database) -> bool:
         tables = set(inspect(conn).get_table_names())
         if "meta" not in tables:
             if tables - {"meta"}:
-                raise StudioError(f"{database.url} holds tables that are not a Rufus studio's "
-                                  f"({', '.join(sorted(tables)[:5])}); use an empty database")
+                raise StudioError(
+                    f"{database.url} holds tables that are not a Rufus studio's "
+                    f"({', '.join(sorted(tables)[:5])}); use an empty database"
+                )
             Base.metadata.create_all(conn)
             conn.execute(Meta.__table__.insert(), [{"key": "schema_version", "value": str(SCHEMA_VERSION)}])
             return True
         row = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar()
         version = int(row or 0)
         if version > SCHEMA_VERSION:
-            raise StudioError(f"{database.url} was written by a newer Rufus (schema version {version}; this "
-                              f"one knows up to {SCHEMA_VERSION}); upgrade Rufus to open it")
+            raise StudioError(
+                f"{database.url} was written by a newer Rufus (schema version {version}; this "
+                f"one knows up to {SCHEMA_VERSION}); upgrade Rufus to open it"
+            )
         while version < SCHEMA_VERSION:
             if version not in UPGRADES:
                 raise StudioError(f"no upgrade step from schema version {version}")

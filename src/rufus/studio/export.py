@@ -94,13 +94,24 @@ def _load(s, rnd: Round):
     prompts = {p.id: p for p in s.scalars(select(Prompt).where(Prompt.round_id == rnd.id))}
     responses = {r.id: r for r in s.scalars(select(Response).where(Response.prompt_id.in_(list(prompts))))}
     left_out = excluded_users(s, rnd.id)
-    labels = [lb for lb in s.scalars(select(Label).where(Label.round_id == rnd.id).order_by(Label.id))
-              if lb.user_id not in left_out and not items[lb.item_id].gold]
+    labels = [
+        lb
+        for lb in s.scalars(select(Label).where(Label.round_id == rnd.id).order_by(Label.id))
+        if lb.user_id not in left_out and not items[lb.item_id].gold
+    ]
     return items, prompts, responses, labels
 
 
-def export_rows(db: Database, round_name: str, format: str, *, tie: str = "drop", aggregate: str = "label",
-                with_models: bool = False, scale: str = "unit") -> list[dict[str, Any]]:
+def export_rows(
+    db: Database,
+    round_name: str,
+    format: str,
+    *,
+    tie: str = "drop",
+    aggregate: str = "label",
+    with_models: bool = False,
+    scale: str = "unit",
+) -> list[dict[str, Any]]:
     """The rows of one round's labels in a training format (module docstring)."""
     if format not in FORMATS:
         raise StudioError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
@@ -130,9 +141,18 @@ def export_rows(db: Database, round_name: str, format: str, *, tie: str = "drop"
 
     base = {"round": rnd.name}
     if format == "sft":
-        return [{"prompt": prompts[items[lb.item_id].prompt_id].content, "completion": styled(lb.better_answer),
-                 **base, "item_id": lb.item_id, "annotator_id": lb.user_id, "label_id": lb.id}
-                for lb in labels if lb.better_answer]
+        return [
+            {
+                "prompt": prompts[items[lb.item_id].prompt_id].content,
+                "completion": styled(lb.better_answer),
+                **base,
+                "item_id": lb.item_id,
+                "annotator_id": lb.user_id,
+                "label_id": lb.id,
+            }
+            for lb in labels
+            if lb.better_answer
+        ]
 
     # one entry per row to write: (item, per-response scores, provenance)
     units: list[tuple[Item, dict[int, float], dict[str, Any]]] = []
@@ -158,8 +178,11 @@ def export_rows(db: Database, round_name: str, format: str, *, tie: str = "drop"
             item = items[item_id]
             ids = list(item.response_ids)
             if rnd.task == "pairwise":
-                votes = {"labels": len(group), "tie": sum(lb.outcome == "tie" for lb in group),
-                         "both_bad": sum(lb.outcome == "both_bad" for lb in group)}
+                votes = {
+                    "labels": len(group),
+                    "tie": sum(lb.outcome == "tie" for lb in group),
+                    "both_bad": sum(lb.outcome == "both_bad" for lb in group),
+                }
                 wins = {rid: sum(lb.outcome == "win" and lb.winner_id == rid for lb in group) for rid in ids}
                 a, b = ids
                 if votes["both_bad"] == len(group):
@@ -167,8 +190,13 @@ def export_rows(db: Database, round_name: str, format: str, *, tie: str = "drop"
                         continue
                     scores = {a: 0.0, b: 0.0}
                 else:
-                    scores = ({a: 0.5, b: 0.5} if wins[a] == wins[b] else
-                              {a: 1.0, b: 0.0} if wins[a] > wins[b] else {a: 0.0, b: 1.0})
+                    scores = (
+                        {a: 0.5, b: 0.5}
+                        if wins[a] == wins[b]
+                        else {a: 1.0, b: 0.0}
+                        if wins[a] > wins[b]
+                        else {a: 0.0, b: 1.0}
+                    )
                 votes["responses"] = {str(rid): wins[rid] for rid in ids}
             else:
                 per = [label_scores(lb, ids) for lb in group]
@@ -183,7 +211,7 @@ def export_rows(db: Database, round_name: str, format: str, *, tie: str = "drop"
         common = {**base, "item_id": item.id, **prov}
         if format == "preference":
             for i, a in enumerate(ids):
-                for b in ids[i + 1:]:
+                for b in ids[i + 1 :]:
                     if scores[a] == scores[b]:
                         if tie == "half":
                             for win, lose in ((a, b), (b, a)):
@@ -195,8 +223,13 @@ def export_rows(db: Database, round_name: str, format: str, *, tie: str = "drop"
             if len(set(scores.values())) == 1:
                 continue
             order = sorted(ids, key=lambda rid: -scores[rid])  # stable: ties keep item order
-            row = {"prompt": prompt, "responses": [content(r) for r in order],
-                   "scores": [scores[r] for r in order], **common, "response_ids": order}
+            row = {
+                "prompt": prompt,
+                "responses": [content(r) for r in order],
+                "scores": [scores[r] for r in order],
+                **common,
+                "response_ids": order,
+            }
             if with_models:
                 row["models"] = [responses[r].model for r in order]
             rows.append(row)
@@ -217,8 +250,14 @@ def export_rows(db: Database, round_name: str, format: str, *, tie: str = "drop"
 
 
 def _pref(prompt, win: int, lose: int, content, common: dict, responses, with_models: bool, tie: bool = False) -> dict:
-    row = {"prompt": prompt, "chosen": content(win), "rejected": content(lose), **common,
-           "chosen_id": win, "rejected_id": lose}
+    row = {
+        "prompt": prompt,
+        "chosen": content(win),
+        "rejected": content(lose),
+        **common,
+        "chosen_id": win,
+        "rejected_id": lose,
+    }
     if tie:
         row["tie"] = True
     if with_models:
@@ -236,8 +275,10 @@ def export_round(db: Database, round_name: str, format: str, out: str | Path, **
     """Write one round's labels as `format` to the jsonl file `out`; return the number of rows."""
     out = Path(out)
     if out.suffix.lower() not in (".jsonl", ".ndjson"):
-        raise StudioError(f"--out {out}: training exports are jsonl files (prompts and responses may be "
-                          "message lists); name it *.jsonl")
+        raise StudioError(
+            f"--out {out}: training exports are jsonl files (prompts and responses may be "
+            "message lists); name it *.jsonl"
+        )
     rows = export_rows(db, round_name, format, **kwargs)
     if not rows:
         raise StudioError(f"round {round_name!r} has no labels that make {format} rows yet")
@@ -261,29 +302,67 @@ def table_rows(db: Database, table: str, round_name: str | None = None) -> list[
         if round_name is not None:
             rid = get_round(s, round_name).id
         if table == "annotators":
-            return [{"annotator_id": u.id, "name": u.name, "role": u.role, "active": u.active,
-                     "created_at": u.created_at} for u in s.scalars(select(User).order_by(User.id))]
+            return [
+                {"annotator_id": u.id, "name": u.name, "role": u.role, "active": u.active, "created_at": u.created_at}
+                for u in s.scalars(select(User).order_by(User.id))
+            ]
         if table == "labels":
-            q = select(Label, Assignment.order).join(Assignment, Assignment.id == Label.assignment_id).order_by(Label.id)
+            q = (
+                select(Label, Assignment.order)
+                .join(Assignment, Assignment.id == Label.assignment_id)
+                .order_by(Label.id)
+            )
             if rid is not None:
                 q = q.where(Label.round_id == rid)
-            return [{"label_id": lb.id, "round": rounds[lb.round_id], "item_id": lb.item_id,
-                     "annotator_id": lb.user_id, "task": lb.task, "outcome": lb.outcome, "winner_id": lb.winner_id,
-                     "strength": lb.strength, "ranking": lb.ranking, "ratings": lb.ratings,
-                     "better_answer": lb.better_answer, "comment": lb.comment, "flags": lb.flags,
-                     "shown_order": order, "duration_s": lb.duration_s, "created_at": lb.created_at}
-                    for lb, order in s.execute(q)]
+            return [
+                {
+                    "label_id": lb.id,
+                    "round": rounds[lb.round_id],
+                    "item_id": lb.item_id,
+                    "annotator_id": lb.user_id,
+                    "task": lb.task,
+                    "outcome": lb.outcome,
+                    "winner_id": lb.winner_id,
+                    "strength": lb.strength,
+                    "ranking": lb.ranking,
+                    "ratings": lb.ratings,
+                    "better_answer": lb.better_answer,
+                    "comment": lb.comment,
+                    "flags": lb.flags,
+                    "shown_order": order,
+                    "duration_s": lb.duration_s,
+                    "created_at": lb.created_at,
+                }
+                for lb, order in s.execute(q)
+            ]
         if table == "items":
             q = select(Item, Prompt.content).join(Prompt, Prompt.id == Item.prompt_id).order_by(Item.id)
             if rid is not None:
                 q = q.where(Item.round_id == rid)
-            return [{"item_id": it.id, "round": rounds[it.round_id], "prompt_id": it.prompt_id, "prompt": content,
-                     "response_ids": it.response_ids} for it, content in s.execute(q)]
+            return [
+                {
+                    "item_id": it.id,
+                    "round": rounds[it.round_id],
+                    "prompt_id": it.prompt_id,
+                    "prompt": content,
+                    "response_ids": it.response_ids,
+                }
+                for it, content in s.execute(q)
+            ]
         q = select(Response, Prompt.round_id).join(Prompt, Prompt.id == Response.prompt_id).order_by(Response.id)
         if rid is not None:
             q = q.where(Prompt.round_id == rid)
-        return [{"response_id": r.id, "round": rounds[round_id], "prompt_id": r.prompt_id, "content": r.content,
-                 "model": r.model, "sample": r.sample} for r, round_id in s.execute(q)]
+        return [
+            {
+                "response_id": r.id,
+                "round": rounds[round_id],
+                "prompt_id": r.prompt_id,
+                "content": r.content,
+                "model": r.model,
+                "sample": r.sample,
+            }
+            for r, round_id in s.execute(q)
+        ]
 
 
 def to_csv(rows: list[dict]) -> str:
@@ -294,8 +373,9 @@ def to_csv(rows: list[dict]) -> str:
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v
-                         for k, v in row.items()})
+        writer.writerow(
+            {k: json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v for k, v in row.items()}
+        )
     return buf.getvalue()
 
 

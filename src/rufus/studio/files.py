@@ -27,8 +27,10 @@ def read_candidates(path: str, key: str = "responses") -> list[Candidate]:
 
     records = load_records(path, format="prompt", key=key)
     if "responses" not in records.dataset.column_names:
-        raise StudioError(f"{key}: {path} has no 'responses' column; a responses file has rows with 'prompt' and "
-                          "'responses' (a list), optionally 'models'")
+        raise StudioError(
+            f"{key}: {path} has no 'responses' column; a responses file has rows with 'prompt' and "
+            "'responses' (a list), optionally 'models'"
+        )
     rows = []
     for row in records.dataset:
         row = dict(row)
@@ -46,8 +48,10 @@ def read_gold(path: str) -> list[Candidate]:
     from rufus.data.loading import load_records
 
     records = load_records(path, format="ranking", key="gold")
-    return [Candidate(row["prompt"], list(row["responses"]), gold=[float(x) for x in row["scores"]])
-            for row in records.dataset]
+    return [
+        Candidate(row["prompt"], list(row["responses"]), gold=[float(x) for x in row["scores"]])
+        for row in records.dataset
+    ]
 
 
 def candidates_from_upload(data: bytes, filename: str) -> list[Candidate]:

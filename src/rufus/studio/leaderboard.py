@@ -86,8 +86,17 @@ def _arrays(comparisons: Sequence[Comparison], index: dict[str, int]):
     return a, b, s
 
 
-def fit_theta(a: np.ndarray, b: np.ndarray, s: np.ndarray, n: int, anchor: int, *, prior: float = 0.0,
-              max_iter: int = 100, tol: float = 1e-10) -> np.ndarray:
+def fit_theta(
+    a: np.ndarray,
+    b: np.ndarray,
+    s: np.ndarray,
+    n: int,
+    anchor: int,
+    *,
+    prior: float = 0.0,
+    max_iter: int = 100,
+    tol: float = 1e-10,
+) -> np.ndarray:
     """Bradley-Terry theta (n,) with theta[anchor] = 0, by Newton's method (module docstring).
 
     a, b (C,) model indices of each comparison; s (C,) 1 / 0 / 0.5. Raises LeaderboardError when the
@@ -114,12 +123,19 @@ def fit_theta(a: np.ndarray, b: np.ndarray, s: np.ndarray, n: int, anchor: int, 
             return theta
         if np.max(np.abs(theta)) > 50:  # odds beyond e^50: the MLE is at infinity
             break
-    raise LeaderboardError("the ratings do not converge: some model never wins or never loses against the "
-                           "connected rest (give the fit a prior, e.g. prior=0.01, to keep them finite)")
+    raise LeaderboardError(
+        "the ratings do not converge: some model never wins or never loses against the "
+        "connected rest (give the fit a prior, e.g. prior=0.01, to keep them finite)"
+    )
 
 
-def bradley_terry(comparisons: Iterable[Comparison], *, anchor: str | None = None, prior: float = 0.0,
-                  models: Sequence[str] | None = None) -> dict[str, float]:
+def bradley_terry(
+    comparisons: Iterable[Comparison],
+    *,
+    anchor: str | None = None,
+    prior: float = 0.0,
+    models: Sequence[str] | None = None,
+) -> dict[str, float]:
     """Ratings on the Elo scale, anchor (default: the first model) at 1000."""
     comparisons = check(comparisons)
     names = list(models) if models else models_of(comparisons)
@@ -145,12 +161,15 @@ def _no_winless(comparisons: Sequence[Comparison], names: Sequence[str], prior: 
         lost[c.model_b] += s
     for m in names:
         if won[m] == 0 or lost[m] == 0:
-            raise LeaderboardError(f"model {m!r} {'never wins' if won[m] == 0 else 'never loses'}, so its maximum "
-                                   "likelihood rating is infinite; add comparisons, or use a prior (e.g. 0.01)")
+            raise LeaderboardError(
+                f"model {m!r} {'never wins' if won[m] == 0 else 'never loses'}, so its maximum "
+                "likelihood rating is infinite; add comparisons, or use a prior (e.g. 0.01)"
+            )
 
 
-def online_elo(comparisons: Iterable[Comparison], *, k: float = 4.0, start: float = START,
-               base: float = 10.0, scale: float = 400.0) -> dict[str, float]:
+def online_elo(
+    comparisons: Iterable[Comparison], *, k: float = 4.0, start: float = START, base: float = 10.0, scale: float = 400.0
+) -> dict[str, float]:
     """Sequential Elo ratings after the comparisons in the order given (module docstring)."""
     ratings: dict[str, float] = {}
     for c in check(comparisons):
@@ -174,13 +193,29 @@ class Row:
     elo: float
 
     def as_dict(self) -> dict:
-        return {"model": self.model, "rating": self.rating, "ci_low": self.ci_low, "ci_high": self.ci_high,
-                "rank": self.rank, "wins": self.wins, "losses": self.losses, "ties": self.ties,
-                "elo": self.elo}
+        return {
+            "model": self.model,
+            "rating": self.rating,
+            "ci_low": self.ci_low,
+            "ci_high": self.ci_high,
+            "rank": self.rank,
+            "wins": self.wins,
+            "losses": self.losses,
+            "ties": self.ties,
+            "elo": self.elo,
+        }
 
 
-def leaderboard(comparisons: Iterable[Comparison], *, anchor: str | None = None, resamples: int = 1000,
-                seed: int = 0, prior: float = 0.0, elo_k: float = 4.0, level: float = 0.95) -> list[Row]:
+def leaderboard(
+    comparisons: Iterable[Comparison],
+    *,
+    anchor: str | None = None,
+    resamples: int = 1000,
+    seed: int = 0,
+    prior: float = 0.0,
+    elo_k: float = 4.0,
+    level: float = 0.95,
+) -> list[Row]:
     """The table: Bradley-Terry ratings with bootstrap intervals and ranks, counts, online Elo; best
     first. Resamples whose fit does not exist (a model that never wins in that resample) are refitted
     with a tiny prior (1e-3) rather than dropped, which would bias the intervals."""
@@ -221,12 +256,16 @@ def leaderboard(comparisons: Iterable[Comparison], *, anchor: str | None = None,
 
 def format_table(rows: Sequence[Row], level: float = 0.95) -> str:
     width = max(5, *(len(r.model) for r in rows))
-    head = (f"{'rank':>4}  {'model':<{width}}  {'rating':>7}  {f'{level:.0%} interval':>17}  {'wins':>5}  "
-            f"{'losses':>6}  {'ties':>5}  {'online Elo':>10}")
+    head = (
+        f"{'rank':>4}  {'model':<{width}}  {'rating':>7}  {f'{level:.0%} interval':>17}  {'wins':>5}  "
+        f"{'losses':>6}  {'ties':>5}  {'online Elo':>10}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.rank:>4}  {r.model:<{width}}  {r.rating:>7.1f}  {r.ci_low:>8.1f} - {r.ci_high:<6.1f}  "
-                     f"{r.wins:>5}  {r.losses:>6}  {r.ties:>5}  {r.elo:>10.1f}")
+        lines.append(
+            f"{r.rank:>4}  {r.model:<{width}}  {r.rating:>7.1f}  {r.ci_low:>8.1f} - {r.ci_high:<6.1f}  "
+            f"{r.wins:>5}  {r.losses:>6}  {r.ties:>5}  {r.elo:>10.1f}"
+        )
     return "\n".join(lines)
 
 

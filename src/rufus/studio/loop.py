@@ -69,8 +69,9 @@ def progress(db: Database, name: str) -> Progress:
     with db.read() as s:
         rnd = get_round(s, name)
         items = list(s.scalars(select(Item.id).where(Item.round_id == rnd.id, Item.gold.is_(None))))
-        counts = dict(s.execute(select(Label.item_id, func.count()).where(Label.round_id == rnd.id)
-                                .group_by(Label.item_id)).all())
+        counts = dict(
+            s.execute(select(Label.item_id, func.count()).where(Label.round_id == rnd.id).group_by(Label.item_id)).all()
+        )
         quota = rnd.labels_per_item
         labels = sum(min(counts.get(i, 0), quota) for i in items)
         complete = sum(counts.get(i, 0) >= quota for i in items)
@@ -81,8 +82,11 @@ def excluded_names(db: Database, name: str) -> list[str]:
     """The annotators whose labels of the round are left out, by name."""
     with db.read() as s:
         rnd = get_round(s, name)
-        return sorted(s.scalars(select(User.name).join(Exclusion, Exclusion.user_id == User.id)
-                                .where(Exclusion.round_id == rnd.id)))
+        return sorted(
+            s.scalars(
+                select(User.name).join(Exclusion, Exclusion.user_id == User.id).where(Exclusion.round_id == rnd.id)
+            )
+        )
 
 
 def exclude_below_chance(db: Database, name: str) -> list[str]:
@@ -96,14 +100,24 @@ def exclude_below_chance(db: Database, name: str) -> list[str]:
     from rufus.studio.quality import annotator_quality, binomial_tail_below, exclude
 
     def evidence(q) -> float:  # the smaller p-value of the two figures for a coin: lower = surer
-        return min([binomial_tail_below(rate * n, n) for rate, n in ((q.agreement, q.agreement_pairs),
-                                                                    (q.gold_accuracy, q.gold_pairs)) if rate is not None]
-                   or [1.0])
+        return min(
+            [
+                binomial_tail_below(rate * n, n)
+                for rate, n in ((q.agreement, q.agreement_pairs), (q.gold_accuracy, q.gold_pairs))
+                if rate is not None
+            ]
+            or [1.0]
+        )
 
     out = []
     while True:
-        flagged = [(evidence(q), q.annotator, below) for q in annotator_quality(db, name) if not q.excluded
-                   for below in [[f for f in q.flags if f.startswith("below chance")]] if below]
+        flagged = [
+            (evidence(q), q.annotator, below)
+            for q in annotator_quality(db, name)
+            if not q.excluded
+            for below in [[f for f in q.flags if f.startswith("below chance")]]
+            if below
+        ]
         if not flagged:
             return out
         _, who, below = min(flagged)
@@ -117,6 +131,11 @@ def round_figures(db: Database, name: str) -> dict:
     from rufus.studio.stats import round_agreement
 
     p = progress(db, name)
-    return {"round": name, "labels": p.labels, "items": p.items, "labels_per_item": p.labels_per_item,
-            "agreement": round_agreement(db, name),
-            "annotators": [q.as_dict() for q in annotator_quality(db, name)]}
+    return {
+        "round": name,
+        "labels": p.labels,
+        "items": p.items,
+        "labels_per_item": p.labels_per_item,
+        "agreement": round_agreement(db, name),
+        "annotators": [q.as_dict() for q in annotator_quality(db, name)],
+    }

@@ -104,19 +104,28 @@ def annotator_quality(db: Database, round_name: str) -> list[AnnotatorQuality]:
         shown = dict(s.execute(select(Assignment.id, Assignment.order).where(Assignment.round_id == rnd.id)).all())
         excluded = excluded_users(s, rnd.id)
         words = {}
-        for item_id, prompt, in s.execute(select(Item.id, Prompt.content).join(Prompt, Prompt.id == Item.prompt_id)
-                                          .where(Item.round_id == rnd.id)).all():
+        for (
+            item_id,
+            prompt,
+        ) in s.execute(
+            select(Item.id, Prompt.content).join(Prompt, Prompt.id == Item.prompt_id).where(Item.round_id == rnd.id)
+        ).all():
             words[item_id] = _words(prompt)
-        response_words = {r.id: _words(r.content) for r in s.scalars(
-            select(Response).join(Prompt, Prompt.id == Response.prompt_id).where(Prompt.round_id == rnd.id))}
+        response_words = {
+            r.id: _words(r.content)
+            for r in s.scalars(
+                select(Response).join(Prompt, Prompt.id == Response.prompt_id).where(Prompt.round_id == rnd.id)
+            )
+        }
 
     # signs[item][user][(r, s)] for r < s
     signs: dict[int, dict[int, dict[tuple[int, int], int]]] = defaultdict(dict)
     for lb in labels:
         ids = sorted(items[lb.item_id].response_ids)
         scores = label_scores(lb, ids) or {rid: 0.0 for rid in ids}
-        signs[lb.item_id][lb.user_id] = {(a, b): _sign(scores[a] - scores[b]) for i, a in enumerate(ids)
-                                         for b in ids[i + 1:]}
+        signs[lb.item_id][lb.user_id] = {
+            (a, b): _sign(scores[a] - scores[b]) for i, a in enumerate(ids) for b in ids[i + 1 :]
+        }
 
     out = []
     for uid in sorted({lb.user_id for lb in labels}, key=lambda u: str(names.get(u, u))):
@@ -133,30 +142,43 @@ def annotator_quality(db: Database, round_name: str) -> list[AnnotatorQuality]:
                 if _sign(others) != 0:
                     agree.append(_agree(sign, _sign(others)))
         decisive = [lb for lb in mine if lb.task == "pairwise" and lb.outcome == "win"]
-        first = (sum(lb.winner_id == shown[lb.assignment_id][0] for lb in decisive) / len(decisive)
-                 if decisive else None)
-        fast = [lb.duration_s < (words[lb.item_id] + sum(response_words[r] for r in items[lb.item_id].response_ids))
-                / READING_WORDS_PER_SECOND for lb in mine]
+        first = sum(lb.winner_id == shown[lb.assignment_id][0] for lb in decisive) / len(decisive) if decisive else None
+        fast = [
+            lb.duration_s
+            < (words[lb.item_id] + sum(response_words[r] for r in items[lb.item_id].response_ids))
+            / READING_WORDS_PER_SECOND
+            for lb in mine
+        ]
         q = AnnotatorQuality(
-            annotator=str(names.get(uid, uid)), labels=len(mine),
-            agreement=statistics.fmean(agree) if agree else None, agreement_pairs=len(agree),
-            gold_accuracy=statistics.fmean(gold) if gold else None, gold_pairs=len(gold),
-            shown_first_rate=first, too_fast_rate=sum(fast) / len(fast) if fast else None,
+            annotator=str(names.get(uid, uid)),
+            labels=len(mine),
+            agreement=statistics.fmean(agree) if agree else None,
+            agreement_pairs=len(agree),
+            gold_accuracy=statistics.fmean(gold) if gold else None,
+            gold_pairs=len(gold),
+            shown_first_rate=first,
+            too_fast_rate=sum(fast) / len(fast) if fast else None,
             median_seconds=statistics.median(lb.duration_s for lb in mine) if mine else None,
-            excluded=uid in excluded)
+            excluded=uid in excluded,
+        )
         for what, scores in (("agreement with the others", agree), ("gold accuracy", gold)):
             if len(scores) >= MIN_EVIDENCE and statistics.fmean(scores) < 0.5:
                 p = binomial_tail_below(sum(scores), len(scores))
                 if p < ALPHA:
-                    q.flags.append(f"below chance: {what} {statistics.fmean(scores):.2f} over {len(scores)} pairs "
-                                   f"(p = {p:.3g} for a coin)")
+                    q.flags.append(
+                        f"below chance: {what} {statistics.fmean(scores):.2f} over {len(scores)} pairs "
+                        f"(p = {p:.3g} for a coin)"
+                    )
         if len(decisive) >= MIN_EVIDENCE and first is not None and max(first, 1 - first) >= SAME_SIDE:
             side = "first" if first >= 0.5 else "second"
-            q.flags.append(f"same side: the response shown {side} won {max(first, 1 - first):.0%} of "
-                           f"{len(decisive)} choices")
+            q.flags.append(
+                f"same side: the response shown {side} won {max(first, 1 - first):.0%} of {len(decisive)} choices"
+            )
         if len(fast) >= MIN_EVIDENCE // 2 and q.too_fast_rate > 0.5:
-            q.flags.append(f"too fast: {q.too_fast_rate:.0%} of labels in less than the reading time "
-                           f"({READING_WORDS_PER_SECOND:g} words/s)")
+            q.flags.append(
+                f"too fast: {q.too_fast_rate:.0%} of labels in less than the reading time "
+                f"({READING_WORDS_PER_SECOND:g} words/s)"
+            )
         out.append(q)
     return out
 

@@ -93,9 +93,18 @@ class Candidate:
     gold: list[float] | None = None  # a gold prompt: the known score of each response (higher = better)
 
 
-def create_round(db: Database, name: str, task: str, candidates: list[Candidate], *, labels_per_item: int = 1,
-                 pairs: str = "all", instructions: str = "", source: dict | None = None,
-                 gold: list[Candidate] | None = None) -> dict:
+def create_round(
+    db: Database,
+    name: str,
+    task: str,
+    candidates: list[Candidate],
+    *,
+    labels_per_item: int = 1,
+    pairs: str = "all",
+    instructions: str = "",
+    source: dict | None = None,
+    gold: list[Candidate] | None = None,
+) -> dict:
     """Store a new round; return a summary (items, gold items, prompts, skipped prompts).
 
     `gold` candidates carry known answers (`Candidate.gold`): their items are spread evenly among the
@@ -123,21 +132,34 @@ def create_round(db: Database, name: str, task: str, candidates: list[Candidate]
     with db.session() as s:
         if s.scalar(select(Round.id).where(Round.name == name)) is not None:
             raise StudioError(f"there is already a round named {name!r}")
-        rnd = Round(name=name, task=task, labels_per_item=labels_per_item, status="open",
-                    instructions=instructions, source=source or {}, created_at=time.time())
+        rnd = Round(
+            name=name,
+            task=task,
+            labels_per_item=labels_per_item,
+            status="open",
+            instructions=instructions,
+            source=source or {},
+            created_at=time.time(),
+        )
         s.add(rnd)
         s.flush()
         specs, gold_specs, skipped = [], [], 0  # (prompt id, response ids, gold answer)
         for position, cand in enumerate(list(candidates) + list(gold or [])):
             is_gold = position >= len(candidates)
-            prompt = Prompt(round_id=rnd.id, position=position, content=cand.prompt,
-                            extra={**(cand.extra or {}), **({"gold": True} if is_gold else {})})
+            prompt = Prompt(
+                round_id=rnd.id,
+                position=position,
+                content=cand.prompt,
+                extra={**(cand.extra or {}), **({"gold": True} if is_gold else {})},
+            )
             s.add(prompt)
             s.flush()
             models = cand.models or [None] * len(cand.responses)
             samples = cand.samples or [0] * len(cand.responses)
-            rows = [Response(prompt_id=prompt.id, position=j, content=c, model=m, sample=k)
-                    for j, (c, m, k) in enumerate(zip(cand.responses, models, samples))]
+            rows = [
+                Response(prompt_id=prompt.id, position=j, content=c, model=m, sample=k)
+                for j, (c, m, k) in enumerate(zip(cand.responses, models, samples))
+            ]
             s.add_all(rows)
             s.flush()
             known = {r.id: float(g) for r, g in zip(rows, cand.gold)} if is_gold else None
@@ -151,16 +173,22 @@ def create_round(db: Database, name: str, task: str, candidates: list[Candidate]
                 skipped += 1
                 continue
             if task == "pairwise":
-                groups = [[a.id, b.id] for i, a in enumerate(distinct) for b in distinct[i + 1:]
-                          if pairs == "all" or is_gold or a.model != b.model]
+                groups = [
+                    [a.id, b.id]
+                    for i, a in enumerate(distinct)
+                    for b in distinct[i + 1 :]
+                    if pairs == "all" or is_gold or a.model != b.model
+                ]
             else:
                 groups = [[r.id for r in distinct]]
             for ids in groups:
                 answer = {"scores": {str(rid): known[rid] for rid in ids}} if known else None
                 (gold_specs if known else specs).append((prompt.id, ids, answer))
         if not specs:
-            raise StudioError(f"round {name!r} has no items: no prompt has two different responses"
-                              + (" from different models" if pairs == "models" else ""))
+            raise StudioError(
+                f"round {name!r} has no items: no prompt has two different responses"
+                + (" from different models" if pairs == "models" else "")
+            )
         # gold items spread evenly through the round, so they are met all along the way
         ordered, every = list(specs), (len(specs) + len(gold_specs)) / max(len(gold_specs), 1)
         for k, spec in enumerate(gold_specs):
@@ -168,13 +196,25 @@ def create_round(db: Database, name: str, task: str, candidates: list[Candidate]
         for position, (prompt_id, ids, answer) in enumerate(ordered):
             s.add(Item(round_id=rnd.id, prompt_id=prompt_id, response_ids=ids, position=position, gold=answer))
         items = len(specs)
-        log_event(s, "round_created", None, round=name, task=task, items=items, gold=len(gold_specs),
-                  prompts=len(candidates))
+        log_event(
+            s, "round_created", None, round=name, task=task, items=items, gold=len(gold_specs), prompts=len(candidates)
+        )
     if skipped:
-        log.warning("round %s: %d of %d prompts have fewer than two different responses and get no item",
-                    name, skipped, len(candidates) + len(gold or []))
-    return {"round": name, "task": task, "prompts": len(candidates), "items": items, "gold_items": len(gold_specs),
-            "skipped_prompts": skipped, "labels_per_item": labels_per_item}
+        log.warning(
+            "round %s: %d of %d prompts have fewer than two different responses and get no item",
+            name,
+            skipped,
+            len(candidates) + len(gold or []),
+        )
+    return {
+        "round": name,
+        "task": task,
+        "prompts": len(candidates),
+        "items": items,
+        "gold_items": len(gold_specs),
+        "skipped_prompts": skipped,
+        "labels_per_item": labels_per_item,
+    }
 
 
 def candidates_from_rows(rows: list[dict], where) -> list[Candidate]:
@@ -186,19 +226,27 @@ def candidates_from_rows(rows: list[dict], where) -> list[Candidate]:
     for i, row in enumerate(rows):
         responses = row.get("responses")
         if not isinstance(responses, list) or len(responses) < 2:
-            raise DataError(f"expected a list of at least 2 responses, got {describe(responses)}", where=where(i),
-                            field="responses")
+            raise DataError(
+                f"expected a list of at least 2 responses, got {describe(responses)}", where=where(i), field="responses"
+            )
         for j, r in enumerate(responses):
-            ok = (isinstance(r, str) and r.strip()) or (isinstance(r, list) and r and all(
-                isinstance(m, dict) and isinstance(m.get("content"), str) for m in r))
+            ok = (isinstance(r, str) and r.strip()) or (
+                isinstance(r, list) and r and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in r)
+            )
             if not ok:
-                raise DataError(f"expected a non-empty string (or a list of assistant turns), got {describe(r)}",
-                                where=where(i), field=f"responses[{j}]")
+                raise DataError(
+                    f"expected a non-empty string (or a list of assistant turns), got {describe(r)}",
+                    where=where(i),
+                    field=f"responses[{j}]",
+                )
         models = row.get("models")
         if models is not None:
             if not isinstance(models, list) or len(models) != len(responses):
-                raise DataError(f"expected one model name per response ({len(responses)}), got {describe(models)}",
-                                where=where(i), field="models")
+                raise DataError(
+                    f"expected one model name per response ({len(responses)}), got {describe(models)}",
+                    where=where(i),
+                    field="models",
+                )
             if not all(m is None or isinstance(m, str) for m in models):
                 raise DataError("model names must be strings", where=where(i), field="models")
         extra = {k: v for k, v in row.items() if k not in ("prompt", "responses", "models")}
@@ -250,35 +298,52 @@ def next_assignment(db: Database, user_id: int, round_name: str, *, now: float |
             raise NotFound(f"no round named {round_name!r} for you")
         if rnd.status != "open":
             raise Conflict(f"round {round_name!r} is closed")
-        open_one = s.scalar(select(Assignment).where(
-            Assignment.round_id == rnd.id, Assignment.user_id == user.id, Assignment.status == "active")
-            .order_by(Assignment.id).limit(1))
+        open_one = s.scalar(
+            select(Assignment)
+            .where(Assignment.round_id == rnd.id, Assignment.user_id == user.id, Assignment.status == "active")
+            .order_by(Assignment.id)
+            .limit(1)
+        )
         if open_one is not None:
             # a claim older than CLAIM_SECONDS stopped holding its item; if others have since given it
             # all its labels, the claim is dropped rather than handed back (no item gets extra labels)
-            labelled = s.scalar(select(func.count()).select_from(Assignment).where(
-                Assignment.item_id == open_one.item_id, Assignment.status == "done"))
+            labelled = s.scalar(
+                select(func.count())
+                .select_from(Assignment)
+                .where(Assignment.item_id == open_one.item_id, Assignment.status == "done")
+            )
             if labelled < rnd.labels_per_item:
                 return open_one.id
             s.delete(open_one)
             s.flush()
-        held = (select(Assignment.item_id, func.count().label("n"))
-                .where(Assignment.round_id == rnd.id,
-                       or_(Assignment.status == "done",
-                           and_(Assignment.status == "active", Assignment.shown_at > now - CLAIM_SECONDS)))
-                .group_by(Assignment.item_id).subquery())
+        held = (
+            select(Assignment.item_id, func.count().label("n"))
+            .where(
+                Assignment.round_id == rnd.id,
+                or_(
+                    Assignment.status == "done",
+                    and_(Assignment.status == "active", Assignment.shown_at > now - CLAIM_SECONDS),
+                ),
+            )
+            .group_by(Assignment.item_id)
+            .subquery()
+        )
         mine = select(Assignment.item_id).where(Assignment.round_id == rnd.id, Assignment.user_id == user.id)
         n = func.coalesce(held.c.n, 0)
-        row = s.execute(select(Item.id, Item.response_ids).outerjoin(held, held.c.item_id == Item.id)
-                        .where(Item.round_id == rnd.id, Item.id.not_in(mine),
-                               or_(n < rnd.labels_per_item, Item.gold.is_not(None)))
-                        .order_by(n.desc(), Item.position).limit(1)).first()
+        row = s.execute(
+            select(Item.id, Item.response_ids)
+            .outerjoin(held, held.c.item_id == Item.id)
+            .where(Item.round_id == rnd.id, Item.id.not_in(mine), or_(n < rnd.labels_per_item, Item.gold.is_not(None)))
+            .order_by(n.desc(), Item.position)
+            .limit(1)
+        ).first()
         if row is None:
             return None
         order = list(row.response_ids)
         random.SystemRandom().shuffle(order)
-        a = Assignment(round_id=rnd.id, item_id=row.id, user_id=user.id, order=order, status="active",
-                       created_at=now, shown_at=now)
+        a = Assignment(
+            round_id=rnd.id, item_id=row.id, user_id=user.id, order=order, status="active", created_at=now, shown_at=now
+        )
         s.add(a)
         s.flush()
         return a.id
@@ -315,10 +380,21 @@ def view_assignment(db: Database, user_id: int, assignment_id: int) -> ItemView:
         prompt = s.get(Prompt, item.prompt_id)
         by_id = {r.id: r for r in s.scalars(select(Response).where(Response.id.in_(a.order)))}
         responses = [(LETTERS[k], by_id[rid].content) for k, rid in enumerate(a.order)]
-        labelled = s.scalar(select(func.count()).select_from(Label).where(Label.round_id == rnd.id,
-                                                                          Label.user_id == user_id)) or 0
-        return ItemView(a.id, rnd.name, rnd.task, rnd.instructions, prompt.content, responses, a.status,
-                        rnd.status == "open", labelled)
+        labelled = (
+            s.scalar(select(func.count()).select_from(Label).where(Label.round_id == rnd.id, Label.user_id == user_id))
+            or 0
+        )
+        return ItemView(
+            a.id,
+            rnd.name,
+            rnd.task,
+            rnd.instructions,
+            prompt.content,
+            responses,
+            a.status,
+            rnd.status == "open",
+            labelled,
+        )
 
 
 # --- labels -------------------------------------------------------------------------------------
@@ -342,8 +418,10 @@ def parse_label(task: str, form: dict[str, Any], order: list[int]) -> dict[str, 
         """The whole number in [low, high] of field `name` (response `letter`'s rank or rating)."""
         text = one(name)
         if text is None or not text.strip():
-            raise LabelError(f"response {letter} has no {what} (field '{name}'); {'rank' if what == 'rank' else 'rate'} "
-                             "every response")
+            raise LabelError(
+                f"response {letter} has no {what} (field '{name}'); {'rank' if what == 'rank' else 'rate'} "
+                "every response"
+            )
         try:
             value = int(text)
         except ValueError:
@@ -352,7 +430,7 @@ def parse_label(task: str, form: dict[str, Any], order: list[int]) -> dict[str, 
             raise LabelError(f"field '{name}' must be between {low} and {high}, got {value}")
         return value
 
-    letters = LETTERS[:len(order)]
+    letters = LETTERS[: len(order)]
     out: dict[str, Any] = {"outcome": None, "winner_id": None, "strength": None, "ranking": None, "ratings": None}
     if task == "pairwise":
         choice = one("choice")
@@ -372,8 +450,9 @@ def parse_label(task: str, form: dict[str, Any], order: list[int]) -> dict[str, 
         out["ranking"] = [[rid for rid in order if ranks[rid] == v] for v in sorted(set(ranks.values()))]
     elif task == "rating":
         low, high = RATING_SCALE
-        out["ratings"] = {str(order[k]): whole(f"rating_{letter}", letter, "rating", low, high)
-                          for k, letter in enumerate(letters)}
+        out["ratings"] = {
+            str(order[k]): whole(f"rating_{letter}", letter, "rating", low, high) for k, letter in enumerate(letters)
+        }
     else:
         raise LabelError(f"unknown task {task!r}")
     for name in ("better_answer", "comment"):
@@ -397,8 +476,9 @@ class Submitted:
     round_name: str
 
 
-def submit_label(db: Database, user_id: int, assignment_id: int, form: dict[str, Any], *,
-                 now: float | None = None) -> Submitted:
+def submit_label(
+    db: Database, user_id: int, assignment_id: int, form: dict[str, Any], *, now: float | None = None
+) -> Submitted:
     """Validate and store a label for the user's assignment; return its id and round. The
     transaction is committed when this returns."""
     now = time.time() if now is None else now
@@ -413,12 +493,24 @@ def submit_label(db: Database, user_id: int, assignment_id: int, form: dict[str,
             raise Conflict("this item was skipped")
         columns = parse_label(rnd.task, form, list(a.order))
         # compare-and-set: of two racing submissions of one assignment exactly one gets here
-        claimed = s.execute(update(Assignment).where(Assignment.id == a.id, Assignment.status == "active")
-                            .values(status="done", done_at=now).execution_options(synchronize_session=False))
+        claimed = s.execute(
+            update(Assignment)
+            .where(Assignment.id == a.id, Assignment.status == "active")
+            .values(status="done", done_at=now)
+            .execution_options(synchronize_session=False)
+        )
         if claimed.rowcount != 1:
             raise Conflict("this item is already labelled")
-        label = Label(assignment_id=a.id, round_id=a.round_id, item_id=a.item_id, user_id=user_id, task=rnd.task,
-                      duration_s=max(0.0, now - a.shown_at), created_at=now, **columns)
+        label = Label(
+            assignment_id=a.id,
+            round_id=a.round_id,
+            item_id=a.item_id,
+            user_id=user_id,
+            task=rnd.task,
+            duration_s=max(0.0, now - a.shown_at),
+            created_at=now,
+            **columns,
+        )
         s.add(label)
         s.flush()
         log_event(s, "label", user_id, assignment=a.id, label=label.id)
@@ -432,8 +524,12 @@ def skip(db: Database, user_id: int, assignment_id: int) -> str:
         rnd = s.get(Round, a.round_id)
         if rnd.status != "open":
             raise Conflict("this round is closed")
-        done = s.execute(update(Assignment).where(Assignment.id == a.id, Assignment.status == "active")
-                         .values(status="skipped", done_at=time.time()).execution_options(synchronize_session=False))
+        done = s.execute(
+            update(Assignment)
+            .where(Assignment.id == a.id, Assignment.status == "active")
+            .values(status="skipped", done_at=time.time())
+            .execution_options(synchronize_session=False)
+        )
         if done.rowcount != 1:
             raise Conflict("only an item you are working on can be skipped")
         log_event(s, "skip", user_id, assignment=a.id)
@@ -444,16 +540,24 @@ def undo_last(db: Database, user_id: int, round_name: str | None = None) -> int:
     """Remove the user's most recent label (in an open round; in `round_name` if given) and reopen
     its item for them; return the assignment id."""
     with db.session() as s:
-        q = (select(Label).join(Round, Round.id == Label.round_id)
-             .where(Label.user_id == user_id, Round.status == "open").order_by(Label.id.desc()).limit(1))
+        q = (
+            select(Label)
+            .join(Round, Round.id == Label.round_id)
+            .where(Label.user_id == user_id, Round.status == "open")
+            .order_by(Label.id.desc())
+            .limit(1)
+        )
         if round_name is not None:
             q = q.where(Round.name == round_name)
         label = s.scalar(q)
         if label is None:
             raise Conflict("there is no label of yours to undo")
         # one open item at a time: an item claimed since goes back to the pool
-        s.execute(delete(Assignment).where(Assignment.user_id == user_id, Assignment.round_id == label.round_id,
-                                           Assignment.status == "active"))
+        s.execute(
+            delete(Assignment).where(
+                Assignment.user_id == user_id, Assignment.round_id == label.round_id, Assignment.status == "active"
+            )
+        )
         a = s.get(Assignment, label.assignment_id)
         a.status, a.done_at, a.shown_at = "active", None, time.time()
         s.delete(label)
@@ -469,31 +573,62 @@ def round_progress(s: Session, rnd: Round) -> dict[str, Any]:
     items = s.scalar(select(func.count()).select_from(Item).where(Item.round_id == rnd.id)) or 0
     labels = s.scalar(select(func.count()).select_from(Label).where(Label.round_id == rnd.id)) or 0
     wanted = items * rnd.labels_per_item
-    complete = s.scalar(select(func.count()).select_from(
-        select(Label.item_id).where(Label.round_id == rnd.id).group_by(Label.item_id)
-        .having(func.count() >= rnd.labels_per_item).subquery())) or 0
+    complete = (
+        s.scalar(
+            select(func.count()).select_from(
+                select(Label.item_id)
+                .where(Label.round_id == rnd.id)
+                .group_by(Label.item_id)
+                .having(func.count() >= rnd.labels_per_item)
+                .subquery()
+            )
+        )
+        or 0
+    )
     people = []
-    rows = s.execute(select(User.name, Label.duration_s).join(User, User.id == Label.user_id)
-                     .where(Label.round_id == rnd.id)).all()
+    rows = s.execute(
+        select(User.name, Label.duration_s).join(User, User.id == Label.user_id).where(Label.round_id == rnd.id)
+    ).all()
     by_user: dict[str, list[float]] = {}
     for name, d in rows:
         by_user.setdefault(name, []).append(d)
-    skips = dict(s.execute(select(User.name, func.count()).select_from(Assignment)
-                           .join(User, User.id == Assignment.user_id)
-                           .where(Assignment.round_id == rnd.id, Assignment.status == "skipped")
-                           .group_by(User.name)).all())
+    skips = dict(
+        s.execute(
+            select(User.name, func.count())
+            .select_from(Assignment)
+            .join(User, User.id == Assignment.user_id)
+            .where(Assignment.round_id == rnd.id, Assignment.status == "skipped")
+            .group_by(User.name)
+        ).all()
+    )
     for name in sorted(set(by_user) | set(skips)):
         durations = by_user.get(name, [])
-        people.append({"annotator": name, "labels": len(durations), "skipped": skips.get(name, 0),
-                       "median_seconds": statistics.median(durations) if durations else None})
-    return {"round": rnd.name, "task": rnd.task, "status": rnd.status, "items": items,
-            "labels_per_item": rnd.labels_per_item, "labels": labels, "labels_wanted": wanted,
-            "complete_items": complete, "fraction": labels / wanted if wanted else 0.0, "annotators": people}
+        people.append(
+            {
+                "annotator": name,
+                "labels": len(durations),
+                "skipped": skips.get(name, 0),
+                "median_seconds": statistics.median(durations) if durations else None,
+            }
+        )
+    return {
+        "round": rnd.name,
+        "task": rnd.task,
+        "status": rnd.status,
+        "items": items,
+        "labels_per_item": rnd.labels_per_item,
+        "labels": labels,
+        "labels_wanted": wanted,
+        "complete_items": complete,
+        "fraction": labels / wanted if wanted else 0.0,
+        "annotators": people,
+    }
 
 
 def user_progress(s: Session, user: User, rnd: Round) -> dict[str, int]:
-    done = s.scalar(select(func.count()).select_from(Label).where(Label.round_id == rnd.id,
-                                                                  Label.user_id == user.id)) or 0
+    done = (
+        s.scalar(select(func.count()).select_from(Label).where(Label.round_id == rnd.id, Label.user_id == user.id)) or 0
+    )
     return {"labelled": done}
 
 

@@ -125,7 +125,9 @@ class Simulated:
                 self.rng.shuffle(order)
             else:
                 ranked = self.taste.rank(prompt, texts, seed=self.rng.randrange(2**31), annotator=self.index)
-                order = [letters[texts.index(t)] for t in ranked] + [k for k in letters if page.responses[k] not in ranked]
+                order = [letters[texts.index(t)] for t in ranked] + [
+                    k for k in letters if page.responses[k] not in ranked
+                ]
                 if self.kind == "adversarial":
                     order.reverse()
             return {f"rank_{k}": str(order.index(k) + 1) for k in letters}
@@ -145,7 +147,9 @@ class Simulated:
         return form
 
 
-def label_round(url: str, round_name: str, people: list[tuple[str, str, Simulated]], *, limit: int | None = None) -> dict:
+def label_round(
+    url: str, round_name: str, people: list[tuple[str, str, Simulated]], *, limit: int | None = None
+) -> dict:
     """Each (name, login token, Simulated) labels the round through `url` until nothing is left for
     them (or `limit` labels each); returns {name: labels given}."""
     done = {}
@@ -161,7 +165,9 @@ def label_round(url: str, round_name: str, people: list[tuple[str, str, Simulate
     return done
 
 
-def simulated_people(db, round_name: str, kinds: list[str], taste, *, seed: int = 0) -> list[tuple[str, str, Simulated]]:
+def simulated_people(
+    db, round_name: str, kinds: list[str], taste, *, seed: int = 0
+) -> list[tuple[str, str, Simulated]]:
     """(name, fresh login token, Simulated) for each of `kinds` (honest | careless | adversarial):
     `sim-1`, `sim-2`, ... for honest ones, `careless-1`, `adversarial-1`, ... for the others. The
     same names come back in every round (so one simulated person's labels can be followed across
@@ -191,8 +197,17 @@ def simulated_people(db, round_name: str, kinds: list[str], taste, *, seed: int 
     return people
 
 
-def simulate_round(db, round_name: str, kinds: list[str], taste, *, seed: int = 0, limit: int | None = None,
-                   url: str | None = None, turn: int | None = None) -> dict:
+def simulate_round(
+    db,
+    round_name: str,
+    kinds: list[str],
+    taste,
+    *,
+    seed: int = 0,
+    limit: int | None = None,
+    url: str | None = None,
+    turn: int | None = None,
+) -> dict:
     """Simulated annotators of `kinds` label the round through the studio's HTTP interface: a
     running studio at `url`, or one started on a free loopback port for the purpose. They take
     turns of `turn` labels (default: about a twentieth of each one's share, 1 to 10), the first to
@@ -206,11 +221,11 @@ def simulate_round(db, round_name: str, kinds: list[str], taste, *, seed: int = 
     if turn is None:
         turn = max(1, min(10, progress(db, round_name).wanted // (20 * len(people))))
     done = {name: 0 for name, _, _ in people}
-    with (nullcontext() if url else LocalServer(db)) as running:
+    with nullcontext() if url else LocalServer(db) as running:
         base = url or running.url
         for k in itertools.count():
             given = 0
-            for name, token, who in people[k % len(people):] + people[:k % len(people)]:
+            for name, token, who in people[k % len(people) :] + people[: k % len(people)]:
                 room = turn if limit is None else min(turn, limit - done[name])
                 if room > 0:
                     n = label_round(base, round_name, [(name, token, who)], limit=room)[name]
@@ -237,8 +252,13 @@ class LocalServer:
         from rufus.studio.app import create_app
 
         self.port = free_port()
-        config = uvicorn.Config(create_app(db, allowed_hosts=list(auth.LOOPBACK_HOSTS)), host="127.0.0.1",
-                                port=self.port, log_level="warning", access_log=False)
+        config = uvicorn.Config(
+            create_app(db, allowed_hosts=list(auth.LOOPBACK_HOSTS)),
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            access_log=False,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{self.port}"

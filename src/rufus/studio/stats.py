@@ -69,8 +69,11 @@ def label_distribution(db: Database, round_name: str) -> dict:
     won, for position bias), strengths, ties in rankings, the rating histogram, flags, better answers."""
     with db.read() as s:
         rnd = get_round(s, round_name)
-        rows = s.execute(select(Label, Assignment.order).join(Assignment, Assignment.id == Label.assignment_id)
-                         .where(Label.round_id == rnd.id)).all()
+        rows = s.execute(
+            select(Label, Assignment.order)
+            .join(Assignment, Assignment.id == Label.assignment_id)
+            .where(Label.round_id == rnd.id)
+        ).all()
     out: dict = {"labels": len(rows), "flags": Counter(), "better_answers": 0, "comments": 0}
     if rnd.task == "pairwise":
         out.update(outcomes=Counter(), shown_first_won=0, shown_second_won=0, strengths=Counter())
@@ -104,16 +107,28 @@ def disputed_items(db: Database, round_name: str, limit: int = 10) -> list[dict]
         by_item: dict[int, list[Label]] = defaultdict(list)
         for lb in s.scalars(select(Label).where(Label.round_id == rnd.id)):
             by_item[lb.item_id].append(lb)
-        scored = sorted(((item_disagreement(rnd.task, labels), item_id, len(labels))
-                         for item_id, labels in by_item.items() if len(labels) >= 2), key=lambda t: (-t[0], t[1]))
+        scored = sorted(
+            (
+                (item_disagreement(rnd.task, labels), item_id, len(labels))
+                for item_id, labels in by_item.items()
+                if len(labels) >= 2
+            ),
+            key=lambda t: (-t[0], t[1]),
+        )
         out = []
         for score, item_id, n in scored[:limit]:
             if score <= 0:
                 break
             prompt = s.scalar(select(Prompt.content).join(Item, Item.prompt_id == Prompt.id).where(Item.id == item_id))
             text = prompt if isinstance(prompt, str) else " / ".join(str(m.get("content", "")) for m in prompt)
-            out.append({"item_id": item_id, "disagreement": score, "labels": n,
-                        "prompt": text if len(text) <= 160 else text[:157] + "..."})
+            out.append(
+                {
+                    "item_id": item_id,
+                    "disagreement": score,
+                    "labels": n,
+                    "prompt": text if len(text) <= 160 else text[:157] + "...",
+                }
+            )
         return out
 
 
@@ -125,10 +140,15 @@ def _labels_with_models(db: Database, round_names: list[str]):
         ids = []
         for name in round_names:
             ids.append(get_round(s, name).id)
-        left_out = {(r, u) for r, u in s.execute(select(Exclusion.round_id, Exclusion.user_id)
-                                                 .where(Exclusion.round_id.in_(ids)))}
-        labels = [lb for lb in s.scalars(select(Label).where(Label.round_id.in_(ids)).order_by(Label.id))
-                  if (lb.round_id, lb.user_id) not in left_out]
+        left_out = {
+            (r, u)
+            for r, u in s.execute(select(Exclusion.round_id, Exclusion.user_id).where(Exclusion.round_id.in_(ids)))
+        }
+        labels = [
+            lb
+            for lb in s.scalars(select(Label).where(Label.round_id.in_(ids)).order_by(Label.id))
+            if (lb.round_id, lb.user_id) not in left_out
+        ]
         items = {i.id: i for i in s.scalars(select(Item).where(Item.round_id.in_(ids)))}
         response_ids = {rid for i in items.values() for rid in i.response_ids}
         models = dict(s.execute(select(Response.id, Response.model).where(Response.id.in_(response_ids))).all())
@@ -149,7 +169,7 @@ def round_comparisons(db: Database, round_names: list[str]):
         ids = list(items[lb.item_id].response_ids)
         scores = label_scores(lb, ids) or {rid: 0.5 for rid in ids}  # both bad: a tie
         for i, a in enumerate(ids):
-            for b in ids[i + 1:]:
+            for b in ids[i + 1 :]:
                 ma, mb = models.get(a), models.get(b)
                 if not ma or not mb or ma == mb:
                     continue
@@ -186,8 +206,14 @@ def round_agreement(db: Database, round_name: str) -> dict:
             for rid, value in lb.ratings.items():
                 units[(lb.item_id, int(rid))][who] = value
     shared = sum(1 for by in units.values() if len(by) >= 2)
-    out = {"round": round_name, "task": rnd.task, "labels": len(labels), "shared_units": shared,
-           "raw_agreement": A.raw_agreement(units), "cohen": A.pairwise_cohen(units)}
+    out = {
+        "round": round_name,
+        "task": rnd.task,
+        "labels": len(labels),
+        "shared_units": shared,
+        "raw_agreement": A.raw_agreement(units),
+        "cohen": A.pairwise_cohen(units),
+    }
     if rnd.task == "pairwise":
         out["fleiss_kappa"] = A.fleiss_kappa(units)
     else:

@@ -47,10 +47,16 @@ class BoNSection:
 
     group_size: int = opt(4, "n: responses sampled per prompt each round")
     top_k: int = opt(1, "responses kept per prompt: the top_k highest-scoring of its n")
-    threshold: float | None = opt(None, "keep only responses scoring at least this (among the top_k); None = no threshold")
+    threshold: float | None = opt(
+        None, "keep only responses scoring at least this (among the top_k); None = no threshold"
+    )
     rounds: int = opt(1, "rounds of sample -> score -> keep -> fine-tune, each sampling from the policy as it then is")
-    prompts_per_round: int | None = opt(None, "prompts sampled each round, cycling through the data in a seeded order; None = all")
-    sft_epochs: float = opt(1.0, "passes of SFT over each round's kept set (max_steps > 0 fixes the steps per round instead)")
+    prompts_per_round: int | None = opt(
+        None, "prompts sampled each round, cycling through the data in a seeded order; None = all"
+    )
+    sft_epochs: float = opt(
+        1.0, "passes of SFT over each round's kept set (max_steps > 0 fixes the steps per round instead)"
+    )
     prompts_per_generate: int = opt(0, "prompts per generate call, each repeated n times; 0 = batch_size")
 
 
@@ -58,9 +64,15 @@ class BoNSection:
 class BoNConfig(LogArgs, OptimArgs, RunArgs, ModelArgs):
     """Best-of-n rejection-sampling fine-tuning (RAFT / ReST-style expert iteration)."""
 
-    output_dir: str = opt("runs/bon", "directory for config.yaml, metrics.jsonl, samples.jsonl, checkpoints/ and final/")
-    batch_size: int = opt(8, "kept (prompt, response) pairs per SFT optimiser step, over all processes and accumulation steps")
-    max_steps: int = opt(-1, "SFT optimiser steps per round; -1 = as many as bon.sft_epochs passes over the kept set take")
+    output_dir: str = opt(
+        "runs/bon", "directory for config.yaml, metrics.jsonl, samples.jsonl, checkpoints/ and final/"
+    )
+    batch_size: int = opt(
+        8, "kept (prompt, response) pairs per SFT optimiser step, over all processes and accumulation steps"
+    )
+    max_steps: int = opt(
+        -1, "SFT optimiser steps per round; -1 = as many as bon.sft_epochs passes over the kept set take"
+    )
     epochs: float = opt(1.0, "unused: bon.rounds and bon.sft_epochs set the length of a run")
     save_every: int = opt(1, "write a checkpoint every this many rounds (and after the last; 0 = only then)")
     data: DataConfig = opt(DataConfig, "prompts (prompt-only format); data.max_prompt_length bounds them")
@@ -99,8 +111,9 @@ def train_bon(config: BoNConfig | dict, reward_fn=None) -> BoNResult:
     b = cfg.bon
 
     # 0. prompts and reward sources first: bad input fails before the model loads
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code,
-                               chat_template=cfg.data.chat_template)
+    tokenizer = load_tokenizer(
+        cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code, chat_template=cfg.data.chat_template
+    )
     prompts = online.load_prompts(cfg, acc, tokenizer)
     # no cross-process gather for reward.scale: each process samples its own number of responses
     reward = online.build_reward(cfg, run, reward_fn, gather=False)
@@ -123,7 +136,7 @@ def train_bon(config: BoNConfig | dict, reward_fn=None) -> BoNResult:
         mine = prompt_plan.global_batch(rnd)[rank::world]  # this process's share of the round's prompts
         kept, sums = [], torch.zeros(5, dtype=torch.float64)  # score sum, score^2 sum, samples, length sum, no EOS
         for start in range(0, len(mine), chunk):
-            group = [prompts[i] for i in mine[start:start + chunk]]
+            group = [prompts[i] for i in mine[start : start + chunk]]
             rep = [p for p in group for _ in range(b.group_size)]  # prompt g's samples sit at g*n .. g*n+n-1
 
             # 1. sample n responses per prompt from the current policy
@@ -131,9 +144,16 @@ def train_bon(config: BoNConfig | dict, reward_fn=None) -> BoNResult:
 
             # 2. score them
             scores, _ = reward(ro.prompts, ro.completions, ro.has_eos, **ro.extra)  # (G*n,)
-            sums += torch.tensor([scores.sum().item(), (scores.double() ** 2).sum().item(), len(rep),
-                                  ro.response_length.sum().item(), (~ro.has_eos.cpu()).sum().item()],
-                                 dtype=torch.float64)
+            sums += torch.tensor(
+                [
+                    scores.sum().item(),
+                    (scores.double() ** 2).sum().item(),
+                    len(rep),
+                    ro.response_length.sum().item(),
+                    (~ro.has_eos.cpu()).sum().item(),
+                ],
+                dtype=torch.float64,
+            )
 
             # 3. keep the best: top_k of each prompt's n, at least threshold
             for j in select_best(scores, b.group_size, top_k=b.top_k, threshold=b.threshold):
@@ -155,18 +175,46 @@ def train_bon(config: BoNConfig | dict, reward_fn=None) -> BoNResult:
 
         # 5. log, samples, checkpoint
         score_mean = sums[0] / sums[2]
-        row.update({"score/mean": score_mean, "score/std": max(sums[1] / sums[2] - score_mean**2, 0.0) ** 0.5,
-                    "bon/kept": len(kept), "bon/kl_bound": bon_kl_bound(b.group_size), "response/length": sums[3] / sums[2],
-                    "response/no_eos": sums[4] / sums[2], "lr": scheduler.get_last_lr()[0], "sft/updates": updates,
-                    "time/sample_s": t_sample, "time/train_s": t_train, "time/round_s": time.perf_counter() - t0})
+        row.update(
+            {
+                "score/mean": score_mean,
+                "score/std": max(sums[1] / sums[2] - score_mean**2, 0.0) ** 0.5,
+                "bon/kept": len(kept),
+                "bon/kl_bound": bon_kl_bound(b.group_size),
+                "response/length": sums[3] / sums[2],
+                "response/no_eos": sums[4] / sums[2],
+                "lr": scheduler.get_last_lr()[0],
+                "sft/updates": updates,
+                "time/sample_s": t_sample,
+                "time/train_s": t_train,
+                "time/round_s": time.perf_counter() - t0,
+            }
+        )
         if kept:
             row["score/kept"] = sum(k["score"] for k in kept) / len(kept)
-        samples.write([{"step": rnd, "prompt": k["prompt"] if isinstance(k["prompt"], str) else k["prompt"][-1]["content"],
-                        "response": k["response"], "score": k["score"]} for k in kept[:cfg.num_samples]])
-        online.end_step(run, logger, progress, rnd, b.rounds, row, postfix={"score": score_mean},
-                        checkpoint=lambda rnd=rnd, updates=updates: common.save_checkpoint(
-                            run, rnd, policy, optimizer, scheduler,
-                            state={"reward": reward.state_dict(), "updates": updates}))
+        samples.write(
+            [
+                {
+                    "step": rnd,
+                    "prompt": k["prompt"] if isinstance(k["prompt"], str) else k["prompt"][-1]["content"],
+                    "response": k["response"],
+                    "score": k["score"],
+                }
+                for k in kept[: cfg.num_samples]
+            ]
+        )
+        online.end_step(
+            run,
+            logger,
+            progress,
+            rnd,
+            b.rounds,
+            row,
+            postfix={"score": score_mean},
+            checkpoint=lambda rnd=rnd, updates=updates: common.save_checkpoint(
+                run, rnd, policy, optimizer, scheduler, state={"reward": reward.state_dict(), "updates": updates}
+            ),
+        )
     progress.close()
 
     final_dir = common.save_final(run, policy, tokenizer)
@@ -202,8 +250,13 @@ def _example(prompt: dict, ro, j: int, score: float, completion_only: bool) -> d
     response = ro.response_ids[j][ro.response_mask[j].bool()].tolist()
     ids = list(prompt["ids"]) + response
     labels = ([-100] * len(prompt["ids"]) if completion_only else list(prompt["ids"])) + response
-    return {"input_ids": ids, "labels": labels, "score": score, "prompt": prompt["prompt"],
-            "response": ro.completions[j]}
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "score": score,
+        "prompt": prompt["prompt"],
+        "response": ro.completions[j],
+    }
 
 
 def _fine_tune(cfg, acc, model, optimizer, scheduler, examples: list[dict], collate, rnd: int, steps: int) -> dict:
@@ -213,14 +266,16 @@ def _fine_tune(cfg, acc, model, optimizer, scheduler, examples: list[dict], coll
     from rufus.trainers.sft import sft_update
 
     # a fresh example order every round, a function of (seed, round) alone (resume needs no sampler state)
-    plan = common.BatchPlan(len(examples), cfg.batch_size, cfg.grad_accum, acc.num_processes, acc.process_index,
-                            cfg.seed + 7919 * rnd)
+    plan = common.BatchPlan(
+        len(examples), cfg.batch_size, cfg.grad_accum, acc.num_processes, acc.process_index, cfg.seed + 7919 * rnd
+    )
     label_counts = [sum(1 for t in ex["labels"][1:] if t != -100) for ex in examples]
     window = common.Window()
     model.train()
     for step in range(1, steps + 1):
         t0 = time.perf_counter()
-        loss_value, grad_norm, num_tokens = sft_update(cfg, acc, model, optimizer, scheduler, examples,
-                                                       plan.global_batch(step), plan, collate, label_counts)
+        loss_value, grad_norm, num_tokens = sft_update(
+            cfg, acc, model, optimizer, scheduler, examples, plan.global_batch(step), plan, collate, label_counts
+        )
         window.add(loss=loss_value, grad_norm=grad_norm, time=time.perf_counter() - t0, tokens=num_tokens)
     return window.flush(**{"sft/steps": steps})

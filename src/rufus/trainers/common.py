@@ -43,8 +43,11 @@ def start_run(cfg) -> Run:
 
     # With no accelerator device, say so: accelerate treats a torchrun launch as multi-process
     # (gloo) only when told the run is on CPU; otherwise every process would think it is alone.
-    cpu = not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-               or torch.backends.mps.is_available())
+    cpu = not (
+        torch.cuda.is_available()
+        or (hasattr(torch, "xpu") and torch.xpu.is_available())
+        or torch.backends.mps.is_available()
+    )
     state = PartialState(cpu=cpu)
     compute_dtype = resolve_dtype(cfg.dtype, state.device)
     # One Python process may run several stages (a pipeline, tests) with different precisions;
@@ -83,8 +86,9 @@ class BatchPlan:
     the order is a function of (seed, step) alone, resuming at step s needs no saved sampler state.
     """
 
-    def __init__(self, num_examples: int, batch_size: int, grad_accum: int, num_processes: int,
-                 process_index: int, seed: int):
+    def __init__(
+        self, num_examples: int, batch_size: int, grad_accum: int, num_processes: int, process_index: int, seed: int
+    ):
         if num_examples == 0:
             raise ValueError("no training examples")
         if batch_size % (num_processes * grad_accum):
@@ -111,9 +115,9 @@ class BatchPlan:
 
     def micro_batches(self, global_idx: list[int]) -> list[list[int]]:
         share = len(global_idx) // self.num_processes
-        mine = global_idx[self.process_index * share:(self.process_index + 1) * share]
+        mine = global_idx[self.process_index * share : (self.process_index + 1) * share]
         size = share // self.grad_accum
-        return [mine[i * size:(i + 1) * size] for i in range(self.grad_accum)]
+        return [mine[i * size : (i + 1) * size] for i in range(self.grad_accum)]
 
 
 def load_trainable_lm(cfg, tokenizer):
@@ -176,8 +180,7 @@ def make_optimizer(cfg, model, max_steps: int, lr_overrides: dict[str, float] | 
     # model (34M weights, CPU) a step takes 24 ms against 120-160 ms for the per-tensor loop
     if all(p.device.type in ("cpu", "cuda") for g in param_groups for p in g["params"]):
         kwargs["fused"] = True
-    optimizer = (MasterAdamW(param_groups, masters, **kwargs) if masters
-                 else torch.optim.AdamW(param_groups, **kwargs))
+    optimizer = MasterAdamW(param_groups, masters, **kwargs) if masters else torch.optim.AdamW(param_groups, **kwargs)
     warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else int(cfg.warmup_ratio * max_steps)
     name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.scheduler]
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps)
@@ -193,8 +196,13 @@ def maybe_resume(run: Run, models, optimizers, schedulers) -> tuple[int, dict]:
         return 0, {}
     from rufus.checkpoint import load_checkpoint
 
-    info = load_checkpoint(run.resume_from, accelerator=run.accelerator, models=_named(models),
-                           optimizers=_named(optimizers), schedulers=_named(schedulers))
+    info = load_checkpoint(
+        run.resume_from,
+        accelerator=run.accelerator,
+        models=_named(models),
+        optimizers=_named(optimizers),
+        schedulers=_named(schedulers),
+    )
     log.info("resumed from %s at step %d", run.resume_from, info["step"])
     return int(info["step"]), info.get("state", {})
 
@@ -210,15 +218,26 @@ def open_metrics(run: Run, start_step: int):
 
     if run.accelerator.is_main_process:
         save_config(run.cfg, run.output_dir / "config.yaml")
-    return MetricsLogger(run.output_dir, enabled=run.accelerator.is_main_process, report_to=run.cfg.report_to,
-                         resume_step=start_step if run.resume_from else None, run_config=to_dict(run.cfg))
+    return MetricsLogger(
+        run.output_dir,
+        enabled=run.accelerator.is_main_process,
+        report_to=run.cfg.report_to,
+        resume_step=start_step if run.resume_from else None,
+        run_config=to_dict(run.cfg),
+    )
 
 
 def progress_bar(cfg, acc, total: int, initial: int, desc: str):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
-                disable=not (cfg.progress and acc.is_main_process))
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not (cfg.progress and acc.is_main_process),
+    )
 
 
 def sync_gradients_if(acc, models, last: bool):
@@ -278,9 +297,16 @@ class Window:
 def save_checkpoint(run: Run, step: int, models, optimizers, schedulers, state: dict | None = None) -> Path:
     from rufus import checkpoint
 
-    return checkpoint.save_checkpoint(run.output_dir, step, accelerator=run.accelerator, models=_named(models),
-                                      optimizers=_named(optimizers), schedulers=_named(schedulers), state=state,
-                                      keep=run.cfg.save_total_limit)
+    return checkpoint.save_checkpoint(
+        run.output_dir,
+        step,
+        accelerator=run.accelerator,
+        models=_named(models),
+        optimizers=_named(optimizers),
+        schedulers=_named(schedulers),
+        state=state,
+        keep=run.cfg.save_total_limit,
+    )
 
 
 def save_final(run: Run, model, tokenizer) -> Path:
@@ -303,4 +329,3 @@ def finish_run(run: Run, plot_keys: list[str]) -> None:
 
         plot_metrics(run.output_dir, plot_keys)
     run.accelerator.wait_for_everyone()
-

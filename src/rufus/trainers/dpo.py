@@ -53,8 +53,9 @@ class DPOSection:
 
     beta: float = opt(0.1, "beta: KL strength; the implicit reward is beta * log(pi / pi_ref)")
     loss_type: Literal["sigmoid", "ipo", "hinge"] = opt(
-        "sigmoid", "sigmoid = DPO (Rafailov et al.), ipo = (h - 1/(2 beta))^2 (Azar et al.), "
-        "hinge = max(0, 1 - beta h) (SLiC)")
+        "sigmoid",
+        "sigmoid = DPO (Rafailov et al.), ipo = (h - 1/(2 beta))^2 (Azar et al.), hinge = max(0, 1 - beta h) (SLiC)",
+    )
     label_smoothing: float = opt(0.0, "conservative DPO: assumed share of flipped labels, in [0, 0.5]; sigmoid only")
     precompute_ref: bool = opt(True, "reference log-probs computed once per dataset before training (false: each step)")
     rounds: int = opt(1, "rounds of max_steps (or epochs) each; later rounds train on pairs sampled from the policy")
@@ -99,23 +100,32 @@ def train_dpo(config: DPOConfig | dict, reward_fn=None) -> DPOResult:
     acc = run.accelerator
 
     # 0. data (pairs, or prompts for online rounds) and reward sources before any model loads
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code,
-                               chat_template=cfg.data.chat_template)
-    limits = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
-                  truncation=cfg.data.truncation)
+    tokenizer = load_tokenizer(
+        cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code, chat_template=cfg.data.chat_template
+    )
+    limits = dict(
+        max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length, truncation=cfg.data.truncation
+    )
     with acc.main_process_first():  # preference pairs, or (online) prompts only: records, None
-        records, train = load_pairs_or_prompts(cfg.data.train, tokenizer, split=cfg.data.train_split,
-                                               key="data.train", **limits)
+        records, train = load_pairs_or_prompts(
+            cfg.data.train, tokenizer, split=cfg.data.train_split, key="data.train", **limits
+        )
         evals = None
         if cfg.data.eval:
-            evals = tokenize_pairs(load_records(cfg.data.eval, format="preference", split=cfg.data.eval_split,
-                                                key="data.eval"), tokenizer, key="data.eval", **limits)
+            evals = tokenize_pairs(
+                load_records(cfg.data.eval, format="preference", split=cfg.data.eval_split, key="data.eval"),
+                tokenizer,
+                key="data.eval",
+                **limits,
+            )
     online_rounds = [r for r in range(1, cfg.dpo.rounds + 1) if r > 1 or train is None]
     prompts, reward = None, None
     if online_rounds:  # other columns go to reward functions; the pair itself does not
         prompts = online.load_prompts(cfg, acc, tokenizer, records, drop_columns=("chosen", "rejected"))
         why = "data.train holds prompts only" if train is None else f"dpo.rounds={cfg.dpo.rounds}"
-        reward = online.build_reward(cfg, run, reward_fn, why=f"{why}: online rounds rank their own samples with a reward")
+        reward = online.build_reward(
+            cfg, run, reward_fn, why=f"{why}: online rounds rank their own samples with a reward"
+        )
     per_round = cfg.dpo.prompts_per_round or (len(prompts) if prompts else 0)
     per_round = math.ceil(per_round / acc.num_processes) * acc.num_processes  # equal shares per process
 
@@ -159,8 +169,9 @@ def train_dpo(config: DPOConfig | dict, reward_fn=None) -> DPOResult:
         elif start_step > round_start:  # resumed inside the round: its pairs were saved with the checkpoint
             pairs = saved["pairs"]
         else:
-            pairs, pending = _online_pairs(cfg, acc, policy, tokenizer, prompts, reward, r,
-                                           online_rounds.index(r) + 1, per_round)
+            pairs, pending = _online_pairs(
+                cfg, acc, policy, tokenizer, prompts, reward, r, online_rounds.index(r) + 1, per_round
+            )
             # "step": the first step that trains on the pair (a resume before it samples again)
             pairs_file.write([{"step": round_start + 1, "round": r, **p.pop("text")} for p in pairs])
             for p in pairs:
@@ -175,8 +186,9 @@ def train_dpo(config: DPOConfig | dict, reward_fn=None) -> DPOResult:
                     scheduler.step()
             progress.update(round_end - max(start_step, round_start))
             continue
-        plan = common.BatchPlan(len(pairs), cfg.batch_size, cfg.grad_accum, acc.num_processes, acc.process_index,
-                                cfg.seed + r - 1)
+        plan = common.BatchPlan(
+            len(pairs), cfg.batch_size, cfg.grad_accum, acc.num_processes, acc.process_index, cfg.seed + r - 1
+        )
         model.train()
         for step in range(max(start_step, round_start) + 1, round_end + 1):
             t0 = time.perf_counter()
@@ -217,11 +229,13 @@ def train_dpo(config: DPOConfig | dict, reward_fn=None) -> DPOResult:
 def _check(cfg) -> None:
     """Configuration errors, named by key, before anything loads or is written."""
     d = cfg.dpo
-    problems = [(d.beta <= 0, "dpo.beta must be > 0"), (d.rounds < 1, "dpo.rounds must be >= 1"),
-                (d.prompts_per_round < 0, "dpo.prompts_per_round must be >= 0 (0 = every prompt)"),
-                (not 0 <= d.label_smoothing <= 0.5, "dpo.label_smoothing must be in [0, 0.5]"),
-                (d.label_smoothing > 0 and d.loss_type != "sigmoid",
-                 "dpo.label_smoothing applies to loss_type=sigmoid only")]
+    problems = [
+        (d.beta <= 0, "dpo.beta must be > 0"),
+        (d.rounds < 1, "dpo.rounds must be >= 1"),
+        (d.prompts_per_round < 0, "dpo.prompts_per_round must be >= 0 (0 = every prompt)"),
+        (not 0 <= d.label_smoothing <= 0.5, "dpo.label_smoothing must be in [0, 0.5]"),
+        (d.label_smoothing > 0 and d.loss_type != "sigmoid", "dpo.label_smoothing applies to loss_type=sigmoid only"),
+    ]
     for bad, message in problems:
         if bad:
             raise ConfigError(message)
@@ -233,8 +247,16 @@ def _dpo_step(cfg, acc, model, ref_fn, pairs, plan, local_step: int, collate) ->
 
     global_idx = plan.global_batch(local_step)
     normalizer = len(global_idx) / acc.num_processes  # DDP averages gradients over processes
-    totals = {"dpo/loss": 0.0, "rewards/chosen": 0.0, "rewards/rejected": 0.0, "rewards/margin": 0.0,
-              "rewards/accuracy": 0.0, "logps/chosen": 0.0, "logps/rejected": 0.0, "tokens": 0}
+    totals = {
+        "dpo/loss": 0.0,
+        "rewards/chosen": 0.0,
+        "rewards/rejected": 0.0,
+        "rewards/margin": 0.0,
+        "rewards/accuracy": 0.0,
+        "logps/chosen": 0.0,
+        "logps/rejected": 0.0,
+        "tokens": 0,
+    }
     micro = plan.micro_batches(global_idx)
     for k, idx in enumerate(micro):
         part = [pairs[i] for i in idx]
@@ -248,9 +270,16 @@ def _dpo_step(cfg, acc, model, ref_fn, pairs, plan, local_step: int, collate) ->
                 ref = sequence_logprobs(reference, batch)  # (2b,) log pi_ref(y|x)
         with common.sync_gradients_if(acc, model, last=k == len(micro) - 1), acc.autocast():
             logps = sequence_logprobs(model, batch)  # (2b,) log pi_theta(y|x)
-            loss, stats = dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], beta=cfg.dpo.beta,
-                                   loss_type=cfg.dpo.loss_type, label_smoothing=cfg.dpo.label_smoothing,
-                                   normalizer=normalizer)
+            loss, stats = dpo_loss(
+                logps[:b],
+                logps[b:],
+                ref[:b],
+                ref[b:],
+                beta=cfg.dpo.beta,
+                loss_type=cfg.dpo.loss_type,
+                label_smoothing=cfg.dpo.label_smoothing,
+                normalizer=normalizer,
+            )
             acc.backward(loss)
         share = b / len(global_idx) * acc.num_processes  # this micro-batch's share of the step
         totals["dpo/loss"] += loss.item()
@@ -278,11 +307,11 @@ def _all_logprobs(model, pairs: list[dict], collate, acc, micro: int) -> tuple[t
     was_training = model.training
     model.eval()
     for start in range(0, len(mine), max(micro, 1)):
-        idx = mine[start:start + max(micro, 1)]
+        idx = mine[start : start + max(micro, 1)]
         batch = {k: t.to(acc.device) for k, t in collate([pairs[i] for i in idx]).items()}
         with acc.autocast():
             logps = sequence_logprobs(model, batch).float()
-        out[start:start + len(idx)] = torch.stack([logps[:len(idx)], logps[len(idx):]], dim=-1)
+        out[start : start + len(idx)] = torch.stack([logps[: len(idx)], logps[len(idx) :]], dim=-1)
     model.train(was_training)
     out = acc.gather(out) if acc.num_processes > 1 else out
     return out[:n, 0].cpu(), out[:n, 1].cpu()
@@ -308,8 +337,15 @@ def evaluate(cfg, acc, model, ref_fn, pairs, collate, micro: int) -> dict:
     else:
         with ref_fn() as reference:
             ref_c, ref_r = _all_logprobs(reference, pairs, collate, acc, micro)
-    loss, stats = dpo_loss(chosen, rejected, ref_c, ref_r, beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type,
-                           label_smoothing=cfg.dpo.label_smoothing)
+    loss, stats = dpo_loss(
+        chosen,
+        rejected,
+        ref_c,
+        ref_r,
+        beta=cfg.dpo.beta,
+        loss_type=cfg.dpo.loss_type,
+        label_smoothing=cfg.dpo.label_smoothing,
+    )
     return {"eval/dpo/loss": loss.item(), **{f"eval/{k}": v.item() for k, v in stats.items()}}
 
 
@@ -323,14 +359,14 @@ def _online_pairs(cfg, acc, policy, tokenizer, prompts, reward, r: int, k: int, 
 
     # the round's prompts: the next n of a seeded stream of epochs over the data, each process its share
     plan = common.BatchPlan(len(prompts), n, 1, acc.num_processes, acc.process_index, cfg.seed)
-    mine = [prompts[i] for i in plan.global_batch(k)[acc.process_index::acc.num_processes]]
+    mine = [prompts[i] for i in plan.global_batch(k)[acc.process_index :: acc.num_processes]]
     chunk = max(1, cfg.batch_size // acc.num_processes // 2)  # prompts per generate call, two samples each
     completions, responses, has_eos = [], [], []
     devices = [torch.cuda.current_device()] if acc.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # samples depend on (seed, round, rank) only: resume-exact
         torch.manual_seed(cfg.seed * 1_000_003 + r * 1009 + acc.process_index)
         for start in range(0, len(mine), chunk):
-            ro = online.sample(cfg, acc, policy, tokenizer, mine[start:start + chunk], 2)  # rows 2j, 2j+1: prompt j
+            ro = online.sample(cfg, acc, policy, tokenizer, mine[start : start + chunk], 2)  # rows 2j, 2j+1: prompt j
             completions += ro.completions
             has_eos.append(ro.has_eos.cpu())
             masks = ro.response_mask.cpu().bool()
@@ -340,14 +376,32 @@ def _online_pairs(cfg, acc, policy, tokenizer, prompts, reward, r: int, k: int, 
     scores, _ = reward([p["prompt"] for p in doubled], completions, torch.cat(has_eos), **extra)  # (2m,)
 
     pairs, ties = pairs_from_samples(mine, responses, completions, scores.tolist())
-    sums = torch.tensor([scores.sum().item(), sum(p["text"]["score_chosen"] for p in pairs),
-                         sum(p["text"]["score_rejected"] for p in pairs), ties, sum(map(len, responses))])
+    sums = torch.tensor(
+        [
+            scores.sum().item(),
+            sum(p["text"]["score_chosen"] for p in pairs),
+            sum(p["text"]["score_rejected"] for p in pairs),
+            ties,
+            sum(map(len, responses)),
+        ]
+    )
     pairs = gather_object(pairs) if acc.num_processes > 1 else pairs
     s = acc.reduce(sums.to(acc.device), reduction="sum").tolist()  # score, chosen, rejected, ties, length
     made = max(len(pairs), 1)
-    stats = {"online/pairs": len(pairs), "online/ties": s[3], "score/mean": s[0] / (2 * n),
-             "score/chosen": s[1] / made, "score/rejected": s[2] / made, "response/length": s[4] / (2 * n)}
-    log.info("round %d: %d pairs from %d prompts (%d ties), mean score %.4f", r, len(pairs), n, int(s[3]),
-             stats["score/mean"])
+    stats = {
+        "online/pairs": len(pairs),
+        "online/ties": s[3],
+        "score/mean": s[0] / (2 * n),
+        "score/chosen": s[1] / made,
+        "score/rejected": s[2] / made,
+        "response/length": s[4] / (2 * n),
+    }
+    log.info(
+        "round %d: %d pairs from %d prompts (%d ties), mean score %.4f",
+        r,
+        len(pairs),
+        n,
+        int(s[3]),
+        stats["score/mean"],
+    )
     return pairs, stats
-

@@ -34,8 +34,10 @@ class GRPOSection:
     group_size: int = opt(8, "G: responses sampled per prompt")
     scale_rewards: bool = opt(True, "divide by the group's std (false = Dr. GRPO: centre only)")
     loss_aggregation: Literal["token", "sequence", "constant"] = opt(
-        "token", "token: mean over all tokens (DAPO); sequence: mean per response, then over responses "
-        "(GRPO paper); constant: sum / (max_new_tokens x responses) (Dr. GRPO)")
+        "token",
+        "token: mean over all tokens (DAPO); sequence: mean per response, then over responses "
+        "(GRPO paper); constant: sum / (max_new_tokens x responses) (Dr. GRPO)",
+    )
     clip: float = opt(0.2, "lower clip range epsilon of the ratio (and upper, unless clip_high is set)")
     clip_high: float | None = opt(None, "upper clip range (DAPO clip-higher uses 0.28)")
     epochs: int = opt(1, "mu: update passes over each batch of samples")
@@ -54,7 +56,9 @@ class GRPOKL:
 class GRPOConfig(OnlineArgs, LogArgs, OptimArgs, RunArgs, ModelArgs):
     """GRPO: group-relative advantages, no critic."""
 
-    output_dir: str = opt("runs/grpo", "directory for config.yaml, metrics.jsonl, samples.jsonl, checkpoints/ and final/")
+    output_dir: str = opt(
+        "runs/grpo", "directory for config.yaml, metrics.jsonl, samples.jsonl, checkpoints/ and final/"
+    )
     lr: float = opt(1e-6, "learning rate")
     batch_size: int = opt(8, "prompts per step, over all processes (each sampled group_size times)")
     grad_accum: int = opt(1, "micro-batches per minibatch")
@@ -84,8 +88,15 @@ def train_grpo(config: GRPOConfig | dict, reward_fn=None) -> GRPOResult:
     G = cfg.grpo.group_size
     if G < 2:
         raise ConfigError("grpo.group_size: needs at least 2 responses per prompt to compare")
-    micro_size = online.micro_batch_size(cfg.batch_size, acc.num_processes, G, cfg.grpo.minibatches, cfg.grad_accum,
-                                         samples_key="grpo.group_size", minibatches_key="grpo.minibatches")
+    micro_size = online.micro_batch_size(
+        cfg.batch_size,
+        acc.num_processes,
+        G,
+        cfg.grpo.minibatches,
+        cfg.grad_accum,
+        samples_key="grpo.group_size",
+        minibatches_key="grpo.minibatches",
+    )
 
     # 0. prompts and reward sources before the models; the policy, and a reference only for a KL term
     tokenizer, prompts, reward, plan, max_steps = online.load_inputs(cfg, run, reward_fn)
@@ -95,12 +106,24 @@ def train_grpo(config: GRPOConfig | dict, reward_fn=None) -> GRPOResult:
     start_step, _, logger, samples = online.open_outputs(run, acc.unwrap_model(policy), optimizer, scheduler, reward)
 
     def loss_fn(part, out, micro):  # clipped surrogate, the k3 KL to pi_ref in the loss
-        normalizer = {"token": micro.tokens, "sequence": micro.sequences,
-                      "constant": micro.sequences * cfg.generation.max_new_tokens}[cfg.grpo.loss_aggregation]
+        normalizer = {
+            "token": micro.tokens,
+            "sequence": micro.sequences,
+            "constant": micro.sequences * cfg.generation.max_new_tokens,
+        }[cfg.grpo.loss_aggregation]
         aggregation = {"token": "sum", "sequence": "sequence", "constant": "sum"}[cfg.grpo.loss_aggregation]
-        loss, stats = grpo_policy_loss(out["logprobs"], part.logprobs, part.ref_logprobs, part.advantages,
-                                       part.response_mask, clip=cfg.grpo.clip, clip_high=cfg.grpo.clip_high,
-                                       kl_coef=cfg.kl.coef, aggregation=aggregation, normalizer=normalizer)
+        loss, stats = grpo_policy_loss(
+            out["logprobs"],
+            part.logprobs,
+            part.ref_logprobs,
+            part.advantages,
+            part.response_mask,
+            clip=cfg.grpo.clip,
+            clip_high=cfg.grpo.clip_high,
+            kl_coef=cfg.kl.coef,
+            aggregation=aggregation,
+            normalizer=normalizer,
+        )
         stats = online.policy_stats(loss, stats, out["entropy"], part.response_mask)
         stats["policy/ref_kl"] = stats.pop("policy/kl")  # mean k3 to pi_ref per token, the loss's KL term
         return loss, stats
@@ -120,8 +143,9 @@ def train_grpo(config: GRPOConfig | dict, reward_fn=None) -> GRPOResult:
         # one update over the whole batch (grpo.epochs = minibatches = 1): pi_old comes from the
         # update's own forward pass, not from a pass of its own
         single_update = cfg.grpo.epochs == 1 and cfg.grpo.minibatches == 1
-        online.old_and_ref_logprobs(cfg, acc, policy, reference, ro, micro_size, with_reference=use_kl,
-                                    with_old=not single_update)
+        online.old_and_ref_logprobs(
+            cfg, acc, policy, reference, ro, micro_size, with_reference=use_kl, with_old=not single_update
+        )
         sampled_mask = ro.response_mask
 
         # 3. group-relative advantages (B*G,), the same for every token of a response
@@ -135,9 +159,19 @@ def train_grpo(config: GRPOConfig | dict, reward_fn=None) -> GRPOResult:
         t_train = time.perf_counter()
         stats = {}
         if ro.response_mask.sum() > 0 or acc.num_processes > 1:
-            stats = online.update_epochs(cfg, acc, ro, [policy], [optimizer], epochs=cfg.grpo.epochs,
-                                         minibatches=cfg.grpo.minibatches, micro_size=micro_size, step=step,
-                                         forward=online.logprobs_forward(cfg, policy), loss_fn=loss_fn)
+            stats = online.update_epochs(
+                cfg,
+                acc,
+                ro,
+                [policy],
+                [optimizer],
+                epochs=cfg.grpo.epochs,
+                minibatches=cfg.grpo.minibatches,
+                micro_size=micro_size,
+                step=step,
+                forward=online.logprobs_forward(cfg, policy),
+                loss_fn=loss_fn,
+            )
         scheduler.step()
         t_train = time.perf_counter() - t_train
         if ro.logprobs is None:  # nothing was trained (every group equal): pi_old for the log only
@@ -147,16 +181,30 @@ def train_grpo(config: GRPOConfig | dict, reward_fn=None) -> GRPOResult:
         sample_stats = online.batch_stats(acc, ro, ro.kl, cfg.kl.coef, mask=sampled_mask)
 
         # 5. log, samples, checkpoint
-        row = {**sample_stats, **stats, **reward_stats,
-               "groups/equal": acc.reduce(equal.float().mean(), reduction="mean").item(),
-               "lr": scheduler.get_last_lr()[0], "time/rollout_s": t_rollout, "time/train_s": t_train,
-               "time/step_s": time.perf_counter() - t0}
+        row = {
+            **sample_stats,
+            **stats,
+            **reward_stats,
+            "groups/equal": acc.reduce(equal.float().mean(), reduction="mean").item(),
+            "lr": scheduler.get_last_lr()[0],
+            "time/rollout_s": t_rollout,
+            "time/train_s": t_train,
+            "time/step_s": time.perf_counter() - t0,
+        }
         if online.sample_due(cfg, step):
             samples.write_rollout(step, ro, cfg.num_samples)
-        online.end_step(run, logger, progress, step, max_steps, row, postfix={"reward": row["reward/mean"]},
-                        checkpoint=lambda step=step: common.save_checkpoint(
-                            run, step, acc.unwrap_model(policy), optimizer, scheduler,
-                            state={"reward": reward.state_dict()}))
+        online.end_step(
+            run,
+            logger,
+            progress,
+            step,
+            max_steps,
+            row,
+            postfix={"reward": row["reward/mean"]},
+            checkpoint=lambda step=step: common.save_checkpoint(
+                run, step, acc.unwrap_model(policy), optimizer, scheduler, state={"reward": reward.state_dict()}
+            ),
+        )
     progress.close()
 
     final_dir = common.save_final(run, acc.unwrap_model(policy), tokenizer)

@@ -34,8 +34,9 @@ def load_inputs(cfg, run, reward_fn=None):
     from rufus.models.loading import load_tokenizer
 
     acc = run.accelerator
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code,
-                               chat_template=cfg.data.chat_template)
+    tokenizer = load_tokenizer(
+        cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code, chat_template=cfg.data.chat_template
+    )
     prompts = load_prompts(cfg, acc, tokenizer)
     reward = build_reward(cfg, run, reward_fn)
     plan = common.BatchPlan(len(prompts), cfg.batch_size, 1, acc.num_processes, acc.process_index, cfg.seed)
@@ -94,9 +95,18 @@ def load_reference(cfg, run, tokenizer, needed: bool = True):
         raise ConfigError("ref_model: with LoRA the reference is the adapter-disabled base; leave ref_model unset")
     if not needed or cfg.lora.r > 0:
         return None
-    reference = load_causal_lm(cfg.ref_model or cfg.model, tokenizer=tokenizer, dtype=run.compute_dtype,
-                               trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
-                               compile=cfg.compile).to(run.accelerator.device).eval()
+    reference = (
+        load_causal_lm(
+            cfg.ref_model or cfg.model,
+            tokenizer=tokenizer,
+            dtype=run.compute_dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=cfg.attn_implementation,
+            compile=cfg.compile,
+        )
+        .to(run.accelerator.device)
+        .eval()
+    )
     reference.requires_grad_(False)
     return reference
 
@@ -121,26 +131,45 @@ def build_reward(cfg, run, reward_fn=None, *, gather: bool = True, why: str = ""
 
     acc = run.accelerator
     try:
-        return build_reward_pipeline(cfg.reward, device=acc.device, dtype=run.compute_dtype, extra_functions=reward_fn,
-                                     trust_remote_code=cfg.trust_remote_code,
-                                     gather=(lambda t: acc.gather(t.to(acc.device)).cpu()) if gather else None)
+        return build_reward_pipeline(
+            cfg.reward,
+            device=acc.device,
+            dtype=run.compute_dtype,
+            extra_functions=reward_fn,
+            trust_remote_code=cfg.trust_remote_code,
+            gather=(lambda t: acc.gather(t.to(acc.device)).cpu()) if gather else None,
+        )
     except ConfigError as e:
         if not why:
             raise
         raise ConfigError(f"{e} ({why})") from None
 
 
-def micro_batch_size(batch_size: int, world: int, samples_per_prompt: int, minibatches: int, grad_accum: int,
-                     *, samples_key: str, minibatches_key: str) -> int:
+def micro_batch_size(
+    batch_size: int,
+    world: int,
+    samples_per_prompt: int,
+    minibatches: int,
+    grad_accum: int,
+    *,
+    samples_key: str,
+    minibatches_key: str,
+) -> int:
     """Sequences per micro-batch: each process's batch_size / world prompts x samples_per_prompt
     responses, split into minibatches x grad_accum equal parts; a ConfigError naming the keys if not."""
     per_process, rem0 = divmod(batch_size, world)
     size, rem = divmod(per_process * samples_per_prompt, minibatches * grad_accum)
     if rem0 or rem or size == 0:
-        what = (f"{batch_size} prompts x {samples_key} {samples_per_prompt} = {batch_size * samples_per_prompt} "
-                "responses do" if samples_per_prompt > 1 else f"{batch_size} does")
-        raise ConfigError(f"batch_size: {what} not split into {world} processes x {minibatches_key} {minibatches} "
-                          f"x grad_accum {grad_accum} equal micro-batches")
+        what = (
+            f"{batch_size} prompts x {samples_key} {samples_per_prompt} = {batch_size * samples_per_prompt} "
+            "responses do"
+            if samples_per_prompt > 1
+            else f"{batch_size} does"
+        )
+        raise ConfigError(
+            f"batch_size: {what} not split into {world} processes x {minibatches_key} {minibatches} "
+            f"x grad_accum {grad_accum} equal micro-batches"
+        )
     return size
 
 
@@ -160,13 +189,15 @@ def reference_logprobs(cfg, acc, policy, reference, ro, micro_size: int) -> torc
     from rufus.rollout.logprobs import batched_logprobs
 
     with acc.autocast(), reference_model(acc.unwrap_model(policy), reference) as ref:
-        return batched_logprobs(ref, ro.input_ids, ro.attention_mask, ro.prompt_length, cfg.generation.temperature,
-                                micro_size)
+        return batched_logprobs(
+            ref, ro.input_ids, ro.attention_mask, ro.prompt_length, cfg.generation.temperature, micro_size
+        )
 
 
 @torch.no_grad()
-def old_and_ref_logprobs(cfg, acc, policy, reference, ro, micro_size: int, with_reference: bool,
-                         with_old: bool = True) -> None:
+def old_and_ref_logprobs(
+    cfg, acc, policy, reference, ro, micro_size: int, with_reference: bool, with_old: bool = True
+) -> None:
     """Fill ro.logprobs (pi_old) and, when asked, ro.ref_logprobs (pi_ref), in micro-batch chunks.
 
     The chunks are those of the first update pass, so the first ratio is exactly 1.
@@ -180,8 +211,9 @@ def old_and_ref_logprobs(cfg, acc, policy, reference, ro, micro_size: int, with_
     ro.logprobs = None
     if with_old:
         with acc.autocast():
-            ro.logprobs = batched_logprobs(policy, ro.input_ids, ro.attention_mask, ro.prompt_length,
-                                           cfg.generation.temperature, micro_size)
+            ro.logprobs = batched_logprobs(
+                policy, ro.input_ids, ro.attention_mask, ro.prompt_length, cfg.generation.temperature, micro_size
+            )
     if with_reference:
         ro.ref_logprobs = reference_logprobs(cfg, acc, policy, reference, ro, micro_size)
 
@@ -194,14 +226,28 @@ def batch_stats(acc, ro, kl: torch.Tensor | None, kl_coef: float, mask: torch.Te
     mask = (ro.response_mask if mask is None else mask).float()
     seq_kl = (kl * mask).sum(-1) if kl is not None else torch.zeros_like(ro.scores)
     reward = ro.scores - kl_coef * seq_kl
-    sums = torch.stack([ro.scores.sum(), (ro.scores**2).sum(), reward.sum(), (reward**2).sum(), seq_kl.sum(),
-                        mask.sum(), torch.tensor(float(len(ro.scores)), device=ro.scores.device)])
+    sums = torch.stack(
+        [
+            ro.scores.sum(),
+            (ro.scores**2).sum(),
+            reward.sum(),
+            (reward**2).sum(),
+            seq_kl.sum(),
+            mask.sum(),
+            torch.tensor(float(len(ro.scores)), device=ro.scores.device),
+        ]
+    )
     s = acc.reduce(sums, reduction="sum").tolist()
     n = s[6]
     score, reward = s[0] / n, s[2] / n
-    return {"score/mean": score, "score/std": max(s[1] / n - score**2, 0.0) ** 0.5,
-            "reward/mean": reward, "reward/std": max(s[3] / n - reward**2, 0.0) ** 0.5,
-            "kl/mean": s[4] / n, "response/length": s[5] / n}
+    return {
+        "score/mean": score,
+        "score/std": max(s[1] / n - score**2, 0.0) ** 0.5,
+        "reward/mean": reward,
+        "reward/std": max(s[3] / n - reward**2, 0.0) ** 0.5,
+        "kl/mean": s[4] / n,
+        "response/length": s[5] / n,
+    }
 
 
 # --- 4. the update ------------------------------------------------------------------------------------
@@ -224,8 +270,14 @@ def logprobs_forward(cfg, policy):
     from rufus.rollout.logprobs import response_logprobs
 
     def forward(part):
-        logprobs, entropy = response_logprobs(policy, part.input_ids, part.attention_mask, part.prompt_length,
-                                              cfg.generation.temperature, with_entropy=True)
+        logprobs, entropy = response_logprobs(
+            policy,
+            part.input_ids,
+            part.attention_mask,
+            part.prompt_length,
+            cfg.generation.temperature,
+            with_entropy=True,
+        )
         return {"logprobs": logprobs, "entropy": entropy}
 
     return forward
@@ -241,8 +293,21 @@ def policy_stats(loss: torch.Tensor, stats: dict, entropy: torch.Tensor, mask: t
     return out
 
 
-def update_epochs(cfg, acc, ro, models: list, optimizers: list, *, epochs: int, minibatches: int, micro_size: int,
-                  step: int, forward, loss_fn, target_kl: float | None = None) -> dict:
+def update_epochs(
+    cfg,
+    acc,
+    ro,
+    models: list,
+    optimizers: list,
+    *,
+    epochs: int,
+    minibatches: int,
+    micro_size: int,
+    step: int,
+    forward,
+    loss_fn,
+    target_kl: float | None = None,
+) -> dict:
     """`epochs` passes over the rollout, each in `minibatches` optimiser steps of grad-accumulated
     micro-batches of `micro_size` sequences; every model in `models` steps its optimiser (same order)
     after each minibatch. The learning-rate schedules are the caller's (once per rollout step).
@@ -280,16 +345,25 @@ def update_epochs(cfg, acc, ro, models: list, optimizers: list, *, epochs: int, 
         g = torch.Generator().manual_seed(cfg.seed * 7919 + step * 131 + epoch)
         order = torch.arange(N) if epoch == 0 else torch.randperm(N, generator=g)
         for start in range(0, N, mb_size):
-            mb = order[start:start + mb_size]
-            counts = torch.stack([ro.response_mask[mb.to(ro.response_mask.device)].sum().float(),
-                                  torch.tensor(float(len(mb)), device=ro.response_mask.device)])
+            mb = order[start : start + mb_size]
+            counts = torch.stack(
+                [
+                    ro.response_mask[mb.to(ro.response_mask.device)].sum().float(),
+                    torch.tensor(float(len(mb)), device=ro.response_mask.device),
+                ]
+            )
             counts = acc.reduce(counts, reduction="sum")
-            micro = [mb[i:i + micro_size] for i in range(0, len(mb), micro_size)]
+            micro = [mb[i : i + micro_size] for i in range(0, len(mb), micro_size)]
             for k, idx in enumerate(micro):
                 part = ro.select(idx)
-                where = Micro(tokens=counts[0].clamp(min=1) / acc.num_processes,
-                              sequences=counts[1] / acc.num_processes, epoch=epoch, start=start, index=k,
-                              count=len(micro))
+                where = Micro(
+                    tokens=counts[0].clamp(min=1) / acc.num_processes,
+                    sequences=counts[1] / acc.num_processes,
+                    epoch=epoch,
+                    start=start,
+                    index=k,
+                    count=len(micro),
+                )
                 with common.sync_gradients_if(acc, models, last=k == len(micro) - 1), acc.autocast():
                     out = forward(part)
                     if fill_old:
@@ -312,8 +386,10 @@ def update_epochs(cfg, acc, ro, models: list, optimizers: list, *, epochs: int, 
                 common.clip_and_step(cfg, acc, model, optimizer)
             updates += 1
             if target_kl is not None:
-                approx = acc.reduce(torch.tensor(weighted["policy/approx_kl"] / max(weighted["tokens"], 1),
-                                                 device=acc.device), reduction="mean").item()
+                approx = acc.reduce(
+                    torch.tensor(weighted["policy/approx_kl"] / max(weighted["tokens"], 1), device=acc.device),
+                    reduction="mean",
+                ).item()
                 if approx > target_kl:
                     break
         else:
@@ -322,8 +398,14 @@ def update_epochs(cfg, acc, ro, models: list, optimizers: list, *, epochs: int, 
     if fill_old:  # one epoch, one minibatch in rollout order: the parts are the rows in order
         ro.logprobs = torch.cat(old_parts)
     keys = sorted(weighted) + sorted(summed)
-    totals = dict(zip(keys, acc.reduce(torch.tensor([{**weighted, **summed}[k] for k in keys], device=acc.device),
-                                       reduction="sum").tolist()))
+    totals = dict(
+        zip(
+            keys,
+            acc.reduce(
+                torch.tensor([{**weighted, **summed}[k] for k in keys], device=acc.device), reduction="sum"
+            ).tolist(),
+        )
+    )
     tokens = max(totals.pop("tokens"), 1.0)
     out = {k: (v / acc.num_processes / updates if k in summed else v / tokens) for k, v in totals.items()}
     out["policy/ratio_dev_first"] = first_dev

@@ -34,7 +34,9 @@ class KLSection:
     coef: float = opt(0.05, "beta: weight of the per-token KL penalty in the reward (initial value if adaptive)")
     target: float | None = opt(None, "adaptive beta towards this KL per sequence (Ziegler et al.); None = fixed")
     horizon: int = opt(10000, "adaptive controller horizon in samples")
-    estimator: Literal["k1", "k3"] = opt("k1", "per-token KL estimator in the reward: k1 = log ratio, k3 = low-variance")
+    estimator: Literal["k1", "k3"] = opt(
+        "k1", "per-token KL estimator in the reward: k1 = log ratio, k3 = low-variance"
+    )
 
 
 @dataclass
@@ -64,7 +66,11 @@ class PPOSection:
 class CriticSection:
     """The value model."""
 
-    model: str | None = opt(None, "start from this model: a reward model keeps its head (recommended), a policy gets a zero head; default: the policy")
+    model: str | None = opt(
+        None,
+        "start from this model: a reward model keeps its head (recommended), a policy gets a zero head; "
+        "default: the policy",
+    )
     lr: float = opt(1e-5, "critic learning rate")
     shared: bool = opt(False, "value head on the actor's backbone instead of a separate critic model (less memory)")
 
@@ -82,7 +88,9 @@ class PtxSection:
 class PPOConfig(OnlineArgs, LogArgs, OptimArgs, RunArgs, ModelArgs):
     """PPO with actor, critic, reward and reference models."""
 
-    output_dir: str = opt("runs/ppo", "directory for config.yaml, metrics.jsonl, samples.jsonl, checkpoints/ and final/")
+    output_dir: str = opt(
+        "runs/ppo", "directory for config.yaml, metrics.jsonl, samples.jsonl, checkpoints/ and final/"
+    )
     lr: float = opt(1e-6, "actor learning rate")
     batch_size: int = opt(16, "prompts per rollout step (one response each), over all processes")
     grad_accum: int = opt(1, "micro-batches per minibatch")
@@ -119,8 +127,15 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
     cfg = as_config(PPOConfig, config)
     run = common.start_run(cfg)
     acc = run.accelerator
-    micro_size = online.micro_batch_size(cfg.batch_size, acc.num_processes, 1, cfg.ppo.minibatches, cfg.grad_accum,
-                                         samples_key="", minibatches_key="ppo.minibatches")
+    micro_size = online.micro_batch_size(
+        cfg.batch_size,
+        acc.num_processes,
+        1,
+        cfg.ppo.minibatches,
+        cfg.grad_accum,
+        samples_key="",
+        minibatches_key="ppo.minibatches",
+    )
 
     # 0. prompts, ptx text and reward sources first: bad input fails before the big models load
     tokenizer, prompts, reward, plan, max_steps = online.load_inputs(cfg, run, reward_fn)
@@ -140,10 +155,16 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
         actor_opt, actor_sched = common.make_optimizer(cfg, actor, max_steps, {"value_head": cfg.critic.lr})
         actor, actor_opt = acc.prepare(actor, actor_opt)
     else:
-        critic = load_critic(cfg.critic.model or cfg.model, tokenizer=tokenizer, lora=cfg.lora,
-                             trust_remote_code=cfg.trust_remote_code, gradient_checkpointing=cfg.gradient_checkpointing,
-                             attn_implementation=cfg.attn_implementation, compute_dtype=run.compute_dtype,
-                             compile=cfg.compile)
+        critic = load_critic(
+            cfg.critic.model or cfg.model,
+            tokenizer=tokenizer,
+            lora=cfg.lora,
+            trust_remote_code=cfg.trust_remote_code,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+            attn_implementation=cfg.attn_implementation,
+            compute_dtype=run.compute_dtype,
+            compile=cfg.compile,
+        )
         actor_opt, actor_sched = common.make_optimizer(cfg, actor, max_steps)
         critic_opt, critic_sched = common.make_optimizer(dataclasses.replace(cfg, lr=cfg.critic.lr), critic, max_steps)
         actor, critic, actor_opt, critic_opt = acc.prepare(actor, critic, actor_opt, critic_opt)
@@ -153,15 +174,20 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
     optimizers = {"actor": actor_opt}
     schedulers = {"actor": actor_sched}
     if critic is not None:
-        models["critic"], optimizers["critic"], schedulers["critic"] = acc.unwrap_model(critic), critic_opt, critic_sched
+        models["critic"], optimizers["critic"], schedulers["critic"] = (
+            acc.unwrap_model(critic),
+            critic_opt,
+            critic_sched,
+        )
     trained = [actor] + ([critic] if critic is not None else [])
     start_step, saved, logger, samples = online.open_outputs(run, models, optimizers, schedulers, reward)
     if saved:
         kl_ctl.load_state_dict(saved["kl_controller"])
 
     def forward(part):  # (B, A) logprobs, entropy and values of a micro-batch, with gradients
-        logprobs, entropy, values = _forward(cfg, actor, critic, part.input_ids, part.attention_mask,
-                                             part.prompt_length, with_entropy=True)
+        logprobs, entropy, values = _forward(
+            cfg, actor, critic, part.input_ids, part.attention_mask, part.prompt_length, with_entropy=True
+        )
         return {"logprobs": logprobs, "entropy": entropy, "values": values}
 
     progress = common.progress_bar(cfg, acc, max_steps, start_step, desc="ppo")
@@ -177,8 +203,17 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
         with torch.no_grad():
             actor.eval()
             with acc.autocast():
-                parts = [_forward(cfg, actor, critic, ro.input_ids[i:i + micro_size], ro.attention_mask[i:i + micro_size],
-                                  ro.prompt_length) for i in range(0, len(batch), micro_size)]
+                parts = [
+                    _forward(
+                        cfg,
+                        actor,
+                        critic,
+                        ro.input_ids[i : i + micro_size],
+                        ro.attention_mask[i : i + micro_size],
+                        ro.prompt_length,
+                    )
+                    for i in range(0, len(batch), micro_size)
+                ]
             ro.logprobs = torch.cat([p[0] for p in parts])  # (B, A) log pi_old
             ro.values = torch.cat([p[2] for p in parts])  # (B, A) V
             ro.ref_logprobs = online.reference_logprobs(cfg, acc, actor, reference, ro, micro_size)  # (B, A)
@@ -206,9 +241,22 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
             return loss, part_stats
 
         t_train = time.perf_counter()
-        stats.update(online.update_epochs(cfg, acc, ro, trained, [optimizers[n] for n in models], epochs=cfg.ppo.epochs,
-                                          minibatches=cfg.ppo.minibatches, micro_size=micro_size, step=step,
-                                          forward=forward, loss_fn=loss_fn, target_kl=cfg.ppo.target_kl))
+        stats.update(
+            online.update_epochs(
+                cfg,
+                acc,
+                ro,
+                trained,
+                [optimizers[n] for n in models],
+                epochs=cfg.ppo.epochs,
+                minibatches=cfg.ppo.minibatches,
+                micro_size=micro_size,
+                step=step,
+                forward=forward,
+                loss_fn=loss_fn,
+                target_kl=cfg.ppo.target_kl,
+            )
+        )
         stats["value/explained_variance"] = explained_variance(ro.values, ro.returns, ro.response_mask)
         for sched in schedulers.values():
             sched.step()
@@ -218,16 +266,35 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
         kl_ctl.update(stats["kl/mean"], n_steps=cfg.batch_size)
         tokens = acc.reduce(ro.response_mask.sum().float(), reduction="sum").item()
         step_s = time.perf_counter() - t0
-        row = {**stats, **reward_stats, "kl/coef": kl_ctl.value, "lr": actor_sched.get_last_lr()[0],
-               "time/rollout_s": t_rollout, "time/train_s": t_train, "time/step_s": step_s,
-               "tokens_per_s": tokens / max(step_s, 1e-9)}
+        row = {
+            **stats,
+            **reward_stats,
+            "kl/coef": kl_ctl.value,
+            "lr": actor_sched.get_last_lr()[0],
+            "time/rollout_s": t_rollout,
+            "time/train_s": t_train,
+            "time/step_s": step_s,
+            "tokens_per_s": tokens / max(step_s, 1e-9),
+        }
         if online.sample_due(cfg, step):
             samples.write_rollout(step, ro, cfg.num_samples, kl=ro.kl.sum(-1))
-        online.end_step(run, logger, progress, step, max_steps, row,
-                        postfix={"reward": stats["reward/mean"], "kl": stats["kl/mean"]},
-                        checkpoint=lambda step=step: common.save_checkpoint(
-                            run, step, models, optimizers, schedulers,
-                            state={"kl_controller": kl_ctl.state_dict(), "reward": reward.state_dict()}))
+        online.end_step(
+            run,
+            logger,
+            progress,
+            step,
+            max_steps,
+            row,
+            postfix={"reward": stats["reward/mean"], "kl": stats["kl/mean"]},
+            checkpoint=lambda step=step: common.save_checkpoint(
+                run,
+                step,
+                models,
+                optimizers,
+                schedulers,
+                state={"kl_controller": kl_ctl.state_dict(), "reward": reward.state_dict()},
+            ),
+        )
     progress.close()
 
     policy = models["actor"].policy if cfg.critic.shared else models["actor"]
@@ -237,13 +304,23 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
             from safetensors.torch import save_file
 
             (run.output_dir / "final_critic").mkdir(exist_ok=True)
-            save_file(models["actor"].value_head.state_dict(), run.output_dir / "final_critic" / "value_head.safetensors")
+            save_file(
+                models["actor"].value_head.state_dict(), run.output_dir / "final_critic" / "value_head.safetensors"
+            )
         else:
             models["critic"].save_pretrained(run.output_dir / "final_critic")
     logger.close()
     common.finish_run(run, ["reward/mean", "score/mean", "kl/mean", "policy/entropy", "policy/loss", "value/loss"])
-    return PPOResult(Path(cfg.output_dir), final_dir, max_steps, logger.rows, policy,
-                     models.get("critic", models["actor"]), reference, reward)
+    return PPOResult(
+        Path(cfg.output_dir),
+        final_dir,
+        max_steps,
+        logger.rows,
+        policy,
+        models.get("critic", models["actor"]),
+        reference,
+        reward,
+    )
 
 
 def _sum(acc):
@@ -262,7 +339,7 @@ def _forward(cfg, actor, critic, input_ids, attention_mask, prompt_length, with_
     logprobs = token_logprobs(logits, input_ids[:, prompt_length:])
     entropy = entropy_from_logits(logits) if with_entropy else None
     if critic is None:
-        values = out["values"][:, prompt_length - 1:-1]
+        values = out["values"][:, prompt_length - 1 : -1]
     else:
         values = values_at_response(critic, input_ids, attention_mask, prompt_length)
     return logprobs, entropy, values
@@ -275,15 +352,33 @@ def _ppo_loss(cfg, part, out, micro) -> tuple[torch.Tensor, dict]:
     from rufus.losses.ppo import policy_loss, value_loss
 
     mask = part.response_mask  # (b, A)
-    pg, pg_stats = policy_loss(out["logprobs"], part.logprobs, part.advantages, mask, clip=cfg.ppo.clip,
-                               aggregation="sum", normalizer=micro.tokens)
-    vf, vf_stats = value_loss(out["values"], part.values, part.returns, mask, clip=cfg.ppo.value_clip,
-                              aggregation="sum", normalizer=micro.tokens)
+    pg, pg_stats = policy_loss(
+        out["logprobs"],
+        part.logprobs,
+        part.advantages,
+        mask,
+        clip=cfg.ppo.clip,
+        aggregation="sum",
+        normalizer=micro.tokens,
+    )
+    vf, vf_stats = value_loss(
+        out["values"],
+        part.values,
+        part.returns,
+        mask,
+        clip=cfg.ppo.value_clip,
+        aggregation="sum",
+        normalizer=micro.tokens,
+    )
     entropy = (out["entropy"] * mask).sum() / micro.tokens
     loss = pg + cfg.ppo.vf_coef * vf - cfg.ppo.entropy_coef * entropy
-    return loss, {"policy/loss": pg.item(), "value/loss": vf.item(), "value/clipfrac": float(vf_stats["clipfrac"]),
-                  "policy/entropy": masked_mean(out["entropy"].detach(), mask).item(),
-                  **{f"policy/{k}": float(v) for k, v in pg_stats.items()}}
+    return loss, {
+        "policy/loss": pg.item(),
+        "value/loss": vf.item(),
+        "value/clipfrac": float(vf_stats["clipfrac"]),
+        "policy/entropy": masked_mean(out["entropy"].detach(), mask).item(),
+        **{f"policy/{k}": float(v) for k, v in pg_stats.items()},
+    }
 
 
 def _ptx_data(cfg, tokenizer):
@@ -292,8 +387,13 @@ def _ptx_data(cfg, tokenizer):
 
     if not cfg.ptx.data:
         raise ConfigError("ptx.coef > 0 needs ptx.data (an SFT-format file)")
-    return tokenize_sft(load_records(cfg.ptx.data, format="sft", key="ptx.data"), tokenizer,
-                        max_length=cfg.data.max_length, truncation="truncate", key="ptx.data")
+    return tokenize_sft(
+        load_records(cfg.ptx.data, format="sft", key="ptx.data"),
+        tokenizer,
+        max_length=cfg.data.max_length,
+        truncation="truncate",
+        key="ptx.data",
+    )
 
 
 def _ptx_loss(cfg, acc, actor, ptx, step: int, micro) -> torch.Tensor:
@@ -304,12 +404,11 @@ def _ptx_loss(cfg, acc, actor, ptx, step: int, micro) -> torch.Tensor:
 
     g = torch.Generator().manual_seed(cfg.seed * 104729 + step * 1009 + micro.epoch * 101 + micro.start)
     idx = torch.randint(len(ptx), (cfg.ptx.batch_size,), generator=g).tolist()
-    idx = idx[micro.index::micro.count]
+    idx = idx[micro.index :: micro.count]
     if not idx:
         return torch.zeros((), device=acc.device)
     pad_id = acc.unwrap_model(actor).config.pad_token_id
     batch = {n: t.to(acc.device) for n, t in SFTCollator(pad_id)([ptx[i] for i in idx]).items()}
-    logits = actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   use_cache=False).logits
+    logits = actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     loss, _ = sft_loss(logits, batch["labels"])
     return loss / micro.count

@@ -41,7 +41,8 @@ class RewardSection:
     """The reward-model objective."""
 
     format: Literal["preference", "ranking"] = opt(
-        "preference", "training data: preference (prompt, chosen, rejected) or ranking (prompt, responses[, scores])")
+        "preference", "training data: preference (prompt, chosen, rejected) or ranking (prompt, responses[, scores])"
+    )
     loss: Literal["logistic", "hinge"] = opt("logistic", "pairwise loss: logistic (Bradley-Terry) or hinge")
     margin: float | None = opt(None, "required score gap: logistic default 0, hinge default 1")
     center_coef: float = opt(0.0, "weight of the centering term mean(r^2), keeping scores near 0")
@@ -49,7 +50,9 @@ class RewardSection:
     pointwise_steps: int = opt(0, "optimiser steps of pointwise warm-up before the pairwise stage")
     pointwise_loss: Literal["bce", "mse"] = opt("bce", "warm-up loss: bce for 0/1 grades, mse for a scale")
     normalize: bool = opt(True, "after training, store a gain and bias giving mean 0 / std 1 on the reference set")
-    normalize_data: str | None = opt(None, "reference set for normalising (default: the training data's chosen responses)")
+    normalize_data: str | None = opt(
+        None, "reference set for normalising (default: the training data's chosen responses)"
+    )
 
 
 @dataclass
@@ -85,14 +88,17 @@ def train_reward_model(config: RMConfig | dict) -> RMResult:
     acc = run.accelerator
 
     # 1. data: every comparison validated and tokenised before any model loads
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code,
-                               chat_template=cfg.data.chat_template)
-    limits = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
-                  truncation=cfg.data.truncation)
+    tokenizer = load_tokenizer(
+        cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code, chat_template=cfg.data.chat_template
+    )
+    limits = dict(
+        max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length, truncation=cfg.data.truncation
+    )
 
     def comparisons(spec, split, key):
-        return tokenize_comparisons(load_records(spec, format=cfg.rm.format, split=split, key=key),
-                                    tokenizer, key=key, **limits)
+        return tokenize_comparisons(
+            load_records(spec, format=cfg.rm.format, split=split, key=key), tokenizer, key=key, **limits
+        )
 
     with acc.main_process_first():
         train = comparisons(cfg.data.train, cfg.data.train_split, "data.train")
@@ -100,10 +106,16 @@ def train_reward_model(config: RMConfig | dict) -> RMResult:
         graded = None
         if cfg.rm.pointwise_steps > 0:
             if not cfg.rm.pointwise_data:
-                raise ConfigError("rm.pointwise_steps > 0 needs rm.pointwise_data (graded prompt/completion/score rows)")
-            graded = tokenize_graded(load_records(cfg.rm.pointwise_data, format="graded", key="rm.pointwise_data"),
-                                     tokenizer, key="rm.pointwise_data",
-                                     score_range=(0.0, 1.0) if cfg.rm.pointwise_loss == "bce" else None, **limits)
+                raise ConfigError(
+                    "rm.pointwise_steps > 0 needs rm.pointwise_data (graded prompt/completion/score rows)"
+                )
+            graded = tokenize_graded(
+                load_records(cfg.rm.pointwise_data, format="graded", key="rm.pointwise_data"),
+                tokenizer,
+                key="rm.pointwise_data",
+                score_range=(0.0, 1.0) if cfg.rm.pointwise_loss == "bce" else None,
+                **limits,
+            )
         reference = None
         if cfg.rm.normalize and cfg.rm.normalize_data:
             reference = comparisons(cfg.rm.normalize_data, "train", "rm.normalize_data")
@@ -111,15 +123,23 @@ def train_reward_model(config: RMConfig | dict) -> RMResult:
     plan = common.BatchPlan(len(train), cfg.batch_size, cfg.grad_accum, acc.num_processes, acc.process_index, cfg.seed)
     pairwise_steps = cfg.max_steps if cfg.max_steps > 0 else plan.steps_for_epochs(cfg.epochs)
     warm_steps = cfg.rm.pointwise_steps
-    warm_plan = (common.BatchPlan(len(graded), cfg.batch_size, cfg.grad_accum, acc.num_processes,
-                                  acc.process_index, cfg.seed) if graded else None)
+    warm_plan = (
+        common.BatchPlan(len(graded), cfg.batch_size, cfg.grad_accum, acc.num_processes, acc.process_index, cfg.seed)
+        if graded
+        else None
+    )
     max_steps = warm_steps + pairwise_steps
 
     # 2. model: scalar head on the backbone; LoRA trains adapters + the whole head
-    model = load_reward_model(cfg.model, tokenizer=tokenizer, trust_remote_code=cfg.trust_remote_code,
-                              gradient_checkpointing=cfg.gradient_checkpointing,
-                              attn_implementation=cfg.attn_implementation,
-                              compute_dtype=common.compute_dtype(cfg), compile=cfg.compile)
+    model = load_reward_model(
+        cfg.model,
+        tokenizer=tokenizer,
+        trust_remote_code=cfg.trust_remote_code,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        attn_implementation=cfg.attn_implementation,
+        compute_dtype=common.compute_dtype(cfg),
+        compile=cfg.compile,
+    )
     if cfg.lora.r > 0:
         model = apply_lora(model, cfg.lora, task_type="SEQ_CLS", modules_to_save=head_module_names(model))
     optimizer, scheduler = common.make_optimizer(cfg, model, max_steps)
@@ -145,7 +165,9 @@ def train_reward_model(config: RMConfig | dict) -> RMResult:
         # 4. log, evaluate, checkpoint
         row = {}
         if step % cfg.log_every == 0 or step == max_steps:
-            row.update(window.flush(lr=scheduler.get_last_lr()[0], stage="pointwise" if step <= warm_steps else "pairwise"))
+            row.update(
+                window.flush(lr=scheduler.get_last_lr()[0], stage="pointwise" if step <= warm_steps else "pairwise")
+            )
         if evals and ((cfg.eval_every and step % cfg.eval_every == 0) or step == max_steps):
             row.update(evaluate(acc.unwrap_model(model), evals, collate, acc, cfg.batch_size))
             model.train()
@@ -204,11 +226,13 @@ def _pairwise_step(cfg, acc, model, data, global_idx, plan, collate) -> dict:
             scores = raw_scores(model, batch["input_ids"], batch["attention_mask"])  # (N,) r(x, y)
             chosen, rejected = scores[better], scores[worse]  # (P,) per pair
             if cfg.rm.loss == "logistic":
-                loss, stats = L.pairwise_logistic_loss(chosen, rejected, margin=margin, weights=weights,
-                                                       normalizer=normalizer)
+                loss, stats = L.pairwise_logistic_loss(
+                    chosen, rejected, margin=margin, weights=weights, normalizer=normalizer
+                )
             else:
-                loss, stats = L.pairwise_hinge_loss(chosen, rejected, margin=margin, weights=weights,
-                                                    normalizer=normalizer)
+                loss, stats = L.pairwise_hinge_loss(
+                    chosen, rejected, margin=margin, weights=weights, normalizer=normalizer
+                )
             if cfg.rm.center_coef > 0:
                 center, _ = L.centering_loss(scores, normalizer=num_responses)
                 loss = loss + cfg.rm.center_coef * center
@@ -262,10 +286,10 @@ def _score_all(model, sequences: list[list[int]], collate, acc, batch_size: int)
     mine = list(range(acc.process_index * per, min(n, (acc.process_index + 1) * per)))
     out = torch.zeros(per, device=acc.device)
     for start in range(0, len(mine), batch_size):
-        idx = mine[start:start + batch_size]
+        idx = mine[start : start + batch_size]
         batch = {k: t.to(acc.device) for k, t in collate([sequences[i] for i in idx]).items()}
         with acc.autocast():
-            out[start:start + len(idx)] = raw_scores(model, batch["input_ids"], batch["attention_mask"])
+            out[start : start + len(idx)] = raw_scores(model, batch["input_ids"], batch["attention_mask"])
     return acc.gather(out)[:n].cpu() if acc.num_processes > 1 else out[:n].cpu()
 
 
@@ -299,7 +323,8 @@ class EvalRMConfig:
     batch_size: int = opt(16, "sequences scored per forward pass")
     max_length: int = opt(1024, "longest prompt + response in tokens")
     truncation: Literal["reject", "drop", "truncate"] = opt(
-        "reject", "too-long rows: reject, drop or truncate (truncating cuts the final token the score is read at)")
+        "reject", "too-long rows: reject, drop or truncate (truncating cuts the final token the score is read at)"
+    )
     dtype: Literal["auto", "float32", "bfloat16"] = opt("float32", "compute dtype")
     trust_remote_code: bool = opt(False, "allow model code from the hub to run")
     output_dir: str | None = opt(None, "if set, write metrics.jsonl and config.yaml here")
@@ -318,12 +343,18 @@ def eval_reward_model(config: EvalRMConfig | dict) -> dict:
 
     cfg = as_config(EvalRMConfig, config)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    groups = tokenize_comparisons(load_records(cfg.data, format=cfg.format, split=cfg.split, key="data"), tokenizer,
-                                  max_length=cfg.max_length, truncation=cfg.truncation, key="data")
+    groups = tokenize_comparisons(
+        load_records(cfg.data, format=cfg.format, split=cfg.split, key="data"),
+        tokenizer,
+        max_length=cfg.max_length,
+        truncation=cfg.truncation,
+        key="data",
+    )
     acc = Accelerator(cpu=not torch.cuda.is_available())
     dtype = resolve_dtype(cfg.dtype, acc.device)
-    model = load_reward_model(cfg.model, tokenizer=tokenizer, dtype=dtype,
-                              trust_remote_code=cfg.trust_remote_code).to(acc.device)
+    model = load_reward_model(cfg.model, tokenizer=tokenizer, dtype=dtype, trust_remote_code=cfg.trust_remote_code).to(
+        acc.device
+    )
     metrics = evaluate(model, groups, RewardCollator(tokenizer.pad_token_id), acc, cfg.batch_size)
     metrics["rm/pairs"] = sum(len(L.ranking_pairs(g["scores"])) for g in groups)
     if cfg.output_dir and acc.is_main_process:

@@ -30,8 +30,10 @@ class RLOOSection:
 
     group_size: int = opt(4, "k: responses sampled per prompt")
     advantage: Literal["rloo", "reinforce_pp", "reinforce_pp_baseline"] = opt(
-        "rloo", "rloo: leave-one-out over the k samples; reinforce_pp: per-token KL rewards, returns "
-        "normalised over the batch; reinforce_pp_baseline: minus each prompt's mean score first")
+        "rloo",
+        "rloo: leave-one-out over the k samples; reinforce_pp: per-token KL rewards, returns "
+        "normalised over the batch; reinforce_pp_baseline: minus each prompt's mean score first",
+    )
     epochs: int = opt(1, "update passes over each batch (1 = on-policy REINFORCE)")
     minibatches: int = opt(1, "optimiser steps per pass")
     clip: float = opt(0.2, "clip range of the ratio (matters only with several passes or minibatches)")
@@ -48,7 +50,9 @@ class RLOOKL:
 class RLOOConfig(OnlineArgs, LogArgs, OptimArgs, RunArgs, ModelArgs):
     """RLOO / REINFORCE++: critic-free policy gradient with a sample baseline."""
 
-    output_dir: str = opt("runs/rloo", "directory for config.yaml, metrics.jsonl, samples.jsonl, checkpoints/ and final/")
+    output_dir: str = opt(
+        "runs/rloo", "directory for config.yaml, metrics.jsonl, samples.jsonl, checkpoints/ and final/"
+    )
     lr: float = opt(1e-6, "learning rate")
     batch_size: int = opt(8, "prompts per step, over all processes (each sampled rloo.group_size times)")
     grad_accum: int = opt(1, "micro-batches per minibatch")
@@ -84,8 +88,15 @@ def train_rloo(config: RLOOConfig | dict, reward_fn=None) -> RLOOResult:
     K = cfg.rloo.group_size
     if K < 2:
         raise ConfigError("rloo.group_size: the leave-one-out baseline needs at least 2 samples per prompt")
-    micro_size = online.micro_batch_size(cfg.batch_size, acc.num_processes, K, cfg.rloo.minibatches, cfg.grad_accum,
-                                         samples_key="rloo.group_size", minibatches_key="rloo.minibatches")
+    micro_size = online.micro_batch_size(
+        cfg.batch_size,
+        acc.num_processes,
+        K,
+        cfg.rloo.minibatches,
+        cfg.grad_accum,
+        samples_key="rloo.group_size",
+        minibatches_key="rloo.minibatches",
+    )
 
     # 0. prompts and reward sources before the models; the policy, and a reference only for a KL term
     tokenizer, prompts, reward, plan, max_steps = online.load_inputs(cfg, run, reward_fn)
@@ -101,8 +112,15 @@ def train_rloo(config: RLOOConfig | dict, reward_fn=None) -> RLOOResult:
         # RLOO's gradient is 1/N sum_i A_i grad log pi(y_i|x), log pi summed over tokens: divide by the
         # sequences; REINFORCE++'s advantages are per token: divide by the tokens
         normalizer = micro.sequences if cfg.rloo.advantage == "rloo" else micro.tokens
-        loss, stats = policy_loss(out["logprobs"], part.logprobs, adv, part.response_mask, clip=cfg.rloo.clip,
-                                  aggregation="sum", normalizer=normalizer)
+        loss, stats = policy_loss(
+            out["logprobs"],
+            part.logprobs,
+            adv,
+            part.response_mask,
+            clip=cfg.rloo.clip,
+            aggregation="sum",
+            normalizer=normalizer,
+        )
         return loss, online.policy_stats(loss, stats, out["entropy"], part.response_mask)
 
     progress = common.progress_bar(cfg, acc, max_steps, start_step, desc=cfg.rloo.advantage)
@@ -119,8 +137,11 @@ def train_rloo(config: RLOOConfig | dict, reward_fn=None) -> RLOOResult:
         ro.scores = ro.scores.to(acc.device)  # (N,)
         online.old_and_ref_logprobs(cfg, acc, policy, reference, ro, micro_size, with_reference=use_kl)
         mask = ro.response_mask.float()  # (N, A)
-        ro.kl = (torch.where(mask.bool(), kl_penalty(ro.logprobs, ro.ref_logprobs, "k1"), 0.0)
-                 if use_kl else torch.zeros_like(mask))  # (N, A) log pi_old - log pi_ref
+        ro.kl = (
+            torch.where(mask.bool(), kl_penalty(ro.logprobs, ro.ref_logprobs, "k1"), 0.0)
+            if use_kl
+            else torch.zeros_like(mask)
+        )  # (N, A) log pi_old - log pi_ref
 
         # 3. advantages
         if cfg.rloo.advantage == "rloo":
@@ -131,27 +152,54 @@ def train_rloo(config: RLOOConfig | dict, reward_fn=None) -> RLOOResult:
             if cfg.rloo.advantage == "reinforce_pp_baseline":  # minus each prompt's mean score
                 score = group_advantages(score, K, scale=False)
             ro.rewards = kl_penalized_rewards(score, ro.kl, mask, cfg.kl.coef)  # (N, A)
-            ro.advantages = whiten_global(reinforce_pp_returns(ro.rewards, mask), mask,  # (N, A)
-                                          lambda t: acc.reduce(t, reduction="sum"))
+            ro.advantages = whiten_global(
+                reinforce_pp_returns(ro.rewards, mask),
+                mask,  # (N, A)
+                lambda t: acc.reduce(t, reduction="sum"),
+            )
 
         # 4. clipped policy-gradient steps
         t_train = time.perf_counter()
-        stats = online.update_epochs(cfg, acc, ro, [policy], [optimizer], epochs=cfg.rloo.epochs,
-                                     minibatches=cfg.rloo.minibatches, micro_size=micro_size, step=step,
-                                     forward=online.logprobs_forward(cfg, policy), loss_fn=loss_fn)
+        stats = online.update_epochs(
+            cfg,
+            acc,
+            ro,
+            [policy],
+            [optimizer],
+            epochs=cfg.rloo.epochs,
+            minibatches=cfg.rloo.minibatches,
+            micro_size=micro_size,
+            step=step,
+            forward=online.logprobs_forward(cfg, policy),
+            loss_fn=loss_fn,
+        )
         scheduler.step()
         t_train = time.perf_counter() - t_train
 
         # 5. log, samples, checkpoint
-        row = {**online.batch_stats(acc, ro, ro.kl, cfg.kl.coef), **stats, **reward_stats,
-               "lr": scheduler.get_last_lr()[0], "time/rollout_s": t_rollout, "time/train_s": t_train,
-               "time/step_s": time.perf_counter() - t0}
+        row = {
+            **online.batch_stats(acc, ro, ro.kl, cfg.kl.coef),
+            **stats,
+            **reward_stats,
+            "lr": scheduler.get_last_lr()[0],
+            "time/rollout_s": t_rollout,
+            "time/train_s": t_train,
+            "time/step_s": time.perf_counter() - t0,
+        }
         if online.sample_due(cfg, step):
             samples.write_rollout(step, ro, cfg.num_samples)
-        online.end_step(run, logger, progress, step, max_steps, row, postfix={"reward": row["reward/mean"]},
-                        checkpoint=lambda step=step: common.save_checkpoint(
-                            run, step, acc.unwrap_model(policy), optimizer, scheduler,
-                            state={"reward": reward.state_dict()}))
+        online.end_step(
+            run,
+            logger,
+            progress,
+            step,
+            max_steps,
+            row,
+            postfix={"reward": row["reward/mean"]},
+            checkpoint=lambda step=step: common.save_checkpoint(
+                run, step, acc.unwrap_model(policy), optimizer, scheduler, state={"reward": reward.state_dict()}
+            ),
+        )
     progress.close()
 
     final_dir = common.save_final(run, acc.unwrap_model(policy), tokenizer)

@@ -51,19 +51,34 @@ def train_sft(config: SFTConfig | dict) -> SFTResult:
     from rufus.data.sft import SFTCollator, tokenize_sft
     from rufus.models.loading import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code,
-                               chat_template=cfg.data.chat_template)
-    tok_kwargs = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
-                      truncation=cfg.data.truncation, completion_only_loss=cfg.data.completion_only_loss)
+    tokenizer = load_tokenizer(
+        cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code, chat_template=cfg.data.chat_template
+    )
+    tok_kwargs = dict(
+        max_length=cfg.data.max_length,
+        max_prompt_length=cfg.data.max_prompt_length,
+        truncation=cfg.data.truncation,
+        completion_only_loss=cfg.data.completion_only_loss,
+    )
     with acc.main_process_first():  # the first process fills the datasets cache, the others read it
-        train = tokenize_sft(load_records(cfg.data.train, format="sft", split=cfg.data.train_split, key="data.train"),
-                             tokenizer, key="data.train", **tok_kwargs)
+        train = tokenize_sft(
+            load_records(cfg.data.train, format="sft", split=cfg.data.train_split, key="data.train"),
+            tokenizer,
+            key="data.train",
+            **tok_kwargs,
+        )
         evals = None
         if cfg.data.eval:
-            evals = tokenize_sft(load_records(cfg.data.eval, format="sft", split=cfg.data.eval_split, key="data.eval"),
-                                 tokenizer, key="data.eval", **tok_kwargs)
+            evals = tokenize_sft(
+                load_records(cfg.data.eval, format="sft", split=cfg.data.eval_split, key="data.eval"),
+                tokenizer,
+                key="data.eval",
+                **tok_kwargs,
+            )
     collate = SFTCollator(tokenizer.pad_token_id)
-    batches = common.BatchPlan(len(train), cfg.batch_size, cfg.grad_accum, acc.num_processes, acc.process_index, cfg.seed)
+    batches = common.BatchPlan(
+        len(train), cfg.batch_size, cfg.grad_accum, acc.num_processes, acc.process_index, cfg.seed
+    )
     max_steps = cfg.max_steps if cfg.max_steps > 0 else batches.steps_for_epochs(cfg.epochs)
     # the whole optimiser batch's labelled-token count is the loss denominator (see sft_loss)
     label_counts = [sum(1 for t in ex["labels"][1:] if t != -100) for ex in train]
@@ -81,8 +96,9 @@ def train_sft(config: SFTConfig | dict) -> SFTResult:
     model.train()
     for step in range(start_step + 1, max_steps + 1):
         t0 = time.perf_counter()
-        loss_value, grad_norm, num_tokens = sft_update(cfg, acc, model, optimizer, scheduler, train,
-                                                       batches.global_batch(step), batches, collate, label_counts)
+        loss_value, grad_norm, num_tokens = sft_update(
+            cfg, acc, model, optimizer, scheduler, train, batches.global_batch(step), batches, collate, label_counts
+        )
         window.add(loss=loss_value, grad_norm=grad_norm, time=time.perf_counter() - t0, tokens=num_tokens)
         progress.update(1)
         progress.set_postfix(loss=f"{loss_value:.4f}")
@@ -107,8 +123,18 @@ def train_sft(config: SFTConfig | dict) -> SFTResult:
     return SFTResult(Path(cfg.output_dir), final_dir, max_steps, logger.rows, acc.unwrap_model(model))
 
 
-def sft_update(cfg, acc, model, optimizer, scheduler, examples: list[dict], global_idx: list[int], plan,
-               collate, label_counts: list[int]) -> tuple[float, float, int]:
+def sft_update(
+    cfg,
+    acc,
+    model,
+    optimizer,
+    scheduler,
+    examples: list[dict],
+    global_idx: list[int],
+    plan,
+    collate,
+    label_counts: list[int],
+) -> tuple[float, float, int]:
     """One optimiser step of the SFT loss over examples[global_idx]; returns (loss, grad norm, tokens).
 
     This process runs its share of the batch in grad_accum micro-batches. Each adds its summed NLL
@@ -138,7 +164,7 @@ def evaluate(model, examples: list[dict], collate, acc, micro_batch: int) -> dic
     count = torch.zeros((), device=acc.device)
     mine = list(range(acc.process_index, len(examples), acc.num_processes))
     for start in range(0, len(mine), max(micro_batch, 1)):
-        batch = collate([examples[i] for i in mine[start:start + max(micro_batch, 1)]])
+        batch = collate([examples[i] for i in mine[start : start + max(micro_batch, 1)]])
         batch = {n: t.to(acc.device) for n, t in batch.items()}
         with acc.autocast():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
