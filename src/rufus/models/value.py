@@ -146,3 +146,17 @@ class SharedActorCritic(torch.nn.Module):
 
     def disable_adapter(self):
         return self.policy.disable_adapter()
+
+
+def save_critic(critic, directory) -> None:
+    """PPO's final critic: a ValueModel in Hugging Face format (`from_pretrained` loads it as a reward
+    model), or a shared actor-critic's value head alone (value_head.safetensors)."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    if isinstance(critic, SharedActorCritic):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        save_file(critic.value_head.state_dict(), Path(directory) / "value_head.safetensors")
+    else:
+        critic.save_pretrained(directory)

@@ -192,29 +192,9 @@ def train_bon(config: BoNConfig | dict, reward_fn=None) -> BoNResult:
         )
         if kept:
             row["score/kept"] = sum(k["score"] for k in kept) / len(kept)
-        samples.write(
-            [
-                {
-                    "step": rnd,
-                    "prompt": k["prompt"] if isinstance(k["prompt"], str) else k["prompt"][-1]["content"],
-                    "response": k["response"],
-                    "score": k["score"],
-                }
-                for k in kept[: cfg.num_samples]
-            ]
-        )
-        online.end_step(
-            run,
-            logger,
-            progress,
-            rnd,
-            b.rounds,
-            row,
-            postfix={"score": score_mean},
-            checkpoint=lambda rnd=rnd, updates=updates: common.save_checkpoint(
-                run, rnd, policy, optimizer, scheduler, state={"reward": reward.state_dict(), "updates": updates}
-            ),
-        )
+        samples.write([samples.row(rnd, k["prompt"], k["response"], k["score"]) for k in kept[: cfg.num_samples]])
+        save = (policy, optimizer, scheduler, {"reward": reward.state_dict(), "updates": updates})
+        online.end_step(run, logger, progress, rnd, b.rounds, row, {"score": score_mean}, save)
     progress.close()
 
     final_dir = common.save_final(run, policy, tokenizer)

@@ -88,15 +88,7 @@ def train_grpo(config: GRPOConfig | dict, reward_fn=None) -> GRPOResult:
     G = cfg.grpo.group_size
     if G < 2:
         raise ConfigError("grpo.group_size: needs at least 2 responses per prompt to compare")
-    micro_size = online.micro_batch_size(
-        cfg.batch_size,
-        acc.num_processes,
-        G,
-        cfg.grpo.minibatches,
-        cfg.grad_accum,
-        samples_key="grpo.group_size",
-        minibatches_key="grpo.minibatches",
-    )
+    micro_size = online.micro_batch_size(cfg, acc.num_processes, "grpo")
 
     # 0. prompts and reward sources before the models; the policy, and a reference only for a KL term
     tokenizer, prompts, reward, plan, max_steps = online.load_inputs(cfg, run, reward_fn)
@@ -128,6 +120,7 @@ def train_grpo(config: GRPOConfig | dict, reward_fn=None) -> GRPOResult:
         stats["policy/ref_kl"] = stats.pop("policy/kl")  # mean k3 to pi_ref per token, the loss's KL term
         return loss, stats
 
+    forward = online.logprobs_forward(cfg, policy)
     progress = common.progress_bar(cfg, acc, max_steps, start_step, desc="grpo")
     for step in range(start_step + 1, max_steps + 1):
         t0 = time.perf_counter()
@@ -160,17 +153,7 @@ def train_grpo(config: GRPOConfig | dict, reward_fn=None) -> GRPOResult:
         stats = {}
         if ro.response_mask.sum() > 0 or acc.num_processes > 1:
             stats = online.update_epochs(
-                cfg,
-                acc,
-                ro,
-                [policy],
-                [optimizer],
-                epochs=cfg.grpo.epochs,
-                minibatches=cfg.grpo.minibatches,
-                micro_size=micro_size,
-                step=step,
-                forward=online.logprobs_forward(cfg, policy),
-                loss_fn=loss_fn,
+                cfg, acc, ro, [policy], [optimizer], cfg.grpo, micro_size, step, forward, loss_fn
             )
         scheduler.step()
         t_train = time.perf_counter() - t_train
@@ -193,18 +176,8 @@ def train_grpo(config: GRPOConfig | dict, reward_fn=None) -> GRPOResult:
         }
         if online.sample_due(cfg, step):
             samples.write_rollout(step, ro, cfg.num_samples)
-        online.end_step(
-            run,
-            logger,
-            progress,
-            step,
-            max_steps,
-            row,
-            postfix={"reward": row["reward/mean"]},
-            checkpoint=lambda step=step: common.save_checkpoint(
-                run, step, acc.unwrap_model(policy), optimizer, scheduler, state={"reward": reward.state_dict()}
-            ),
-        )
+        save = (acc.unwrap_model(policy), optimizer, scheduler, {"reward": reward.state_dict()})
+        online.end_step(run, logger, progress, step, max_steps, row, {"reward": row["reward/mean"]}, save)
     progress.close()
 
     final_dir = common.save_final(run, acc.unwrap_model(policy), tokenizer)

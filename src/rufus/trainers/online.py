@@ -145,30 +145,19 @@ def build_reward(cfg, run, reward_fn=None, *, gather: bool = True, why: str = ""
         raise ConfigError(f"{e} ({why})") from None
 
 
-def micro_batch_size(
-    batch_size: int,
-    world: int,
-    samples_per_prompt: int,
-    minibatches: int,
-    grad_accum: int,
-    *,
-    samples_key: str,
-    minibatches_key: str,
-) -> int:
-    """Sequences per micro-batch: each process's batch_size / world prompts x samples_per_prompt
-    responses, split into minibatches x grad_accum equal parts; a ConfigError naming the keys if not."""
-    per_process, rem0 = divmod(batch_size, world)
-    size, rem = divmod(per_process * samples_per_prompt, minibatches * grad_accum)
+def micro_batch_size(cfg, world: int, section: str) -> int:
+    """Sequences per micro-batch: each process's share of batch_size prompts, times the section's
+    group_size (samples per prompt; 1 without), split into `<section>.minibatches` x grad_accum equal
+    parts. A ConfigError naming the keys when they do not split."""
+    update = getattr(cfg, section)
+    n, minibatches = getattr(update, "group_size", 1), update.minibatches
+    per_process, rem0 = divmod(cfg.batch_size, world)
+    size, rem = divmod(per_process * n, minibatches * cfg.grad_accum)
     if rem0 or rem or size == 0:
-        what = (
-            f"{batch_size} prompts x {samples_key} {samples_per_prompt} = {batch_size * samples_per_prompt} "
-            "responses do"
-            if samples_per_prompt > 1
-            else f"{batch_size} does"
-        )
+        what = f"{cfg.batch_size} prompts x {section}.group_size {n} = {cfg.batch_size * n} responses do"
         raise ConfigError(
-            f"batch_size: {what} not split into {world} processes x {minibatches_key} {minibatches} "
-            f"x grad_accum {grad_accum} equal micro-batches"
+            f"batch_size: {what if n > 1 else f'{cfg.batch_size} does'} not split into {world} processes x "
+            f"{section}.minibatches {minibatches} x grad_accum {cfg.grad_accum} equal micro-batches"
         )
     return size
 
@@ -293,24 +282,11 @@ def policy_stats(loss: torch.Tensor, stats: dict, entropy: torch.Tensor, mask: t
     return out
 
 
-def update_epochs(
-    cfg,
-    acc,
-    ro,
-    models: list,
-    optimizers: list,
-    *,
-    epochs: int,
-    minibatches: int,
-    micro_size: int,
-    step: int,
-    forward,
-    loss_fn,
-    target_kl: float | None = None,
-) -> dict:
-    """`epochs` passes over the rollout, each in `minibatches` optimiser steps of grad-accumulated
-    micro-batches of `micro_size` sequences; every model in `models` steps its optimiser (same order)
-    after each minibatch. The learning-rate schedules are the caller's (once per rollout step).
+def update_epochs(cfg, acc, ro, models: list, optimizers: list, update, micro_size: int, step: int, forward, loss_fn):
+    """`update.epochs` passes over the rollout, each in `update.minibatches` optimiser steps of
+    grad-accumulated micro-batches of `micro_size` sequences (`update`: the algorithm's config section);
+    every model in `models` steps its optimiser (same order) after each minibatch. The learning-rate
+    schedules are the caller's (once per rollout step).
 
     forward(part) -> dict: the differentiable pass over a micro-batch `part` (a Rollout slice), with
         at least "logprobs" (B, A), log pi_theta of the response tokens.
@@ -320,7 +296,8 @@ def update_epochs(
         scalars: keys ending in "loss" are the micro-batch's share of the minibatch loss (summed over
         its micro-batches, averaged over minibatch steps); any other is a mean over the micro-batch's
         tokens (averaged weighted by tokens).
-    target_kl: stop the remaining updates once the running mean of stats["policy/approx_kl"] exceeds it.
+    update.target_kl (where the section has one, not None): stop the remaining updates once the running
+    mean of stats["policy/approx_kl"] exceeds it.
 
     The first pass keeps the rollout order, so its first micro-batch is exactly the chunk pi_old was
     computed on: the ratio there is 1 bit for bit (logged as policy/ratio_dev_first, max |ratio - 1|,
@@ -330,6 +307,7 @@ def update_epochs(
     (ratio 1, the plain policy gradient), and ro.logprobs is filled from them.
     Returns the stats, plus policy/ratio_dev_first and policy/updates (optimiser steps taken).
     """
+    epochs, minibatches, target_kl = update.epochs, update.minibatches, getattr(update, "target_kl", None)
     N = ro.input_ids.shape[0]
     mb_size = N // minibatches
     fill_old = ro.logprobs is None
@@ -436,16 +414,23 @@ class SamplesFile:
             with self.path.open("a", encoding="utf-8") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
 
+    @staticmethod
+    def row(step: int, prompt, response: str, score: float, **columns) -> dict:
+        """One sample's row: a chat prompt is shown by its last message."""
+        shown = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+        return {"step": step, "prompt": shown, "response": response, "score": float(score), **columns}
+
     def write_rollout(self, step: int, ro, n: int, **columns) -> None:
-        """The first n samples of a rollout: prompt (a chat prompt's last message), response, score,
-        and per-sample `columns` (name -> (B,) tensor or list)."""
-        rows = []
-        for i in range(min(n, len(ro.completions))):
-            prompt = ro.prompts[i] if isinstance(ro.prompts[i], str) else ro.prompts[i][-1]["content"]
-            row = {"step": step, "prompt": prompt, "response": ro.completions[i], "score": float(ro.scores[i])}
-            row.update({name: float(values[i]) for name, values in columns.items()})
-            rows.append(row)
-        self.write(rows)
+        """The first n samples of a rollout: prompt, response, score, and per-sample `columns`
+        (name -> (B,) tensor or list)."""
+        self.write(
+            [
+                self.row(
+                    step, ro.prompts[i], ro.completions[i], ro.scores[i], **{k: float(v[i]) for k, v in columns.items()}
+                )
+                for i in range(min(n, len(ro.completions)))
+            ]
+        )
 
 
 def sample_due(cfg, step: int) -> bool:
@@ -453,13 +438,15 @@ def sample_due(cfg, step: int) -> bool:
     return bool(cfg.sample_every) and (step % cfg.sample_every == 0 or step == 1)
 
 
-def end_step(run, logger, progress, step: int, last_step: int, row: dict, *, checkpoint, postfix: dict) -> None:
-    """5. log `row` (every log_every steps and at the last), advance the progress bar, and call
-    `checkpoint()` every save_every steps (0 = only at the end) and at the last step."""
+def end_step(run, logger, progress, step: int, last_step: int, row: dict, postfix: dict, save: tuple) -> None:
+    """5. log `row` (every log_every steps and at the last), advance the progress bar, and checkpoint
+    every save_every steps (0 = only at the end) and at the last step: `save` = (models, optimizers,
+    schedulers, trainer state), as `common.save_checkpoint` takes them."""
     cfg = run.cfg
     if step % cfg.log_every == 0 or step == last_step:
         logger.log(step, row)
     progress.update(1)
     progress.set_postfix({k: f"{v:.3f}" for k, v in postfix.items()})
     if (cfg.save_every and step % cfg.save_every == 0) or step == last_step:
-        checkpoint()
+        models, optimizers, schedulers, state = save
+        common.save_checkpoint(run, step, models, optimizers, schedulers, state=state)

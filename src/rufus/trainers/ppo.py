@@ -23,6 +23,7 @@ import torch
 
 from rufus.config import ConfigError, LogArgs, ModelArgs, OnlineArgs, OptimArgs, RunArgs, as_config, opt
 from rufus.trainers import common, online
+from rufus.trainers.ptx import PtxSection, load_ptx_data, ptx_loss
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +77,6 @@ class CriticSection:
 
 
 @dataclass
-class PtxSection:
-    """PPO-ptx: mix in the language-model loss on pretraining / SFT text (InstructGPT eq. 2)."""
-
-    coef: float = opt(0.0, "gamma: weight of the LM loss (0 = off)")
-    data: str | None = opt(None, "SFT-format file (prompt + completion or messages) for the LM loss")
-    batch_size: int = opt(4, "LM examples per optimiser step")
-
-
-@dataclass
 class PPOConfig(OnlineArgs, LogArgs, OptimArgs, RunArgs, ModelArgs):
     """PPO with actor, critic, reward and reference models."""
 
@@ -122,25 +114,17 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
     from rufus.losses.kl import kl_penalty
     from rufus.losses.ppo import explained_variance
     from rufus.models.loading import set_dropout
-    from rufus.models.value import load_critic
+    from rufus.models.value import load_critic, save_critic
 
     cfg = as_config(PPOConfig, config)
     run = common.start_run(cfg)
     acc = run.accelerator
-    micro_size = online.micro_batch_size(
-        cfg.batch_size,
-        acc.num_processes,
-        1,
-        cfg.ppo.minibatches,
-        cfg.grad_accum,
-        samples_key="",
-        minibatches_key="ppo.minibatches",
-    )
+    micro_size = online.micro_batch_size(cfg, acc.num_processes, "ppo")
 
     # 0. prompts, ptx text and reward sources first: bad input fails before the big models load
     tokenizer, prompts, reward, plan, max_steps = online.load_inputs(cfg, run, reward_fn)
     with acc.main_process_first():
-        ptx = _ptx_data(cfg, tokenizer) if cfg.ptx.coef > 0 else None
+        ptx = load_ptx_data(cfg, tokenizer)
 
     # the four models: actor and critic train; reference and reward model are frozen
     actor = common.load_trainable_lm(cfg, tokenizer)
@@ -184,11 +168,8 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
     if saved:
         kl_ctl.load_state_dict(saved["kl_controller"])
 
-    def forward(part):  # (B, A) logprobs, entropy and values of a micro-batch, with gradients
-        logprobs, entropy, values = _forward(
-            cfg, actor, critic, part.input_ids, part.attention_mask, part.prompt_length, with_entropy=True
-        )
-        return {"logprobs": logprobs, "entropy": entropy, "values": values}
+    def forward(part):  # (b, A) logprobs, entropy and values of a micro-batch, with gradients
+        return _forward(cfg, actor, critic, part, with_entropy=True)
 
     progress = common.progress_bar(cfg, acc, max_steps, start_step, desc="ppo")
     for step in range(start_step + 1, max_steps + 1):
@@ -202,20 +183,14 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
         # 2. evaluation: pi_old and pi_ref logprobs, values, scores
         with torch.no_grad():
             actor.eval()
-            with acc.autocast():
-                parts = [
-                    _forward(
-                        cfg,
-                        actor,
-                        critic,
-                        ro.input_ids[i : i + micro_size],
-                        ro.attention_mask[i : i + micro_size],
-                        ro.prompt_length,
-                    )
+            with acc.autocast():  # in the micro-batches of the first update: its first ratio is exactly 1
+                chunks = [
+                    ro.select(torch.arange(i, min(i + micro_size, len(batch))))
                     for i in range(0, len(batch), micro_size)
                 ]
-            ro.logprobs = torch.cat([p[0] for p in parts])  # (B, A) log pi_old
-            ro.values = torch.cat([p[2] for p in parts])  # (B, A) V
+                parts = [_forward(cfg, actor, critic, chunk) for chunk in chunks]
+            ro.logprobs = torch.cat([p["logprobs"] for p in parts])  # (B, A) log pi_old
+            ro.values = torch.cat([p["values"] for p in parts])  # (B, A) V
             ro.ref_logprobs = online.reference_logprobs(cfg, acc, actor, reference, ro, micro_size)  # (B, A)
             ro.scores, reward_stats = reward(ro.prompts, ro.completions, ro.has_eos, **ro.extra)
             ro.scores = ro.scores.to(acc.device)  # (B,)
@@ -235,28 +210,14 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
         def loss_fn(part, out, micro, step=step):
             loss, part_stats = _ppo_loss(cfg, part, out, micro)
             if ptx is not None:
-                lm = _ptx_loss(cfg, acc, actor, ptx, step, micro)
+                lm = ptx_loss(cfg, acc, actor, ptx, step, micro)
                 loss = loss + cfg.ptx.coef * lm
                 part_stats["ptx/loss"] = lm.item()
             return loss, part_stats
 
         t_train = time.perf_counter()
-        stats.update(
-            online.update_epochs(
-                cfg,
-                acc,
-                ro,
-                trained,
-                [optimizers[n] for n in models],
-                epochs=cfg.ppo.epochs,
-                minibatches=cfg.ppo.minibatches,
-                micro_size=micro_size,
-                step=step,
-                forward=forward,
-                loss_fn=loss_fn,
-                target_kl=cfg.ppo.target_kl,
-            )
-        )
+        opts = [optimizers[n] for n in models]
+        stats.update(online.update_epochs(cfg, acc, ro, trained, opts, cfg.ppo, micro_size, step, forward, loss_fn))
         stats["value/explained_variance"] = explained_variance(ro.values, ro.returns, ro.response_mask)
         for sched in schedulers.values():
             sched.step()
@@ -278,49 +239,19 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
         }
         if online.sample_due(cfg, step):
             samples.write_rollout(step, ro, cfg.num_samples, kl=ro.kl.sum(-1))
-        online.end_step(
-            run,
-            logger,
-            progress,
-            step,
-            max_steps,
-            row,
-            postfix={"reward": stats["reward/mean"], "kl": stats["kl/mean"]},
-            checkpoint=lambda step=step: common.save_checkpoint(
-                run,
-                step,
-                models,
-                optimizers,
-                schedulers,
-                state={"kl_controller": kl_ctl.state_dict(), "reward": reward.state_dict()},
-            ),
-        )
+        state = {"kl_controller": kl_ctl.state_dict(), "reward": reward.state_dict()}
+        postfix = {"reward": stats["reward/mean"], "kl": stats["kl/mean"]}
+        online.end_step(run, logger, progress, step, max_steps, row, postfix, (models, optimizers, schedulers, state))
     progress.close()
 
     policy = models["actor"].policy if cfg.critic.shared else models["actor"]
     final_dir = common.save_final(run, policy, tokenizer)
+    critic = models.get("critic", models["actor"])  # a shared critic lives on the actor
     if acc.is_main_process:
-        if cfg.critic.shared:
-            from safetensors.torch import save_file
-
-            (run.output_dir / "final_critic").mkdir(exist_ok=True)
-            save_file(
-                models["actor"].value_head.state_dict(), run.output_dir / "final_critic" / "value_head.safetensors"
-            )
-        else:
-            models["critic"].save_pretrained(run.output_dir / "final_critic")
+        save_critic(critic, run.output_dir / "final_critic")
     logger.close()
     common.finish_run(run, ["reward/mean", "score/mean", "kl/mean", "policy/entropy", "policy/loss", "value/loss"])
-    return PPOResult(
-        Path(cfg.output_dir),
-        final_dir,
-        max_steps,
-        logger.rows,
-        policy,
-        models.get("critic", models["actor"]),
-        reference,
-        reward,
-    )
+    return PPOResult(Path(cfg.output_dir), final_dir, max_steps, logger.rows, policy, critic, reference, reward)
 
 
 def _sum(acc):
@@ -328,21 +259,19 @@ def _sum(acc):
     return lambda t: acc.reduce(t, reduction="sum")
 
 
-def _forward(cfg, actor, critic, input_ids, attention_mask, prompt_length, with_entropy: bool = False):
-    """(logprobs, entropy or None, values), each (B, A): one pass for a shared actor-critic, else two."""
+def _forward(cfg, actor, critic, part, with_entropy: bool = False) -> dict:
+    """(b, A) "logprobs", "entropy" (None unless with_entropy) and "values" of a Rollout slice `part`:
+    one pass for a shared actor-critic, else two."""
     from rufus.losses.ppo import entropy_from_logits
     from rufus.losses.sft import token_logprobs
     from rufus.models.value import values_at_response
     from rufus.rollout.logprobs import response_outputs
 
-    out, logits = response_outputs(actor, input_ids, attention_mask, prompt_length, cfg.generation.temperature)
-    logprobs = token_logprobs(logits, input_ids[:, prompt_length:])
+    ids, mask, P = part.input_ids, part.attention_mask, part.prompt_length
+    out, logits = response_outputs(actor, ids, mask, P, cfg.generation.temperature)
+    values = out["values"][:, P - 1 : -1] if critic is None else values_at_response(critic, ids, mask, P)
     entropy = entropy_from_logits(logits) if with_entropy else None
-    if critic is None:
-        values = out["values"][:, prompt_length - 1 : -1]
-    else:
-        values = values_at_response(critic, input_ids, attention_mask, prompt_length)
-    return logprobs, entropy, values
+    return {"logprobs": token_logprobs(logits, ids[:, P:]), "entropy": entropy, "values": values}
 
 
 def _ppo_loss(cfg, part, out, micro) -> tuple[torch.Tensor, dict]:
@@ -379,36 +308,3 @@ def _ppo_loss(cfg, part, out, micro) -> tuple[torch.Tensor, dict]:
         "policy/entropy": masked_mean(out["entropy"].detach(), mask).item(),
         **{f"policy/{k}": float(v) for k, v in pg_stats.items()},
     }
-
-
-def _ptx_data(cfg, tokenizer):
-    from rufus.data.loading import load_records
-    from rufus.data.sft import tokenize_sft
-
-    if not cfg.ptx.data:
-        raise ConfigError("ptx.coef > 0 needs ptx.data (an SFT-format file)")
-    return tokenize_sft(
-        load_records(cfg.ptx.data, format="sft", key="ptx.data"),
-        tokenizer,
-        max_length=cfg.data.max_length,
-        truncation="truncate",
-        key="ptx.data",
-    )
-
-
-def _ptx_loss(cfg, acc, actor, ptx, step: int, micro) -> torch.Tensor:
-    """Language-model loss on a batch of ptx text, shared out over the micro-batches of a minibatch
-    (this micro-batch's share: its examples' loss / the number of micro-batches)."""
-    from rufus.data.sft import SFTCollator
-    from rufus.losses.sft import sft_loss
-
-    g = torch.Generator().manual_seed(cfg.seed * 104729 + step * 1009 + micro.epoch * 101 + micro.start)
-    idx = torch.randint(len(ptx), (cfg.ptx.batch_size,), generator=g).tolist()
-    idx = idx[micro.index :: micro.count]
-    if not idx:
-        return torch.zeros((), device=acc.device)
-    pad_id = acc.unwrap_model(actor).config.pad_token_id
-    batch = {n: t.to(acc.device) for n, t in SFTCollator(pad_id)([ptx[i] for i in idx]).items()}
-    logits = actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    loss, _ = sft_loss(logits, batch["labels"])
-    return loss / micro.count

@@ -88,15 +88,7 @@ def train_rloo(config: RLOOConfig | dict, reward_fn=None) -> RLOOResult:
     K = cfg.rloo.group_size
     if K < 2:
         raise ConfigError("rloo.group_size: the leave-one-out baseline needs at least 2 samples per prompt")
-    micro_size = online.micro_batch_size(
-        cfg.batch_size,
-        acc.num_processes,
-        K,
-        cfg.rloo.minibatches,
-        cfg.grad_accum,
-        samples_key="rloo.group_size",
-        minibatches_key="rloo.minibatches",
-    )
+    micro_size = online.micro_batch_size(cfg, acc.num_processes, "rloo")
 
     # 0. prompts and reward sources before the models; the policy, and a reference only for a KL term
     tokenizer, prompts, reward, plan, max_steps = online.load_inputs(cfg, run, reward_fn)
@@ -123,6 +115,7 @@ def train_rloo(config: RLOOConfig | dict, reward_fn=None) -> RLOOResult:
         )
         return loss, online.policy_stats(loss, stats, out["entropy"], part.response_mask)
 
+    forward = online.logprobs_forward(cfg, policy)
     progress = common.progress_bar(cfg, acc, max_steps, start_step, desc=cfg.rloo.advantage)
     for step in range(start_step + 1, max_steps + 1):
         t0 = time.perf_counter()
@@ -160,19 +153,7 @@ def train_rloo(config: RLOOConfig | dict, reward_fn=None) -> RLOOResult:
 
         # 4. clipped policy-gradient steps
         t_train = time.perf_counter()
-        stats = online.update_epochs(
-            cfg,
-            acc,
-            ro,
-            [policy],
-            [optimizer],
-            epochs=cfg.rloo.epochs,
-            minibatches=cfg.rloo.minibatches,
-            micro_size=micro_size,
-            step=step,
-            forward=online.logprobs_forward(cfg, policy),
-            loss_fn=loss_fn,
-        )
+        stats = online.update_epochs(cfg, acc, ro, [policy], [optimizer], cfg.rloo, micro_size, step, forward, loss_fn)
         scheduler.step()
         t_train = time.perf_counter() - t_train
 
@@ -188,18 +169,8 @@ def train_rloo(config: RLOOConfig | dict, reward_fn=None) -> RLOOResult:
         }
         if online.sample_due(cfg, step):
             samples.write_rollout(step, ro, cfg.num_samples)
-        online.end_step(
-            run,
-            logger,
-            progress,
-            step,
-            max_steps,
-            row,
-            postfix={"reward": row["reward/mean"]},
-            checkpoint=lambda step=step: common.save_checkpoint(
-                run, step, acc.unwrap_model(policy), optimizer, scheduler, state={"reward": reward.state_dict()}
-            ),
-        )
+        save = (acc.unwrap_model(policy), optimizer, scheduler, {"reward": reward.state_dict()})
+        online.end_step(run, logger, progress, step, max_steps, row, {"reward": row["reward/mean"]}, save)
     progress.close()
 
     final_dir = common.save_final(run, acc.unwrap_model(policy), tokenizer)
