@@ -101,7 +101,6 @@ def train_bon(config: BoNConfig | dict, reward_fn=None) -> BoNResult:
 
     from rufus.bon import bon_kl_bound, select_best
     from rufus.data.sft import SFTCollator
-    from rufus.models.loading import load_tokenizer
 
     cfg = as_config(BoNConfig, config)
     _check(cfg)
@@ -111,9 +110,7 @@ def train_bon(config: BoNConfig | dict, reward_fn=None) -> BoNResult:
     b = cfg.bon
 
     # 0. prompts and reward sources first: bad input fails before the model loads
-    tokenizer = load_tokenizer(
-        cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code, chat_template=cfg.data.chat_template
-    )
+    tokenizer = common.load_run_tokenizer(cfg)
     prompts = online.load_prompts(cfg, acc, tokenizer)
     # no cross-process gather for reward.scale: each process samples its own number of responses
     reward = online.build_reward(cfg, run, reward_fn, gather=False)
@@ -137,27 +134,19 @@ def train_bon(config: BoNConfig | dict, reward_fn=None) -> BoNResult:
         kept, sums = [], torch.zeros(5, dtype=torch.float64)  # score sum, score^2 sum, samples, length sum, no EOS
         for start in range(0, len(mine), chunk):
             group = [prompts[i] for i in mine[start : start + chunk]]
-            rep = [p for p in group for _ in range(b.group_size)]  # prompt g's samples sit at g*n .. g*n+n-1
 
-            # 1. sample n responses per prompt from the current policy
-            ro = online.sample(cfg, acc, policy, tokenizer, group, b.group_size)
-
-            # 2. score them
-            scores, _ = reward(ro.prompts, ro.completions, ro.has_eos, **ro.extra)  # (G*n,)
+            # 1-2. sample n responses per prompt from the current policy; score them
+            got = online.sample_and_score(cfg, acc, policy, tokenizer, group, b.group_size, reward, len(group))
+            scores = got.scores  # (G*n,) prompt g's samples at g*n .. g*n+n-1
+            lengths, no_eos = sum(map(len, got.responses)), (~got.has_eos).sum().item()
             sums += torch.tensor(
-                [
-                    scores.sum().item(),
-                    (scores.double() ** 2).sum().item(),
-                    len(rep),
-                    ro.response_length.sum().item(),
-                    (~ro.has_eos.cpu()).sum().item(),
-                ],
-                dtype=torch.float64,
+                [scores.sum().item(), (scores.double() ** 2).sum().item(), len(scores), lengths, no_eos]
             )
 
             # 3. keep the best: top_k of each prompt's n, at least threshold
             for j in select_best(scores, b.group_size, top_k=b.top_k, threshold=b.threshold):
-                kept.append(_example(rep[j], ro, j, float(scores[j]), cfg.data.completion_only_loss))
+                prompt = group[j // b.group_size]
+                kept.append(_example(prompt, got, j, cfg.data.completion_only_loss))
         t_sample = time.perf_counter() - t0
         kept = gather_object(kept) if world > 1 else kept  # every process holds the whole kept set, rank order
         sums = acc.reduce(sums.to(acc.device), reduction="sum").cpu().tolist()
@@ -224,18 +213,17 @@ def _sft_steps(cfg: BoNConfig, num_kept: int) -> int:
     return max(1, math.ceil(cfg.bon.sft_epochs * num_kept / cfg.batch_size))
 
 
-def _example(prompt: dict, ro, j: int, score: float, completion_only: bool) -> dict:
-    """One kept sample as an SFT example: the prompt's ids, then the response ids exactly as sampled
-    (EOS included when it had one; no re-tokenisation of the decoded text, which need not round-trip)."""
-    response = ro.response_ids[j][ro.response_mask[j].bool()].tolist()
-    ids = list(prompt["ids"]) + response
-    labels = ([-100] * len(prompt["ids"]) if completion_only else list(prompt["ids"])) + response
+def _example(prompt: dict, got, j: int, completion_only: bool) -> dict:
+    """Sample j as an SFT example: the prompt's ids, then the response ids exactly as sampled (EOS
+    included when it had one; no re-tokenisation of the decoded text, which need not round-trip)."""
+    ids, response = list(prompt["ids"]), got.responses[j]
+    labels = ([-100] * len(ids) if completion_only else ids) + response
     return {
-        "input_ids": ids,
+        "input_ids": ids + response,
         "labels": labels,
-        "score": score,
+        "score": float(got.scores[j]),
         "prompt": prompt["prompt"],
-        "response": ro.completions[j],
+        "response": got.completions[j],
     }
 
 

@@ -120,6 +120,15 @@ class BatchPlan:
         return [mine[i * size : (i + 1) * size] for i in range(self.grad_accum)]
 
 
+def load_run_tokenizer(cfg):
+    """The run's tokenizer: `tokenizer` or the model's, with data.chat_template when one is given."""
+    from rufus.models.loading import load_tokenizer
+
+    return load_tokenizer(
+        cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code, chat_template=cfg.data.chat_template
+    )
+
+
 def load_trainable_lm(cfg, tokenizer):
     """The model that trains, in float32, LoRA if set (make_optimizer turns it bfloat16 with float32
     masters when the run computes in bfloat16)."""
@@ -270,6 +279,40 @@ def clip_and_step(cfg, acc, model, optimizer, scheduler=None) -> float:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return float(grad_norm)
+
+
+def skip_steps(scheduler, n: int) -> None:
+    """Advance the learning-rate schedule over `n` steps that have nothing to train on, so the steps
+    after them keep the schedule of an uninterrupted run."""
+    import warnings
+
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(n):
+            scheduler.step()
+
+
+def log_evaluate_save(run, logger, step: int, last_step: int, window, model, evaluate, save: tuple, **extra) -> dict:
+    """The end of an offline trainer's step (SFT, RM, DPO), written once:
+      - every log_every steps and at the last, the window's means, the learning rate and `extra`;
+      - every eval_every steps and at the last, `evaluate()` (None: no evaluation data), after which
+        `model` (the one that trains) goes back to training mode;
+      - one metrics row with both; a checkpoint every save_every steps and at the last, of
+        `save` = (model, optimizer, scheduler, trainer state) as `save_checkpoint` takes them.
+    Returns the row (empty when nothing was due)."""
+    cfg = run.cfg
+    saved_model, optimizer, scheduler, state = save
+    row = {}
+    if step % cfg.log_every == 0 or step == last_step:
+        row.update(window.flush(lr=scheduler.get_last_lr()[0], **extra))
+    if evaluate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == last_step):
+        row.update(evaluate())
+        model.train()
+    if row:
+        logger.log(step, row)
+    if (cfg.save_every and step % cfg.save_every == 0) or step == last_step:
+        save_checkpoint(run, step, saved_model, optimizer, scheduler, state=state)
+    return row
 
 
 @dataclass

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -92,7 +91,6 @@ def train_dpo(config: DPOConfig | dict, reward_fn=None) -> DPOResult:
     functions) adds Python reward sources to `config.reward`, for online rounds."""
     from rufus.data.dpo import PairCollator, load_pairs_or_prompts, tokenize_pairs
     from rufus.data.loading import load_records
-    from rufus.models.loading import load_tokenizer
 
     cfg = as_config(DPOConfig, config)
     _check(cfg)
@@ -100,9 +98,7 @@ def train_dpo(config: DPOConfig | dict, reward_fn=None) -> DPOResult:
     acc = run.accelerator
 
     # 0. data (pairs, or prompts for online rounds) and reward sources before any model loads
-    tokenizer = load_tokenizer(
-        cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code, chat_template=cfg.data.chat_template
-    )
+    tokenizer = common.load_run_tokenizer(cfg)
     limits = dict(
         max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length, truncation=cfg.data.truncation
     )
@@ -112,12 +108,8 @@ def train_dpo(config: DPOConfig | dict, reward_fn=None) -> DPOResult:
         )
         evals = None
         if cfg.data.eval:
-            evals = tokenize_pairs(
-                load_records(cfg.data.eval, format="preference", split=cfg.data.eval_split, key="data.eval"),
-                tokenizer,
-                key="data.eval",
-                **limits,
-            )
+            held_out = load_records(cfg.data.eval, format="preference", split=cfg.data.eval_split, key="data.eval")
+            evals = tokenize_pairs(held_out, tokenizer, key="data.eval", **limits)
     online_rounds = [r for r in range(1, cfg.dpo.rounds + 1) if r > 1 or train is None]
     prompts, reward = None, None
     if online_rounds:  # other columns go to reward functions; the pair itself does not
@@ -141,11 +133,8 @@ def train_dpo(config: DPOConfig | dict, reward_fn=None) -> DPOResult:
     model, optimizer, scheduler = online.load_policy(cfg, run, tokenizer, max_steps)
     reference = online.load_reference(cfg, run, tokenizer)
     policy = acc.unwrap_model(model)
-    start_step, saved = common.maybe_resume(run, policy, optimizer, scheduler)
-    if reward is not None and saved.get("reward"):
-        reward.load_state_dict(saved["reward"])
-    logger = common.open_metrics(run, start_step)
-    pairs_file = online.SamplesFile(run, "pairs.jsonl", resume_step=start_step, enabled=bool(online_rounds))
+    pairs_file = "pairs.jsonl" if online_rounds else None  # every online pair, for people to read
+    start_step, saved, logger, pairs_file = online.open_outputs(run, policy, optimizer, scheduler, reward, pairs_file)
 
     def ref_fn():  # the frozen reference: its own model, or (LoRA) the policy with adapters disabled
         return online.reference_model(policy, reference)
@@ -180,10 +169,7 @@ def train_dpo(config: DPOConfig | dict, reward_fn=None) -> DPOResult:
                 _attach_reference(pairs, ref_fn, collate, acc, no_grad_size)
         if not pairs:  # every sample pair tied: nothing to learn this round; keep the schedule in step
             log.warning("round %d: every pair of samples tied on the reward; no updates this round", r)
-            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
-                warnings.simplefilter("ignore", UserWarning)
-                for _ in range(max(start_step, round_start), round_end):
-                    scheduler.step()
+            common.skip_steps(scheduler, round_end - max(start_step, round_start))
             progress.update(round_end - max(start_step, round_start))
             continue
         plan = common.BatchPlan(
@@ -200,22 +186,14 @@ def train_dpo(config: DPOConfig | dict, reward_fn=None) -> DPOResult:
             progress.update(1)
             progress.set_postfix(loss=f"{stats['dpo/loss']:.4f}", acc=f"{stats['rewards/accuracy']:.2f}")
 
-            # 5. log, evaluate, checkpoint
-            row = {}
-            if step % cfg.log_every == 0 or step == max_steps:
-                row.update(window.flush(lr=scheduler.get_last_lr()[0], **{"dpo/round": r}))
-                row.update(pending)  # the round's sampling statistics go with its first logged row
-                pending = {}
-            if evals and ((cfg.eval_every and step % cfg.eval_every == 0) or step == max_steps):
-                row.update(evaluate(cfg, acc, model, ref_fn, evals, collate, no_grad_size))
-                model.train()
-            if row:
-                logger.log(step, row)
-            if (cfg.save_every and step % cfg.save_every == 0) or step == max_steps:
-                state = {"reward": reward.state_dict()} if reward is not None else {}
-                if r in online_rounds:
-                    state["pairs"] = pairs
-                common.save_checkpoint(run, step, policy, optimizer, scheduler, state=state)
+            # 5. log (the round's sampling statistics with its first row), evaluate, checkpoint
+            held_out = (lambda: evaluate(cfg, acc, model, ref_fn, evals, collate, no_grad_size)) if evals else None
+            state = {"reward": reward.state_dict()} if reward is not None else {}
+            state.update({"pairs": pairs} if r in online_rounds else {})
+            save = (policy, optimizer, scheduler, state)
+            extra = {"dpo/round": r, **pending}
+            row = common.log_evaluate_save(run, logger, step, max_steps, window, model, held_out, save, **extra)
+            pending = {} if "dpo/loss" in row else pending
     progress.close()
 
     # 6. the final model, loadable with AutoModelForCausalLM.from_pretrained (LoRA merged)
@@ -241,22 +219,22 @@ def _check(cfg) -> None:
             raise ConfigError(message)
 
 
+_IMPLICIT = ("chosen", "rejected", "margin", "accuracy")  # dpo_loss's statistics of the implicit reward
+
+
+def _objective(cfg) -> dict:
+    """The dpo_loss arguments that choose the objective (DPO, IPO, hinge; cDPO's label smoothing)."""
+    return dict(beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type, label_smoothing=cfg.dpo.label_smoothing)
+
+
 def _dpo_step(cfg, acc, model, ref_fn, pairs, plan, local_step: int, collate) -> dict:
     """One optimiser step over the round's global batch `local_step`; returns detached statistics."""
     from rufus.losses.dpo import dpo_loss
 
     global_idx = plan.global_batch(local_step)
     normalizer = len(global_idx) / acc.num_processes  # DDP averages gradients over processes
-    totals = {
-        "dpo/loss": 0.0,
-        "rewards/chosen": 0.0,
-        "rewards/rejected": 0.0,
-        "rewards/margin": 0.0,
-        "rewards/accuracy": 0.0,
-        "logps/chosen": 0.0,
-        "logps/rejected": 0.0,
-        "tokens": 0,
-    }
+    names = ["dpo/loss", "logps/chosen", "logps/rejected", "tokens"] + [f"rewards/{k}" for k in _IMPLICIT]
+    totals = dict.fromkeys(names, 0.0)
     micro = plan.micro_batches(global_idx)
     for k, idx in enumerate(micro):
         part = [pairs[i] for i in idx]
@@ -270,16 +248,7 @@ def _dpo_step(cfg, acc, model, ref_fn, pairs, plan, local_step: int, collate) ->
                 ref = sequence_logprobs(reference, batch)  # (2b,) log pi_ref(y|x)
         with common.sync_gradients_if(acc, model, last=k == len(micro) - 1), acc.autocast():
             logps = sequence_logprobs(model, batch)  # (2b,) log pi_theta(y|x)
-            loss, stats = dpo_loss(
-                logps[:b],
-                logps[b:],
-                ref[:b],
-                ref[b:],
-                beta=cfg.dpo.beta,
-                loss_type=cfg.dpo.loss_type,
-                label_smoothing=cfg.dpo.label_smoothing,
-                normalizer=normalizer,
-            )
+            loss, stats = dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], **_objective(cfg), normalizer=normalizer)
             acc.backward(loss)
         share = b / len(global_idx) * acc.num_processes  # this micro-batch's share of the step
         totals["dpo/loss"] += loss.item()
@@ -337,15 +306,7 @@ def evaluate(cfg, acc, model, ref_fn, pairs, collate, micro: int) -> dict:
     else:
         with ref_fn() as reference:
             ref_c, ref_r = _all_logprobs(reference, pairs, collate, acc, micro)
-    loss, stats = dpo_loss(
-        chosen,
-        rejected,
-        ref_c,
-        ref_r,
-        beta=cfg.dpo.beta,
-        loss_type=cfg.dpo.loss_type,
-        label_smoothing=cfg.dpo.label_smoothing,
-    )
+    loss, stats = dpo_loss(chosen, rejected, ref_c, ref_r, **_objective(cfg))
     return {"eval/dpo/loss": loss.item(), **{f"eval/{k}": v.item() for k, v in stats.items()}}
 
 
@@ -360,31 +321,16 @@ def _online_pairs(cfg, acc, policy, tokenizer, prompts, reward, r: int, k: int, 
     # the round's prompts: the next n of a seeded stream of epochs over the data, each process its share
     plan = common.BatchPlan(len(prompts), n, 1, acc.num_processes, acc.process_index, cfg.seed)
     mine = [prompts[i] for i in plan.global_batch(k)[acc.process_index :: acc.num_processes]]
-    chunk = max(1, cfg.batch_size // acc.num_processes // 2)  # prompts per generate call, two samples each
-    completions, responses, has_eos = [], [], []
+    per_call = max(1, cfg.batch_size // acc.num_processes // 2)  # prompts per generate call, two samples each
     devices = [torch.cuda.current_device()] if acc.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # samples depend on (seed, round, rank) only: resume-exact
         torch.manual_seed(cfg.seed * 1_000_003 + r * 1009 + acc.process_index)
-        for start in range(0, len(mine), chunk):
-            ro = online.sample(cfg, acc, policy, tokenizer, mine[start : start + chunk], 2)  # rows 2j, 2j+1: prompt j
-            completions += ro.completions
-            has_eos.append(ro.has_eos.cpu())
-            masks = ro.response_mask.cpu().bool()
-            responses += [ids[m].tolist() for ids, m in zip(ro.response_ids.cpu(), masks)]  # y up to its eos
-    doubled = [p for p in mine for _ in range(2)]
-    extra = {key: [p["extra"][key] for p in doubled] for key in (doubled[0]["extra"] if doubled else {})}
-    scores, _ = reward([p["prompt"] for p in doubled], completions, torch.cat(has_eos), **extra)  # (2m,)
+        got = online.sample_and_score(cfg, acc, policy, tokenizer, mine, 2, reward, per_call)  # 2j, 2j+1: prompt j
+    scores, responses = got.scores, got.responses  # (2m,)
 
-    pairs, ties = pairs_from_samples(mine, responses, completions, scores.tolist())
-    sums = torch.tensor(
-        [
-            scores.sum().item(),
-            sum(p["text"]["score_chosen"] for p in pairs),
-            sum(p["text"]["score_rejected"] for p in pairs),
-            ties,
-            sum(map(len, responses)),
-        ]
-    )
+    pairs, ties = pairs_from_samples(mine, responses, got.completions, scores.tolist())
+    chosen, rejected = sum(p["text"]["score_chosen"] for p in pairs), sum(p["text"]["score_rejected"] for p in pairs)
+    sums = torch.tensor([scores.sum().item(), chosen, rejected, ties, sum(map(len, responses))])
     pairs = gather_object(pairs) if acc.num_processes > 1 else pairs
     s = acc.reduce(sums.to(acc.device), reduction="sum").tolist()  # score, chosen, rejected, ties, length
     made = max(len(pairs), 1)
@@ -396,12 +342,5 @@ def _online_pairs(cfg, acc, policy, tokenizer, prompts, reward, r: int, k: int, 
         "score/rejected": s[2] / made,
         "response/length": s[4] / (2 * n),
     }
-    log.info(
-        "round %d: %d pairs from %d prompts (%d ties), mean score %.4f",
-        r,
-        len(pairs),
-        n,
-        int(s[3]),
-        stats["score/mean"],
-    )
+    log.info("round %d: %d pairs from %d prompts (%d ties), mean score %.4f", r, len(pairs), n, s[3], s[0] / 2 / n)
     return pairs, stats

@@ -5,7 +5,7 @@ algorithms (the advantage estimator, the loss) stays in the trainer file. In a s
 
   load_inputs (load_prompts, build_reward), load_policy, load_reference,
   reference_model, micro_batch_size, open_outputs  set-up
-  sample                                   1. the rollout (through `rollout.engine.sample_rollout`)
+  sample, sample_and_score                 1. the rollout (through `rollout.engine.sample_rollout`)
   reference_logprobs, old_and_ref_logprobs 2. teacher-forced pi_old and pi_ref in micro-batches
   batch_stats                              score, reward, KL and length over every process
   update_epochs (logprobs_forward, policy_stats)   4. epochs x minibatches x grad-accum updates
@@ -31,12 +31,8 @@ def load_inputs(cfg, run, reward_fn=None):
     """0. What a run reads before any big model loads, so bad input fails first: the tokenizer, the
     prompts, the reward sources, the batch plan over the prompts and the number of steps.
     Returns (tokenizer, prompts, reward, plan, max_steps)."""
-    from rufus.models.loading import load_tokenizer
-
     acc = run.accelerator
-    tokenizer = load_tokenizer(
-        cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code, chat_template=cfg.data.chat_template
-    )
+    tokenizer = common.load_run_tokenizer(cfg)
     prompts = load_prompts(cfg, acc, tokenizer)
     reward = build_reward(cfg, run, reward_fn)
     plan = common.BatchPlan(len(prompts), cfg.batch_size, 1, acc.num_processes, acc.process_index, cfg.seed)
@@ -58,13 +54,15 @@ def load_policy(cfg, run, tokenizer, max_steps: int, *, dropout_off: bool = True
     return policy, optimizer, scheduler
 
 
-def open_outputs(run, models, optimizers, schedulers, reward=None):
+def open_outputs(run, models, optimizers, schedulers, reward=None, samples: str | None = "samples.jsonl"):
     """Resume from the checkpoint, if any (the reward's running statistics too), then open
-    metrics.jsonl and samples.jsonl. Returns (start_step, saved trainer state, logger, samples)."""
+    metrics.jsonl and the samples file (None: no samples file). Returns (start_step, saved trainer
+    state, logger, samples)."""
     start_step, saved = common.maybe_resume(run, models, optimizers, schedulers)
     if saved.get("reward") and reward is not None:
         reward.load_state_dict(saved["reward"])
-    return start_step, saved, common.open_metrics(run, start_step), SamplesFile(run, resume_step=start_step)
+    logger = common.open_metrics(run, start_step)  # creates output_dir
+    return start_step, saved, logger, SamplesFile(run, samples, resume_step=start_step, enabled=samples is not None)
 
 
 def load_prompts(cfg, acc, tokenizer, records=None, *, drop_columns: tuple[str, ...] = ()) -> list[dict]:
@@ -170,6 +168,33 @@ def sample(cfg, acc, policy, tokenizer, rows: list[dict], n: int):
     from rufus.rollout.engine import sample_rollout
 
     return sample_rollout(policy, tokenizer, rows, n, cfg.generation, device=acc.device)
+
+
+@dataclass
+class Scored:
+    """Samples and their scores, prompt i's n samples at i*n .. i*n + n - 1 (N = prompts x n)."""
+
+    completions: list[str]  # (N,) the responses as text
+    responses: list[list[int]]  # (N,) each response's token ids, up to and including its EOS
+    has_eos: torch.Tensor  # (N,) bool
+    scores: torch.Tensor  # (N,) the reward sources' scores
+
+
+def sample_and_score(cfg, acc, policy, tokenizer, rows: list[dict], n: int, reward, per_call: int) -> Scored:
+    """1-2. n responses to each prompt row from the current policy, `per_call` prompts per generate call,
+    then all of them scored in one call of `reward` (for the algorithms that keep samples, not a
+    Rollout: best-of-n, online DPO)."""
+    completions, responses, has_eos = [], [], []
+    for start in range(0, len(rows), per_call):
+        ro = sample(cfg, acc, policy, tokenizer, rows[start : start + per_call], n)
+        completions += ro.completions
+        has_eos.append(ro.has_eos.cpu())
+        masks = ro.response_mask.cpu().bool()
+        responses += [ids[m].tolist() for ids, m in zip(ro.response_ids.cpu(), masks, strict=True)]
+    repeated = [row for row in rows for _ in range(n)]
+    extra = {k: [r["extra"][k] for r in repeated] for k in (repeated[0]["extra"] if repeated else {})}
+    scores, _ = reward([r["prompt"] for r in repeated], completions, torch.cat(has_eos), **extra)
+    return Scored(completions, responses, torch.cat(has_eos), scores)
 
 
 @torch.no_grad()
@@ -399,8 +424,8 @@ class SamplesFile:
     per sample with the step that made it. A fresh run starts it empty; a resumed run keeps the rows
     up to its checkpoint's step. Only the main process writes."""
 
-    def __init__(self, run, name: str = "samples.jsonl", *, resume_step: int = 0, enabled: bool = True):
-        self.path = Path(run.output_dir) / name
+    def __init__(self, run, name: str | None = "samples.jsonl", *, resume_step: int = 0, enabled: bool = True):
+        self.path = Path(run.output_dir) / (name or "samples.jsonl")
         self.enabled = enabled and run.accelerator.is_main_process
         if self.enabled:
             kept = []

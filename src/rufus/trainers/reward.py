@@ -80,7 +80,7 @@ def train_reward_model(config: RMConfig | dict) -> RMResult:
     """Train a reward model as configured; return where it went and what was logged."""
     from rufus.data.loading import load_records
     from rufus.data.reward import RewardCollator, tokenize_comparisons, tokenize_graded
-    from rufus.models.loading import apply_lora, load_tokenizer
+    from rufus.models.loading import apply_lora
     from rufus.models.reward import head_module_names, load_reward_model
 
     cfg = as_config(RMConfig, config)
@@ -88,9 +88,7 @@ def train_reward_model(config: RMConfig | dict) -> RMResult:
     acc = run.accelerator
 
     # 1. data: every comparison validated and tokenised before any model loads
-    tokenizer = load_tokenizer(
-        cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code, chat_template=cfg.data.chat_template
-    )
+    tokenizer = common.load_run_tokenizer(cfg)
     limits = dict(
         max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length, truncation=cfg.data.truncation
     )
@@ -163,18 +161,10 @@ def train_reward_model(config: RMConfig | dict) -> RMResult:
         progress.set_postfix(loss=f"{stats['loss']:.4f}")
 
         # 4. log, evaluate, checkpoint
-        row = {}
-        if step % cfg.log_every == 0 or step == max_steps:
-            row.update(
-                window.flush(lr=scheduler.get_last_lr()[0], stage="pointwise" if step <= warm_steps else "pairwise")
-            )
-        if evals and ((cfg.eval_every and step % cfg.eval_every == 0) or step == max_steps):
-            row.update(evaluate(acc.unwrap_model(model), evals, collate, acc, cfg.batch_size))
-            model.train()
-        if row:
-            logger.log(step, row)
-        if (cfg.save_every and step % cfg.save_every == 0) or step == max_steps:
-            common.save_checkpoint(run, step, acc.unwrap_model(model), optimizer, scheduler)
+        held_out = (lambda: evaluate(acc.unwrap_model(model), evals, collate, acc, cfg.batch_size)) if evals else None
+        save = (acc.unwrap_model(model), optimizer, scheduler, None)
+        stage = "pointwise" if step <= warm_steps else "pairwise"
+        common.log_evaluate_save(run, logger, step, max_steps, window, model, held_out, save, stage=stage)
     progress.close()
 
     # 5. normalise (mean 0, std 1 on the reference set), save

@@ -49,11 +49,8 @@ def train_sft(config: SFTConfig | dict) -> SFTResult:
     # 1. data: load, validate and tokenise everything before any model is loaded
     from rufus.data.loading import load_records
     from rufus.data.sft import SFTCollator, tokenize_sft
-    from rufus.models.loading import load_tokenizer
 
-    tokenizer = load_tokenizer(
-        cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code, chat_template=cfg.data.chat_template
-    )
+    tokenizer = common.load_run_tokenizer(cfg)
     tok_kwargs = dict(
         max_length=cfg.data.max_length,
         max_prompt_length=cfg.data.max_prompt_length,
@@ -91,6 +88,7 @@ def train_sft(config: SFTConfig | dict) -> SFTResult:
     logger = common.open_metrics(run, start_step)
 
     # 3. the loop: one optimiser step per global batch of cfg.batch_size examples
+    eval_size = cfg.batch_size // acc.num_processes // cfg.grad_accum  # examples per evaluation forward pass
     progress = common.progress_bar(cfg, acc, max_steps, start_step, desc="sft")
     window = common.Window()
     model.train()
@@ -104,16 +102,10 @@ def train_sft(config: SFTConfig | dict) -> SFTResult:
         progress.set_postfix(loss=f"{loss_value:.4f}")
 
         # 4. log, evaluate, checkpoint
-        row = {}
-        if step % cfg.log_every == 0 or step == max_steps:
-            row.update(window.flush(lr=scheduler.get_last_lr()[0], epoch=step * cfg.batch_size / len(train)))
-        if evals and ((cfg.eval_every and step % cfg.eval_every == 0) or step == max_steps):
-            row.update(evaluate(model, evals, collate, acc, cfg.batch_size // acc.num_processes // cfg.grad_accum))
-            model.train()
-        if row:
-            logger.log(step, row)
-        if (cfg.save_every and step % cfg.save_every == 0) or step == max_steps:
-            common.save_checkpoint(run, step, acc.unwrap_model(model), optimizer, scheduler)
+        held_out = (lambda: evaluate(model, evals, collate, acc, eval_size)) if evals else None
+        save = (acc.unwrap_model(model), optimizer, scheduler, None)
+        epoch = step * cfg.batch_size / len(train)
+        common.log_evaluate_save(run, logger, step, max_steps, window, model, held_out, save, epoch=epoch)
     progress.close()
 
     # 5. the final model, loadable with AutoModelForCausalLM.from_pretrained
