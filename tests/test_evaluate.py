@@ -93,7 +93,7 @@ def test_kl_is_zero_against_the_same_weights_and_ties_give_half(models, prompts,
 def test_kl_matches_a_naive_per_sequence_recomputation(models, prompts):
     from transformers import set_seed
 
-    from rufus.config import GenerationConfig
+    from rufus.config import GenerationSection
     from rufus.data.sft import encode_prompt
     from rufus.models.loading import load_causal_lm, load_tokenizer
     from rufus.rollout.generate import generate_responses
@@ -109,7 +109,7 @@ def test_kl_matches_a_naive_per_sequence_recomputation(models, prompts):
     ref = load_causal_lm(str(other), tokenizer=tok).eval()
     ids = [encode_prompt(tok, p) for p in PROMPTS]
     set_seed(3)
-    ro = generate_responses(pi, tok, PROMPTS, ids, GenerationConfig(max_new_tokens=8, temperature=0.7))
+    ro = generate_responses(pi, tok, PROMPTS, ids, GenerationSection(max_new_tokens=8, temperature=0.7))
     assert ro.completions == [r["response"] for r in rows]
     assert out["length"] == pytest.approx(ro.response_mask.sum(-1).float().mean().item())
 

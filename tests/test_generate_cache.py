@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rufus.config import GenerationConfig
+from rufus.config import GenerationSection
 from rufus.data.sft import encode_prompt
 from rufus.models.loading import load_causal_lm, load_tokenizer
 from rufus.rollout.generate import generate_responses
@@ -21,7 +21,7 @@ def test_kv_cache_generation_equals_no_cache_generation_greedy(tmp_path, arch):
     prompts = ["What is 3 plus 4?", "Hi", "Tell me about owls and the night, please.", "Sum 12 and 30."]
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     assert len({len(i) for i in ids}) > 1
-    gen = GenerationConfig(max_new_tokens=12, temperature=0.0, stop_at_eos=False)
+    gen = GenerationSection(max_new_tokens=12, temperature=0.0, stop_at_eos=False)
     cached = generate_responses(model, tokenizer, prompts, ids, gen, use_cache=True)
     plain = generate_responses(model, tokenizer, prompts, ids, gen, use_cache=False)
     assert torch.equal(cached.input_ids, plain.input_ids)

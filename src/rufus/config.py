@@ -123,7 +123,7 @@ class LogArgs:
 
 
 @dataclass
-class DataConfig:
+class DataSection:
     """Training and evaluation data (local jsonl/json/csv/parquet files or a hub dataset name)."""
 
     train: str = opt(REQUIRED, "training data: a .jsonl/.json/.csv/.parquet file or a hub dataset name")
@@ -142,7 +142,7 @@ class DataConfig:
 
 
 @dataclass
-class LoraConfig:
+class LoraSection:
     """Low-rank adapters (peft). With LoRA the frozen reference is the base with adapters disabled."""
 
     r: int = opt(0, "LoRA rank; 0 = train all weights, no LoRA")
@@ -488,7 +488,7 @@ def config_help(cls: type) -> str:
 
 
 @dataclass
-class GenerationConfig:
+class GenerationSection:
     """How responses are sampled during RL."""
 
     max_new_tokens: int = opt(64, "longest response in tokens")
@@ -499,7 +499,7 @@ class GenerationConfig:
 
 
 @dataclass
-class RewardConfig:
+class RewardSection:
     """Where the reward comes from: reward models, Python functions, or a weighted sum of several."""
 
     model: list[str] = opt([], "reward model directories or hub ids (scores are their normalised outputs)")
@@ -522,9 +522,9 @@ class OnlineArgs:
     ref_model: str | None = opt(
         None, "reference model (default: the starting policy; with LoRA, the adapter-disabled base)"
     )
-    data: DataConfig = opt(DataConfig, "prompts (prompt-only format; extra columns reach reward functions)")
-    generation: GenerationConfig = opt(GenerationConfig, "sampling")
-    reward: RewardConfig = opt(RewardConfig, "reward sources (several, with weights)")
-    lora: LoraConfig = opt(LoraConfig, "LoRA adapters; the reference is then the adapter-disabled base")
+    data: DataSection = opt(DataSection, "prompts (prompt-only format; extra columns reach reward functions)")
+    generation: GenerationSection = opt(GenerationSection, "sampling")
+    reward: RewardSection = opt(RewardSection, "reward sources (several, with weights)")
+    lora: LoraSection = opt(LoraSection, "LoRA adapters; the reference is then the adapter-disabled base")
     sample_every: int = opt(10, "write a few (prompt, response, score) rows to samples.jsonl every this many steps")
     num_samples: int = opt(4, "rows per samples.jsonl entry")

@@ -36,7 +36,7 @@ from typing import Literal
 
 import torch
 
-from rufus.config import REQUIRED, ConfigError, GenerationConfig, RewardConfig, opt
+from rufus.config import REQUIRED, ConfigError, GenerationSection, RewardSection, opt
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,9 @@ class EvalConfig:
     prompts: str = opt(REQUIRED, "prompt-format file (.jsonl/.json/.csv/.parquet) or hub dataset")
     split: str = opt("train", "split to read when `prompts` or `pairs` is a hub dataset")
     num_prompts: int | None = opt(None, "evaluate on the first N prompts (None = all)")
-    generation: GenerationConfig = opt(GenerationConfig, "sampling, for both policy and baseline")
-    reward: RewardConfig = opt(
-        RewardConfig,
+    generation: GenerationSection = opt(GenerationSection, "sampling, for both policy and baseline")
+    reward: RewardSection = opt(
+        RewardSection,
         "reward sources: the score and the judge of win_rate (optional: without any, score and win_rate are skipped)",
     )
     preference: str | None = opt(

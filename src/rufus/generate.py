@@ -24,7 +24,7 @@ from typing import Literal
 
 import torch
 
-from rufus.config import REQUIRED, ConfigError, GenerationConfig, RewardConfig, opt
+from rufus.config import REQUIRED, ConfigError, GenerationSection, RewardSection, opt
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,9 @@ class GenerateConfig:
         "or stdout without output_dir",
     )
     output_dir: str | None = opt(None, "if set, write config.yaml, generations.jsonl and summary.json here")
-    generation: GenerationConfig = opt(GenerationConfig, "sampling")
-    reward: RewardConfig = opt(
-        RewardConfig, "reward sources: required for best_of > 1; otherwise, if set, each response is scored"
+    generation: GenerationSection = opt(GenerationSection, "sampling")
+    reward: RewardSection = opt(
+        RewardSection, "reward sources: required for best_of > 1; otherwise, if set, each response is scored"
     )
     best_of: int = opt(1, "n: responses sampled per prompt, the highest-scoring one returned")
     return_all: bool = opt(

@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 from rufus.config import (
     ConfigError,
-    GenerationConfig,
+    GenerationSection,
     as_config,
     atomic_write_text,
     load_config,
@@ -86,7 +86,7 @@ class PlaygroundSection:
 
 
 @dataclass
-class PipelineData:
+class PipelineDataSection:
     """Your own data (playground.enabled=false); on the playground these files are generated in output_dir/data."""
 
     sft: str | None = opt(None, "demonstrations (sft format)")
@@ -98,7 +98,7 @@ class PipelineData:
 
 
 @dataclass
-class StudioCollect:
+class StudioCollectSection:
     """People label each round in a studio database (collect.source=studio)."""
 
     db: str | None = opt(None, "studio database: an SQLite file or an SQLAlchemy URL (default: <output_dir>/studio.db)")
@@ -140,8 +140,8 @@ class CollectSection:
     )
     held_out: float = opt(0.15, "share of the comparisons kept out of RM training, for evaluation")
     batch_size: int = opt(64, "prompts per generate call")
-    generation: GenerationConfig = opt(GenerationConfig, "sampling")
-    studio: StudioCollect = opt(StudioCollect, "labels from people in the studio (source=studio)")
+    generation: GenerationSection = opt(GenerationSection, "sampling")
+    studio: StudioCollectSection = opt(StudioCollectSection, "labels from people in the studio (source=studio)")
 
 
 @dataclass
@@ -168,7 +168,7 @@ class PipelineConfig:
     overwrite: bool = opt(False, "re-run every stage even when its output is up to date")
     progress: bool = opt(True, "progress bars")
     playground: PlaygroundSection = opt(PlaygroundSection, "the built-in offline task")
-    data: PipelineData = opt(PipelineData, "your own data (without the playground)")
+    data: PipelineDataSection = opt(PipelineDataSection, "your own data (without the playground)")
     rounds: int = opt(
         1,
         "iterated rounds of collect -> rm -> rl: round r samples the policy of round r-1 (and the "

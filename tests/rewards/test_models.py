@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rufus.config import RewardConfig
+from rufus.config import RewardSection
 from rufus.data.reward import RewardCollator, encode_for_reward
 from rufus.models.loading import load_tokenizer, save_model
 from rufus.models.reward import load_reward_model, raw_scores, score, set_normalization
@@ -86,7 +86,7 @@ def test_policy_with_a_different_tokenizer(tmp_path, rm_dir, reward):
     assert ids != [reward.tokenizer(c, add_special_tokens=False)["input_ids"] for c in COMPLETIONS]
     decoded = policy_tok.batch_decode(ids, skip_special_tokens=True)
     assert decoded == COMPLETIONS
-    pipeline = build_reward_pipeline(RewardConfig(model=[str(rm_dir)], missing_eos_penalty=-1.0))
+    pipeline = build_reward_pipeline(RewardSection(model=[str(rm_dir)], missing_eos_penalty=-1.0))
     scores, stats = pipeline(PROMPTS, decoded, has_eos=torch.tensor([True, True, True, True, False]))
     expected, _ = direct_scores(rm_dir, PROMPTS, COMPLETIONS)
     assert torch.allclose(scores[:4], expected[:4], atol=1e-5) and scores[4] == -1.0
@@ -98,7 +98,7 @@ def test_models_come_first_then_functions(rm_dir, tmp_path, reward):
     path = tmp_path / "rules.py"
     path.write_text("def length(prompts, completions, **kw):\n    return [len(c) for c in completions]\n")
     p = build_reward_pipeline(
-        RewardConfig(model=[str(rm_dir)], function=[f"{path}:length"], weights=[0.5, 0.1], batch_size=3)
+        RewardSection(model=[str(rm_dir)], function=[f"{path}:length"], weights=[0.5, 0.1], batch_size=3)
     )
     assert [name for name, _ in p.sources] == ["reward", f"{path}:length"] and p.models[0].batch_size == 3
     scores, stats = p(PROMPTS, COMPLETIONS)

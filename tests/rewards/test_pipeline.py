@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from rufus.config import ConfigError, RewardConfig
+from rufus.config import ConfigError, RewardSection
 from rufus.rewards import FunctionReward, RewardError, RewardPipeline, RunningMoments, build_reward_pipeline
 from rufus.rewards.pipeline import _unique_names, model_names
 
@@ -172,14 +172,14 @@ def test_build_from_functions_and_extra_functions(rules):
         return [0.5] * len(completions)
 
     p = build_reward_pipeline(
-        RewardConfig(function=[rules], weights=[1.0, 2.0], missing_eos_penalty=-1.0), extra_functions=[bonus]
+        RewardSection(function=[rules], weights=[1.0, 2.0], missing_eos_penalty=-1.0), extra_functions=[bonus]
     )
     assert [name for name, _ in p.sources] == [rules, "bonus"] and p.weights == [1.0, 2.0]
     scores, stats = p(["q"] * 3, ["yes yes", "no", "yes"], has_eos=torch.tensor([True, True, False]))
     assert scores.tolist() == [3.0, 1.0, -1.0]
     assert stats[f"score/{rules}"] == pytest.approx(1.0) and stats["score/bonus"] == 0.5
     # default weights: all 1
-    assert build_reward_pipeline(RewardConfig(), extra_functions=[bonus, as_number]).weights == [1.0, 1.0]
+    assert build_reward_pipeline(RewardSection(), extra_functions=[bonus, as_number]).weights == [1.0, 1.0]
 
 
 def test_build_weights_mismatch_names_the_key_and_the_sources(rules):
@@ -187,7 +187,7 @@ def test_build_weights_mismatch_names_the_key_and_the_sources(rules):
         return [0.0] * len(completions)
 
     with pytest.raises(ConfigError) as e:
-        build_reward_pipeline(RewardConfig(function=[rules], weights=[1.0]), extra_functions=[bonus])
+        build_reward_pipeline(RewardSection(function=[rules], weights=[1.0]), extra_functions=[bonus])
     message = str(e.value)
     assert "reward.weights has 1 values but there are 2 reward sources" in message
     assert repr(rules) in message and "'bonus'" in message
@@ -195,7 +195,7 @@ def test_build_weights_mismatch_names_the_key_and_the_sources(rules):
 
 def test_build_without_sources_is_an_error():
     with pytest.raises(ConfigError, match="set reward.model or reward.function, or pass reward_fn"):
-        build_reward_pipeline(RewardConfig())
+        build_reward_pipeline(RewardSection())
 
 
 def test_source_names():

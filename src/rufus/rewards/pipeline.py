@@ -202,7 +202,7 @@ def build_reward_pipeline(
     trust_remote_code: bool = False,
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> RewardPipeline:
-    """The pipeline a `RewardConfig` section describes, plus `extra_functions` (e.g. ``reward_fn=``).
+    """The pipeline a `RewardSection` section describes, plus `extra_functions` (e.g. ``reward_fn=``).
 
     Sources in order: reward models (`section.model`, named by the last path component, or more
     components when two would share a name), functions (`section.function`, named by their spec),

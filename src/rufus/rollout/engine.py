@@ -22,7 +22,7 @@ def sample_rollout(
                 {"prompt": str or chat messages, "ids": list[int] (the encoded prompt),
                  "extra": {column: value} (other dataset columns, passed on to reward functions)}
     n           samples per prompt; prompt i's samples are rows i*n .. i*n + n - 1
-    generation  a `GenerationConfig` section: max_new_tokens, temperature, top_k, top_p, stop_at_eos
+    generation  a `GenerationSection` section: max_new_tokens, temperature, top_k, top_p, stop_at_eos
 
     Returns a Rollout with, for the B = len(rows) * n sequences:
       prompts, extra      each row's prompt and extra columns, repeated n times

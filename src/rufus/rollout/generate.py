@@ -51,7 +51,7 @@ def generate_responses(
     device: torch.device | str = "cpu",
     use_cache: bool = True,
 ) -> Rollout:
-    """Sample one response per prompt with the settings in `gen` (a GenerationConfig section).
+    """Sample one response per prompt with the settings in `gen` (a `rufus.config.GenerationSection`).
 
     stop_at_eos=False samples exactly max_new_tokens (the fixed-length "EOS trick" of N+ details
     D23): the response mask still ends at the first EOS, so what follows it never counts.

@@ -21,7 +21,7 @@ def sample_responses(
 ) -> list[list[str]]:
     """`k` sampled responses (text) to each prompt (a string or a message list): one list per prompt.
 
-    `generation` is a `rufus.config.GenerationConfig` (max_new_tokens, temperature, top_k, top_p,
+    `generation` is a `rufus.config.GenerationSection` (max_new_tokens, temperature, top_k, top_p,
     stop_at_eos); `batch_size` bounds the sequences per generate call.
     """
     import torch

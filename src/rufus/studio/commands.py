@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from rufus.config import REQUIRED, ConfigError, GenerationConfig, as_config, opt
+from rufus.config import REQUIRED, ConfigError, GenerationSection, as_config, opt
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class NewRoundConfig:
     )
     instructions: str = opt("", "guidance shown above every item")
     max_prompts: int = opt(-1, "use at most this many prompts of the file (-1 = all)")
-    generation: GenerationConfig = opt(GenerationConfig, "sampling, as in rufus generate")
+    generation: GenerationSection = opt(GenerationSection, "sampling, as in rufus generate")
     batch_size: int = opt(32, "sequences per generate call")
     seed: int = opt(0, "random seed of the sampler")
     dtype: Literal["auto", "float32", "bfloat16"] = opt("auto", "weights dtype for sampling")
@@ -367,7 +367,7 @@ class StudioDemoConfig:
 def demo(config: StudioDemoConfig | dict) -> dict:
     from sqlalchemy import select
 
-    from rufus.config import GenerationConfig as Gen
+    from rufus.config import GenerationSection as Gen
     from rufus.pipeline import run_pipeline
     from rufus.playground.base import make_prompts
     from rufus.rollout.sample import sample_responses

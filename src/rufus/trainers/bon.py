@@ -25,13 +25,13 @@ import torch
 
 from rufus.config import (
     ConfigError,
-    DataConfig,
-    GenerationConfig,
+    DataSection,
+    GenerationSection,
     LogArgs,
-    LoraConfig,
+    LoraSection,
     ModelArgs,
     OptimArgs,
-    RewardConfig,
+    RewardSection,
     RunArgs,
     as_config,
     opt,
@@ -75,10 +75,10 @@ class BoNConfig(LogArgs, OptimArgs, RunArgs, ModelArgs):
     )
     epochs: float = opt(1.0, "unused: bon.rounds and bon.sft_epochs set the length of a run")
     save_every: int = opt(1, "write a checkpoint every this many rounds (and after the last; 0 = only then)")
-    data: DataConfig = opt(DataConfig, "prompts (prompt-only format); data.max_prompt_length bounds them")
-    generation: GenerationConfig = opt(GenerationConfig, "sampling")
-    reward: RewardConfig = opt(RewardConfig, "reward sources")
-    lora: LoraConfig = opt(LoraConfig, "LoRA adapters (lora.r > 0 turns them on)")
+    data: DataSection = opt(DataSection, "prompts (prompt-only format); data.max_prompt_length bounds them")
+    generation: GenerationSection = opt(GenerationSection, "sampling")
+    reward: RewardSection = opt(RewardSection, "reward sources")
+    lora: LoraSection = opt(LoraSection, "LoRA adapters (lora.r > 0 turns them on)")
     bon: BoNSection = opt(BoNSection, "best-of-n selection and rounds")
     num_samples: int = opt(4, "kept (prompt, response, score) rows written to samples.jsonl per round (0 = none)")
 

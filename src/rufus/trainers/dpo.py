@@ -29,13 +29,13 @@ import torch
 
 from rufus.config import (
     ConfigError,
-    DataConfig,
-    GenerationConfig,
+    DataSection,
+    GenerationSection,
     LogArgs,
-    LoraConfig,
+    LoraSection,
     ModelArgs,
     OptimArgs,
-    RewardConfig,
+    RewardSection,
     RunArgs,
     as_config,
     opt,
@@ -68,11 +68,11 @@ class DPOConfig(LogArgs, OptimArgs, RunArgs, ModelArgs):
     output_dir: str = opt("runs/dpo", "directory for config.yaml, metrics.jsonl, checkpoints/ and final/")
     lr: float = opt(5e-7, "peak learning rate (AdamW); Zephyr's 5e-7; TRL and the DPO paper use 1e-6")
     ref_model: str | None = opt(None, "reference model (default: the starting model; with LoRA, the base)")
-    data: DataConfig = opt(DataConfig, "preference pairs (prompt, chosen, rejected), or prompts only (online)")
-    lora: LoraConfig = opt(LoraConfig, "LoRA adapters (lora.r > 0 turns them on; the reference is then the base)")
+    data: DataSection = opt(DataSection, "preference pairs (prompt, chosen, rejected), or prompts only (online)")
+    lora: LoraSection = opt(LoraSection, "LoRA adapters (lora.r > 0 turns them on; the reference is then the base)")
     dpo: DPOSection = opt(DPOSection, "DPO objective and rounds")
-    generation: GenerationConfig = opt(GenerationConfig, "sampling in online rounds")
-    reward: RewardConfig = opt(RewardConfig, "reward sources that rank the two samples of an online round")
+    generation: GenerationSection = opt(GenerationSection, "sampling in online rounds")
+    reward: RewardSection = opt(RewardSection, "reward sources that rank the two samples of an online round")
 
 
 @dataclass

@@ -46,7 +46,7 @@ class GRPOSection:
 
 
 @dataclass
-class GRPOKL:
+class GRPOKLSection:
     """KL to the reference, in the loss (k3 estimator)."""
 
     coef: float = opt(0.04, "beta; 0 = no KL term and no reference model loaded at all")
@@ -63,7 +63,7 @@ class GRPOConfig(OnlineArgs, LogArgs, OptimArgs, RunArgs, ModelArgs):
     batch_size: int = opt(8, "prompts per step, over all processes (each sampled group_size times)")
     grad_accum: int = opt(1, "micro-batches per minibatch")
     grpo: GRPOSection = opt(GRPOSection, "groups and update")
-    kl: GRPOKL = opt(GRPOKL, "KL penalty")
+    kl: GRPOKLSection = opt(GRPOKLSection, "KL penalty")
 
 
 @dataclass

@@ -21,9 +21,9 @@ import torch
 from rufus.config import (
     REQUIRED,
     ConfigError,
-    DataConfig,
+    DataSection,
     LogArgs,
-    LoraConfig,
+    LoraSection,
     ModelArgs,
     OptimArgs,
     RunArgs,
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class RewardSection:
+class RMSection:
     """The reward-model objective."""
 
     format: Literal["preference", "ranking"] = opt(
@@ -61,9 +61,9 @@ class RMConfig(LogArgs, OptimArgs, RunArgs, ModelArgs):
 
     output_dir: str = opt("runs/rm", "directory for config.yaml, metrics.jsonl, checkpoints/ and final/")
     lr: float = opt(1e-5, "peak learning rate (AdamW)")
-    data: DataConfig = opt(DataConfig, "training and evaluation comparisons")
-    lora: LoraConfig = opt(LoraConfig, "LoRA adapters (lora.r > 0 turns them on; the head trains in full)")
-    rm: RewardSection = opt(RewardSection, "reward-model objective")
+    data: DataSection = opt(DataSection, "training and evaluation comparisons")
+    lora: LoraSection = opt(LoraSection, "LoRA adapters (lora.r > 0 turns them on; the head trains in full)")
+    rm: RMSection = opt(RMSection, "reward-model objective")
 
 
 @dataclass

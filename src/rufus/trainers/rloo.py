@@ -40,7 +40,7 @@ class RLOOSection:
 
 
 @dataclass
-class RLOOKL:
+class RLOOKLSection:
     """KL to the reference, in the reward."""
 
     coef: float = opt(0.05, "beta; 0 = no KL term and no reference model loaded")
@@ -57,7 +57,7 @@ class RLOOConfig(OnlineArgs, LogArgs, OptimArgs, RunArgs, ModelArgs):
     batch_size: int = opt(8, "prompts per step, over all processes (each sampled rloo.group_size times)")
     grad_accum: int = opt(1, "micro-batches per minibatch")
     rloo: RLOOSection = opt(RLOOSection, "estimator and update")
-    kl: RLOOKL = opt(RLOOKL, "KL penalty")
+    kl: RLOOKLSection = opt(RLOOKLSection, "KL penalty")
 
 
 @dataclass

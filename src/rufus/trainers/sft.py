@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from rufus.config import DataConfig, LogArgs, LoraConfig, ModelArgs, OptimArgs, RunArgs, as_config, opt
+from rufus.config import DataSection, LogArgs, LoraSection, ModelArgs, OptimArgs, RunArgs, as_config, opt
 from rufus.losses.sft import sft_loss
 from rufus.trainers import common
 
@@ -27,8 +27,8 @@ class SFTConfig(LogArgs, OptimArgs, RunArgs, ModelArgs):
     """Supervised fine-tuning on prompt/completion or chat-formatted demonstrations."""
 
     output_dir: str = opt("runs/sft", "directory for config.yaml, metrics.jsonl, checkpoints/ and final/")
-    data: DataConfig = opt(DataConfig, "training and evaluation data")
-    lora: LoraConfig = opt(LoraConfig, "LoRA adapters (lora.r > 0 turns them on)")
+    data: DataSection = opt(DataSection, "training and evaluation data")
+    lora: LoraSection = opt(LoraSection, "LoRA adapters (lora.r > 0 turns them on)")
 
 
 @dataclass
