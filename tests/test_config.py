@@ -153,4 +153,4 @@ def test_a_renamed_key_names_its_new_name(old, new, cls):
     section, key = old.split(".")
     with pytest.raises(ConfigError, match=f"did you mean '{new}'"):  # nested, as a YAML file or dict holds it
         load_config(config_cls, defaults={"model": "m", section: {key: 2}})
-    assert load_config(config_cls, overrides=[f"{new}=2", "model=m"]) is not None
+    assert load_config(config_cls, overrides=[f"{new}=2", "model=m", "data.train=t"]) is not None

@@ -116,7 +116,7 @@ def test_best_of_n_empirical_kl_stays_below_the_analytic_bound(tiny_model, tmp_p
         if n == 1:  # the sampler draws from p itself: the test's p is the distribution generate() uses
             assert 0.5 * float((q_hat - p).abs().sum()) < 0.04
         else:
-            assert out["bon/score_best"] > out["bon/score_mean"]
+            assert out["score/best"] > out["score/mean"]
 
 
 def test_top_k_zero_samples_the_whole_vocabulary(tiny_model, tmp_path):
@@ -161,8 +161,8 @@ def test_best_of_n_rows_and_summary(tiny_model, tmp_path):
     for r in rows:
         assert len(r["all_responses"]) == len(r["all_scores"]) == 3
         assert r["score"] == max(r["all_scores"]) and r["response"] in r["all_responses"]
-    assert out["bon/score_best"] == pytest.approx(sum(r["score"] for r in rows) / 5)
-    assert out["bon/score_mean"] == pytest.approx(sum(sum(r["all_scores"]) for r in rows) / 15)
+    assert out["score/best"] == pytest.approx(sum(r["score"] for r in rows) / 5)
+    assert out["score/mean"] == pytest.approx(sum(sum(r["all_scores"]) for r in rows) / 15)
     assert out["bon/kl_bound"] == pytest.approx(math.log(3) - 2 / 3)
     summary = json.loads((tmp_path / "gen" / "summary.json").read_text())
     assert summary["best_of"] == 3 and "generations" not in summary
@@ -181,7 +181,7 @@ def test_single_prompt_without_reward_goes_to_stdout(tiny_model, capsys):
     )
     (row,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert row == out["generations"][0] and set(row) == {"prompt", "response"}
-    assert out["output"] == "-" and out["bon/kl_bound"] == 0.0 and "bon/score_mean" not in out
+    assert out["output"] == "-" and out["bon/kl_bound"] == 0.0 and "score/mean" not in out
 
 
 @pytest.mark.parametrize(

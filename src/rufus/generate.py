@@ -65,7 +65,7 @@ class GenerateConfig:
 
 def generate(config: GenerateConfig | dict, reward_fn=None) -> dict:
     """Sample as configured; write one row per prompt ({"prompt", "response"[, "score"]}) and return a
-    summary: prompts, samples, best_of, bon/kl_bound, bon/score_mean (every sample), bon/score_best
+    summary: prompts, samples, best_of, bon/kl_bound, score/mean (every sample), score/best (the picked ones)
     (the returned ones), response/length, output, plus "generations" (the rows, for Python callers).
 
     `reward_fn(prompts, completions, **kw) -> list[float]` (or a list of them) adds reward sources.
@@ -156,8 +156,8 @@ def generate(config: GenerateConfig | dict, reward_fn=None) -> dict:
         atomic_write_text(output, text)
     summary = {"prompts": len(rows), "samples": len(rows) * n, "best_of": n, "bon/kl_bound": bon_kl_bound(n)}
     if reward is not None:
-        summary["bon/score_mean"] = sum(all_scores) / len(all_scores)
-        summary["bon/score_best"] = sum(best_scores) / len(best_scores)
+        summary["score/mean"] = sum(all_scores) / len(all_scores)
+        summary["score/best"] = sum(best_scores) / len(best_scores)
     summary.update(
         {"response/length": sum(lengths) / len(lengths), "time/s": time.perf_counter() - t0, "output": output}
     )
@@ -168,8 +168,8 @@ def generate(config: GenerateConfig | dict, reward_fn=None) -> dict:
         log.info(
             "best of %d: mean score %.4g (all samples) -> %.4g (best); KL to the sampler <= %.4f nats",
             n,
-            summary["bon/score_mean"],
-            summary["bon/score_best"],
+            summary["score/mean"],
+            summary["score/best"],
             summary["bon/kl_bound"],
         )
     return {**summary, "generations": rows}

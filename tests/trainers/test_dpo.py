@@ -13,17 +13,12 @@ from transformers import AutoModelForCausalLM
 from rufus.data.errors import DataError
 from rufus.report.metrics import read_metrics
 from rufus.trainers.dpo import train_dpo
-from tests.helpers import make_tiny_model_dir, preference_rows, write_jsonl
+from tests.helpers import preference_rows, write_jsonl
 
 
 def completion_length(prompts, completions, **kw):
     """Programmatic reward with few ties: the number of characters in the completion."""
     return [float(len(c)) for c in completions]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +40,9 @@ def prompts(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", rows)
 
 
-def dpo_config(tiny, train, out, **over):
+def dpo_config(tiny_model, train, out, **over):
     cfg = {
-        "model": str(tiny),
+        "model": str(tiny_model),
         "output_dir": str(out),
         "data": {"train": str(train), "max_length": 48},
         "batch_size": 8,
@@ -64,14 +59,14 @@ def dpo_config(tiny, train, out, **over):
     return cfg
 
 
-def test_pairs_label_only_the_response_and_sequence_logprobs_match_a_naive_loop(tiny, tmp_path):
+def test_pairs_label_only_the_response_and_sequence_logprobs_match_a_naive_loop(tiny_model, tmp_path):
     from rufus.data.dpo import PairCollator, tokenize_pairs
     from rufus.data.loading import load_records
     from rufus.data.sft import encode_prompt
     from rufus.models.loading import load_causal_lm, load_tokenizer
     from rufus.rollout.logprobs import sequence_logprobs
 
-    tok = load_tokenizer(str(tiny))
+    tok = load_tokenizer(str(tiny_model))
     rows = preference_rows(3, seed=5)
     pairs = tokenize_pairs(
         load_records(write_jsonl(tmp_path / "three.jsonl", rows), format="preference"), tok, max_length=48
@@ -84,7 +79,7 @@ def test_pairs_label_only_the_response_and_sequence_logprobs_match_a_naive_loop(
             assert labels[len(prompt) :] == ids[len(prompt) :] and ids[-1] == tok.eos_token_id  # response + eos
     batch = PairCollator(tok.pad_token_id)(pairs)  # (6, T): 3 chosen rows, then 3 rejected rows
     assert batch["input_ids"].shape[0] == 6 and batch["labels"][3][0] == -100
-    model = load_causal_lm(str(tiny), tokenizer=tok).eval()
+    model = load_causal_lm(str(tiny_model), tokenizer=tok).eval()
     with torch.no_grad():
         got = sequence_logprobs(model, batch)
         for n, pair in enumerate([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]):
@@ -95,10 +90,10 @@ def test_pairs_label_only_the_response_and_sequence_logprobs_match_a_naive_loop(
             assert got[n].item() == pytest.approx(want, abs=1e-4), n
 
 
-def test_starts_at_log2_and_learns_the_held_out_preference(tiny, prefs, tmp_path):
+def test_starts_at_log2_and_learns_the_held_out_preference(tiny_model, prefs, tmp_path):
     train, held_out = prefs
     result = train_dpo(
-        dpo_config(tiny, train, tmp_path / "run", max_steps=6, eval_every=3, **{"data.eval": str(held_out)})
+        dpo_config(tiny_model, train, tmp_path / "run", max_steps=6, eval_every=3, **{"data.eval": str(held_out)})
     )
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     # pi == pi_ref at step 1 (dropout off), so h = 0 and the loss is -log sigmoid(0) = log 2
@@ -129,13 +124,13 @@ def test_starts_at_log2_and_learns_the_held_out_preference(tiny, prefs, tmp_path
     assert all(torch.equal(reloaded[k], v) for k, v in result.policy.state_dict().items() if k in reloaded)
 
 
-def test_precomputed_and_on_the_fly_reference_and_grad_accum_give_the_same_losses(tiny, small, tmp_path):
+def test_precomputed_and_on_the_fly_reference_and_grad_accum_give_the_same_losses(tiny_model, small, tmp_path):
     # reference log-probs computed once up front vs in every micro-batch, and one batch of 8 pairs vs
     # 4 accumulated micro-batches of 2: the loss is divided by the optimiser batch's pair count either way
     runs = {"precomputed": {}, "on_the_fly_accumulated": {"dpo.precompute_ref": False, "grad_accum": 4}}
     losses = {}
     for name, over in runs.items():
-        train_dpo(dpo_config(tiny, small, tmp_path / name, max_steps=3, **over))
+        train_dpo(dpo_config(tiny_model, small, tmp_path / name, max_steps=3, **over))
         losses[name] = [r["dpo/loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl")]
     assert len(losses["precomputed"]) == 3 and losses["precomputed"][-1] < losses["precomputed"][0]
     assert losses["on_the_fly_accumulated"] == pytest.approx(losses["precomputed"], abs=1e-5)
@@ -146,8 +141,8 @@ def test_precomputed_and_on_the_fly_reference_and_grad_accum_give_the_same_losse
     [{"dpo.loss_type": "ipo"}, {"dpo.loss_type": "hinge"}, {"dpo.label_smoothing": 0.1}],
     ids=["ipo", "hinge", "cdpo"],
 )
-def test_variants_reduce_their_loss(tiny, small, tmp_path, variant):
-    train_dpo(dpo_config(tiny, small, tmp_path / "run", max_steps=3, **variant))
+def test_variants_reduce_their_loss(tiny_model, small, tmp_path, variant):
+    train_dpo(dpo_config(tiny_model, small, tmp_path / "run", max_steps=3, **variant))
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     # at h = 0: ipo (0 - 1/(2 beta))^2 = 25, hinge max(0, 1 - 0) = 1, cDPO -(1-e+e) log sigmoid(0) = log 2
     start = {"ipo": (1 / (2 * 0.1)) ** 2, "hinge": 1.0}.get(variant.get("dpo.loss_type"), math.log(2))
@@ -155,10 +150,10 @@ def test_variants_reduce_their_loss(tiny, small, tmp_path, variant):
     assert rows[-1]["dpo/loss"] < 0.9 * rows[0]["dpo/loss"], [r["dpo/loss"] for r in rows]
 
 
-def test_lora_reference_is_the_adapter_disabled_base(tiny, small, tmp_path):
+def test_lora_reference_is_the_adapter_disabled_base(tiny_model, small, tmp_path):
     result = train_dpo(
         dpo_config(
-            tiny,
+            tiny_model,
             small,
             tmp_path / "lora",
             max_steps=3,
@@ -167,7 +162,7 @@ def test_lora_reference_is_the_adapter_disabled_base(tiny, small, tmp_path):
         )
     )
     assert result.reference is None  # no second model: the base with adapters off is pi_ref
-    base = AutoModelForCausalLM.from_pretrained(tiny).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
     for name, p in result.policy.named_parameters():
         if "lora_" not in name:
             key = name.replace("base_model.model.", "").replace(".base_layer", "")
@@ -181,18 +176,20 @@ def test_lora_reference_is_the_adapter_disabled_base(tiny, small, tmp_path):
     assert changed  # the adapters were merged into the saved weights
 
 
-def test_online_rounds_train_on_pairs_sampled_from_the_policy(tiny, prompts, tmp_path):
+def test_online_rounds_train_on_pairs_sampled_from_the_policy(tiny_model, prompts, tmp_path):
     # a prompt-only file: every round is online, round 1 included
     result = train_dpo(
-        dpo_config(tiny, prompts, tmp_path / "online", max_steps=2, **{"dpo.rounds": 2, "dpo.prompts_per_round": 12}),
+        dpo_config(
+            tiny_model, prompts, tmp_path / "online", max_steps=2, **{"dpo.rounds": 2, "dpo.prompts_per_round": 12}
+        ),
         reward_fn=completion_length,
     )
     rows = read_metrics(tmp_path / "online" / "metrics.jsonl")
     assert [r["dpo/round"] for r in rows] == [1, 1, 2, 2]
     for first in (rows[0], rows[2]):  # each round's sampling statistics are logged with its first row
         assert 0 < first["online/pairs"] <= 12 and first["online/pairs"] + first["online/ties"] == 12
-        assert first["online/score_chosen"] > first["online/score_rejected"]
-        assert "online/score_mean" in first and "online/response_length" in first
+        assert first["score/chosen"] > first["score/rejected"]
+        assert "score/mean" in first and "response/length" in first
     pairs = [json.loads(x) for x in (tmp_path / "online" / "pairs.jsonl").read_text().splitlines()]
     by_round = {r: [p for p in pairs if p["round"] == r] for r in (1, 2)}
     assert len(by_round[2]) == rows[2]["online/pairs"] and len(by_round[1]) == rows[0]["online/pairs"]
@@ -203,12 +200,12 @@ def test_online_rounds_train_on_pairs_sampled_from_the_policy(tiny, prompts, tmp
     assert result.final_dir.exists() and result.steps == 4
 
 
-def test_resume_reproduces_the_uninterrupted_run(tiny, small, tmp_path):
+def test_resume_reproduces_the_uninterrupted_run(tiny_model, small, tmp_path):
     # round 1 offline on the pairs, round 2 online; resume at the round boundary (the round's pairs
     # are sampled again, identically) and inside round 2 (its pairs come back from the checkpoint)
     train = small
     common = dict(max_steps=2, save_every=1, save_total_limit=0, **{"dpo.rounds": 2, "dpo.prompts_per_round": 8})
-    straight = train_dpo(dpo_config(tiny, train, tmp_path / "straight", **common), reward_fn=completion_length)
+    straight = train_dpo(dpo_config(tiny_model, train, tmp_path / "straight", **common), reward_fn=completion_length)
     final = {k: v.clone() for k, v in straight.policy.state_dict().items()}
     assert read_metrics(tmp_path / "straight" / "metrics.jsonl")[2]["online/pairs"] > 0
     for cut_at in (2, 3):
@@ -218,7 +215,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, small, tmp_path):
         shutil.copytree(tmp_path / "straight" / "checkpoints" / name, cut / "checkpoints" / name)
         for f in ("metrics.jsonl", "pairs.jsonl"):  # as an interrupted run leaves them (rows past the cut too)
             shutil.copy(tmp_path / "straight" / f, cut / f)
-        resumed = train_dpo(dpo_config(tiny, train, cut, resume=True, **common), reward_fn=completion_length)
+        resumed = train_dpo(dpo_config(tiny_model, train, cut, resume=True, **common), reward_fn=completion_length)
         assert all(torch.equal(v, final[k]) for k, v in resumed.policy.state_dict().items()), cut_at
         a, b = read_metrics(tmp_path / "straight" / "metrics.jsonl"), read_metrics(cut / "metrics.jsonl")
         assert [r["step"] for r in b] == [1, 2, 3, 4]
@@ -226,15 +223,15 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, small, tmp_path):
         assert (cut / "pairs.jsonl").read_text() == (tmp_path / "straight" / "pairs.jsonl").read_text()
 
 
-def test_bad_pairs_fail_before_training_naming_file_line_and_field(tiny, tmp_path):
+def test_bad_pairs_fail_before_training_naming_file_line_and_field(tiny_model, tmp_path):
     rows = preference_rows(4)
     del rows[2]["rejected"]
     bad = write_jsonl(tmp_path / "missing.jsonl", rows)
     with pytest.raises(DataError, match=r"missing\.jsonl, line 3.*rejected"):
-        train_dpo(dpo_config(tiny, bad, tmp_path / "run"))
+        train_dpo(dpo_config(tiny_model, bad, tmp_path / "run"))
     rows = preference_rows(4)
     rows[1]["rejected"] = rows[1]["chosen"]
     same = write_jsonl(tmp_path / "same.jsonl", rows)
     with pytest.raises(DataError, match=r"same\.jsonl, line 2.*identical"):
-        train_dpo(dpo_config(tiny, same, tmp_path / "run"))
+        train_dpo(dpo_config(tiny_model, same, tmp_path / "run"))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -1,4 +1,4 @@
-"""GRPO and RLOO / REINFORCE++ trainers on a tiny LM with a programmatic reward."""
+"""GRPO and RLOO / REINFORCE++ trainers on a tiny_model LM with a programmatic reward."""
 
 from __future__ import annotations
 
@@ -8,12 +8,7 @@ import torch
 from rufus.report.metrics import read_metrics
 from rufus.trainers.grpo import train_grpo
 from rufus.trainers.rloo import train_rloo
-from tests.helpers import arithmetic_prompts, digit_fraction, make_tiny_model_dir, with_overrides, write_jsonl
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+from tests.helpers import arithmetic_prompts, digit_fraction, with_overrides, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +16,9 @@ def prompts(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", arithmetic_prompts())
 
 
-def config(tiny, prompts, out, **over):
+def config(tiny_model, prompts, out, **over):
     cfg = {
-        "model": str(tiny),
+        "model": str(tiny_model),
         "output_dir": str(out),
         "data": {"train": str(prompts), "max_length": 40},
         "generation": {"max_new_tokens": 8},
@@ -42,9 +37,9 @@ def early_late(rows, key="score/mean", n=5):
     return sum(values[:n]) / n, sum(values[-n:]) / n
 
 
-def test_grpo_raises_the_reward_with_bounded_kl(tiny, prompts, tmp_path):
+def test_grpo_raises_the_reward_with_bounded_kl(tiny_model, prompts, tmp_path):
     result = train_grpo(
-        config(tiny, prompts, tmp_path / "grpo", lr=5e-3, max_steps=40, **{"grpo.group_size": 4, "kl.coef": 0.1}),
+        config(tiny_model, prompts, tmp_path / "grpo", lr=5e-3, max_steps=40, **{"grpo.group_size": 4, "kl.coef": 0.1}),
         reward_fn=digit_fraction,
     )
     rows = read_metrics(tmp_path / "grpo" / "metrics.jsonl")
@@ -56,7 +51,7 @@ def test_grpo_raises_the_reward_with_bounded_kl(tiny, prompts, tmp_path):
 
 
 def test_grpo_without_kl_loads_no_reference_and_dr_grpo_and_dapo_options_take_effect(
-    tiny, prompts, tmp_path, monkeypatch
+    tiny_model, prompts, tmp_path, monkeypatch
 ):
     """kl.coef=0 loads no reference; scale_rewards=false (Dr. GRPO) centres without dividing by the std;
     loss_aggregation=constant divides by responses x max_new_tokens; clip_high reaches the loss;
@@ -83,7 +78,7 @@ def test_grpo_without_kl_loads_no_reference_and_dr_grpo_and_dapo_options_take_ef
     monkeypatch.setattr(grpo_losses, "grpo_policy_loss", loss_spy)
     result = train_grpo(
         config(
-            tiny,
+            tiny_model,
             prompts,
             tmp_path / "dr",
             max_steps=6,
@@ -119,10 +114,10 @@ def test_grpo_without_kl_loads_no_reference_and_dr_grpo_and_dapo_options_take_ef
 @pytest.mark.parametrize(
     "estimator, lr, steps", [("rloo", 1e-2, 40), ("reinforce_pp", 5e-3, 40), ("reinforce_pp_baseline", 5e-3, 60)]
 )
-def test_rloo_and_reinforce_pp_raise_the_reward(tiny, prompts, tmp_path, estimator, lr, steps):
+def test_rloo_and_reinforce_pp_raise_the_reward(tiny_model, prompts, tmp_path, estimator, lr, steps):
     train_rloo(
         config(
-            tiny,
+            tiny_model,
             prompts,
             tmp_path / estimator,
             lr=lr,
@@ -138,7 +133,9 @@ def test_rloo_and_reinforce_pp_raise_the_reward(tiny, prompts, tmp_path, estimat
     assert torch.isfinite(torch.tensor([r["kl/mean"] for r in rows])).all()
 
 
-def test_grpo_single_update_takes_pi_old_from_its_own_pass_with_the_same_result(tiny, prompts, tmp_path, monkeypatch):
+def test_grpo_single_update_takes_pi_old_from_its_own_pass_with_the_same_result(
+    tiny_model, prompts, tmp_path, monkeypatch
+):
     """grpo.epochs = minibatches = 1: no separate pi_old forward pass; the run (weights, logged KL,
     loss) is the one where pi_old has a pass of its own."""
     import rufus.trainers.online as online
@@ -155,10 +152,10 @@ def test_grpo_single_update_takes_pi_old_from_its_own_pass_with_the_same_result(
 
     cfg = dict(max_steps=4, **{"grpo.group_size": 4, "kl.coef": 0.1})
     monkeypatch.setattr(online, "old_and_ref_logprobs", spy)
-    fast = train_grpo(config(tiny, prompts, tmp_path / "fast", **cfg), reward_fn=digit_fraction)
+    fast = train_grpo(config(tiny_model, prompts, tmp_path / "fast", **cfg), reward_fn=digit_fraction)
     assert calls == [False] * 4
     monkeypatch.setattr(online, "old_and_ref_logprobs", separate_pass)
-    plain = train_grpo(config(tiny, prompts, tmp_path / "plain", **cfg), reward_fn=digit_fraction)
+    plain = train_grpo(config(tiny_model, prompts, tmp_path / "plain", **cfg), reward_fn=digit_fraction)
     a, b = read_metrics(tmp_path / "fast" / "metrics.jsonl"), read_metrics(tmp_path / "plain" / "metrics.jsonl")
     for key in ("kl/mean", "policy/ref_kl", "policy/entropy", "reward/mean", "response/length"):
         assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-4, abs=1e-6), key

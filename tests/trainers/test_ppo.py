@@ -11,12 +11,7 @@ import torch
 
 from rufus.report.metrics import read_metrics
 from rufus.trainers.ppo import train_ppo
-from tests.helpers import arithmetic_prompts, digit_fraction, make_tiny_model_dir, with_overrides, write_jsonl
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+from tests.helpers import arithmetic_prompts, digit_fraction, with_overrides, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +19,9 @@ def prompts(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", arithmetic_prompts())
 
 
-def ppo_config(tiny, prompts, out, **over):
+def ppo_config(tiny_model, prompts, out, **over):
     cfg = {
-        "model": str(tiny),
+        "model": str(tiny_model),
         "output_dir": str(out),
         "data": {"train": str(prompts), "max_length": 40},
         "generation": {"max_new_tokens": 8},
@@ -49,8 +44,8 @@ def first_last(rows, key, n=5):
     return sum(values[:n]) / n, sum(values[-n:]) / n
 
 
-def test_programmatic_reward_rises_with_bounded_kl(tiny, prompts, tmp_path):
-    result = train_ppo(ppo_config(tiny, prompts, tmp_path / "run", max_steps=40), reward_fn=digit_fraction)
+def test_programmatic_reward_rises_with_bounded_kl(tiny_model, prompts, tmp_path):
+    result = train_ppo(ppo_config(tiny_model, prompts, tmp_path / "run", max_steps=40), reward_fn=digit_fraction)
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     start, end = first_last(rows, "score/mean")
     assert end > start + 0.15, (start, end)
@@ -88,15 +83,15 @@ def test_programmatic_reward_rises_with_bounded_kl(tiny, prompts, tmp_path):
     assert {"step", "prompt", "response", "score"} <= set(samples[0])
     # the reference never moved; the actor did
     ref = result.reference.state_dict()
-    fresh = type(result.reference).from_pretrained(tiny).state_dict()
+    fresh = type(result.reference).from_pretrained(tiny_model).state_dict()
     assert all(torch.equal(ref[k], fresh[k]) for k in fresh)
     assert any(not torch.equal(p, fresh[n]) for n, p in result.policy.state_dict().items() if n in fresh)
 
 
-def test_bfloat16_ppo_still_raises_the_reward(tiny, prompts, tmp_path):
+def test_bfloat16_ppo_still_raises_the_reward(tiny_model, prompts, tmp_path):
     """dtype=bfloat16: actor and critic in bfloat16 with float32 masters, reference in bfloat16."""
     result = train_ppo(
-        ppo_config(tiny, prompts, tmp_path / "run", max_steps=40, dtype="bfloat16"), reward_fn=digit_fraction
+        ppo_config(tiny_model, prompts, tmp_path / "run", max_steps=40, dtype="bfloat16"), reward_fn=digit_fraction
     )
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     start, end = first_last(rows, "score/mean")
@@ -107,7 +102,7 @@ def test_bfloat16_ppo_still_raises_the_reward(tiny, prompts, tmp_path):
     assert result.reference.get_input_embeddings().weight.dtype == torch.bfloat16
 
 
-def test_learned_reward_model_rises_and_stays_frozen(tiny, prompts, tmp_path):
+def test_learned_reward_model_rises_and_stays_frozen(tiny_model, prompts, tmp_path):
     from rufus.trainers.reward import train_reward_model
     from tests.helpers import preference_rows
 
@@ -115,7 +110,7 @@ def test_learned_reward_model_rises_and_stays_frozen(tiny, prompts, tmp_path):
     prefs = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(128, seed=1))
     rm = train_reward_model(
         {
-            "model": str(tiny),
+            "model": str(tiny_model),
             "output_dir": str(tmp_path / "rm"),
             "dtype": "float32",
             "data": {"train": str(prefs), "max_length": 48},
@@ -128,7 +123,7 @@ def test_learned_reward_model_rises_and_stays_frozen(tiny, prompts, tmp_path):
     before = {k: v.clone() for k, v in rm.model.state_dict().items()}
     result = train_ppo(
         ppo_config(
-            tiny,
+            tiny_model,
             prompts,
             tmp_path / "ppo_rm",
             max_steps=25,
@@ -145,15 +140,15 @@ def test_learned_reward_model_rises_and_stays_frozen(tiny, prompts, tmp_path):
     assert before.keys() == saved.keys() and all(torch.equal(before[k], saved[k]) for k in saved)
 
 
-def test_lora_ppo_uses_the_adapter_disabled_base_as_reference(tiny, prompts, tmp_path):
+def test_lora_ppo_uses_the_adapter_disabled_base_as_reference(tiny_model, prompts, tmp_path):
     from transformers import AutoModelForCausalLM
 
     result = train_ppo(
-        ppo_config(tiny, prompts, tmp_path / "lora", max_steps=8, lr=1e-2, **{"lora.r": 4, "lora.alpha": 8}),
+        ppo_config(tiny_model, prompts, tmp_path / "lora", max_steps=8, lr=1e-2, **{"lora.r": 4, "lora.alpha": 8}),
         reward_fn=digit_fraction,
     )
     assert result.reference is None  # no second copy of the base weights
-    base = AutoModelForCausalLM.from_pretrained(tiny).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
     for name, p in result.policy.named_parameters():
         if "lora_" not in name:
             key = name.replace("base_model.model.", "").replace(".base_layer", "")
@@ -163,15 +158,15 @@ def test_lora_ppo_uses_the_adapter_disabled_base_as_reference(tiny, prompts, tmp
     assert rows[-1]["kl/mean"] != 0.0 and all(r["policy/ratio_dev_first"] == 0.0 for r in rows)
 
 
-def test_resume_reproduces_the_uninterrupted_run(tiny, prompts, tmp_path):
+def test_resume_reproduces_the_uninterrupted_run(tiny_model, prompts, tmp_path):
     common = dict(max_steps=6, save_every=3, save_total_limit=0, **{"kl.target": 1.0, "reward.scale": True})
-    train_ppo(ppo_config(tiny, prompts, tmp_path / "straight", **common), reward_fn=digit_fraction)
+    train_ppo(ppo_config(tiny_model, prompts, tmp_path / "straight", **common), reward_fn=digit_fraction)
     cut = tmp_path / "cut"
     (cut / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "straight" / "checkpoints" / "step-0000003", cut / "checkpoints" / "step-0000003")
     shutil.copy(tmp_path / "straight" / "metrics.jsonl", cut / "metrics.jsonl")
     shutil.copy(tmp_path / "straight" / "samples.jsonl", cut / "samples.jsonl")
-    train_ppo(ppo_config(tiny, prompts, cut, resume=True, **common), reward_fn=digit_fraction)
+    train_ppo(ppo_config(tiny_model, prompts, cut, resume=True, **common), reward_fn=digit_fraction)
 
     def untimed(rows):
         return [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s"))} for r in rows]
@@ -187,13 +182,13 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, prompts, tmp_path):
             assert rb[k] == pytest.approx(ra[k], rel=1e-6, abs=1e-7), (ra["step"], k)
 
 
-def test_shared_critic_and_ptx_learn(tiny, prompts, tmp_path):
+def test_shared_critic_and_ptx_learn(tiny_model, prompts, tmp_path):
     from tests.helpers import sft_rows
 
     ptx = write_jsonl(tmp_path / "ptx.jsonl", sft_rows(8))
     result = train_ppo(
         ppo_config(
-            tiny,
+            tiny_model,
             prompts,
             tmp_path / "shared",
             max_steps=40,
@@ -215,7 +210,7 @@ def test_shared_critic_and_ptx_learn(tiny, prompts, tmp_path):
     assert last < first, (first, last)
 
 
-def test_ptx_coef_weighs_the_language_model_loss(tiny, prompts, tmp_path):
+def test_ptx_coef_weighs_the_language_model_loss(tiny_model, prompts, tmp_path):
     """The ptx term is in the gradient: with ptx.coef = 1 the LM loss on the ptx text ends lower than
     with a negligible coefficient, on the same rollouts' seeds."""
     from tests.helpers import sft_rows
@@ -225,7 +220,7 @@ def test_ptx_coef_weighs_the_language_model_loss(tiny, prompts, tmp_path):
     for coef in (1e-6, 1.0):
         train_ppo(
             ppo_config(
-                tiny,
+                tiny_model,
                 prompts,
                 tmp_path / f"ptx{coef}",
                 max_steps=8,
