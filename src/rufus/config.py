@@ -516,15 +516,22 @@ class RewardSection:
 
 
 @dataclass
-class OnlineArgs:
-    """What the online RL trainers share: prompts, sampling, reward sources, reference, samples."""
+class SamplingArgs:
+    """What every trainer that samples from its policy shares (online RL, online DPO, best-of-n):
+    prompts, sampling, reward sources, LoRA."""
 
-    ref_model: str | None = opt(
-        None, "reference model (default: the starting policy; with LoRA, the adapter-disabled base)"
-    )
     data: DataSection = opt(DataSection, "prompts (prompt-only format; extra columns reach reward functions)")
     generation: GenerationSection = opt(GenerationSection, "sampling")
     reward: RewardSection = opt(RewardSection, "reward sources (several, with weights)")
     lora: LoraSection = opt(LoraSection, "LoRA adapters; the reference is then the adapter-disabled base")
+
+
+@dataclass
+class OnlineArgs(SamplingArgs):
+    """What the online RL trainers share: SamplingArgs, the reference, samples.jsonl."""
+
+    ref_model: str | None = opt(
+        None, "reference model (default: the starting policy; with LoRA, the adapter-disabled base)"
+    )
     sample_every: int = opt(10, "write a few (prompt, response, score) rows to samples.jsonl every this many steps")
     num_samples: int = opt(4, "rows per samples.jsonl entry")

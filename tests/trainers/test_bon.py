@@ -177,5 +177,5 @@ def test_example_recipe_loads():
     from rufus.trainers.bon import BoNConfig
 
     cfg = load_config(BoNConfig, Path(__file__).parents[2] / "configs" / "bon_tiny.yaml")
-    assert cfg.model == "builtin:tiny_model-llama" and cfg.reward.function == ["configs/rewards.py:digit_share"]
+    assert cfg.model == "builtin:tiny-llama" and cfg.reward.function == ["configs/rewards.py:digit_share"]
     assert cfg.bon.group_size == 8 and cfg.bon.rounds == 4

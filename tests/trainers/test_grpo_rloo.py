@@ -1,4 +1,4 @@
-"""GRPO and RLOO / REINFORCE++ trainers on a tiny_model LM with a programmatic reward."""
+"""GRPO and RLOO / REINFORCE++ trainers on a tiny LM with a programmatic reward."""
 
 from __future__ import annotations
 

@@ -23,19 +23,7 @@ from pathlib import Path
 
 import torch
 
-from rufus.config import (
-    ConfigError,
-    DataSection,
-    GenerationSection,
-    LogArgs,
-    LoraSection,
-    ModelArgs,
-    OptimArgs,
-    RewardSection,
-    RunArgs,
-    as_config,
-    opt,
-)
+from rufus.config import ConfigError, DataSection, LogArgs, ModelArgs, OptimArgs, RunArgs, SamplingArgs, as_config, opt
 from rufus.trainers import common, online
 
 log = logging.getLogger(__name__)
@@ -61,7 +49,7 @@ class BoNSection:
 
 
 @dataclass
-class BoNConfig(LogArgs, OptimArgs, RunArgs, ModelArgs):
+class BoNConfig(SamplingArgs, LogArgs, OptimArgs, RunArgs, ModelArgs):
     """Best-of-n rejection-sampling fine-tuning (RAFT / ReST-style expert iteration)."""
 
     output_dir: str = opt(
@@ -76,9 +64,6 @@ class BoNConfig(LogArgs, OptimArgs, RunArgs, ModelArgs):
     epochs: float = opt(1.0, "unused: bon.rounds and bon.sft_epochs set the length of a run")
     save_every: int = opt(1, "write a checkpoint every this many rounds (and after the last; 0 = only then)")
     data: DataSection = opt(DataSection, "prompts (prompt-only format); data.max_prompt_length bounds them")
-    generation: GenerationSection = opt(GenerationSection, "sampling")
-    reward: RewardSection = opt(RewardSection, "reward sources")
-    lora: LoraSection = opt(LoraSection, "LoRA adapters (lora.r > 0 turns them on)")
     bon: BoNSection = opt(BoNSection, "best-of-n selection and rounds")
     num_samples: int = opt(4, "kept (prompt, response, score) rows written to samples.jsonl per round (0 = none)")
 

@@ -134,19 +134,22 @@ def load_trainable_lm(cfg, tokenizer):
     masters when the run computes in bfloat16)."""
     from rufus.models.loading import apply_lora, load_causal_lm
 
-    model = load_causal_lm(
-        cfg.model,
-        tokenizer=tokenizer,
-        dtype=torch.float32,
+    model = load_causal_lm(cfg.model, tokenizer=tokenizer, dtype=torch.float32, **trainable_model_args(cfg))
+    if cfg.lora.r > 0:
+        model = apply_lora(model, cfg.lora)
+    return model
+
+
+def trainable_model_args(cfg) -> dict:
+    """How the run loads a model that trains (policy, reward model, critic): remote code, gradient
+    checkpointing, attention kernel, compute dtype and compile, from the run's config."""
+    return dict(
         trust_remote_code=cfg.trust_remote_code,
         gradient_checkpointing=cfg.gradient_checkpointing,
         attn_implementation=cfg.attn_implementation,
         compute_dtype=compute_dtype(cfg),
         compile=cfg.compile,
     )
-    if cfg.lora.r > 0:
-        model = apply_lora(model, cfg.lora)
-    return model
 
 
 def compute_dtype(cfg) -> torch.dtype:

@@ -32,11 +32,11 @@ from rufus.config import (
     DataSection,
     GenerationSection,
     LogArgs,
-    LoraSection,
     ModelArgs,
     OptimArgs,
     RewardSection,
     RunArgs,
+    SamplingArgs,
     as_config,
     opt,
 )
@@ -62,14 +62,13 @@ class DPOSection:
 
 
 @dataclass
-class DPOConfig(LogArgs, OptimArgs, RunArgs, ModelArgs):
+class DPOConfig(SamplingArgs, LogArgs, OptimArgs, RunArgs, ModelArgs):
     """DPO (and IPO, hinge, cDPO; iterated online DPO with dpo.rounds > 1) on preference pairs."""
 
     output_dir: str = opt("runs/dpo", "directory for config.yaml, metrics.jsonl, checkpoints/ and final/")
     lr: float = opt(5e-7, "peak learning rate (AdamW); Zephyr's 5e-7; TRL and the DPO paper use 1e-6")
     ref_model: str | None = opt(None, "reference model (default: the starting model; with LoRA, the base)")
     data: DataSection = opt(DataSection, "preference pairs (prompt, chosen, rejected), or prompts only (online)")
-    lora: LoraSection = opt(LoraSection, "LoRA adapters (lora.r > 0 turns them on; the reference is then the base)")
     dpo: DPOSection = opt(DPOSection, "DPO objective and rounds")
     generation: GenerationSection = opt(GenerationSection, "sampling in online rounds")
     reward: RewardSection = opt(RewardSection, "reward sources that rank the two samples of an online round")

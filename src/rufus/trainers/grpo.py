@@ -66,14 +66,7 @@ class GRPOConfig(OnlineArgs, LogArgs, OptimArgs, RunArgs, ModelArgs):
     kl: GRPOKLSection = opt(GRPOKLSection, "KL penalty")
 
 
-@dataclass
-class GRPOResult:
-    output_dir: Path
-    final_dir: Path
-    steps: int
-    metrics: list[dict]
-    policy: object = None  # the trained policy (unwrapped; a peft model under LoRA)
-    reference: object = None  # None when kl.coef == 0 or under LoRA
+GRPOResult = online.PolicyResult
 
 
 def train_grpo(config: GRPOConfig | dict, reward_fn=None) -> GRPOResult:

@@ -24,6 +24,19 @@ import torch
 from rufus.config import ConfigError
 from rufus.trainers import common
 
+
+@dataclass
+class PolicyResult:
+    """What a critic-free online trainer (GRPO, RLOO) returns."""
+
+    output_dir: Path
+    final_dir: Path  # the trained policy, loadable with AutoModelForCausalLM.from_pretrained
+    steps: int
+    metrics: list[dict]  # the rows written to metrics.jsonl (main process only)
+    policy: object = None  # the trained policy (unwrapped; a peft model under LoRA)
+    reference: object = None  # None when kl.coef == 0 or under LoRA
+
+
 # --- set-up -----------------------------------------------------------------------------------------
 
 

@@ -140,14 +140,7 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
         actor, actor_opt = acc.prepare(actor, actor_opt)
     else:
         critic = load_critic(
-            cfg.critic.model or cfg.model,
-            tokenizer=tokenizer,
-            lora=cfg.lora,
-            trust_remote_code=cfg.trust_remote_code,
-            gradient_checkpointing=cfg.gradient_checkpointing,
-            attn_implementation=cfg.attn_implementation,
-            compute_dtype=run.compute_dtype,
-            compile=cfg.compile,
+            cfg.critic.model or cfg.model, tokenizer=tokenizer, lora=cfg.lora, **common.trainable_model_args(cfg)
         )
         actor_opt, actor_sched = common.make_optimizer(cfg, actor, max_steps)
         critic_opt, critic_sched = common.make_optimizer(dataclasses.replace(cfg, lr=cfg.critic.lr), critic, max_steps)
@@ -281,24 +274,9 @@ def _ppo_loss(cfg, part, out, micro) -> tuple[torch.Tensor, dict]:
     from rufus.losses.ppo import policy_loss, value_loss
 
     mask = part.response_mask  # (b, A)
-    pg, pg_stats = policy_loss(
-        out["logprobs"],
-        part.logprobs,
-        part.advantages,
-        mask,
-        clip=cfg.ppo.clip,
-        aggregation="sum",
-        normalizer=micro.tokens,
-    )
-    vf, vf_stats = value_loss(
-        out["values"],
-        part.values,
-        part.returns,
-        mask,
-        clip=cfg.ppo.value_clip,
-        aggregation="sum",
-        normalizer=micro.tokens,
-    )
+    per_token = dict(aggregation="sum", normalizer=micro.tokens)  # summed over tokens / the minibatch's count
+    pg, pg_stats = policy_loss(out["logprobs"], part.logprobs, part.advantages, mask, clip=cfg.ppo.clip, **per_token)
+    vf, vf_stats = value_loss(out["values"], part.values, part.returns, mask, clip=cfg.ppo.value_clip, **per_token)
     entropy = (out["entropy"] * mask).sum() / micro.tokens
     loss = pg + cfg.ppo.vf_coef * vf - cfg.ppo.entropy_coef * entropy
     return loss, {

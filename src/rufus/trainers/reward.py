@@ -129,15 +129,7 @@ def train_reward_model(config: RMConfig | dict) -> RMResult:
     max_steps = warm_steps + pairwise_steps
 
     # 2. model: scalar head on the backbone; LoRA trains adapters + the whole head
-    model = load_reward_model(
-        cfg.model,
-        tokenizer=tokenizer,
-        trust_remote_code=cfg.trust_remote_code,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        attn_implementation=cfg.attn_implementation,
-        compute_dtype=common.compute_dtype(cfg),
-        compile=cfg.compile,
-    )
+    model = load_reward_model(cfg.model, tokenizer=tokenizer, **common.trainable_model_args(cfg))
     if cfg.lora.r > 0:
         model = apply_lora(model, cfg.lora, task_type="SEQ_CLS", modules_to_save=head_module_names(model))
     optimizer, scheduler = common.make_optimizer(cfg, model, max_steps)

@@ -60,14 +60,7 @@ class RLOOConfig(OnlineArgs, LogArgs, OptimArgs, RunArgs, ModelArgs):
     kl: RLOOKLSection = opt(RLOOKLSection, "KL penalty")
 
 
-@dataclass
-class RLOOResult:
-    output_dir: Path
-    final_dir: Path
-    steps: int
-    metrics: list[dict]
-    policy: object = None  # the trained policy (unwrapped; a peft model under LoRA)
-    reference: object = None
+RLOOResult = online.PolicyResult
 
 
 def train_rloo(config: RLOOConfig | dict, reward_fn=None) -> RLOOResult:
