@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from rufus.advantages import gae, whiten
+from rufus.advantages import gae, kl_penalized_rewards, whiten, whiten_global
 
 
 def _ragged(b: int, a: int, seed: int):
@@ -202,3 +202,52 @@ def test_gae_with_dones_matches_a_naive_loop(gamma, lam):
     adv, ret = gae(rewards, values, torch.ones(B, T), gamma=gamma, lam=lam, dones=dones, bootstrap=boot)
     assert torch.allclose(adv, expected, atol=1e-5)
     assert torch.allclose(ret, expected + values, atol=1e-5)
+
+
+def test_kl_penalized_rewards_by_hand():
+    # beta 0.5; KL (2, 3): [0.2, -0.4, 0] (third token padding), [1.0, 0.0, 0.6]; scores 1.0 and -2.0.
+    # row 0: -0.5 * [0.2, -0.4, 0] = [-0.1, 0.2, 0], last valid token 1: 0.2 + 1.0 = 1.2
+    # row 1: -0.5 * [1.0, 0.0, 0.6] = [-0.5, 0, -0.3], last valid token 2: -0.3 - 2.0 = -2.3
+    kl = torch.tensor([[0.2, -0.4, 0.0], [1.0, 0.0, 0.6]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    rewards = kl_penalized_rewards(torch.tensor([1.0, -2.0], dtype=torch.float64), kl, mask, 0.5)
+    torch.testing.assert_close(rewards, torch.tensor([[-0.1, 1.2, 0.0], [-0.5, 0.0, -2.3]], dtype=torch.float64))
+    # summed over a response: score - beta * sum_t KL_t, the sequence reward
+    torch.testing.assert_close(rewards.sum(-1), torch.tensor([1.0 - 0.5 * -0.2, -2.0 - 0.5 * 1.6], dtype=torch.float64))
+
+
+def test_kl_penalized_rewards_naive_loop_and_errors():
+    g = torch.Generator().manual_seed(0)
+    kl = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    lengths = [6, 1, 3, 4]
+    mask = torch.tensor([[1] * n + [0] * (6 - n) for n in lengths])
+    kl = kl * mask
+    scores = torch.randn(4, generator=g, dtype=torch.float64)
+    got = kl_penalized_rewards(scores, kl, mask, 0.1)
+    for i, n in enumerate(lengths):
+        for t in range(6):
+            want = -0.1 * kl[i, t].item() + (scores[i].item() if t == n - 1 else 0.0)
+            assert got[i, t].item() == pytest.approx(want, abs=1e-12)
+    with pytest.raises(ValueError, match="scores must be"):
+        kl_penalized_rewards(scores[:3], kl, mask, 0.1)
+
+
+def test_whiten_global_equals_whiten_and_does_not_depend_on_the_split():
+    # x = [1, 2, 3, 10 (masked)]: mean 2, biased variance 2/3, so whitened (x - 2) / sqrt(2/3)
+    x = torch.tensor([[1.0, 2.0], [3.0, 10.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1], [1, 0]])
+    one = whiten_global(x, mask, lambda t: t, eps=0.0)
+    s = math.sqrt(2 / 3)
+    torch.testing.assert_close(one, torch.tensor([[-1 / s, 0.0], [1 / s, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(one, whiten(x, mask, eps=0.0))
+    kept = whiten_global(x, mask, lambda t: t, shift_mean=False, eps=0.0)
+    torch.testing.assert_close(kept, whiten(x, mask, shift_mean=False, eps=0.0))
+    # two "processes" holding one row each: the summed statistics give the whole batch's result
+    halves = [(x[:1], mask[:1]), (x[1:], mask[1:])]
+
+    def all_reduce_sum(t):  # what every process would receive: the sum of both processes' sums
+        m = [h[1].to(t.dtype) for h in halves]
+        return sum(torch.stack([(h[0] * mi).sum(), (h[0] * h[0] * mi).sum(), mi.sum()]) for h, mi in zip(halves, m))
+
+    split = torch.cat([whiten_global(h[0], h[1], all_reduce_sum, eps=0.0) for h in halves])
+    torch.testing.assert_close(split, one)

@@ -103,7 +103,7 @@ def test_sampled_ppo_converges_to_the_tilted_optimum(one_thread):
 def test_exact_expectation_ppo_converges_to_4_decimals(one_thread):
     # No sampling: the batch is all 3 actions, weighted by pi_old. Multiplying the advantage of
     # action a by pi_old(a) (> 0) scales its per-token loss by pi_old(a), since
-    # max(-w A r, -w A clip(r)) = w max(-A r, -A clip(r)); "sum" aggregation with normalizer 1 then
+    # max(-w A r, -w A clip(r)) = w max(-A r, -A clip(r)); "constant" aggregation with normalizer 1 then
     # gives exactly E_{a ~ pi_old}[l_a], the expected clipped surrogate. The baseline is the exact
     # value V = E_{pi_old}[reward], so no whitening is needed (whitening would only rescale). With
     # noise gone this separates the math from the sampling: 100 iterations of 4 full-batch SGD steps.
@@ -119,7 +119,9 @@ def test_exact_expectation_ppo_converges_to_4_decimals(one_thread):
             advantages, _ = gae(rewards, values, mask, gamma=1.0, lam=0.95)
         for _ in range(4):
             logprobs = torch.log_softmax(theta, -1).unsqueeze(1)  # (3, 1) log pi_theta(a)
-            loss, _ = policy_loss(logprobs, old_logprobs, advantages * pi_old, mask, aggregation="sum", normalizer=1.0)
+            loss, _ = policy_loss(
+                logprobs, old_logprobs, advantages * pi_old, mask, aggregation="constant", normalizer=1.0
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()

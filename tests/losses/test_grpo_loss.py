@@ -55,7 +55,7 @@ K3_MLOG2 = 2 - 1 - math.log(2)
     [
         ("token", None, 0.075, (K3_LOG2 + K3_MLOG2 + K3_LOG2) / 4),
         ("sequence", None, 1.05, ((K3_LOG2 + K3_MLOG2) / 3 + K3_LOG2) / 2),
-        ("sum", 6.0, 0.05, (K3_LOG2 + K3_MLOG2 + K3_LOG2) / 6),
+        ("constant", 6.0, 0.05, (K3_LOG2 + K3_MLOG2 + K3_LOG2) / 6),
     ],
 )
 def test_aggregations_by_hand(aggregation, normalizer, surrogate, kl):
@@ -80,7 +80,7 @@ def test_three_aggregations_differ_on_ragged_masks_and_agree_on_full_ones():
     logprobs, old, ref, adv, mask = _ragged_case()
     values = [
         grpo_policy_loss(logprobs, old, ref, adv, mask, aggregation=a, normalizer=n)[0].item()
-        for a, n in (("token", None), ("sequence", None), ("sum", 6.0))
+        for a, n in (("token", None), ("sequence", None), ("constant", 6.0))
     ]
     assert len({round(v, 9) for v in values}) == 3
     # every row full length (4 tokens each): token mean == sequence mean == sum / (4 * 2)
@@ -92,7 +92,7 @@ def test_three_aggregations_differ_on_ragged_masks_and_agree_on_full_ones():
     full = torch.ones(2, 4, dtype=torch.bool)
     values = [
         grpo_policy_loss(lp, op, None, adv, full, aggregation=a, normalizer=n)[0].item()
-        for a, n in (("token", None), ("sequence", None), ("sum", 8.0))
+        for a, n in (("token", None), ("sequence", None), ("constant", 8.0))
     ]
     assert values == pytest.approx([values[0]] * 3, abs=1e-12)
 
@@ -168,7 +168,7 @@ def _naive(logprobs, old, ref, adv, lengths, kl_coef, aggregation, normalizer, c
     return total / normalizer
 
 
-@pytest.mark.parametrize("aggregation,normalizer", [("token", None), ("sequence", None), ("sum", 40.0)])
+@pytest.mark.parametrize("aggregation,normalizer", [("token", None), ("sequence", None), ("constant", 40.0)])
 @pytest.mark.parametrize("kl_coef", [0.0, 0.04])
 def test_matches_naive_loop_with_gradients(aggregation, normalizer, kl_coef):
     g = torch.Generator().manual_seed(7)
@@ -207,7 +207,7 @@ def test_matches_naive_loop_with_gradients(aggregation, normalizer, kl_coef):
         assert grad[i, j].item() == pytest.approx(numeric, abs=1e-6)
 
 
-@pytest.mark.parametrize("aggregation", ["token", "sum"])
+@pytest.mark.parametrize("aggregation", ["token", "constant"])
 def test_two_halves_with_the_global_normalizer_add_up(aggregation):
     # gradient accumulation: pass the whole batch's token count (token) or a constant (sum)
     logprobs, old, ref, adv, mask = _ragged_case()
@@ -239,4 +239,4 @@ def test_errors():
     with pytest.raises(ValueError, match="kl_coef must be >= 0"):
         grpo_policy_loss(logprobs, old, ref, adv, mask, kl_coef=-1.0)
     with pytest.raises(ValueError, match="needs a normalizer"):
-        grpo_policy_loss(logprobs, old, None, adv, mask, aggregation="sum")
+        grpo_policy_loss(logprobs, old, None, adv, mask, aggregation="constant")

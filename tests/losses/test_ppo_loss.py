@@ -138,7 +138,7 @@ def test_policy_loss_token_vs_sequence_aggregation():
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
     assert policy_loss(old, old, adv, mask, aggregation="token")[0].item() == pytest.approx(-3.0)
     assert policy_loss(old, old, adv, mask, aggregation="sequence")[0].item() == pytest.approx(-4.0)
-    assert policy_loss(old, old, adv, mask, aggregation="sum", normalizer=8)[0].item() == pytest.approx(-1.5)
+    assert policy_loss(old, old, adv, mask, aggregation="constant", normalizer=8)[0].item() == pytest.approx(-1.5)
     with pytest.raises(ValueError, match="unknown aggregation mode"):
         policy_loss(old, old, adv, mask, aggregation="mean")
 

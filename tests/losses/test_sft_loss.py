@@ -78,4 +78,4 @@ def test_masked_reductions_by_hand():
     assert abs(masked_var(x, m).item() - 42 / 27) < 1e-6
     assert abs(aggregate(x, m, "token").item() - 7.0 / 3) < 1e-6
     assert aggregate(x, m, "sequence").item() == (1.5 + 4.0) / 2
-    assert abs(aggregate(x, m, "sum", normalizer=10).item() - 0.7) < 1e-6
+    assert abs(aggregate(x, m, "constant", normalizer=10).item() - 0.7) < 1e-6

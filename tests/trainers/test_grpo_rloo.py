@@ -101,7 +101,7 @@ def test_grpo_without_kl_loads_no_reference_and_dr_grpo_and_dapo_options_take_ef
     assert all(r["kl/mean"] == 0.0 for r in rows)
     assert scales == [False] * 6  # Dr. GRPO: advantages centred only
     # 4 prompts x 4 samples in 2 minibatches of 8 responses: the constant normaliser is 8 x max_new_tokens 8
-    assert calls and all(c["aggregation"] == "sum" and float(c["normalizer"]) == 8 * 8 for c in calls)
+    assert calls and all(c["aggregation"] == "constant" and float(c["normalizer"]) == 8 * 8 for c in calls)
     assert all(c["clip_high"] == 0.28 and c["clip"] == 0.2 for c in calls)
     assert all(r["policy/updates"] == 2 * 2 for r in rows if "policy/updates" in r)
     # groups whose 4 scores are equal have advantage 0 and, dropped, no valid token
@@ -162,3 +162,31 @@ def test_grpo_single_update_takes_pi_old_from_its_own_pass_with_the_same_result(
     assert all(r["kl/mean"] != 0 for r in a[1:])  # the policy moved, so the logged KL is not trivially 0
     for (name, p), q in zip(fast.policy.named_parameters(), plain.policy.parameters()):
         assert torch.allclose(p, q, atol=1e-5), name
+
+
+def test_grad_accum_does_not_change_the_update(tiny_model, prompts, tmp_path):
+    """The shared update loop divides by the minibatch's token count, not the micro-batch's: four
+    micro-batches of 4 responses update the policy as one of 16 does."""
+    cfg = {"max_steps": 2, "grpo.group_size": 4, "kl.coef": 0.1, "grpo.epochs": 2}
+    one = train_grpo(config(tiny_model, prompts, tmp_path / "one", **cfg), reward_fn=digit_fraction)
+    four = train_grpo(config(tiny_model, prompts, tmp_path / "four", grad_accum=4, **cfg), reward_fn=digit_fraction)
+    moved = False
+    base = type(one.policy).from_pretrained(tiny_model).state_dict()
+    for (name, p), q in zip(one.policy.named_parameters(), four.policy.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=2e-5), name
+        moved |= not torch.equal(p, base[name])
+    assert moved
+
+
+def test_a_batch_that_does_not_split_names_the_keys(tiny_model, prompts, tmp_path):
+    from rufus.config import ConfigError
+    from rufus.trainers.ppo import train_ppo
+
+    match = (
+        "batch_size: 4 prompts x grpo.group_size 3 = 12 responses do not split into 1 processes x grpo.minibatches 5"
+    )
+    with pytest.raises(ConfigError, match=match):
+        train_grpo(config(tiny_model, prompts, tmp_path / "bad", **{"grpo.group_size": 3, "grpo.minibatches": 5}))
+    with pytest.raises(ConfigError, match="batch_size: 4 does not split into 1 processes x ppo.minibatches 3"):
+        train_ppo(config(tiny_model, prompts, tmp_path / "bad", **{"ppo.minibatches": 3}))
+    assert not (tmp_path / "bad").exists()  # refused before anything was written

@@ -36,15 +36,21 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = False) -> t
 def aggregate(
     x: torch.Tensor,
     mask: torch.Tensor,
-    mode: Literal["token", "sequence", "sum"] = "token",
+    mode: Literal["token", "sequence", "constant"] = "token",
     normalizer: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reduce per-token values `x` (B, A) over the valid tokens `mask` (B, A) to a scalar.
 
-    token:    sum over all valid tokens / number of valid tokens (each token weighs the same)
-    sequence: mean over each sequence's valid tokens, then mean over sequences
-    sum:      sum over all valid tokens / `normalizer` (a constant, e.g. the tokens of the whole
-              global batch, so that splitting a batch into micro-batches leaves gradients unchanged)
+    The modes are the names of GRPO's `grpo.loss_aggregation` (and of the papers behind them):
+    token:    sum over all valid tokens / number of valid tokens (each token weighs the same; DAPO).
+              With `normalizer`: / normalizer, the valid tokens of the whole optimiser batch, so that
+              splitting a batch into micro-batches leaves the gradient unchanged
+    sequence: mean over each sequence's valid tokens, then mean over sequences (GRPO as written).
+              With `normalizer`: the per-sequence means summed / normalizer, the optimiser batch's
+              number of sequences
+    constant: sum over all valid tokens / `normalizer`, a constant that depends on neither a
+              response's length nor the batch's token count (required; Dr. GRPO: max_new_tokens x
+              responses; RLOO: the number of responses, so log pi(y|x) sums over its tokens)
     """
     if mode == "token":
         return masked_mean(x, mask) if normalizer is None else masked_sum(x, mask) / normalizer
@@ -53,8 +59,8 @@ def aggregate(
         if normalizer is None:
             return per_seq.mean()
         return per_seq.sum() / normalizer
-    if mode == "sum":
+    if mode == "constant":
         if normalizer is None:
-            raise ValueError("aggregate(mode='sum') needs a normalizer")
+            raise ValueError("aggregate(mode='constant') needs a normalizer")
         return masked_sum(x, mask) / normalizer
-    raise ValueError(f"unknown aggregation mode {mode!r}; choose token, sequence or sum")
+    raise ValueError(f"unknown aggregation mode {mode!r}; choose token, sequence or constant")

@@ -46,7 +46,7 @@ def grpo_policy_loss(
       "token"     sum over all valid tokens / their number: DAPO's token-level loss (Yu et al. 2025,
                   Sec. 3.3), every token weighs the same. For micro-batches pass normalizer = number of
                   valid tokens in the whole optimiser batch.
-      "sum"       sum over all valid tokens / a constant normalizer (required): Dr. GRPO (Liu et al.
+      "constant"  sum over all valid tokens / a constant normalizer (required): Dr. GRPO (Liu et al.
                   2025, "Understanding R1-Zero-Like Training", Sec. 3), e.g. normalizer =
                   max_new_tokens * number of responses, so neither a response's length nor the
                   batch's token count rescales the gradient.

@@ -5,8 +5,9 @@ Tensors are per response token, (B, A), with `mask` (B, A) 1 on valid tokens. Ma
 neutralised *before* any arithmetic (log-ratio and errors set to 0 there), so padding holding
 garbage, even inf or nan, changes neither the loss nor any gradient. The per-token losses are reduced
 with `aggregate(x, mask, aggregation, normalizer)`: "token" (mean over all valid tokens), "sequence"
-(mean per sequence, then over sequences) or "sum" / a fixed `normalizer` (for gradient accumulation:
-pass the whole optimiser batch's token count and the micro-batch losses add up to the full batch's).
+(mean per sequence, then over sequences) or "constant" (sum / a fixed `normalizer`); for gradient
+accumulation give "token" the whole optimiser batch's token count as `normalizer` and the
+micro-batch losses add up to the full batch's.
 
 Rollout quantities (old_logprobs, advantages, old_values, returns) are detached here: they are
 constants of the update. Stats are detached tensors (no device sync inside the update loop).

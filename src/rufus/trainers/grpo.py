@@ -96,7 +96,6 @@ def train_grpo(config: GRPOConfig | dict, reward_fn=None) -> GRPOResult:
             "sequence": micro.sequences,
             "constant": micro.sequences * cfg.generation.max_new_tokens,
         }[cfg.grpo.loss_aggregation]
-        aggregation = {"token": "sum", "sequence": "sequence", "constant": "sum"}[cfg.grpo.loss_aggregation]
         loss, stats = grpo_policy_loss(
             out["logprobs"],
             part.logprobs,
@@ -106,7 +105,7 @@ def train_grpo(config: GRPOConfig | dict, reward_fn=None) -> GRPOResult:
             clip=cfg.grpo.clip,
             clip_high=cfg.grpo.clip_high,
             kl_coef=cfg.kl.coef,
-            aggregation=aggregation,
+            aggregation=cfg.grpo.loss_aggregation,
             normalizer=normalizer,
         )
         stats = online.policy_stats(loss, stats, out["entropy"], part.response_mask)

@@ -274,7 +274,7 @@ def _ppo_loss(cfg, part, out, micro) -> tuple[torch.Tensor, dict]:
     from rufus.losses.ppo import policy_loss, value_loss
 
     mask = part.response_mask  # (b, A)
-    per_token = dict(aggregation="sum", normalizer=micro.tokens)  # summed over tokens / the minibatch's count
+    per_token = dict(aggregation="token", normalizer=micro.tokens)  # summed over tokens / the minibatch's count
     pg, pg_stats = policy_loss(out["logprobs"], part.logprobs, part.advantages, mask, clip=cfg.ppo.clip, **per_token)
     vf, vf_stats = value_loss(out["values"], part.values, part.returns, mask, clip=cfg.ppo.value_clip, **per_token)
     entropy = (out["entropy"] * mask).sum() / micro.tokens

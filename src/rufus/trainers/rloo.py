@@ -94,18 +94,13 @@ def train_rloo(config: RLOOConfig | dict, reward_fn=None) -> RLOOResult:
         adv = part.advantages
         if adv.dim() == 1:  # RLOO: one advantage per response, on each of its tokens
             adv = adv.unsqueeze(-1).expand_as(out["logprobs"])
-        # RLOO's gradient is 1/N sum_i A_i grad log pi(y_i|x), log pi summed over tokens: divide by the
-        # sequences; REINFORCE++'s advantages are per token: divide by the tokens
-        normalizer = micro.sequences if cfg.rloo.advantage == "rloo" else micro.tokens
-        loss, stats = policy_loss(
-            out["logprobs"],
-            part.logprobs,
-            adv,
-            part.response_mask,
-            clip=cfg.rloo.clip,
-            aggregation="sum",
-            normalizer=normalizer,
-        )
+        # RLOO's gradient is 1/N sum_i A_i grad log pi(y_i|x), log pi summed over tokens: a constant
+        # normaliser, the sequences; REINFORCE++'s advantages are per token: the tokens
+        if cfg.rloo.advantage == "rloo":
+            reduce = dict(aggregation="constant", normalizer=micro.sequences)
+        else:
+            reduce = dict(aggregation="token", normalizer=micro.tokens)
+        loss, stats = policy_loss(out["logprobs"], part.logprobs, adv, part.response_mask, clip=cfg.rloo.clip, **reduce)
         return loss, online.policy_stats(loss, stats, out["entropy"], part.response_mask)
 
     forward = online.logprobs_forward(cfg, policy)
