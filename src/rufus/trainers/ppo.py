@@ -151,11 +151,8 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
     optimizers = {"actor": actor_opt}
     schedulers = {"actor": actor_sched}
     if critic is not None:
-        models["critic"], optimizers["critic"], schedulers["critic"] = (
-            acc.unwrap_model(critic),
-            critic_opt,
-            critic_sched,
-        )
+        models["critic"] = acc.unwrap_model(critic)
+        optimizers["critic"], schedulers["critic"] = critic_opt, critic_sched
     trained = [actor] + ([critic] if critic is not None else [])
     start_step, saved, logger, samples = online.open_outputs(run, models, optimizers, schedulers, reward)
     if saved:
