@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -471,16 +472,36 @@ class SamplesFile:
         )
 
 
+def step_times(t0: float, rollout_s: float, train_s: float) -> dict:
+    """time/rollout_s, time/train_s and time/step_s (since `t0`, the step's start) for the step's row."""
+    return {"time/rollout_s": rollout_s, "time/train_s": train_s, "time/step_s": time.perf_counter() - t0}
+
+
 def sample_due(cfg, step: int) -> bool:
     """samples.jsonl gets rows at step 1 and every sample_every steps (0 = never)."""
     return bool(cfg.sample_every) and (step % cfg.sample_every == 0 or step == 1)
 
 
-def end_step(run, logger, progress, step: int, last_step: int, row: dict, postfix: dict, save: tuple) -> None:
-    """5. log `row` (every log_every steps and at the last), advance the progress bar, and checkpoint
-    every save_every steps (0 = only at the end) and at the last step: `save` = (models, optimizers,
-    schedulers, trainer state), as `common.save_checkpoint` takes them."""
+def end_step(
+    run,
+    logger,
+    progress,
+    step: int,
+    last_step: int,
+    row: dict,
+    postfix: dict,
+    save: tuple,
+    samples: SamplesFile | None = None,
+    ro=None,
+    **columns,
+) -> None:
+    """5. write the first num_samples samples of rollout `ro` (with per-sample `columns`) to `samples`
+    at step 1 and every sample_every steps; log `row` (every log_every steps and at the last);
+    advance the progress bar; checkpoint every save_every steps (0 = only at the end) and at the
+    last step: `save` = (models, optimizers, schedulers, trainer state) as `save_checkpoint` takes them."""
     cfg = run.cfg
+    if samples is not None and sample_due(cfg, step):
+        samples.write_rollout(step, ro, cfg.num_samples, **columns)
     if step % cfg.log_every == 0 or step == last_step:
         logger.log(step, row)
     progress.update(1)

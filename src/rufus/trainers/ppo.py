@@ -216,22 +216,13 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
         # 5. KL controller, log, samples, checkpoint
         kl_ctl.update(stats["kl/mean"], n_steps=cfg.batch_size)
         tokens = acc.reduce(ro.response_mask.sum().float(), reduction="sum").item()
-        step_s = time.perf_counter() - t0
-        row = {
-            **stats,
-            **reward_stats,
-            "kl/coef": kl_ctl.value,
-            "lr": actor_sched.get_last_lr()[0],
-            "time/rollout_s": t_rollout,
-            "time/train_s": t_train,
-            "time/step_s": step_s,
-            "tokens_per_s": tokens / max(step_s, 1e-9),
-        }
-        if online.sample_due(cfg, step):
-            samples.write_rollout(step, ro, cfg.num_samples, kl=ro.kl.sum(-1))
+        times = online.step_times(t0, t_rollout, t_train)
+        row = {**stats, **reward_stats, "kl/coef": kl_ctl.value, "lr": actor_sched.get_last_lr()[0], **times}
+        row["tokens_per_s"] = tokens / max(times["time/step_s"], 1e-9)
         state = {"kl_controller": kl_ctl.state_dict(), "reward": reward.state_dict()}
         postfix = {"reward": stats["reward/mean"], "kl": stats["kl/mean"]}
-        online.end_step(run, logger, progress, step, max_steps, row, postfix, (models, optimizers, schedulers, state))
+        save = (models, optimizers, schedulers, state)
+        online.end_step(run, logger, progress, step, max_steps, row, postfix, save, samples, ro, kl=ro.kl.sum(-1))
     progress.close()
 
     policy = models["actor"].policy if cfg.critic.shared else models["actor"]

@@ -151,14 +151,10 @@ def train_rloo(config: RLOOConfig | dict, reward_fn=None) -> RLOOResult:
             **stats,
             **reward_stats,
             "lr": scheduler.get_last_lr()[0],
-            "time/rollout_s": t_rollout,
-            "time/train_s": t_train,
-            "time/step_s": time.perf_counter() - t0,
+            **online.step_times(t0, t_rollout, t_train),
         }
-        if online.sample_due(cfg, step):
-            samples.write_rollout(step, ro, cfg.num_samples)
         save = (acc.unwrap_model(policy), optimizer, scheduler, {"reward": reward.state_dict()})
-        online.end_step(run, logger, progress, step, max_steps, row, {"reward": row["reward/mean"]}, save)
+        online.end_step(run, logger, progress, step, max_steps, row, {"reward": row["reward/mean"]}, save, samples, ro)
     progress.close()
 
     final_dir = common.save_final(run, acc.unwrap_model(policy), tokenizer)
