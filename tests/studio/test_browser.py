@@ -44,7 +44,6 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
@@ -245,8 +244,19 @@ def after(driver, action) -> None:
     old = driver.find_element(By.TAG_NAME, "html")
     action()
     wait = WebDriverWait(driver, WAIT_S, poll_frequency=0.05)
-    wait.until(EC.staleness_of(old))
+    wait.until(lambda d: detached(old))
     wait.until(lambda d: d.execute_script("return document.readyState") == "complete")
+
+
+def detached(element) -> bool:
+    """True once `element` has left the page. Selenium's `staleness_of` expects the stale-element
+    error only; Chromium, asked while the old document is being torn down, can answer "Node with given
+    id does not belong to the document" instead, which means the same."""
+    try:
+        element.is_enabled()
+    except WebDriverException:  # StaleElementReferenceException included
+        return True
+    return False
 
 
 def press(driver, *keys) -> None:
