@@ -295,6 +295,12 @@ def skip_steps(scheduler, n: int) -> None:
             scheduler.step()
 
 
+def sum_over_processes(acc):
+    """t -> t summed over every process (the identity on one): what `advantages.whiten_global` takes
+    to whiten over the global batch."""
+    return lambda t: acc.reduce(t, reduction="sum")
+
+
 def log_evaluate_save(run, logger, step: int, last_step: int, window, model, evaluate, save: tuple, **extra) -> dict:
     """The end of an offline trainer's step (SFT, RM, DPO), written once:
       - every log_every steps and at the last, the window's means, the learning rate and `extra`;

@@ -190,10 +190,10 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
         ro.kl = torch.where(mask.bool(), kl_penalty(ro.logprobs, ro.ref_logprobs, cfg.kl.estimator), 0.0)  # (B, A)
         ro.rewards = kl_penalized_rewards(ro.scores, ro.kl, mask, kl_ctl.value)  # (B, A)
         if cfg.ppo.whiten_rewards:
-            ro.rewards = whiten_global(ro.rewards, mask, _sum(acc), shift_mean=False)
+            ro.rewards = whiten_global(ro.rewards, mask, common.sum_over_processes(acc), shift_mean=False)
         ro.advantages, ro.returns = gae(ro.rewards, ro.values * mask, mask, gamma=cfg.gae.gamma, lam=cfg.gae.lam)
         if cfg.ppo.whiten_advantages:
-            ro.advantages = whiten_global(ro.advantages, mask, _sum(acc))
+            ro.advantages = whiten_global(ro.advantages, mask, common.sum_over_processes(acc))
         stats = online.batch_stats(acc, ro, ro.kl, kl_ctl.value)
 
         # 4. PPO epochs over minibatches: clipped surrogate + clipped value loss (+ entropy, + ptx)
@@ -215,7 +215,7 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
 
         # 5. KL controller, log, samples, checkpoint
         kl_ctl.update(stats["kl/mean"], n_steps=cfg.batch_size)
-        tokens = acc.reduce(ro.response_mask.sum().float(), reduction="sum").item()
+        tokens = stats["response/length"] * cfg.batch_size  # response tokens over every process
         times = online.step_times(t0, t_rollout, t_train)
         row = {**stats, **reward_stats, "kl/coef": kl_ctl.value, "lr": actor_sched.get_last_lr()[0], **times}
         row["tokens_per_s"] = tokens / max(times["time/step_s"], 1e-9)
@@ -233,11 +233,6 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
     logger.close()
     common.finish_run(run, ["reward/mean", "score/mean", "kl/mean", "policy/entropy", "policy/loss", "value/loss"])
     return PPOResult(Path(cfg.output_dir), final_dir, max_steps, logger.rows, policy, critic, reference, reward)
-
-
-def _sum(acc):
-    """Sum a tensor over every process (whitening over the global batch)."""
-    return lambda t: acc.reduce(t, reduction="sum")
 
 
 def _forward(cfg, actor, critic, part, with_entropy: bool = False) -> dict:

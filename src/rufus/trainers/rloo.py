@@ -136,7 +136,7 @@ def train_rloo(config: RLOOConfig | dict, reward_fn=None) -> RLOOResult:
             ro.advantages = whiten_global(
                 reinforce_pp_returns(ro.rewards, mask),
                 mask,  # (N, A)
-                lambda t: acc.reduce(t, reduction="sum"),
+                common.sum_over_processes(acc),
             )
 
         # 4. clipped policy-gradient steps
