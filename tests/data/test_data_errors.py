@@ -15,7 +15,7 @@ BAD = {"role": "assistant", "content": "Green."}
 
 def error(spec: str, format: str, **kwargs) -> str:
     with pytest.raises(DataError) as info:
-        load_records(spec, format=format, **kwargs)
+        load_records(spec, kind=format, **kwargs)
     return str(info.value)
 
 
@@ -120,10 +120,10 @@ def test_unsupported_extension(write):
     assert "notes.txt: unsupported file type '.txt'" in error("notes.txt", "sft")
 
 
-def test_unknown_format_lists_choices(write):
+def test_unknown_kind_lists_choices(write):
     write("a.jsonl", [{"prompt": "a"}])
-    with pytest.raises(ValueError, match="unknown data format 'pairs'; choose one of sft, preference"):
-        load_records("a.jsonl", format="pairs")
+    with pytest.raises(ValueError, match="unknown kind of rows .pairs.; choose one of sft, preference"):
+        load_records("a.jsonl", kind="pairs")
 
 
 # --- fields: sft ------------------------------------------------------------------------------------
@@ -241,9 +241,21 @@ def test_chosen_equals_rejected(write, row):
     )
 
 
-def test_plain_strings_need_an_explicit_prompt(write):
-    write("prefs.jsonl", [{"chosen": "a", "rejected": "b"}])
-    assert "line 1, field 'prompt': missing; only conversational rows" in error("prefs.jsonl", "preference")
+def test_plain_strings_need_a_shared_opening_word(write):
+    write(
+        "prefs.jsonl",
+        [{"chosen": "The sky is blue.", "rejected": "The sky is green."}, {"chosen": "a", "rejected": "b"}],
+    )
+    assert "line 2, field 'prompt': missing; chosen and rejected share no opening words" in error(
+        "prefs.jsonl", "preference"
+    )
+
+
+def test_plain_and_message_sides_cannot_mix_without_a_prompt(write):
+    write("prefs.jsonl", [{"chosen": "a b", "rejected": [BAD]}])
+    assert "field 'prompt': missing; chosen and rejected must both be strings or both message lists" in error(
+        "prefs.jsonl", "preference"
+    )
 
 
 def test_implicit_prompt_needs_shared_opening(write):
@@ -338,6 +350,6 @@ def test_hub_failure_is_a_data_error(monkeypatch):
 def test_error_is_a_value_error_with_attributes(write):
     write("sft.jsonl", [{"prompt": "a"}])
     with pytest.raises(ValueError) as info:
-        load_records("sft.jsonl", format="sft")
+        load_records("sft.jsonl", kind="sft")
     assert isinstance(info.value, DataError)
     assert info.value.field == "completion" and info.value.where == "data.train: sft.jsonl, line 1"

@@ -28,7 +28,7 @@ def load(write):
 
     def _load(rows, format="sft"):
         write("train.jsonl", rows)
-        return load_records("train.jsonl", format=format)
+        return load_records("train.jsonl", kind=format)
 
     return _load
 

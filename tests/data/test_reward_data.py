@@ -39,14 +39,14 @@ def load(write):
 
     def _load(rows, format, name="rows.jsonl"):
         write(name, rows)
-        return load_records(name, format=format)
+        return load_records(name, kind=format)
 
     return _load
 
 
 def error(spec, format, **kwargs) -> str:
     with pytest.raises(DataError) as info:
-        load_records(spec, format=format, **kwargs)
+        load_records(spec, kind=format, **kwargs)
     return str(info.value)
 
 
@@ -321,7 +321,7 @@ def test_graded_score_must_be_finite(write, literal, shown):
 
 def test_graded_csv_scores_are_parsed(write):
     write("graded.csv", "prompt,completion,score\nSky?,Blue.,0.25\nGrass?,Green., 1\n")
-    dataset = load_records("graded.csv", format="graded").dataset
+    dataset = load_records("graded.csv", kind="graded").dataset
     assert dataset["score"] == [0.25, 1.0] and dataset.features["score"].dtype == "float64"
     write("bad.csv", "prompt,completion,score\nSky?,Blue.,0.25\nGrass?,Green.,high\n")
     assert error("bad.csv", "graded") == (
@@ -337,7 +337,7 @@ def test_graded_int_scores_become_floats_and_conversations_load(write):
         {"prompt": [user("Sea?")], "completion": [assistant("Red.")], "score": 0},
     ]
     write("graded.jsonl", rows)
-    dataset = load_records("graded.jsonl", format="graded").dataset
+    dataset = load_records("graded.jsonl", kind="graded").dataset
     assert dataset["score"] == [1.0, 0.0] and dataset.features["score"].dtype == "float64"
 
 

@@ -44,9 +44,9 @@ def tokenize_pairs(
     `key` is the config key the data came from, named in every message.
     """
     policy = LengthPolicy(max_length, max_prompt_length, truncation, key=key, noun="response")
-    if records.format and records.format != "preference":
+    if records.kind and records.kind != "preference":
         raise ValueError(
-            f"tokenize_pairs needs preference records, but {records.source} was loaded as {records.format!r}"
+            f"tokenize_pairs needs preference records, but {records.source} was loaded as {records.kind!r}"
         )
     check_eos(tokenizer)
     pairs, dropped, collided, truncated = [], [], [], 0
@@ -89,26 +89,20 @@ def tokenize_pairs(
     return pairs
 
 
-def load_pairs_or_prompts(path: str, tokenizer, *, split: str = "train", key: str = "data.train", **limits):
+def load_pairs_or_prompts(
+    path: str, tokenizer, *, split: str = "train", key: str = "data.train", options=None, **limits
+):
     """(records, tokenised pairs) for preference data; (records, None) for a prompt-only file.
 
-    The rule: the file is a prompt file when its rows carry neither 'chosen' nor 'rejected'; it is
-    then checked as prompt data (DPO's rounds are then all online). Anything else must be valid
-    preference data, and its errors (a missing 'rejected', chosen == rejected) are reported as such.
+    The file gives pairs when it can (a published preference data set, or rows with 'chosen' /
+    'rejected', whose errors are reported as such); a file of prompts only is read as prompts (DPO's
+    rounds are then all online). `options`: how the file is written (`rufus.data.readers.ReadOptions`);
     `limits`: max_length, max_prompt_length, truncation, as `tokenize_pairs`.
     """
-    from rufus.data.errors import DataError
     from rufus.data.loading import load_records
 
-    try:
-        records = load_records(path, format="preference", split=split, key=key)
-    except DataError as err:
-        try:
-            records = load_records(path, format="prompt", split=split, key=key)
-        except DataError:
-            raise err from None
-        if {"chosen", "rejected"} & set(records.dataset.column_names):
-            raise err from None
+    records = load_records(path, kind=("preference", "prompt"), split=split, key=key, options=options)
+    if records.kind == "prompt":
         return records, None
     return records, tokenize_pairs(records, tokenizer, key=key, **limits)
 

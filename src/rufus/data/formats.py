@@ -1,7 +1,8 @@
-"""What a row of each data format must hold, checked one row at a time, and how rows are normalised.
+"""What a row of each kind must hold, checked one row at a time, and how rows are normalised.
 
-Six formats, named after what a trainer (or the leaderboard) consumes (field names follow TRL's, so datasets written for
-it load here unchanged):
+Six kinds of rows, named after what a trainer (or the leaderboard) consumes (field names follow TRL's, so data sets
+written for it load here unchanged; TRL calls these dataset types). Published data sets in their own shapes
+(HH-RLHF, UltraFeedback, oasst1, ...) are turned into these kinds by `rufus.data.readers`:
 
 ``sft``
     ``prompt`` + ``completion`` strings; or ``messages``, a conversation with at least one assistant
@@ -9,8 +10,11 @@ it load here unchanged):
     Normalised: unchanged.
 ``preference``
     ``prompt`` + ``chosen`` + ``rejected``: all strings, or a message-list prompt with lists of
-    assistant turns; or no ``prompt`` and two whole conversations sharing their opening turns (an
-    "implicit prompt"). Normalised: ``prompt``, ``chosen``, ``rejected``, implicit prompts split off.
+    assistant turns; or no ``prompt`` and two whole conversations sharing their opening turns, or two
+    strings sharing their opening words (an "implicit prompt"). Optionally ``margin``, a finite number:
+    how much better chosen is, for the reward model's margin loss (``rm.margin_from_data``; TRL's
+    reward trainer reads the same column). Normalised: ``prompt``, ``chosen``, ``rejected``, implicit
+    prompts split off.
 ``ranking``
     ``prompt`` + ``responses`` (>= 2 distinct, best first), optionally ``scores`` (one finite number
     per response, higher = better). Normalised: ``scores`` (list[float], ``scores[k]`` belongs to
@@ -47,7 +51,7 @@ from typing import Any
 
 from rufus.data.errors import DataError, describe
 
-FORMATS = ("sft", "preference", "ranking", "prompt", "graded", "comparison")
+KINDS = ("sft", "preference", "ranking", "prompt", "graded", "comparison")
 ROLES = ("system", "user", "assistant", "tool")
 
 Row = dict[str, Any]
@@ -144,6 +148,26 @@ def clean_message(message: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in message.items() if v is not None}
 
 
+def split_implicit_text(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Split two strings into (shared opening words, rest of chosen, rest of rejected).
+
+    The cut is at the last whitespace inside the longest common prefix, so a word both share only in
+    part ("ca-t" / "ca-r") stays whole in the answers, and the answers keep their leading space, as a
+    model writes them after the prompt. The prompt is "" when the two share no whole word.
+    """
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    if n == len(chosen) == len(rejected):
+        return chosen, "", ""
+    cut = max((j for j in range(n) if chosen[j].isspace()), default=0)
+    while cut > 0 and chosen[cut - 1].isspace():
+        cut -= 1  # the whole run of whitespace goes to the answers
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
 def split_implicit_prompt(chosen: Messages, rejected: Messages) -> tuple[Messages, Messages, Messages]:
     """Split two conversations into (shared opening turns, rest of chosen, rest of rejected).
 
@@ -159,7 +183,7 @@ def split_implicit_prompt(chosen: Messages, rejected: Messages) -> tuple[Message
     return chosen[:n], chosen[n:], rejected[n:]
 
 
-# --- one check per format: (row, where) -> style, raising DataError on the first problem ----------
+# --- one check per kind: (row, where) -> style, raising DataError on the first problem ----------
 
 
 def check_sft(row: Row, where: str) -> str:
@@ -201,14 +225,27 @@ def check_preference(row: Row, where: str) -> str:
         if not _present(row, field):
             raise _missing(row, field, where)
     chosen, rejected = row["chosen"], row["rejected"]
+    if _present(row, "margin"):
+        _number(row["margin"], "margin", where)
+    if not _present(row, "prompt") and isinstance(chosen, str) and isinstance(rejected, str):
+        _text(chosen, "chosen", where)
+        _text(rejected, "rejected", where)
+        if chosen == rejected:
+            raise DataError("chosen and rejected are identical", where=where, field="rejected")
+        prompt, chosen_rest, rejected_rest = split_implicit_text(chosen, rejected)
+        if not prompt.strip():
+            raise _missing(row, "prompt", where, "chosen and rejected share no opening words to take as the prompt")
+        for field, rest in (("chosen", chosen_rest), ("rejected", rejected_rest)):
+            if not rest.strip():
+                raise DataError("has nothing after the prompt shared with the other answer", where=where, field=field)
+        return "plain"
     if not _present(row, "prompt"):
         if not (isinstance(chosen, list) and isinstance(rejected, list)):
             raise _missing(
                 row,
                 "prompt",
                 where,
-                "only conversational rows (chosen and rejected as message "
-                "lists) may leave the prompt implicit in their shared opening turns",
+                "chosen and rejected must both be strings or both message lists to leave the prompt implicit",
             )
         _messages(chosen, "chosen", where)
         _messages(rejected, "rejected", where)
@@ -328,14 +365,14 @@ CHECKS: dict[str, Callable[[Row, str], str]] = {
     "comparison": check_comparison,
 }
 
-# Fields that hold a number, per format. csv cells are all text (see loading.py), so these are parsed
+# Fields that hold a number, per kind. csv cells are all text (see loading.py), so these are parsed
 # before the row checks; a cell that is not a number stays text and is reported as such.
-CSV_NUMBERS = {"graded": ("score",)}
+CSV_NUMBERS = {"graded": ("score",), "preference": ("margin",)}
 
 
-def from_csv(row: Row, format: str) -> Row:
-    """`row` as read from a csv file, with the number fields of `format` parsed (where they parse)."""
-    fields = CSV_NUMBERS.get(format, ())
+def from_csv(row: Row, kind: str) -> Row:
+    """`row` as read from a csv file, with the number fields of `kind` parsed (where they parse)."""
+    fields = CSV_NUMBERS.get(kind, ())
     if not fields:
         return row
     row = dict(row)
@@ -356,29 +393,42 @@ def canonical(value: Any) -> Any:
     return value
 
 
-def validate_rows(rows: Iterable[Row], format: str, where: Callable[[int], str], key: str) -> int:
-    """Check every row of `format`; return how many there were. Raises DataError at the first bad row.
+def validate_rows(
+    rows: Iterable[Row],
+    kind: str,
+    where: Callable[[int], str],
+    key: str,
+    reject: Callable[[int, DataError], None] | None = None,
+) -> list[int]:
+    """Check every row of `kind`; return the indices of the good ones.
 
     `where(i)` gives the human location of row i ("train.jsonl, line 4"); `key` is the config key
-    that named the data ("data.train"), put in front of every message.
+    that named the data ("data.train"), put in front of every message. A bad row raises its DataError,
+    unless `reject(i, error)` is given: it then decides (raise, or keep a note and go on).
     """
-    check = CHECKS[format]
+    check = CHECKS[kind]
     first_style, first = None, 0
-    n = 0
+    kept = []
     for i, row in enumerate(rows):
         loc = f"{key}: {where(i)}"
-        style = check(row, loc)
+        try:
+            style = check(row, loc)
+            if first_style is not None and style != first_style:
+                raise DataError(
+                    f"this row uses {STYLES[style]} but the first row ({where(first)}) uses "
+                    f"{STYLES[first_style]}; all rows must use one style",
+                    where=loc,
+                    field="messages" if style == "messages" else "prompt",
+                )
+        except DataError as err:
+            if reject is None:
+                raise
+            reject(i, err)
+            continue
         if first_style is None:
             first_style, first = style, i
-        elif style != first_style:
-            raise DataError(
-                f"this row uses {STYLES[style]} but the first row ({where(first)}) uses "
-                f"{STYLES[first_style]}; all rows must use one style",
-                where=loc,
-                field="messages" if style == "messages" else "prompt",
-            )
-        n += 1
-    return n
+        kept.append(i)
+    return kept
 
 
 # --- normalisation: run on the loaded datasets.Dataset after validation ---------------------------
@@ -387,7 +437,8 @@ def validate_rows(rows: Iterable[Row], format: str, where: Callable[[int], str],
 def _normalise_preference(row: Row) -> Row:
     if row.get("prompt") is not None:
         return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
-    prompt, chosen, rejected = split_implicit_prompt(row["chosen"], row["rejected"])
+    split = split_implicit_text if isinstance(row["chosen"], str) else split_implicit_prompt
+    prompt, chosen, rejected = split(row["chosen"], row["rejected"])
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
@@ -399,13 +450,13 @@ def _normalise_ranking(row: Row) -> Row:
     return {"scores": [float(s) for s in row["scores"]], "ranked_by_order": False}
 
 
-def normalise(dataset, format: str):
-    """Bring a validated dataset to the normalised columns of its format (see the module table).
+def normalise(dataset, kind: str):
+    """Bring a validated dataset to the normalised columns of its kind (see the module table).
 
     Done with ``Dataset.map`` so columns we do not touch keep their Arrow types and the result is
     cached next to the source like any other datasets transform.
     """
-    if format == "graded":
+    if kind == "graded":
         if getattr(dataset.features.get("score"), "dtype", None) == "string":
             # csv text, which validation has already parsed as finite numbers (Python's float(), which
             # accepts more spellings than an Arrow cast)
@@ -415,9 +466,11 @@ def normalise(dataset, format: str):
 
             dataset = dataset.cast_column("score", datasets.Value("float64"))  # e.g. int64 from json
         return dataset
-    if format == "ranking":
+    if kind == "ranking":
         return dataset.map(_normalise_ranking, desc="ranking: scores")
-    if format == "preference":
+    if kind == "preference":
+        if getattr(dataset.features.get("margin"), "dtype", None) == "string":  # csv text, already checked
+            dataset = dataset.map(lambda row: {"margin": float(row["margin"])}, desc="preference: margins")
         if "prompt" in dataset.column_names and all(p is not None for p in dataset["prompt"]):
             return dataset
         return dataset.map(_normalise_preference, desc="preference: split implicit prompts")

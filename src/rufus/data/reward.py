@@ -18,7 +18,9 @@ attention mask locates even when the pad token is the eos token.
 `tokenize_comparisons` turns preference or ranking records into one group per prompt,
 ``{"responses": [ids_0, ..., ids_{K-1}], "scores": [s_0, ..., s_{K-1}]}`` (higher = better; a
 preference row is ``[chosen, rejected]`` with scores ``[1.0, 0.0]``), so a trainer scores all K
-responses of a prompt in one forward pass and takes all their pairs (InstructGPT, Sec. 3.5).
+responses of a prompt in one forward pass and takes all their pairs (InstructGPT, Sec. 3.5). A group
+whose data carries margins also has ``"gaps"``, numbers whose differences are the margins of its pairs:
+``[margin, 0.0]`` for a preference row with a ``margin``, the scores of a ranking row that gave them.
 `tokenize_graded` turns graded records into ``{"ids": [...], "score": s}`` for a pointwise warm-up.
 Rows longer than the limits follow the same reject / drop / truncate policy as SFT
 (`rufus.data.sft.LengthPolicy`); for comparisons it applies to a whole prompt: one response over the
@@ -77,7 +79,7 @@ def tokenize_comparisons(
     normalises their difference away) are an error: no model could learn that comparison.
     """
     policy = LengthPolicy(max_length, max_prompt_length, truncation, key=key, noun="response")
-    kind = records.format or ("ranking" if "responses" in records.dataset.column_names else "preference")
+    kind = records.kind or ("ranking" if "responses" in records.dataset.column_names else "preference")
     if kind not in ("preference", "ranking"):
         raise ValueError(
             f"tokenize_comparisons needs preference or ranking records, but {records.source} was loaded as {kind!r}"
@@ -87,11 +89,16 @@ def tokenize_comparisons(
     groups, dropped, tied, collided, truncated = [], [], [], [], 0
     for i, row in enumerate(records.dataset):
         where = f"{key}: {records.where(i)}"
+        gaps = None
         if kind == "preference":
             fields, responses, scores = ["chosen", "rejected"], [row["chosen"], row["rejected"]], [1.0, 0.0]
+            if row.get("margin") is not None:
+                gaps = [float(row["margin"]), 0.0]
         else:
             responses, scores = row["responses"], [float(s) for s in row["scores"]]
             fields = [f"responses[{j}]" for j in range(len(responses))]
+            if not row.get("ranked_by_order", True):
+                gaps = scores
             if len(set(scores)) == 1:
                 tied.append(records.where(i))
                 continue
@@ -120,7 +127,10 @@ def tokenize_comparisons(
                 collided.append(records.where(i))
             encoded = cut
             truncated += 1
-        groups.append({"responses": [enc.ids for enc in encoded], "scores": scores})
+        group = {"responses": [enc.ids for enc in encoded], "scores": scores}
+        if gaps is not None:
+            group["gaps"] = gaps
+        groups.append(group)
 
     total = len(records.dataset)
     if not groups and tied:
@@ -159,8 +169,8 @@ def tokenize_graded(
     row and the 'score' field.
     """
     policy = LengthPolicy(max_length, max_prompt_length, truncation, key=key, noun="completion")
-    if records.format and records.format != "graded":
-        raise ValueError(f"tokenize_graded needs graded records, but {records.source} was loaded as {records.format!r}")
+    if records.kind and records.kind != "graded":
+        raise ValueError(f"tokenize_graded needs graded records, but {records.source} was loaded as {records.kind!r}")
     check_eos(tokenizer)
     examples, dropped, truncated = [], [], 0
     for i, row in enumerate(records.dataset):

@@ -59,8 +59,8 @@ def tokenize_sft(
     ("data.train" -> "data.max_length") in error messages.
     """
     policy = LengthPolicy(max_length, max_prompt_length, truncation, key=key, noun="completion")
-    if records.format and records.format != "sft":
-        raise ValueError(f"tokenize_sft needs sft records, but {records.source} was loaded as {records.format!r}")
+    if records.kind and records.kind != "sft":
+        raise ValueError(f"tokenize_sft needs sft records, but {records.source} was loaded as {records.kind!r}")
     if tokenizer.eos_token_id is None:
         raise ValueError(
             f"tokenizer {tokenizer_name(tokenizer)!r} has no eos token, so completions cannot be terminated"
