@@ -101,3 +101,61 @@ def test_classic_command_runs_an_agent_and_lists_its_keys(tmp_path, capsys):
     assert "clip_coef" in capsys.readouterr().out
     assert main(["classic", "dqn", "no_such_key=1", f"output_dir={tmp_path / 'd'}"]) == 2
     assert "no_such_key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["sft", "lr=-1"], "lr: must be > 0, got -1.0"),
+        (["sft", "batch_size=0"], "batch_size: must be >= 1, got 0"),
+        (["grpo", "grpo.group_size=1"], "grpo.group_size: must be >= 2, got 1"),
+        (["rloo", "rloo.group_size=1"], "rloo.group_size: must be >= 2, got 1"),
+        (["rloo", "rloo.k=1"], "unknown key 'rloo.k': it was renamed; use 'rloo.group_size' (int, >= 2)"),
+        (["dpo", "dpo.label_smoothing=0.7"], "dpo.label_smoothing: must be in [0, 0.5], got 0.7"),
+        (["sft", "model=/does/not/exist"], "model: /does/not/exist: no such directory, and not a hub id"),
+        (["ppo", "critic.model=/does/not/exist"], "critic.model: /does/not/exist: no such directory, and not a hub id"),
+    ],
+)
+def test_a_bad_value_is_one_line_and_exit_status_2(capsys, tmp_path, tiny_model, argv, message):
+    """Before any data or model loads: the data file does not exist either, and the output_dir
+    stays unwritten."""
+    command, *overrides = argv
+    common = [f"model={tiny_model}", f"data.train={tmp_path / 'missing.jsonl'}", f"output_dir={tmp_path / 'out'}"]
+    assert main([command, *common, *overrides]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"rufus {command}: error: {message}"]
+    assert "Traceback" not in captured.out + captured.err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, key",
+    [
+        (["eval", "model={model}", "baseline=/does/not/exist", "prompts=p.jsonl"], "baseline"),
+        (["generate", "model=/does/not/exist", "prompt=hi"], "model"),
+        (["eval-rm", "model=/does/not/exist", "data=d.jsonl"], "model"),
+        (["pipeline", "model=/does/not/exist", "output_dir={tmp}/p"], "model"),
+        (["studio", "new-round", "--db", "{tmp}/s.db", "--name", "r", "--prompts", "p.jsonl", "--models",
+          "{model}", "/does/not/exist"], "models"),
+    ],
+)  # fmt: skip
+def test_a_missing_model_directory_is_one_line_for_every_command(capsys, tmp_path, tiny_model, argv, key):
+    argv = [a.format(model=tiny_model, tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    label = " ".join(argv[:2]) if argv[0] == "studio" else argv[0]
+    assert err.splitlines() == [f"rufus {label}: error: {key}: /does/not/exist: no such directory, and not a hub id"]
+    assert not (tmp_path / "p").exists() and not (tmp_path / "s.db").exists()
+
+
+def test_help_shows_the_valid_ranges(capsys):
+    assert main(["grpo", "--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+
+    def line(key):
+        return next(ln for ln in lines if ln.split() and ln.split()[0] == key)
+
+    assert line("lr").endswith("(> 0)") and line("grpo.group_size").endswith("(>= 2)")
+    assert line("generation.top_p").endswith("(in (0, 1])") and line("kl.coef").endswith("(>= 0)")
+    assert main(["classic", "dqn", "--help"]) == 0
+    assert any(ln.split()[:1] == ["tau"] and ln.endswith("(in (0, 1])") for ln in capsys.readouterr().out.splitlines())

@@ -190,4 +190,4 @@ def test_single_prompt_without_reward_goes_to_stdout(tiny_model, capsys):
 )
 def test_bad_settings_are_errors(over, key):
     with pytest.raises(ConfigError, match=key):
-        generate({"model": "no/such/model", "prompt": "hi", **over})
+        generate({"model": "org/no-such-model", "prompt": "hi", **over})

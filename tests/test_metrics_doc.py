@@ -76,7 +76,7 @@ def logged(tiny_model, tmp_path_factory) -> dict[str, set[str]]:
         "rm": (rufus.train_reward_model, {**base, "data": {"train": prefs, "eval": prefs, "max_length": 40}}),
         "rm_ranking": (
             rufus.train_reward_model,
-            {**base, "data": {"train": ranks, "max_length": 40}, "rm": {"format": "ranking"}},
+            {**base, "data": {"train": ranks, "max_length": 40}},
         ),
         "ppo": (
             rufus.train_ppo,

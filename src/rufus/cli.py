@@ -65,10 +65,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-h", "--help", action="store_true", help="list every config key and exit")
     p.add_argument("--config", "-c", help="YAML config file (key=value overrides win)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. env=CartPole-v1 seed=1")
+    desc = "look at a data file: its format, rows, rejected rows with their lines, lengths in tokens, examples"
+    p = sub.add_parser(
+        "data",
+        help=desc,
+        description=desc,
+        add_help=False,
+        usage="rufus data inspect FILE [key=value ...]",
+    )
+    p.add_argument("action", nargs="?", choices=["inspect"], metavar="inspect", help="the one action: inspect")
+    p.add_argument("-h", "--help", action="store_true", help="list every config key and exit")
+    p.add_argument("overrides", nargs="*", metavar="FILE key=value", help="the file, then e.g. tokenizer=gpt2")
     from rufus.studio.commands import add_parser as add_studio
 
     add_studio(sub)
     return parser
+
+
+def run_data(args, parser) -> int:
+    """`rufus data inspect FILE key=value ...`: print the report of `rufus.data.inspect`."""
+    from rufus.config import ConfigError, config_help, load_config
+    from rufus.data.errors import DataError
+    from rufus.data.inspect import InspectConfig, format_report, inspect_data
+
+    sub = parser._subparsers._group_actions[0].choices["data"]  # noqa: SLF001
+    if args.help or not args.action:
+        print(sub.format_help())
+        if args.help:
+            print(config_help(InspectConfig))
+        return 0 if args.help else 2
+    overrides = list(args.overrides)
+    if overrides and "=" not in overrides[0]:
+        overrides[0] = f"file={overrides[0]}"
+    try:
+        report = inspect_data(load_config(InspectConfig, None, overrides))
+    except (ConfigError, DataError) as e:
+        print(f"rufus data inspect: error: {e}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    if args.command == "data":
+        return run_data(args, parser)
     if args.command in ("studio", "leaderboard"):
         from rufus.studio.commands import run as run_studio
 

@@ -7,6 +7,11 @@ sections such as `data` and `lora` are fields). Values come from a YAML file fir
 values are errors that name the key and suggest the closest valid one.
 
 Every field is declared with `opt(default, "one-line doc")`; that doc is the `--help` text.
+A number's valid range is declared there too (`opt(8, "...", ge=1)`, `gt`, `le`, `lt`; for a list
+of numbers, each element's): it is shown in `--help` and checked as the config is built, and again
+by `as_config` on a config object made in Python. A field naming a model (`model_path=True`: a
+local directory, a hub id, or `builtin:<name>`) is checked by `as_config` before anything runs: a
+name that is no existing directory and cannot be a hub id is an error naming the key.
 A field typed `dict[str, Any]` is an open mapping handed on to another config (the pipeline's
 per-stage settings): `sft.lr=1e-4` and `rl.kl.coef=0` set keys inside it, nested by the dots, and
 the config that receives the mapping checks them.
@@ -41,9 +46,30 @@ REQUIRED: Any = _Required()
 """Default of a field the user must set (dataclasses need a default on every mixed-in field)."""
 
 
-def opt(default: Any, help: str) -> Any:
-    """A documented config field. Mutable defaults (lists, dicts, sections) are copied per instance."""
-    meta = {"help": help}
+BOUNDS = ("ge", "gt", "le", "lt")
+"""The range keys a field's metadata may hold: >=, >, <=, < a number."""
+
+
+def opt(
+    default: Any,
+    help: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    model_path: bool = False,
+) -> Any:
+    """A documented config field. Mutable defaults (lists, dicts, sections) are copied per instance.
+
+    `ge`, `gt`, `le`, `lt` bound a number (each element of a list of numbers); None values are not
+    checked. `model_path` marks a field naming models (a directory, hub id or builtin: name)."""
+    if ge is not None and gt is not None or le is not None and lt is not None:
+        raise TypeError("opt: give at most one lower bound (ge, gt) and one upper bound (le, lt)")
+    meta: dict[str, Any] = {"help": help}
+    meta.update((k, v) for k, v in zip(BOUNDS, (ge, gt, le, lt)) if v is not None)
+    if model_path:
+        meta["model_path"] = True
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     if isinstance(default, type) and dataclasses.is_dataclass(default):
@@ -58,8 +84,8 @@ def opt(default: Any, help: str) -> Any:
 class ModelArgs:
     """Which model and tokenizer to load, and how."""
 
-    model: str = opt(REQUIRED, "model to start from: local path, hub id, or builtin:tiny-llama")
-    tokenizer: str | None = opt(None, "tokenizer path or hub id (default: the model's)")
+    model: str = opt(REQUIRED, "model to start from: local path, hub id, or builtin:tiny-llama", model_path=True)
+    tokenizer: str | None = opt(None, "tokenizer path or hub id (default: the model's)", model_path=True)
     dtype: Literal["auto", "float32", "bfloat16"] = opt(
         "auto",
         "compute dtype; bfloat16 = bfloat16 weights updated through float32 master copies (frozen models in bfloat16); "
@@ -84,7 +110,7 @@ class RunArgs:
     """Where a run writes and how it is seeded."""
 
     output_dir: str = opt(REQUIRED, "directory for config.yaml, metrics.jsonl, checkpoints/ and final/")
-    seed: int = opt(0, "random seed; multi-process runs use seed + rank for sampling")
+    seed: int = opt(0, "random seed; multi-process runs use seed + rank for sampling", ge=0)
     overwrite: bool = opt(False, "start afresh even if output_dir holds checkpoints of an earlier run")
 
 
@@ -92,31 +118,31 @@ class RunArgs:
 class OptimArgs:
     """Optimiser, schedule and batch sizes."""
 
-    lr: float = opt(2e-5, "peak learning rate (AdamW)")
-    batch_size: int = opt(8, "examples per optimiser step, over all processes and accumulation steps")
+    lr: float = opt(2e-5, "peak learning rate (AdamW)", gt=0)
+    batch_size: int = opt(8, "examples per optimiser step, over all processes and accumulation steps", ge=1)
     grad_accum: int = opt(
-        1, "micro-batches per optimiser step (each process runs batch_size / (processes * grad_accum))"
+        1, "micro-batches per optimiser step (each process runs batch_size / (processes * grad_accum))", ge=1
     )
-    max_steps: int = opt(-1, "optimiser steps to run; -1 = as many as `epochs` passes over the data take")
-    epochs: float = opt(1.0, "passes over the training data when max_steps is -1")
-    warmup_steps: int = opt(0, "linear warm-up steps (overrides warmup_ratio when > 0)")
-    warmup_ratio: float = opt(0.0, "fraction of max_steps used for linear warm-up")
+    max_steps: int = opt(-1, "optimiser steps to run; -1 = as many as `epochs` passes over the data take", ge=-1)
+    epochs: float = opt(1.0, "passes over the training data when max_steps is -1", gt=0)
+    warmup_steps: int = opt(0, "linear warm-up steps (overrides warmup_ratio when > 0)", ge=0)
+    warmup_ratio: float = opt(0.0, "fraction of max_steps used for linear warm-up", ge=0, le=1)
     scheduler: Literal["linear", "cosine", "constant"] = opt("linear", "learning-rate decay after warm-up")
-    weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norm weights)")
-    adam_beta1: float = opt(0.9, "AdamW beta1")
-    adam_beta2: float = opt(0.999, "AdamW beta2")
-    adam_eps: float = opt(1e-8, "AdamW epsilon")
-    max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0 = no clipping)")
+    weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norm weights)", ge=0)
+    adam_beta1: float = opt(0.9, "AdamW beta1", ge=0, lt=1)
+    adam_beta2: float = opt(0.999, "AdamW beta2", ge=0, lt=1)
+    adam_eps: float = opt(1e-8, "AdamW epsilon", gt=0)
+    max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0 = no clipping)", ge=0)
 
 
 @dataclass
 class LogArgs:
     """Logging, evaluation, checkpoints and resuming."""
 
-    log_every: int = opt(1, "write a metrics.jsonl row every this many steps")
-    eval_every: int = opt(0, "evaluate every this many steps (0 = only at the end, when eval data exists)")
-    save_every: int = opt(0, "write a checkpoint every this many steps (0 = none until the end)")
-    save_total_limit: int = opt(2, "keep at most this many checkpoints (0 = keep all)")
+    log_every: int = opt(1, "write a metrics.jsonl row every this many steps", ge=1)
+    eval_every: int = opt(0, "evaluate every this many steps (0 = only at the end, when eval data exists)", ge=0)
+    save_every: int = opt(0, "write a checkpoint every this many steps (0 = none until the end)", ge=0)
+    save_total_limit: int = opt(2, "keep at most this many checkpoints (0 = keep all)", ge=0)
     resume: bool | str = opt(False, "true = continue from the latest checkpoint in output_dir; or a checkpoint path")
     report_to: list[str] = opt([], "extra metric sinks: tensorboard, wandb (metrics.jsonl is always written)")
     progress: bool = opt(True, "show a progress bar")
@@ -130,8 +156,8 @@ class DataSection:
     eval: str | None = opt(None, "evaluation data, same forms as `train`")
     train_split: str = opt("train", "split to read when `train` is a hub dataset")
     eval_split: str = opt("test", "split to read when `eval` is a hub dataset")
-    max_length: int = opt(1024, "longest prompt + response in tokens")
-    max_prompt_length: int | None = opt(None, "longest prompt in tokens (default: max_length - 1)")
+    max_length: int = opt(1024, "longest prompt + response in tokens", ge=1)
+    max_prompt_length: int | None = opt(None, "longest prompt in tokens (default: max_length - 1)", ge=1)
     truncation: Literal["reject", "drop", "truncate"] = opt(
         "reject",
         "too-long rows: reject = stop with an error naming the row; drop = skip them; "
@@ -139,15 +165,41 @@ class DataSection:
     )
     completion_only_loss: bool = opt(True, "SFT loss on response tokens only (prompt tokens masked)")
     chat_template: str | None = opt(None, "Jinja chat template overriding the tokenizer's")
+    format: Literal[
+        "auto", "hh-rlhf", "ultrafeedback", "oasst1", "shp", "summarize_from_feedback", "helpsteer2", "trl"
+    ] = opt(
+        "auto",
+        "how the files are written: auto = detected from their columns; a published data set's name; "
+        "trl = Rufus's own rows (TRL's field names); see docs/data.md",
+    )
+    subset: str | None = opt(None, "configuration (subset) of a hub dataset, e.g. comparisons")
+    invalid_rows: Literal["error", "skip"] = opt(
+        "error",
+        "rows that cannot be used: error = stop, naming file, line and reason; skip = leave them out, warn once",
+    )
+    pairs: Literal["best_vs_worst", "best_vs_rest", "all"] = opt(
+        "best_vs_worst", "preference pairs from a ranking (oasst1, raw UltraFeedback, HelpSteer2); ties never pair"
+    )
+    hh_rlhf: Literal["auto", "messages", "text"] = opt(
+        "auto",
+        "hh-rlhf dialogues as chat messages (the tokenizer's chat template applies) or plain text; "
+        "auto = messages where the tokenizer has a chat template",
+    )
+    lang: list[str] = opt([], "oasst1: keep messages in these languages only, e.g. en,de (empty = all)")
+    min_score_ratio: float = opt(0.0, "shp: keep pairs whose vote ratio is at least this, e.g. 2 (0 = all)", ge=0)
+    attributes: str = opt(
+        "helpfulness",
+        "helpsteer2: the score, one attribute or a weighted mix, e.g. helpfulness:0.65,correctness:0.8,verbosity:-0.4",
+    )
 
 
 @dataclass
 class LoraSection:
     """Low-rank adapters (peft). With LoRA the frozen reference is the base with adapters disabled."""
 
-    r: int = opt(0, "LoRA rank; 0 = train all weights, no LoRA")
-    alpha: int = opt(16, "LoRA scaling numerator (scale = alpha / r)")
-    dropout: float = opt(0.0, "dropout on the LoRA path")
+    r: int = opt(0, "LoRA rank; 0 = train all weights, no LoRA", ge=0)
+    alpha: int = opt(16, "LoRA scaling numerator (scale = alpha / r)", ge=1)
+    dropout: float = opt(0.0, "dropout on the LoRA path", ge=0, lt=1)
     target_modules: list[str] = opt(["all-linear"], "modules to adapt: names, or all-linear")
     merge: bool = opt(True, "save final/ with the adapters merged into the base weights")
 
@@ -179,6 +231,11 @@ def all_keys(cls: type, prefix: str = "") -> list[str]:
 # Keys renamed so that one concept has one name everywhere (samples per prompt: group_size; update
 # passes over a batch: epochs). An old name is refused with the new one named.
 RENAMED_KEYS = {"grpo.iterations": "grpo.epochs", "rloo.k": "rloo.group_size", "bon.n": "bon.group_size"}
+# Keys removed, with what took their place.
+REMOVED_KEYS = {
+    "rm.format": "a reward model now reads rankings or pairs as the file holds them; "
+    "data.format names how a file is written (see docs/data.md)",
+}
 
 
 def _renamed(key: str) -> str | None:
@@ -207,6 +264,71 @@ def type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
+
+
+def _num(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def range_text(meta: Any) -> str:
+    """A field's valid range from its metadata: '> 0', '>= 1', 'in [0, 1]', 'in (0, 1]'; '' if unbounded."""
+    lo = ("[", ">=", meta["ge"]) if "ge" in meta else ("(", ">", meta["gt"]) if "gt" in meta else None
+    hi = ("]", "<=", meta["le"]) if "le" in meta else (")", "<", meta["lt"]) if "lt" in meta else None
+    if lo and hi:
+        return f"in {lo[0]}{_num(lo[2])}, {_num(hi[2])}{hi[0]}"
+    bound = lo or hi
+    return f"{bound[1]} {_num(bound[2])}" if bound else ""
+
+
+def _check_range(key: str, value: Any, meta: Any) -> None:
+    """ConfigError naming `key` when the number `value` (or an element of a list of them) is out of
+    the field's range. None and non-numbers pass (their type is checked elsewhere)."""
+    if not any(b in meta for b in BOUNDS):
+        return
+    items = [(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, (list, tuple)) else [(key, value)]
+    for name, x in items:
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            continue
+        ok = (
+            ("ge" not in meta or x >= meta["ge"])
+            and ("gt" not in meta or x > meta["gt"])
+            and ("le" not in meta or x <= meta["le"])
+            and ("lt" not in meta or x < meta["lt"])
+        )
+        if not ok:  # nan fails every comparison, so it is refused too
+            raise ConfigError(f"{name}: must be {range_text(meta)}, got {x}")
+
+
+def check_ranges(cfg: Any, prefix: str = "") -> None:
+    """Check every bounded field of the config object `cfg`, nested sections included."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_ranges(value, prefix + f.name + ".")
+        else:
+            _check_range(prefix + f.name, value, f.metadata)
+
+
+def model_names(cfg: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """(key, name) for every model a config object names in its `model_path` fields, nested
+    sections included (a list field gives one pair per entry); unset ones left out."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out += model_names(value, prefix + f.name + ".")
+        elif f.metadata.get("model_path"):
+            names = value if isinstance(value, (list, tuple)) else [value]
+            out += [(prefix + f.name, v) for v in names if isinstance(v, str)]  # not None, not REQUIRED
+    return out
+
+
+def _field_at(cls: type, key: str) -> tuple[Any, Any]:
+    """(type, metadata) of the dotted `key` of `cls`."""
+    head, _, rest = key.partition(".")
+    f = next(f for f in dataclasses.fields(cls) if f.name == head)
+    tp = _hints(cls)[head]
+    return _field_at(tp, rest) if rest else (tp, f.metadata)
 
 
 def _is_open(tp: Any) -> bool:
@@ -350,6 +472,7 @@ def _build(cls: type, values: dict[str, tuple[Any, str | None]], prefix: str = "
         elif key in values:
             value, raw = values[key]
             kwargs[f.name] = _coerce(value, tp, key, raw)
+            _check_range(key, kwargs[f.name], f.metadata)
     return cls(**kwargs)
 
 
@@ -400,8 +523,14 @@ def load_config(
             continue
         owner = next((o for o in opened if key.startswith(o + ".")), None)
         if owner is None:
-            if _renamed(key) in valid:
-                raise ConfigError(f"unknown key '{key}': it was renamed; did you mean '{_renamed(key)}'?")
+            new = _renamed(key)
+            if new in valid:
+                tp, meta = _field_at(cls, new)
+                about = ", ".join(s for s in (type_name(tp), range_text(meta)) if s)
+                raise ConfigError(f"unknown key '{key}': it was renamed; use '{new}' ({about})")
+            gone = next((why for old, why in REMOVED_KEYS.items() if key == old or key.endswith("." + old)), None)
+            if gone:
+                raise ConfigError(f"unknown key '{key}': it was removed; {gone}")
             raise ConfigError(f"unknown key '{key}'{_closest(key, valid)}")
         value, _ = values.pop(key)  # a key inside an open mapping: merged into it, in order
         inner = values.get(owner, ({}, None))[0]
@@ -414,12 +543,45 @@ def load_config(
 
 
 def as_config(cls: type, config):
-    """Accept a config object, or a dict of key -> value as a YAML file would hold it."""
+    """Accept a config object, or a dict of key -> value as a YAML file would hold it.
+
+    Every command's function starts here, from the CLI and from Python alike, so this is where a
+    config object's ranges are checked and the models it names are looked for, before anything runs.
+    """
     if isinstance(config, cls):
-        return config
-    if isinstance(config, dict):
-        return load_config(cls, defaults=config)
-    raise TypeError(f"expected {cls.__name__} or dict, got {type(config).__name__}")
+        check_ranges(config)
+        cfg = config
+    elif isinstance(config, dict):
+        cfg = load_config(cls, defaults=config)
+    else:
+        raise TypeError(f"expected {cls.__name__} or dict, got {type(config).__name__}")
+    for key, name in model_names(cfg):
+        check_model_name(key, name)
+    return cfg
+
+
+def check_model_name(key: str, name: str) -> None:
+    """ConfigError naming `key` when `name` can name no model: neither an existing directory nor a
+    possible hub id (`org/name`). `builtin:` names are Rufus's own and pass; so does a well-formed
+    hub id with no local directory of that name (it downloads, where there is a network). Run on
+    every config before anything loads (`as_config`), so a mistyped path is one line,
+    not the hub's validation traceback after the data has loaded."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith("builtin:"):
+        return
+    path = Path(name)
+    if name and path.is_dir():  # (Path("") is ".")
+        return
+    if name and path.exists():
+        raise ConfigError(f"{key}: {name}: is a file, not a model directory")
+    try:
+        validate_repo_id(name)  # at most one "/", the hub's characters, no "--" or ".."
+        hub_id = not name.startswith(("/", ".", "~")) and "\\" not in name
+    except HFValidationError:
+        hub_id = False
+    if not hub_id:
+        raise ConfigError(f"{key}: {name}: no such directory, and not a hub id")
 
 
 def to_dict(cfg: Any) -> dict:
@@ -478,7 +640,10 @@ def config_help(cls: type) -> str:
                 default = f.default_factory()  # type: ignore[misc]
             shown = "REQUIRED" if default is REQUIRED else yaml.safe_dump(default, default_flow_style=True).strip()
             shown = shown.removesuffix("\n...").strip()
-            lines.append(f"  {prefix + f.name:<28} {type_name(tp):<30} {shown:<14} {f.metadata.get('help', '')}")
+            doc = f.metadata.get("help", "")
+            bounds = range_text(f.metadata)
+            doc += f" ({bounds})" if bounds else ""
+            lines.append(f"  {prefix + f.name:<28} {type_name(tp):<30} {shown:<14} {doc}")
 
     walk(cls, "")
     return "config keys (set in --config YAML or as key=value / section.key=value):\n" + "\n".join(lines)
@@ -491,10 +656,12 @@ def config_help(cls: type) -> str:
 class GenerationSection:
     """How responses are sampled during RL."""
 
-    max_new_tokens: int = opt(64, "longest response in tokens")
-    temperature: float = opt(1.0, "sampling temperature (logprobs use the same scaled logits)")
-    top_k: int = opt(0, "sample from the k most likely tokens only (0 = off)")
-    top_p: float = opt(1.0, "sample from the smallest set with this much probability (1 = off)")
+    max_new_tokens: int = opt(64, "longest response in tokens", ge=1)
+    temperature: float = opt(
+        1.0, "sampling temperature (logprobs use the same scaled logits); 0 = greedy (logprobs at temperature 1)", ge=0
+    )
+    top_k: int = opt(0, "sample from the k most likely tokens only (0 = off)", ge=0)
+    top_p: float = opt(1.0, "sample from the smallest set with this much probability (1 = off)", gt=0, le=1)
     stop_at_eos: bool = opt(True, "stop a response at EOS; false = always sample max_new_tokens (masked after EOS)")
 
 
@@ -502,7 +669,9 @@ class GenerationSection:
 class RewardSection:
     """Where the reward comes from: reward models, Python functions, or a weighted sum of several."""
 
-    model: list[str] = opt([], "reward model directories or hub ids (scores are their normalised outputs)")
+    model: list[str] = opt(
+        [], "reward model directories or hub ids (scores are their normalised outputs)", model_path=True
+    )
     function: list[str] = opt(
         [], "Python reward functions, 'path/to/file.py:fn' or 'module:fn', called as fn(prompts, completions, **kw)"
     )
@@ -511,8 +680,8 @@ class RewardSection:
         None, "score given to a response that never produced EOS (None = no penalty)"
     )
     scale: bool = opt(False, "divide scores by their running standard deviation (the mean is not shifted)")
-    clip: float | None = opt(None, "clip scores to [-clip, clip] after scaling")
-    batch_size: int = opt(16, "sequences per reward-model forward pass")
+    clip: float | None = opt(None, "clip scores to [-clip, clip] after scaling", gt=0)
+    batch_size: int = opt(16, "sequences per reward-model forward pass", ge=1)
 
 
 @dataclass
@@ -531,7 +700,9 @@ class OnlineArgs(SamplingArgs):
     """What the online RL trainers share: SamplingArgs, the reference, samples.jsonl."""
 
     ref_model: str | None = opt(
-        None, "reference model (default: the starting policy; with LoRA, the adapter-disabled base)"
+        None, "reference model (default: the starting policy; with LoRA, the adapter-disabled base)", model_path=True
     )
-    sample_every: int = opt(10, "write a few (prompt, response, score) rows to samples.jsonl every this many steps")
-    num_samples: int = opt(4, "rows per samples.jsonl entry")
+    sample_every: int = opt(
+        10, "write a few (prompt, response, score) rows to samples.jsonl every this many steps (0 = never)", ge=0
+    )
+    num_samples: int = opt(4, "rows per samples.jsonl entry", ge=0)

@@ -45,19 +45,22 @@ log = logging.getLogger(__name__)
 class EvalConfig:
     """Evaluate a policy on held-out prompts: reward score, KL to a reference, length, diversity, win rate."""
 
-    model: str = opt(REQUIRED, "policy to evaluate: local path, hub id, or builtin:...")
+    model: str = opt(REQUIRED, "policy to evaluate: local path, hub id, or builtin:...", model_path=True)
     tokenizer: str | None = opt(
-        None, "tokenizer path or hub id (default: the model's); baseline and ref_model use it too"
+        None, "tokenizer path or hub id (default: the model's); baseline and ref_model use it too", model_path=True
     )
     baseline: str | None = opt(
         None,
         "model to compare with (e.g. the SFT model): its responses to the same prompts "
         "give win_rate and, on the playground, gold win rate",
+        model_path=True,
     )
-    ref_model: str | None = opt(None, "reference for the KL estimate (default: baseline; None and no baseline = no KL)")
+    ref_model: str | None = opt(
+        None, "reference for the KL estimate (default: baseline; None and no baseline = no KL)", model_path=True
+    )
     prompts: str = opt(REQUIRED, "prompt-format file (.jsonl/.json/.csv/.parquet) or hub dataset")
     split: str = opt("train", "split to read when `prompts` or `pairs` is a hub dataset")
-    num_prompts: int | None = opt(None, "evaluate on the first N prompts (None = all)")
+    num_prompts: int | None = opt(None, "evaluate on the first N prompts (None = all)", ge=1)
     generation: GenerationSection = opt(GenerationSection, "sampling, for both policy and baseline")
     reward: RewardSection = opt(
         RewardSection,
@@ -74,9 +77,11 @@ class EvalConfig:
         "labels and, with `preference`, against gold",
     )
     output_dir: str | None = opt(None, "if set, write config.yaml, eval.json (the metrics) and generations.jsonl here")
-    batch_size: int = opt(32, "prompts per generate call and per logprob forward pass")
-    max_prompt_length: int | None = opt(None, "cut longer prompts from the left to this many tokens (None = no limit)")
-    seed: int = opt(0, "random seed of the sampler (re-used for the baseline)")
+    batch_size: int = opt(32, "prompts per generate call and per logprob forward pass", ge=1)
+    max_prompt_length: int | None = opt(
+        None, "cut longer prompts from the left to this many tokens (None = no limit)", ge=1
+    )
+    seed: int = opt(0, "random seed of the sampler (re-used for the baseline)", ge=0)
     dtype: Literal["auto", "float32", "bfloat16"] = opt(
         "auto", "weights dtype; auto = bfloat16 where the hardware runs it fast"
     )
@@ -92,14 +97,11 @@ def evaluate(config: EvalConfig | dict, reward_fn=None) -> dict:
     """
     from rufus.config import as_config, atomic_write_text, save_config
     from rufus.data.loading import load_records
+    from rufus.data.readers import options_from
     from rufus.models.loading import load_tokenizer, resolve_dtype
     from rufus.rewards import build_reward_pipeline
 
     cfg = as_config(EvalConfig, config)
-    if cfg.batch_size < 1:
-        raise ConfigError(f"batch_size: must be at least 1, got {cfg.batch_size}")
-    if cfg.num_prompts is not None and cfg.num_prompts < 1:
-        raise ConfigError(f"num_prompts: must be at least 1 (or null for all), got {cfg.num_prompts}")
     fns = [] if reward_fn is None else (list(reward_fn) if isinstance(reward_fn, (list, tuple)) else [reward_fn])
     scored = bool(cfg.reward.model or cfg.reward.function or fns)
     if cfg.pairs and not scored:
@@ -120,7 +122,10 @@ def evaluate(config: EvalConfig | dict, reward_fn=None) -> dict:
     # 1. prompts, pairs and reward sources first: bad input fails before the models load
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
     items = _prompts(cfg, tokenizer)
-    pairs = load_records(cfg.pairs, format="preference", split=cfg.split, key="pairs").dataset if cfg.pairs else None
+    pairs = None
+    if cfg.pairs:  # a published preference file (hh-rlhf, ...) works as it is
+        read = options_from(cfg, tokenizer)
+        pairs = load_records(cfg.pairs, kind="preference", split=cfg.split, key="pairs", options=read).dataset
     reward = None
     if scored:
         reward = build_reward_pipeline(
@@ -237,8 +242,10 @@ def _prompts(cfg: EvalConfig, tokenizer) -> list[dict]:
     """[{"prompt", "ids", "extra"}] for the first `num_prompts` validated rows of `prompts`."""
     from rufus.data.loading import load_records
     from rufus.data.prompts import tokenize_prompts
+    from rufus.data.readers import options_from
 
-    records = load_records(cfg.prompts, format="prompt", split=cfg.split, key="prompts")
+    read = options_from(cfg, tokenizer)  # a published data set gives its prompts
+    records = load_records(cfg.prompts, kind="prompt", split=cfg.split, key="prompts", options=read)
     items = tokenize_prompts(
         records, tokenizer, max_prompt_length=cfg.max_prompt_length or 10**9, truncation="truncate", key="prompts"
     )

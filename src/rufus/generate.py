@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 class GenerateConfig:
     """Sample responses to prompts; with best_of > 1, keep the best of n by the reward."""
 
-    model: str = opt(REQUIRED, "model to sample from: local path, hub id, or builtin:tiny-llama")
-    tokenizer: str | None = opt(None, "tokenizer path or hub id (default: the model's)")
+    model: str = opt(REQUIRED, "model to sample from: local path, hub id, or builtin:tiny-llama", model_path=True)
+    tokenizer: str | None = opt(None, "tokenizer path or hub id (default: the model's)", model_path=True)
     prompts: str | None = opt(None, "prompt-format file (.jsonl/.json/.csv/.parquet) or hub dataset; or set `prompt`")
     prompt: str | None = opt(None, "a single prompt string, instead of a `prompts` file")
     split: str = opt("train", "split to read when `prompts` is a hub dataset")
@@ -48,14 +48,16 @@ class GenerateConfig:
     reward: RewardSection = opt(
         RewardSection, "reward sources: required for best_of > 1; otherwise, if set, each response is scored"
     )
-    best_of: int = opt(1, "n: responses sampled per prompt, the highest-scoring one returned")
+    best_of: int = opt(1, "n: responses sampled per prompt, the highest-scoring one returned", ge=1)
     return_all: bool = opt(
         False, "with each row also write all n candidates and their scores (all_responses, all_scores)"
     )
-    batch_size: int = opt(16, "prompts per generate call (each repeated best_of times)")
-    max_prompt_length: int | None = opt(None, "cut longer prompts from the left to this many tokens (None = no limit)")
+    batch_size: int = opt(16, "prompts per generate call (each repeated best_of times)", ge=1)
+    max_prompt_length: int | None = opt(
+        None, "cut longer prompts from the left to this many tokens (None = no limit)", ge=1
+    )
     chat_template: str | None = opt(None, "Jinja chat template overriding the tokenizer's (for message-list prompts)")
-    seed: int = opt(0, "random seed of the sampler")
+    seed: int = opt(0, "random seed of the sampler", ge=0)
     dtype: Literal["auto", "float32", "bfloat16"] = opt(
         "auto", "weights dtype; auto = bfloat16 where the hardware runs it fast"
     )
@@ -82,10 +84,6 @@ def generate(config: GenerateConfig | dict, reward_fn=None) -> dict:
     cfg = as_config(GenerateConfig, config)
     if (cfg.prompts is None) == (cfg.prompt is None):
         raise ConfigError("prompts / prompt: set exactly one (a prompt file, or a single prompt string)")
-    if cfg.best_of < 1:
-        raise ConfigError(f"best_of: must be at least 1, got {cfg.best_of}")
-    if cfg.batch_size < 1:
-        raise ConfigError(f"batch_size: must be at least 1, got {cfg.batch_size}")
     fns = [] if reward_fn is None else (list(reward_fn) if isinstance(reward_fn, (list, tuple)) else [reward_fn])
     scored = bool(cfg.reward.model or cfg.reward.function or fns)
     if cfg.best_of > 1 and not scored:
@@ -179,6 +177,7 @@ def _prompts(cfg: GenerateConfig, tokenizer) -> list[dict]:
     """[{"prompt", "ids", "extra"}]: the `prompt` string, or the validated rows of `prompts`."""
     from rufus.data.loading import load_records
     from rufus.data.prompts import tokenize_prompts
+    from rufus.data.readers import options_from
     from rufus.data.sft import encode_prompt
 
     limit = cfg.max_prompt_length or 10**9
@@ -189,7 +188,7 @@ def _prompts(cfg: GenerateConfig, tokenizer) -> list[dict]:
             ids = ids[:keep_bos] + ids[len(ids) - limit + keep_bos :]
         return [{"prompt": cfg.prompt, "ids": ids, "extra": {}}]
     return tokenize_prompts(
-        load_records(cfg.prompts, format="prompt", split=cfg.split, key="prompts"),
+        load_records(cfg.prompts, kind="prompt", split=cfg.split, key="prompts", options=options_from(cfg, tokenizer)),
         tokenizer,
         max_prompt_length=limit,
         truncation="truncate",

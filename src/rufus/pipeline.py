@@ -75,14 +75,14 @@ class PlaygroundSection:
     preference: str = opt(
         "default", "hidden gold taste: default, concise, polite, helpful, or weights 'polite=2,concise=1'"
     )
-    annotators: int = opt(3, "simulated annotators (labels go round-robin)")
-    temperature: float = opt(0.5, "Bradley-Terry temperature of each choice (0 = no noise)")
-    disagreement: float = opt(0.3, "spread of the annotators' own weights (lognormal sigma; 0 = all alike)")
-    sft_demos: int = opt(2000, "demonstrations of middling quality for SFT")
-    comparison_prompts: int = opt(2000, "prompts whose SFT samples are compared")
-    rl_prompts: int = opt(2000, "prompts for RL")
-    eval_prompts: int = opt(256, "held-out prompts for evaluation")
-    base_seed: int = opt(0, "seed of the cached base model (builtin:playground-base)")
+    annotators: int = opt(3, "simulated annotators (labels go round-robin)", ge=1)
+    temperature: float = opt(0.5, "Bradley-Terry temperature of each choice (0 = no noise)", ge=0)
+    disagreement: float = opt(0.3, "spread of the annotators' own weights (lognormal sigma; 0 = all alike)", ge=0)
+    sft_demos: int = opt(2000, "demonstrations of middling quality for SFT", ge=1)
+    comparison_prompts: int = opt(2000, "prompts whose SFT samples are compared", ge=1)
+    rl_prompts: int = opt(2000, "prompts for RL", ge=1)
+    eval_prompts: int = opt(256, "held-out prompts for evaluation", ge=1)
+    base_seed: int = opt(0, "seed of the cached base model (builtin:playground-base)", ge=0)
 
 
 @dataclass
@@ -105,8 +105,10 @@ class StudioCollectSection:
     name: str | None = opt(
         None, "rounds are named '<name> round 1', ..., '<name> leaderboard' (default: the output_dir's name)"
     )
-    prompts: int = opt(200, "prompts per round (taken from the comparison prompts)")
-    labels_per_item: int = opt(2, "labels each item needs before the round is complete (2 or more measures agreement)")
+    prompts: int = opt(200, "prompts per round (taken from the comparison prompts)", ge=2)
+    labels_per_item: int = opt(
+        2, "labels each item needs before the round is complete (2 or more measures agreement)", ge=1
+    )
     instructions: str = opt(
         "Which answer helps the person more: on topic, polite, concise, answering the request?",
         "shown to the annotators above every item",
@@ -116,10 +118,10 @@ class StudioCollectSection:
         "wait (polling) until a round's labels are in; false = stop with a message and pick up "
         "from there when the same command is run again",
     )
-    poll_seconds: float = opt(30.0, "how often to look while waiting")
-    simulate: int = opt(0, "honest simulated annotators who label every round over HTTP (0 = people label it)")
-    careless: int = opt(0, "careless simulated annotators among them (answer at random)")
-    adversarial: int = opt(0, "adversarial simulated annotators among them (answer against their taste)")
+    poll_seconds: float = opt(30.0, "how often to look while waiting", gt=0)
+    simulate: int = opt(0, "honest simulated annotators who label every round over HTTP (0 = people label it)", ge=0)
+    careless: int = opt(0, "careless simulated annotators among them (answer at random)", ge=0)
+    adversarial: int = opt(0, "adversarial simulated annotators among them (answer against their taste)", ge=0)
     exclude_below_chance: bool = opt(
         False,
         "leave out the labels of annotators flagged below chance in a round (rufus studio exclude does it by hand)",
@@ -136,10 +138,10 @@ class CollectSection:
         "rufus studio); auto = playground when it is enabled, else file",
     )
     responses: int = opt(
-        4, "K responses per prompt: 2 = pairs, more = K-way rankings (all K(K-1)/2 pairs learnt at once)"
+        4, "K responses per prompt: 2 = pairs, more = K-way rankings (all K(K-1)/2 pairs learnt at once)", ge=2
     )
-    held_out: float = opt(0.15, "share of the comparisons kept out of RM training, for evaluation")
-    batch_size: int = opt(64, "prompts per generate call")
+    held_out: float = opt(0.15, "share of the comparisons kept out of RM training, for evaluation", gt=0, lt=1)
+    batch_size: int = opt(64, "prompts per generate call", ge=1)
     generation: GenerationSection = opt(GenerationSection, "sampling")
     studio: StudioCollectSection = opt(StudioCollectSection, "labels from people in the studio (source=studio)")
 
@@ -148,8 +150,8 @@ class CollectSection:
 class LeaderboardSection:
     """Every policy of the run (SFT and each round's) answers held-out prompts; their answers are compared."""
 
-    prompts: int = opt(0, "held-out prompts each policy answers (0 = all the eval prompts)")
-    resamples: int = opt(1000, "bootstrap resamples of the rating intervals")
+    prompts: int = opt(0, "held-out prompts each policy answers (0 = all the eval prompts)", ge=0)
+    resamples: int = opt(1000, "bootstrap resamples of the rating intervals", ge=0)
 
 
 @dataclass
@@ -159,8 +161,8 @@ class PipelineConfig:
     output_dir: str = opt(
         "runs/pipeline", "directory of the run: one sub-directory per stage, summary.json, report.html"
     )
-    model: str = opt("builtin:playground-base", "the pretrained base model the pipeline starts from")
-    seed: int = opt(0, "random seed of every stage")
+    model: str = opt("builtin:playground-base", "the pretrained base model the pipeline starts from", model_path=True)
+    seed: int = opt(0, "random seed of every stage", ge=0)
     dtype: Literal["auto", "float32", "bfloat16"] = opt(
         "float32", "weights dtype of every stage (auto = bfloat16 where fast)"
     )
@@ -173,6 +175,7 @@ class PipelineConfig:
         1,
         "iterated rounds of collect -> rm -> rl: round r samples the policy of round r-1 (and the "
         "earlier ones), its reward model learns from the labels of rounds 1..r",
+        ge=1,
     )
     round_start: Literal["previous", "sft"] = opt(
         "previous",
@@ -426,25 +429,11 @@ def run_pipeline(config: PipelineConfig | dict) -> PipelineResult:
             "data.comparisons: without the playground there are no simulated annotators; "
             "give labelled comparisons (preference format), or collect.source=studio"
         )
-    if cfg.rounds < 1:
-        raise ConfigError(f"rounds: need at least 1, got {cfg.rounds}")
     if cfg.rounds > 1 and source == "file":
         raise ConfigError(
             "rounds: each round needs labels of the previous round's policy, which a fixed file "
             "cannot give; use collect.source=studio (people) or the playground"
         )
-    if cfg.collect.responses < 2:
-        raise ConfigError(f"collect.responses: need at least 2 responses to compare, got {cfg.collect.responses}")
-    if not 0 < cfg.collect.held_out < 1:
-        raise ConfigError(f"collect.held_out: must be in (0, 1), got {cfg.collect.held_out}")
-    sc = cfg.collect.studio
-    if source == "studio":
-        if sc.prompts < 2:
-            raise ConfigError(f"collect.studio.prompts: need at least 2 prompts per round, got {sc.prompts}")
-        if sc.labels_per_item < 1:
-            raise ConfigError(f"collect.studio.labels_per_item: need at least 1, got {sc.labels_per_item}")
-        if min(sc.simulate, sc.careless, sc.adversarial) < 0:
-            raise ConfigError("collect.studio.simulate / careless / adversarial: counts cannot be negative")
 
     out = Path(cfg.output_dir)
     files = _data_files(cfg, out)
@@ -559,7 +548,6 @@ def _plan(cfg: PipelineConfig, out: Path, algo: str, rl_settings: dict, files: d
                 {
                     "model": sft_model,
                     "output_dir": str(rm_dir),
-                    "rm": {"format": fmt},
                     "data": {
                         "train": str(collect / f"train{every}.jsonl"),
                         "eval": str(collect / ("eval.jsonl" if fmt == "preference" else "eval_ranking.jsonl")),
@@ -820,7 +808,7 @@ def _run_collect(cfg: PipelineConfig, st: _Stages, plan: dict, files: dict, upst
         t0 = st.begin(step.name, f"splitting the labelled comparisons {files['comparisons']}")
         from rufus.data.loading import load_records
 
-        records = load_records(files["comparisons"], format="preference", key="data.comparisons")
+        records = load_records(files["comparisons"], kind="preference", key="data.comparisons")
         rows = [dict(r) for r in records.dataset]
         random.Random(cfg.seed).shuffle(rows)
         n_eval = max(1, round(len(rows) * c.held_out))

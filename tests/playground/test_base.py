@@ -108,7 +108,7 @@ def test_sft_demos_are_deterministic_and_validate(tmp_path):
     assert demos != base.make_sft_demos(12, seed=6)
     assert all(set(d) == {"prompt", "completion"} for d in demos)
     assert all(d["completion"].startswith(" ") for d in demos)
-    records = load_records(write_jsonl(tmp_path / "sft.jsonl", demos), format="sft")
+    records = load_records(write_jsonl(tmp_path / "sft.jsonl", demos), kind="sft")
     assert len(records.dataset) == 12
 
 
@@ -118,5 +118,5 @@ def test_prompts_are_deterministic_on_topic_and_validate(tmp_path):
     held_out = base.make_prompts(30, seed=2)
     assert prompts != held_out
     assert all(set(p) == {"prompt"} and prompt_topic(p["prompt"]) in TOPICS for p in prompts)
-    records = load_records(write_jsonl(tmp_path / "prompts.jsonl", prompts), format="prompt")
+    records = load_records(write_jsonl(tmp_path / "prompts.jsonl", prompts), kind="prompt")
     assert len(records.dataset) == 30

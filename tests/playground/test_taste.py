@@ -97,7 +97,7 @@ def test_rows_load_as_preference_and_ranking(tmp_path):
     ann = Annotators("concise", seed=1)
     pairs = ann.label_pairs(prompts, a, b, seed=0)
     assert ann.label_pairs(prompts[:1], a[:1], a[:1]) == []  # identical texts are skipped
-    records = load_records(write_jsonl(tmp_path / "pairs.jsonl", pairs), format="preference")
+    records = load_records(write_jsonl(tmp_path / "pairs.jsonl", pairs), kind="preference")
     assert len(records.dataset) == len(pairs) > 30
     rng = random.Random(0)
     prompts, groups = [], []
@@ -108,7 +108,7 @@ def test_rows_load_as_preference_and_ranking(tmp_path):
     groups[0] = [groups[0][0]] * 3  # one distinct response: skipped
     ranks = ann.rank_rows(prompts, groups, seed=0)
     assert len(ranks) == len(prompts) - 1
-    records = load_records(write_jsonl(tmp_path / "ranks.jsonl", ranks), format="ranking")
+    records = load_records(write_jsonl(tmp_path / "ranks.jsonl", ranks), kind="ranking")
     assert len(records.dataset) == len(ranks)
 
 

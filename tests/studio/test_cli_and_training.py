@@ -196,7 +196,6 @@ def test_exports_train_a_reward_model_and_sft(tiny_model, tmp_path, task, fmt):
                 f"model={tiny_model}",
                 f"output_dir={rm_dir}",
                 f"data.train={prefs}",
-                f"rm.format={fmt}",
                 "data.max_length=48",
                 "batch_size=16",
                 "lr=3e-3",

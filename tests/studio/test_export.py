@@ -158,7 +158,7 @@ def test_exported_files_read_as_their_formats(db, pairwise, tmp_path):
     for fmt, reader in (("preference", "preference"), ("ranking", "ranking"), ("sft", "sft"), ("graded", "graded")):
         out = tmp_path / f"{fmt}.jsonl"
         n = E.export_round(db, "p", fmt, out, tie="half")
-        records = load_records(str(out), format=reader)
+        records = load_records(str(out), kind=reader)
         assert len(records) == n > 0
     first = json.loads((tmp_path / "preference.jsonl").read_text().splitlines()[0])
     assert {
@@ -209,4 +209,4 @@ def test_conversational_rounds_export_assistant_turns(db, tmp_path):
     assert row["prompt"] == prompt and row["chosen"] == [{"role": "assistant", "content": "Hello."}]
     for fmt in ("preference", "ranking", "sft", "graded"):
         E.export_round(db, "chat", fmt, tmp_path / f"{fmt}.jsonl")
-        assert len(load_records(str(tmp_path / f"{fmt}.jsonl"), format=fmt)) >= 1
+        assert len(load_records(str(tmp_path / f"{fmt}.jsonl"), kind=fmt)) >= 1

@@ -164,7 +164,7 @@ def test_resume_at_a_round_boundary_reproduces_the_final_weights(tiny_model, pro
     ],
 )
 def test_bad_bon_settings_fail_before_anything_loads(tmp_path, over, key):
-    cfg = bon_config("no/such/model", tmp_path / "missing.jsonl", tmp_path / "out", **over)
+    cfg = bon_config("org/no-such-model", tmp_path / "missing.jsonl", tmp_path / "out", **over)
     with pytest.raises(ConfigError, match=key):
         train_bon(cfg, reward_fn=digit_share)
     assert not (tmp_path / "out").exists()

@@ -69,7 +69,7 @@ def test_pairs_label_only_the_response_and_sequence_logprobs_match_a_naive_loop(
     tok = load_tokenizer(str(tiny_model))
     rows = preference_rows(3, seed=5)
     pairs = tokenize_pairs(
-        load_records(write_jsonl(tmp_path / "three.jsonl", rows), format="preference"), tok, max_length=48
+        load_records(write_jsonl(tmp_path / "three.jsonl", rows), kind="preference"), tok, max_length=48
     )
     for row, pair in zip(rows, pairs):
         prompt = encode_prompt(tok, row["prompt"])

@@ -95,15 +95,12 @@ def test_k4_rankings_train(tiny_model, tmp_path):
             tmp_path / "rank",
             max_steps=80,
             batch_size=8,
-            **{"rm.format": "ranking", "data.eval": str(held)},
+            **{"data.eval": str(held)},
         )
     )
     first = result.metrics[0]["rm/train_accuracy"]
     assert result.eval["rm/accuracy"] >= 0.85 and result.eval["rm/accuracy"] > first
-    assert (
-        eval_reward_model({"model": str(result.final_dir), "data": str(held), "format": "ranking"})["rm/pairs"]
-        == 32 * 6
-    )
+    assert eval_reward_model({"model": str(result.final_dir), "data": str(held)})["rm/pairs"] == 32 * 6
 
 
 def _train_gaps(model, tokenizer, rows) -> tuple[torch.Tensor, torch.Tensor]:

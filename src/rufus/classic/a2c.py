@@ -51,20 +51,22 @@ from rufus.losses import ppo as ppo_losses
 @dataclass
 class A2CConfig(ClassicArgs):
     env: str = opt("CartPole-v1", "gymnasium environment id (Discrete actions, Box observations)")
-    total_steps: int = opt(200_000, "environment steps in all, over every environment (whole updates: rounded down)")
-    num_envs: int = opt(8, "parallel environments (SyncVectorEnv)")
-    n_steps: int = opt(5, "steps per environment between updates (the n of the n-step return)")
-    gamma: float = opt(0.99, "discount factor")
-    gae_lambda: float = opt(1.0, "GAE lambda; 1 = the plain n-step advantage of A2C")
+    total_steps: int = opt(
+        200_000, "environment steps in all, over every environment (whole updates: rounded down)", ge=1
+    )
+    num_envs: int = opt(8, "parallel environments (SyncVectorEnv)", ge=1)
+    n_steps: int = opt(5, "steps per environment between updates (the n of the n-step return)", ge=1)
+    gamma: float = opt(0.99, "discount factor", ge=0, le=1)
+    gae_lambda: float = opt(1.0, "GAE lambda; 1 = the plain n-step advantage of A2C", ge=0, le=1)
     optimizer: Literal["rmsprop", "adam"] = opt("rmsprop", "rmsprop (alpha 0.99, eps 1e-5) or adam (eps 1e-5)")
-    lr: float = opt(7e-4, "learning rate")
+    lr: float = opt(7e-4, "learning rate", gt=0)
     anneal_lr: bool = opt(False, "anneal the learning rate linearly to 0 over the run")
-    ent_coef: float = opt(0.0, "entropy bonus coefficient")
-    vf_coef: float = opt(0.5, "value loss coefficient")
-    max_grad_norm: float = opt(0.5, "global gradient norm clip")
+    ent_coef: float = opt(0.0, "entropy bonus coefficient", ge=0)
+    vf_coef: float = opt(0.5, "value loss coefficient", ge=0)
+    max_grad_norm: float = opt(0.5, "global gradient norm clip", gt=0)
     normalize_advantages: bool = opt(False, "whiten the advantages of each update's batch")
-    hidden: int = opt(64, "width of the two tanh hidden layers of the actor and of the critic")
-    eval_episodes: int = opt(5, "greedy (argmax) episodes run at the end for greedy_mean_return")
+    hidden: int = opt(64, "width of the two tanh hidden layers of the actor and of the critic", ge=1)
+    eval_episodes: int = opt(5, "greedy (argmax) episodes run at the end for greedy_mean_return", ge=0)
 
 
 def layer_init(layer: nn.Linear, std: float = math.sqrt(2)) -> nn.Linear:
@@ -104,25 +106,15 @@ class ActorCritic(nn.Module):
 
 
 def check_config(cfg: A2CConfig) -> None:
-    """ConfigError naming the key for values the run cannot use."""
-    for key in ("num_envs", "n_steps", "hidden"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"{key}: must be >= 1, got {getattr(cfg, key)}")
+    """ConfigError naming the key for values the run cannot use together (each key's own range is
+    checked with the config)."""
     if cfg.total_steps < cfg.num_envs * cfg.n_steps:
         raise ConfigError(
             f"total_steps: {cfg.total_steps} is less than one update "
             f"(num_envs * n_steps = {cfg.num_envs * cfg.n_steps})"
         )
-    for key in ("gamma", "gae_lambda"):
-        if not 0.0 <= getattr(cfg, key) <= 1.0:
-            raise ConfigError(f"{key}: must be in [0, 1], got {getattr(cfg, key)}")
     if cfg.optimizer not in ("rmsprop", "adam"):
         raise ConfigError(f"optimizer: {cfg.optimizer!r} is not one of rmsprop, adam")
-    for key in ("lr", "max_grad_norm"):
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"{key}: must be positive, got {getattr(cfg, key)}")
-    if cfg.eval_episodes < 0:
-        raise ConfigError(f"eval_episodes: must be >= 0, got {cfg.eval_episodes}")
 
 
 def env_dims(env, env_id: str) -> tuple[int, int]:

@@ -38,17 +38,18 @@ class ClassicArgs:
     """Keys every classic agent takes (each agent's config adds its own)."""
 
     env: str = opt("CartPole-v1", "gymnasium environment id")
-    seed: int = opt(0, "seed for the environment, the network and the exploration")
-    total_steps: int = opt(100_000, "environment steps in all (over all vectorised environments)")
+    seed: int = opt(0, "seed for the environment, the network and the exploration", ge=0)
+    total_steps: int = opt(100_000, "environment steps in all (over all vectorised environments)", ge=1)
     output_dir: str | None = opt(
         None, "where metrics.jsonl, agent.pt and plots/ go (default runs/classic/<algo>-<env>)"
     )
     progress: bool = opt(True, "show a progress bar")
-    log_every: int = opt(1000, "environment steps between rows of training statistics (losses, epsilon)")
+    log_every: int = opt(1000, "environment steps between rows of training statistics (losses, epsilon)", ge=1)
     threads: int = opt(
         1,
         "torch threads during the run (small networks: one thread is fastest; "
         "several threads on busy cores can be 30x slower)",
+        ge=1,
     )
 
 
@@ -118,13 +119,8 @@ class Run:
 
 
 def start_run(cfg, algo: str) -> Run:
-    """Check the basic keys, seed everything, create output_dir (config.yaml, metrics.jsonl)."""
-    if cfg.total_steps <= 0:
-        raise ConfigError(f"total_steps: must be positive, got {cfg.total_steps}")
-    if cfg.log_every <= 0:
-        raise ConfigError(f"log_every: must be positive, got {cfg.log_every}")
-    if cfg.threads <= 0:
-        raise ConfigError(f"threads: must be positive, got {cfg.threads}")
+    """Seed everything, create output_dir (config.yaml, metrics.jsonl). (Each key's range is checked
+    with the config, in `as_config`.)"""
     seed_everything(cfg.seed)
     return Run(cfg, algo)
 

@@ -45,28 +45,28 @@ from rufus.config import ConfigError, as_config, opt
 @dataclass
 class DDPGConfig(ClassicArgs):
     env: str = opt("Pendulum-v1", "gymnasium environment id (needs a bounded Box action space)")
-    total_steps: int = opt(15_000, "environment steps in all (Pendulum-v1: 75 episodes of 200)")
-    buffer_size: int = opt(100_000, "replay buffer capacity in transitions")
-    batch_size: int = opt(256, "transitions per gradient update")
-    learning_starts: int = opt(1_000, "steps of uniform random actions before the first update")
-    gamma: float = opt(0.99, "discount factor")
-    tau: float = opt(0.005, "soft target update rate: target <- tau * online + (1 - tau) * target")
-    actor_lr: float = opt(1e-3, "Adam learning rate of the actor")
-    critic_lr: float = opt(1e-3, "Adam learning rate of the critic(s)")
-    hidden_sizes: list[int] = opt([256, 256], "hidden layer widths of the actor and critic MLPs")
+    total_steps: int = opt(15_000, "environment steps in all (Pendulum-v1: 75 episodes of 200)", ge=1)
+    buffer_size: int = opt(100_000, "replay buffer capacity in transitions", ge=1)
+    batch_size: int = opt(256, "transitions per gradient update", ge=1)
+    learning_starts: int = opt(1_000, "steps of uniform random actions before the first update", ge=0)
+    gamma: float = opt(0.99, "discount factor", ge=0, le=1)
+    tau: float = opt(0.005, "soft target update rate: target <- tau * online + (1 - tau) * target", gt=0, le=1)
+    actor_lr: float = opt(1e-3, "Adam learning rate of the actor", gt=0)
+    critic_lr: float = opt(1e-3, "Adam learning rate of the critic(s)", gt=0)
+    hidden_sizes: list[int] = opt([256, 256], "hidden layer widths of the actor and critic MLPs", ge=1)
     noise: Literal["ou", "gaussian"] = opt("ou", "exploration noise: Ornstein-Uhlenbeck or Gaussian")
-    noise_sigma: float = opt(0.2, "exploration noise scale, as a fraction of the action half-range")
-    ou_theta: float = opt(0.15, "Ornstein-Uhlenbeck pull towards zero per step (noise=ou)")
-    eval_episodes: int = opt(10, "greedy episodes (deterministic actor, no noise) after training")
+    noise_sigma: float = opt(0.2, "exploration noise scale, as a fraction of the action half-range", ge=0)
+    ou_theta: float = opt(0.15, "Ornstein-Uhlenbeck pull towards zero per step (noise=ou)", ge=0)
+    eval_episodes: int = opt(10, "greedy episodes (deterministic actor, no noise) after training", ge=0)
 
 
 @dataclass
 class TD3Config(DDPGConfig):
     noise: Literal["ou", "gaussian"] = opt("gaussian", "exploration noise: Ornstein-Uhlenbeck or Gaussian")
-    noise_sigma: float = opt(0.1, "exploration noise scale, as a fraction of the action half-range")
-    policy_delay: int = opt(2, "critic updates per actor (and target network) update")
-    target_noise: float = opt(0.2, "std of the target policy smoothing noise (fraction of half-range)")
-    noise_clip: float = opt(0.5, "smoothing noise is clipped to +-noise_clip (fraction of half-range)")
+    noise_sigma: float = opt(0.1, "exploration noise scale, as a fraction of the action half-range", ge=0)
+    policy_delay: int = opt(2, "critic updates per actor (and target network) update", ge=1)
+    target_noise: float = opt(0.2, "std of the target policy smoothing noise (fraction of half-range)", ge=0)
+    noise_clip: float = opt(0.5, "smoothing noise is clipped to +-noise_clip (fraction of half-range)", ge=0)
 
 
 # --- networks -------------------------------------------------------------------------------------
@@ -202,30 +202,12 @@ class ReplayBuffer:
 # --- training -------------------------------------------------------------------------------------
 
 
-def _check(cfg: DDPGConfig, td3: bool) -> None:
-    if not 0.0 <= cfg.gamma <= 1.0:
-        raise ConfigError(f"gamma: must be in [0, 1], got {cfg.gamma}")
-    if not 0.0 < cfg.tau <= 1.0:
-        raise ConfigError(f"tau: must be in (0, 1], got {cfg.tau}")
-    for key in ("buffer_size", "batch_size"):
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"{key}: must be positive, got {getattr(cfg, key)}")
-    for key in ("learning_starts", "eval_episodes", "noise_sigma", "ou_theta"):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {getattr(cfg, key)}")
-    for key in ("actor_lr", "critic_lr"):
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"{key}: must be positive, got {getattr(cfg, key)}")
-    if not cfg.hidden_sizes or any(h <= 0 for h in cfg.hidden_sizes):
+def _check(cfg: DDPGConfig) -> None:
+    """What each key's own range (checked with the config) does not say."""
+    if not cfg.hidden_sizes:
         raise ConfigError(f"hidden_sizes: needs one or more positive widths, got {cfg.hidden_sizes}")
     if cfg.noise not in ("ou", "gaussian"):
         raise ConfigError(f"noise: must be 'ou' or 'gaussian', got {cfg.noise!r}")
-    if td3:
-        if cfg.policy_delay < 1:
-            raise ConfigError(f"policy_delay: must be >= 1, got {cfg.policy_delay}")
-        for key in ("target_noise", "noise_clip"):
-            if getattr(cfg, key) < 0:
-                raise ConfigError(f"{key}: must be >= 0, got {getattr(cfg, key)}")
 
 
 def _continuous_env(cfg: DDPGConfig, seed: int):
@@ -279,7 +261,7 @@ def train_td3(config) -> ClassicResult:
 
 def _train(cfg: DDPGConfig, algo: str) -> ClassicResult:
     td3 = algo == "td3"
-    _check(cfg, td3)
+    _check(cfg)
     n_q = 2 if td3 else 1
     policy_delay = cfg.policy_delay if td3 else 1
     env = _continuous_env(cfg, cfg.seed)

@@ -47,23 +47,23 @@ from rufus.config import ConfigError, as_config, opt
 @dataclass
 class DQNConfig(ClassicArgs):
     env: str = opt("CartPole-v1", "gymnasium environment id (Discrete actions, Box observations)")
-    total_steps: int = opt(300_000, "environment steps in all")
-    lr: float = opt(2.5e-4, "Adam learning rate")
-    buffer_size: int = opt(10_000, "transitions the replay buffer holds (the oldest are overwritten)")
-    batch_size: int = opt(128, "transitions per gradient step, sampled uniformly from the buffer")
-    gamma: float = opt(0.99, "discount factor")
-    hidden_sizes: list[int] = opt([120, 84], "hidden layer widths of the Q-network MLP")
-    learning_starts: int = opt(10_000, "environment steps before the first gradient step")
-    train_every: int = opt(10, "environment steps per gradient step")
-    target_update_every: int = opt(500, "environment steps between target-network updates")
-    tau: float = opt(1.0, "target update: 1 = hard copy; < 1 = target <- tau * online + (1 - tau) * target")
-    epsilon_start: float = opt(1.0, "exploration rate at step 0")
-    epsilon_end: float = opt(0.05, "exploration rate after the decay")
-    exploration_fraction: float = opt(0.5, "fraction of total_steps over which epsilon falls linearly")
+    total_steps: int = opt(300_000, "environment steps in all", ge=1)
+    lr: float = opt(2.5e-4, "Adam learning rate", gt=0)
+    buffer_size: int = opt(10_000, "transitions the replay buffer holds (the oldest are overwritten)", ge=1)
+    batch_size: int = opt(128, "transitions per gradient step, sampled uniformly from the buffer", ge=1)
+    gamma: float = opt(0.99, "discount factor", ge=0, le=1)
+    hidden_sizes: list[int] = opt([120, 84], "hidden layer widths of the Q-network MLP", ge=1)
+    learning_starts: int = opt(10_000, "environment steps before the first gradient step", ge=0)
+    train_every: int = opt(10, "environment steps per gradient step", ge=1)
+    target_update_every: int = opt(500, "environment steps between target-network updates", ge=1)
+    tau: float = opt(1.0, "target update: 1 = hard copy; < 1 = target <- tau * online + (1 - tau) * target", gt=0, le=1)
+    epsilon_start: float = opt(1.0, "exploration rate at step 0", ge=0, le=1)
+    epsilon_end: float = opt(0.05, "exploration rate after the decay", ge=0, le=1)
+    exploration_fraction: float = opt(0.5, "fraction of total_steps over which epsilon falls linearly", ge=0, le=1)
     loss: Literal["mse", "huber"] = opt("mse", "TD-error loss: mse (squared error) or huber (smooth L1, delta 1)")
-    max_grad_norm: float = opt(0.0, "clip the gradient norm to this (0 = no clipping)")
+    max_grad_norm: float = opt(0.0, "clip the gradient norm to this (0 = no clipping)", ge=0)
     double_dqn: bool = opt(False, "choose the next action with the online network, value it with the target network")
-    eval_episodes: int = opt(10, "greedy episodes at the end for extra['greedy_mean_return'] (0 = none)")
+    eval_episodes: int = opt(10, "greedy episodes at the end for extra['greedy_mean_return'] (0 = none)", ge=0)
 
 
 # --- pieces ---------------------------------------------------------------------------------------
@@ -197,25 +197,9 @@ def evaluate(q_network: nn.Module, env_id: str, episodes: int = 10, seed: int = 
 
 
 def _check(cfg: DQNConfig) -> None:
-    """ConfigError naming the key for values DQN cannot run with."""
-    positive = ("lr", "buffer_size", "batch_size", "train_every", "target_update_every")
-    for key in positive:
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"{key}: must be positive, got {getattr(cfg, key)}")
-    if not 0.0 <= cfg.gamma <= 1.0:
-        raise ConfigError(f"gamma: must be in [0, 1], got {cfg.gamma}")
-    if not 0.0 < cfg.tau <= 1.0:
-        raise ConfigError(f"tau: must be in (0, 1], got {cfg.tau}")
-    for key in ("epsilon_start", "epsilon_end", "exploration_fraction"):
-        if not 0.0 <= getattr(cfg, key) <= 1.0:
-            raise ConfigError(f"{key}: must be in [0, 1], got {getattr(cfg, key)}")
-    if cfg.learning_starts < 0:
-        raise ConfigError(f"learning_starts: must be >= 0, got {cfg.learning_starts}")
-    if cfg.max_grad_norm < 0:
-        raise ConfigError(f"max_grad_norm: must be >= 0 (0 = no clipping), got {cfg.max_grad_norm}")
-    if cfg.eval_episodes < 0:
-        raise ConfigError(f"eval_episodes: must be >= 0, got {cfg.eval_episodes}")
-    if not cfg.hidden_sizes or any(h <= 0 for h in cfg.hidden_sizes):
+    """ConfigError naming the key for values DQN cannot run with that each key's own range (checked
+    with the config) does not catch."""
+    if not cfg.hidden_sizes:
         raise ConfigError(f"hidden_sizes: need at least one positive width, got {cfg.hidden_sizes}")
 
 

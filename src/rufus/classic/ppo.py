@@ -55,24 +55,26 @@ from rufus.losses import ppo as ppo_losses
 @dataclass
 class PPOConfig(ClassicArgs):
     env: str = opt("CartPole-v1", "gymnasium environment id (Discrete actions, Box observations)")
-    total_steps: int = opt(500_000, "environment steps in all, over every environment (whole rollouts: rounded down)")
-    num_envs: int = opt(4, "parallel environments (SyncVectorEnv)")
-    num_steps: int = opt(128, "steps per environment in each rollout; batch = num_envs * num_steps")
-    num_minibatches: int = opt(4, "minibatches per epoch; must divide num_envs * num_steps")
-    update_epochs: int = opt(4, "passes over each rollout batch")
-    lr: float = opt(2.5e-4, "Adam learning rate (eps 1e-5)")
+    total_steps: int = opt(
+        500_000, "environment steps in all, over every environment (whole rollouts: rounded down)", ge=1
+    )
+    num_envs: int = opt(4, "parallel environments (SyncVectorEnv)", ge=1)
+    num_steps: int = opt(128, "steps per environment in each rollout; batch = num_envs * num_steps", ge=1)
+    num_minibatches: int = opt(4, "minibatches per epoch; must divide num_envs * num_steps", ge=1)
+    update_epochs: int = opt(4, "passes over each rollout batch", ge=1)
+    lr: float = opt(2.5e-4, "Adam learning rate (eps 1e-5)", gt=0)
     anneal_lr: bool = opt(True, "anneal the learning rate linearly to 0 over the run")
-    gamma: float = opt(0.99, "discount factor")
-    lam: float = opt(0.95, "GAE lambda")
-    clip_coef: float = opt(0.2, "surrogate clip range epsilon (also the value clip range)")
+    gamma: float = opt(0.99, "discount factor", ge=0, le=1)
+    lam: float = opt(0.95, "GAE lambda", ge=0, le=1)
+    clip_coef: float = opt(0.2, "surrogate clip range epsilon (also the value clip range)", gt=0)
     clip_vloss: bool = opt(True, "clip the value loss around the rollout's values")
     norm_adv: bool = opt(True, "whiten the advantages of each minibatch")
-    ent_coef: float = opt(0.01, "entropy bonus coefficient")
-    vf_coef: float = opt(0.5, "value loss coefficient")
-    max_grad_norm: float = opt(0.5, "global gradient norm clip")
-    target_kl: float | None = opt(None, "stop an iteration's epochs once approx_kl exceeds this (None: never)")
-    hidden: int = opt(64, "width of the two tanh hidden layers of the actor and of the critic")
-    eval_episodes: int = opt(5, "greedy (argmax) episodes run at the end for greedy_mean_return")
+    ent_coef: float = opt(0.01, "entropy bonus coefficient", ge=0)
+    vf_coef: float = opt(0.5, "value loss coefficient", ge=0)
+    max_grad_norm: float = opt(0.5, "global gradient norm clip", gt=0)
+    target_kl: float | None = opt(None, "stop an iteration's epochs once approx_kl exceeds this (None: never)", gt=0)
+    hidden: int = opt(64, "width of the two tanh hidden layers of the actor and of the critic", ge=1)
+    eval_episodes: int = opt(5, "greedy (argmax) episodes run at the end for greedy_mean_return", ge=0)
 
 
 def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias: float = 0.0) -> nn.Linear:
@@ -112,10 +114,8 @@ class ActorCritic(nn.Module):
 
 
 def check_config(cfg: PPOConfig) -> None:
-    """ConfigError naming the key for values the run cannot use."""
-    for key in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "hidden"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"{key}: must be >= 1, got {getattr(cfg, key)}")
+    """ConfigError naming the key for values the run cannot use together (each key's own range is
+    checked with the config)."""
     batch = cfg.num_envs * cfg.num_steps
     if batch % cfg.num_minibatches:
         raise ConfigError(
@@ -123,14 +123,6 @@ def check_config(cfg: PPOConfig) -> None:
         )
     if cfg.total_steps < batch:
         raise ConfigError(f"total_steps: {cfg.total_steps} is less than one rollout (num_envs * num_steps = {batch})")
-    for key in ("gamma", "lam"):
-        if not 0.0 <= getattr(cfg, key) <= 1.0:
-            raise ConfigError(f"{key}: must be in [0, 1], got {getattr(cfg, key)}")
-    for key in ("lr", "clip_coef", "max_grad_norm"):
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"{key}: must be positive, got {getattr(cfg, key)}")
-    if cfg.eval_episodes < 0:
-        raise ConfigError(f"eval_episodes: must be >= 0, got {cfg.eval_episodes}")
 
 
 def env_dims(env, env_id: str) -> tuple[int, int]:

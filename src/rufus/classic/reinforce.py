@@ -48,18 +48,18 @@ from rufus.losses import ppo as ppo_losses
 @dataclass
 class ReinforceConfig(ClassicArgs):
     env: str = opt("CartPole-v1", "gymnasium environment id (Discrete actions, Box observations)")
-    total_steps: int = opt(100_000, "environment steps in all (an episode the budget cuts short is dropped)")
-    episodes_per_update: int = opt(4, "whole episodes collected for each gradient step")
-    gamma: float = opt(0.99, "discount of the reward-to-go")
+    total_steps: int = opt(100_000, "environment steps in all (an episode the budget cuts short is dropped)", ge=1)
+    episodes_per_update: int = opt(4, "whole episodes collected for each gradient step", ge=1)
+    gamma: float = opt(0.99, "discount of the reward-to-go", ge=0, le=1)
     baseline: Literal["value", "mean", "none"] = opt(
         "value", "b(s): value = a learned value network, mean = the batch's mean return-to-go, none = 0"
     )
     normalize_advantages: bool = opt(True, "divide G_t - b by its standard deviation over the batch")
-    lr: float = opt(3e-3, "Adam learning rate of the policy")
-    value_lr: float = opt(1e-2, "Adam learning rate of the value baseline (baseline=value)")
-    ent_coef: float = opt(0.0, "entropy bonus coefficient")
-    hidden: int = opt(64, "width of the two tanh hidden layers of the policy (and value) network")
-    eval_episodes: int = opt(5, "greedy (argmax) episodes run at the end for greedy_mean_return")
+    lr: float = opt(3e-3, "Adam learning rate of the policy", gt=0)
+    value_lr: float = opt(1e-2, "Adam learning rate of the value baseline (baseline=value)", gt=0)
+    ent_coef: float = opt(0.0, "entropy bonus coefficient", ge=0)
+    hidden: int = opt(64, "width of the two tanh hidden layers of the policy (and value) network", ge=1)
+    eval_episodes: int = opt(5, "greedy (argmax) episodes run at the end for greedy_mean_return", ge=0)
 
 
 def mlp(inp: int, out: int, hidden: int) -> nn.Sequential:
@@ -70,19 +70,10 @@ def mlp(inp: int, out: int, hidden: int) -> nn.Sequential:
 
 
 def check_config(cfg: ReinforceConfig) -> None:
-    """ConfigError naming the key for values the run cannot use."""
-    for key in ("episodes_per_update", "hidden"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"{key}: must be >= 1, got {getattr(cfg, key)}")
-    if not 0.0 <= cfg.gamma <= 1.0:
-        raise ConfigError(f"gamma: must be in [0, 1], got {cfg.gamma}")
+    """ConfigError naming the key for a value the run cannot use (each key's range is checked with
+    the config)."""
     if cfg.baseline not in ("value", "mean", "none"):
         raise ConfigError(f"baseline: {cfg.baseline!r} is not one of value, mean, none")
-    for key in ("lr", "value_lr"):
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"{key}: must be positive, got {getattr(cfg, key)}")
-    if cfg.eval_episodes < 0:
-        raise ConfigError(f"eval_episodes: must be >= 0, got {cfg.eval_episodes}")
 
 
 def env_dims(env, env_id: str) -> tuple[int, int]:

@@ -49,14 +49,18 @@ class TabularConfig(ClassicArgs):
     """Keys of `q_learning` and `sarsa` (the same set for both)."""
 
     env: str = opt("FrozenLake-v1", "gymnasium environment id with Discrete observations and actions")
-    total_steps: int = opt(150_000, "environment steps in all (enough for slippery FrozenLake at alpha 0.03)")
-    alpha: float = opt(0.03, "step size of the update (small: larger ones leave FrozenLake's near-tied actions noisy)")
-    gamma: float = opt(0.99, "discount factor")
-    epsilon_start: float = opt(1.0, "exploration rate at step 0")
-    epsilon_end: float = opt(0.05, "exploration rate after the decay (equal to epsilon_start: constant epsilon)")
-    exploration_fraction: float = opt(0.5, "fraction of total_steps over which epsilon falls linearly")
+    total_steps: int = opt(150_000, "environment steps in all (enough for slippery FrozenLake at alpha 0.03)", ge=1)
+    alpha: float = opt(
+        0.03, "step size of the update (small: larger ones leave FrozenLake's near-tied actions noisy)", gt=0, le=1
+    )
+    gamma: float = opt(0.99, "discount factor", ge=0, le=1)
+    epsilon_start: float = opt(1.0, "exploration rate at step 0", ge=0, le=1)
+    epsilon_end: float = opt(
+        0.05, "exploration rate after the decay (equal to epsilon_start: constant epsilon)", ge=0, le=1
+    )
+    exploration_fraction: float = opt(0.5, "fraction of total_steps over which epsilon falls linearly", gt=0, le=1)
     slippery: bool | None = opt(None, "is_slippery of FrozenLake / CliffWalking (None: the env's default)")
-    eval_episodes: int = opt(1000, "greedy episodes at the end for extra['greedy_success_rate'] (0 = none)")
+    eval_episodes: int = opt(1000, "greedy episodes at the end for extra['greedy_success_rate'] (0 = none)", ge=0)
 
 
 @dataclass
@@ -64,14 +68,14 @@ class PredictionConfig(ClassicArgs):
     """Keys of `td_prediction`: estimate V of the uniform random policy by TD(0) or constant-alpha MC."""
 
     env: str = opt("RandomWalk-5", "RandomWalk-<n> (S&B Example 6.2) or a gymnasium id with Discrete spaces")
-    total_steps: int = opt(100_000, "at most this many environment steps (the run stops at `episodes` first)")
+    total_steps: int = opt(100_000, "at most this many environment steps (the run stops at `episodes` first)", ge=1)
     method: Literal["td0", "mc"] = opt("td0", "td0 = TD(0), eq. 6.2; mc = every-visit constant-alpha MC, eq. 6.1")
-    alpha: float = opt(0.1, "constant step size")
-    gamma: float = opt(1.0, "discount factor")
-    episodes: int = opt(100, "episodes to run")
+    alpha: float = opt(0.1, "constant step size", gt=0, le=1)
+    gamma: float = opt(1.0, "discount factor", ge=0, le=1)
+    episodes: int = opt(100, "episodes to run", ge=1)
     v_init: float = opt(0.5, "initial value of every non-terminal state (Example 6.2 uses 0.5)")
     slippery: bool | None = opt(None, "is_slippery of FrozenLake / CliffWalking (None: the env's default)")
-    log_every: int = opt(1, "environment steps between rows of RMS error (a row at most once per episode)")
+    log_every: int = opt(1, "environment steps between rows of RMS error (a row at most once per episode)", ge=1)
 
 
 # --- the random walk of Example 6.2 ---------------------------------------------------------------
@@ -144,11 +148,6 @@ def make_tabular_env(env_id: str, seed: int, slippery: bool | None = None) -> gy
     return env
 
 
-def _check_unit(key: str, value: float, low_open: bool = False) -> None:
-    if not (0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0):
-        raise ConfigError(f"{key}: must be in {'(0, 1]' if low_open else '[0, 1]'}, got {value}")
-
-
 # --- control: SARSA and Q-learning ----------------------------------------------------------------
 
 
@@ -210,12 +209,6 @@ def train_sarsa(config) -> ClassicResult:
 
 def _train_control(cfg: TabularConfig, algo: str) -> ClassicResult:
     """The loop both control algorithms share; they differ only in the update and when A' is chosen."""
-    for key in ("gamma", "epsilon_start", "epsilon_end"):
-        _check_unit(key, getattr(cfg, key))
-    _check_unit("alpha", cfg.alpha, low_open=True)
-    _check_unit("exploration_fraction", cfg.exploration_fraction, low_open=True)
-    if cfg.eval_episodes < 0:
-        raise ConfigError(f"eval_episodes: must be >= 0, got {cfg.eval_episodes}")
     env = make_tabular_env(cfg.env, cfg.seed, cfg.slippery)
     run = start_run(cfg, algo)
     rng = np.random.default_rng(cfg.seed)
@@ -392,10 +385,6 @@ def train_prediction(config) -> ClassicResult:
     cfg = as_config(PredictionConfig, config)
     if cfg.method not in ("td0", "mc"):
         raise ConfigError(f"method: {cfg.method!r} is not one of td0, mc")
-    _check_unit("alpha", cfg.alpha, low_open=True)
-    _check_unit("gamma", cfg.gamma)
-    if cfg.episodes <= 0:
-        raise ConfigError(f"episodes: must be positive, got {cfg.episodes}")
     env = make_tabular_env(cfg.env, cfg.seed, cfg.slippery)
     run = start_run(cfg, f"{cfg.method}_prediction")
     run.bar.reset(total=cfg.episodes)  # this run is counted in episodes

@@ -69,7 +69,7 @@ def tokenize_sft(
     examples, dropped, truncated = [], [], 0
     for i, row in enumerate(records.dataset):
         where = f"{key}: {records.where(i)}"
-        enc, prompt_field, completion_field = _encode_row(tokenizer, row, where)
+        enc, prompt_field, completion_field = encode_row(tokenizer, row, where)
         original = enc
         if policy.too_long(enc):
             if truncation == "reject":
@@ -172,7 +172,7 @@ class LengthPolicy:
             log.warning("%s: truncated %d of %d rows to fit %s", self.key, truncated, total, self.limits)
 
 
-def _encode_row(tokenizer, row: dict[str, Any], where: str) -> tuple[Encoded, str, str]:
+def encode_row(tokenizer, row: dict[str, Any], where: str) -> tuple[Encoded, str, str]:
     """Tokenise one validated sft row; also return the fields its prompt and completion came from."""
     if row.get("messages") is not None:
         return encode_conversation(tokenizer, row["messages"], 0, where, "messages"), "messages", "messages"

@@ -52,7 +52,7 @@ class ServeConfig:
     host: str = opt(
         "127.0.0.1", "address to bind; anything but loopback opens the studio to the network (a warning is printed)"
     )
-    port: int = opt(DEFAULT_PORT, "port to listen on")
+    port: int = opt(DEFAULT_PORT, "port to listen on", ge=1, le=65535)
     allowed_hosts: list[str] = opt(
         [], "extra Host names the server answers to (loopback names and the bound address always)"
     )
@@ -115,7 +115,7 @@ class NewRoundConfig:
     )
     prompts: str | None = opt(None, "prompt-format file (.jsonl/.json/.csv/.parquet) whose prompts the models answer")
     models: list[str] = opt(
-        [], "models or checkpoints to sample from (local path, hub id, builtin:...), with --prompts"
+        [], "models or checkpoints to sample from (local path, hub id, builtin:...), with --prompts", model_path=True
     )
     responses: str | None = opt(
         None, "instead of sampling: rows with 'prompt', a 'responses' list and optionally 'models'"
@@ -125,16 +125,16 @@ class NewRoundConfig:
         "gold items with known answers, mixed into the round: a ranking file (prompt, responses, "
         "scores; higher = better), for each annotator's accuracy",
     )
-    samples_per_model: int = opt(1, "responses sampled per prompt from each model")
-    labels_per_item: int = opt(1, "independent labels each item gets (from different annotators)")
+    samples_per_model: int = opt(1, "responses sampled per prompt from each model", ge=1)
+    labels_per_item: int = opt(1, "independent labels each item gets (from different annotators)", ge=1)
     pairs: Literal["all", "models"] = opt(
         "all", "pairwise rounds: every pair of a prompt's responses, or only pairs from different models"
     )
     instructions: str = opt("", "guidance shown above every item")
-    max_prompts: int = opt(-1, "use at most this many prompts of the file (-1 = all)")
+    max_prompts: int = opt(-1, "use at most this many prompts of the file (-1 = all)", ge=-1)
     generation: GenerationSection = opt(GenerationSection, "sampling, as in rufus generate")
-    batch_size: int = opt(32, "sequences per generate call")
-    seed: int = opt(0, "random seed of the sampler")
+    batch_size: int = opt(32, "sequences per generate call", ge=1)
+    seed: int = opt(0, "random seed of the sampler", ge=0)
     dtype: Literal["auto", "float32", "bfloat16"] = opt("auto", "weights dtype for sampling")
     trust_remote_code: bool = opt(False, "allow model code from the hub to run")
     progress: bool = opt(True, "show a progress bar while sampling")
@@ -157,8 +157,6 @@ def new_round(config: NewRoundConfig | dict) -> dict:
         raise ConfigError("models: --prompts needs --models (one or more models to answer them)")
     if cfg.responses is not None and cfg.models:
         raise ConfigError("models: with --responses the model names come from the file's 'models' column")
-    if cfg.samples_per_model < 1:
-        raise ConfigError(f"samples_per_model: must be at least 1, got {cfg.samples_per_model}")
     if cfg.prompts is not None and len(cfg.models) * cfg.samples_per_model < 2:
         raise ConfigError(
             "models / samples_per_model: a round compares at least two responses per prompt; give two "
@@ -317,7 +315,7 @@ class ExportConfig:
     round: str = opt(REQUIRED, "round to export")
     format: Literal["preference", "ranking", "sft", "graded"] = opt(
         "preference",
-        "preference (rm, dpo), ranking (rm rm.format=ranking), sft (the better answers), graded (rm warm-up)",
+        "preference (rm, dpo), ranking (rm), sft (the better answers), graded (rm warm-up)",
     )
     out: str = opt(REQUIRED, "output .jsonl file")
     tie: Literal["drop", "half"] = opt("drop", "ties in preference files: drop, or half (written in both orders)")
@@ -355,12 +353,12 @@ class StudioDemoConfig:
 
     output_dir: str = opt("runs/studio-demo", "where the demo keeps its models (pipeline/) and database (studio.db)")
     host: str = opt("127.0.0.1", "address to bind")
-    port: int = opt(DEFAULT_PORT, "port to listen on")
-    prompts: int = opt(40, "playground prompts in the demo round")
-    labels_per_item: int = opt(2, "labels per item")
+    port: int = opt(DEFAULT_PORT, "port to listen on", ge=1, le=65535)
+    prompts: int = opt(40, "playground prompts in the demo round", ge=1)
+    labels_per_item: int = opt(2, "labels per item", ge=1)
     annotator: str = opt("you", "name of the demo annotator whose login link is printed")
     serve: bool = opt(True, "start the server (false: only prepare the database and print the links)")
-    seed: int = opt(0, "seed of the prompts and the sampler")
+    seed: int = opt(0, "seed of the prompts and the sampler", ge=0)
     progress: bool = opt(True, "progress bars")
 
 
@@ -459,14 +457,15 @@ class LeaderboardConfig:
     db: str | None = opt(None, "instead of a file: a studio database, with --rounds")
     rounds: list[str] = opt([], "studio rounds whose labels compare models (rankings count as all their pairs)")
     anchor: str | None = opt(None, "the model rated 1000 (default: the first one seen)")
-    resamples: int = opt(1000, "bootstrap resamples for the intervals (0 = none)")
-    seed: int = opt(0, "seed of the bootstrap")
+    resamples: int = opt(1000, "bootstrap resamples for the intervals (0 = none)", ge=0)
+    seed: int = opt(0, "seed of the bootstrap", ge=0)
     prior: float = opt(
         0.0,
         "Gaussian prior precision on the log-odds strengths (0 = maximum likelihood); "
         "keeps ratings finite when a model never wins or never loses",
+        ge=0,
     )
-    elo_k: float = opt(4.0, "K of the online Elo view")
+    elo_k: float = opt(4.0, "K of the online Elo view", gt=0)
     out: str | None = opt(None, "write the table as JSON here")
     plot: str | None = opt(None, "write a PNG of the ratings with their intervals here")
 
@@ -483,7 +482,7 @@ def leaderboard(config: LeaderboardConfig | dict) -> list:
         from rufus.data.loading import load_records
 
         _quiet_datasets()
-        records = load_records(cfg.file, format="comparison", key="file")
+        records = load_records(cfg.file, kind="comparison", key="file")
         comparisons = [L.Comparison(r["model_a"], r["model_b"], r["winner"]) for r in records.dataset]
     else:
         from rufus.studio.db import open_database
@@ -611,13 +610,15 @@ class SimulateConfig:
 
     db: str = opt(REQUIRED, "studio database: an SQLite file or an SQLAlchemy URL")
     round: str = opt(REQUIRED, "the round to label")
-    annotators: int = opt(3, "honest simulated annotators (sim-1, sim-2, ...)")
-    careless: int = opt(0, "careless ones among them, who answer at random (careless-1, ...)")
-    adversarial: int = opt(0, "adversarial ones, who answer against their taste (adversarial-1, ...)")
+    annotators: int = opt(3, "honest simulated annotators (sim-1, sim-2, ...)", ge=0)
+    careless: int = opt(0, "careless ones among them, who answer at random (careless-1, ...)", ge=0)
+    adversarial: int = opt(0, "adversarial ones, who answer against their taste (adversarial-1, ...)", ge=0)
     preference: str = opt("default", "the taste: default, concise, polite, helpful, or weights 'polite=2,concise=1'")
-    temperature: float = opt(0.5, "Bradley-Terry temperature of each choice (0 = no noise)")
-    disagreement: float = opt(0.3, "spread of the annotators' own weights (lognormal sigma)")
-    limit: int = opt(-1, "at most this many labels per annotator (-1 = until the round has nothing left for them)")
+    temperature: float = opt(0.5, "Bradley-Terry temperature of each choice (0 = no noise)", ge=0)
+    disagreement: float = opt(0.3, "spread of the annotators' own weights (lognormal sigma)", ge=0)
+    limit: int = opt(
+        -1, "at most this many labels per annotator (-1 = until the round has nothing left for them)", ge=-1
+    )
     url: str | None = opt(None, "a running studio to label through (default: start one on a free loopback port)")
     seed: int = opt(0, "seed of the annotators' weights and choices")
 

@@ -12,7 +12,7 @@ per-label rows ``annotator_id`` and ``label_id``; ``chosen_model`` / ``rejected_
                 Bradley-Terry terms -log s(d) - log s(-d) are minimised at equal scores, i.e. a half
                 win each.
 ``ranking``     ``prompt``, ``responses`` (best first) and ``scores`` (higher = better, ties as equal
-                scores) for `rufus rm rm.format=ranking`. A pairwise label is a ranking of two; rows
+                scores) for `rufus rm`. A pairwise label is a ranking of two; rows
                 whose responses all tie teach nothing and are left out.
 ``sft``         ``prompt``, ``completion``: the better answers annotators wrote, for `rufus sft`.
 ``graded``      ``prompt``, ``completion``, ``score`` for a reward model's pointwise warm-up. Ratings

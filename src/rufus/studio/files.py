@@ -16,7 +16,7 @@ def read_prompts(path: str) -> list:
     """The prompts (strings or message lists) of a prompt-format file."""
     from rufus.data.loading import load_records
 
-    records = load_records(path, format="prompt", key="prompts")
+    records = load_records(path, kind="prompt", key="prompts")
     return [row["prompt"] for row in records.dataset]
 
 
@@ -25,7 +25,7 @@ def read_candidates(path: str, key: str = "responses") -> list[Candidate]:
     from rufus.data.formats import clean_message
     from rufus.data.loading import load_records
 
-    records = load_records(path, format="prompt", key=key)
+    records = load_records(path, kind="prompt", key=key)
     if "responses" not in records.dataset.column_names:
         raise StudioError(
             f"{key}: {path} has no 'responses' column; a responses file has rows with 'prompt' and "
@@ -47,7 +47,7 @@ def read_gold(path: str) -> list[Candidate]:
     better; a best-first order without scores works too)."""
     from rufus.data.loading import load_records
 
-    records = load_records(path, format="ranking", key="gold")
+    records = load_records(path, kind="ranking", key="gold")
     return [
         Candidate(row["prompt"], list(row["responses"]), gold=[float(x) for x in row["scores"]])
         for row in records.dataset

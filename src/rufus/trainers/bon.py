@@ -33,19 +33,21 @@ log = logging.getLogger(__name__)
 class BoNSection:
     """Best-of-n rejection sampling: samples per prompt, which are kept, how many rounds."""
 
-    group_size: int = opt(4, "n: responses sampled per prompt each round")
-    top_k: int = opt(1, "responses kept per prompt: the top_k highest-scoring of its n")
+    group_size: int = opt(4, "n: responses sampled per prompt each round", ge=1)
+    top_k: int = opt(1, "responses kept per prompt: the top_k highest-scoring of its n", ge=1)
     threshold: float | None = opt(
         None, "keep only responses scoring at least this (among the top_k); None = no threshold"
     )
-    rounds: int = opt(1, "rounds of sample -> score -> keep -> fine-tune, each sampling from the policy as it then is")
+    rounds: int = opt(
+        1, "rounds of sample -> score -> keep -> fine-tune, each sampling from the policy as it then is", ge=1
+    )
     prompts_per_round: int | None = opt(
-        None, "prompts sampled each round, cycling through the data in a seeded order; None = all"
+        None, "prompts sampled each round, cycling through the data in a seeded order; None = all", ge=1
     )
     sft_epochs: float = opt(
-        1.0, "passes of SFT over each round's kept set (max_steps > 0 fixes the steps per round instead)"
+        1.0, "passes of SFT over each round's kept set (max_steps > 0 fixes the steps per round instead)", gt=0
     )
-    prompts_per_generate: int = opt(0, "prompts per generate call, each repeated n times; 0 = batch_size")
+    prompts_per_generate: int = opt(0, "prompts per generate call, each repeated n times; 0 = batch_size", ge=0)
 
 
 @dataclass
@@ -56,16 +58,16 @@ class BoNConfig(SamplingArgs, LogArgs, OptimArgs, RunArgs, ModelArgs):
         "runs/bon", "directory for config.yaml, metrics.jsonl, samples.jsonl, checkpoints/ and final/"
     )
     batch_size: int = opt(
-        8, "kept (prompt, response) pairs per SFT optimiser step, over all processes and accumulation steps"
+        8, "kept (prompt, response) pairs per SFT optimiser step, over all processes and accumulation steps", ge=1
     )
     max_steps: int = opt(
-        -1, "SFT optimiser steps per round; -1 = as many as bon.sft_epochs passes over the kept set take"
+        -1, "SFT optimiser steps per round; -1 = as many as bon.sft_epochs passes over the kept set take", ge=-1
     )
     epochs: float = opt(1.0, "unused: bon.rounds and bon.sft_epochs set the length of a run")
-    save_every: int = opt(1, "write a checkpoint every this many rounds (and after the last; 0 = only then)")
+    save_every: int = opt(1, "write a checkpoint every this many rounds (and after the last; 0 = only then)", ge=0)
     data: DataSection = opt(DataSection, "prompts (prompt-only format); data.max_prompt_length bounds them")
     bon: BoNSection = opt(BoNSection, "best-of-n selection and rounds")
-    num_samples: int = opt(4, "kept (prompt, response, score) rows written to samples.jsonl per round (0 = none)")
+    num_samples: int = opt(4, "kept (prompt, response, score) rows written to samples.jsonl per round (0 = none)", ge=0)
 
 
 @dataclass
@@ -178,20 +180,11 @@ def train_bon(config: BoNConfig | dict, reward_fn=None) -> BoNResult:
 
 
 def _check(cfg: BoNConfig) -> None:
-    """The bon section's values make sense together (before anything loads)."""
+    """The bon section's values make sense together (before anything loads); each key's own range
+    is checked with the config."""
     b = cfg.bon
-    if b.group_size < 1:
-        raise ConfigError(f"bon.group_size: must be at least 1, got {b.group_size}")
-    if not 1 <= b.top_k <= b.group_size:
+    if b.top_k > b.group_size:
         raise ConfigError(f"bon.top_k: must be between 1 and bon.group_size={b.group_size}, got {b.top_k}")
-    if b.rounds < 1:
-        raise ConfigError(f"bon.rounds: must be at least 1, got {b.rounds}")
-    if b.prompts_per_round is not None and b.prompts_per_round < 1:
-        raise ConfigError(f"bon.prompts_per_round: must be at least 1 (or null = all), got {b.prompts_per_round}")
-    if not b.sft_epochs > 0:
-        raise ConfigError(f"bon.sft_epochs: must be positive, got {b.sft_epochs}")
-    if b.prompts_per_generate < 0:
-        raise ConfigError(f"bon.prompts_per_generate: must be 0 (= batch_size) or more, got {b.prompts_per_generate}")
 
 
 def _sft_steps(cfg: BoNConfig, num_kept: int) -> int:

@@ -50,15 +50,19 @@ log = logging.getLogger(__name__)
 class DPOSection:
     """The DPO objective, the reference log-probabilities, and iterated rounds."""
 
-    beta: float = opt(0.1, "beta: KL strength; the implicit reward is beta * log(pi / pi_ref)")
+    beta: float = opt(0.1, "beta: KL strength; the implicit reward is beta * log(pi / pi_ref)", gt=0)
     loss_type: Literal["sigmoid", "ipo", "hinge"] = opt(
         "sigmoid",
         "sigmoid = DPO (Rafailov et al.), ipo = (h - 1/(2 beta))^2 (Azar et al.), hinge = max(0, 1 - beta h) (SLiC)",
     )
-    label_smoothing: float = opt(0.0, "conservative DPO: assumed share of flipped labels, in [0, 0.5]; sigmoid only")
+    label_smoothing: float = opt(
+        0.0, "conservative DPO: assumed share of flipped labels, in [0, 0.5]; sigmoid only", ge=0, le=0.5
+    )
     precompute_ref: bool = opt(True, "reference log-probs computed once per dataset before training (false: each step)")
-    rounds: int = opt(1, "rounds of max_steps (or epochs) each; later rounds train on pairs sampled from the policy")
-    prompts_per_round: int = opt(0, "prompts per online round, two samples each (0 = every prompt of data.train)")
+    rounds: int = opt(
+        1, "rounds of max_steps (or epochs) each; later rounds train on pairs sampled from the policy", ge=1
+    )
+    prompts_per_round: int = opt(0, "prompts per online round, two samples each (0 = every prompt of data.train)", ge=0)
 
 
 @dataclass
@@ -66,8 +70,10 @@ class DPOConfig(SamplingArgs, LogArgs, OptimArgs, RunArgs, ModelArgs):
     """DPO (and IPO, hinge, cDPO; iterated online DPO with dpo.rounds > 1) on preference pairs."""
 
     output_dir: str = opt("runs/dpo", "directory for config.yaml, metrics.jsonl, checkpoints/ and final/")
-    lr: float = opt(5e-7, "peak learning rate (AdamW); Zephyr's 5e-7; TRL and the DPO paper use 1e-6")
-    ref_model: str | None = opt(None, "reference model (default: the starting model; with LoRA, the base)")
+    lr: float = opt(5e-7, "peak learning rate (AdamW); Zephyr's 5e-7; TRL and the DPO paper use 1e-6", gt=0)
+    ref_model: str | None = opt(
+        None, "reference model (default: the starting model; with LoRA, the base)", model_path=True
+    )
     data: DataSection = opt(DataSection, "preference pairs (prompt, chosen, rejected), or prompts only (online)")
     dpo: DPOSection = opt(DPOSection, "DPO objective and rounds")
     generation: GenerationSection = opt(GenerationSection, "sampling in online rounds")
@@ -90,6 +96,7 @@ def train_dpo(config: DPOConfig | dict, reward_fn=None) -> DPOResult:
     functions) adds Python reward sources to `config.reward`, for online rounds."""
     from rufus.data.dpo import PairCollator, load_pairs_or_prompts, tokenize_pairs
     from rufus.data.loading import load_records
+    from rufus.data.readers import options_from
 
     cfg = as_config(DPOConfig, config)
     _check(cfg)
@@ -102,12 +109,15 @@ def train_dpo(config: DPOConfig | dict, reward_fn=None) -> DPOResult:
         max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length, truncation=cfg.data.truncation
     )
     with acc.main_process_first():  # preference pairs, or (online) prompts only: records, None
+        read = options_from(cfg.data, tokenizer)  # how the files are written (detected, or data.format)
         records, train = load_pairs_or_prompts(
-            cfg.data.train, tokenizer, split=cfg.data.train_split, key="data.train", **limits
+            cfg.data.train, tokenizer, split=cfg.data.train_split, key="data.train", options=read, **limits
         )
         evals = None
         if cfg.data.eval:
-            held_out = load_records(cfg.data.eval, format="preference", split=cfg.data.eval_split, key="data.eval")
+            held_out = load_records(
+                cfg.data.eval, kind="preference", split=cfg.data.eval_split, key="data.eval", options=read
+            )
             evals = tokenize_pairs(held_out, tokenizer, key="data.eval", **limits)
     online_rounds = [r for r in range(1, cfg.dpo.rounds + 1) if r > 1 or train is None]
     prompts, reward = None, None
@@ -204,18 +214,11 @@ def train_dpo(config: DPOConfig | dict, reward_fn=None) -> DPOResult:
 
 
 def _check(cfg) -> None:
-    """Configuration errors, named by key, before anything loads or is written."""
+    """Configuration errors, named by key, before anything loads or is written (each key's own
+    range is checked with the config)."""
     d = cfg.dpo
-    problems = [
-        (d.beta <= 0, "dpo.beta must be > 0"),
-        (d.rounds < 1, "dpo.rounds must be >= 1"),
-        (d.prompts_per_round < 0, "dpo.prompts_per_round must be >= 0 (0 = every prompt)"),
-        (not 0 <= d.label_smoothing <= 0.5, "dpo.label_smoothing must be in [0, 0.5]"),
-        (d.label_smoothing > 0 and d.loss_type != "sigmoid", "dpo.label_smoothing applies to loss_type=sigmoid only"),
-    ]
-    for bad, message in problems:
-        if bad:
-            raise ConfigError(message)
+    if d.label_smoothing > 0 and d.loss_type != "sigmoid":
+        raise ConfigError("dpo.label_smoothing applies to loss_type=sigmoid only")
 
 
 _IMPLICIT = ("chosen", "rejected", "margin", "accuracy")  # dpo_loss's statistics of the implicit reward

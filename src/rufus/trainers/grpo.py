@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from rufus.config import ConfigError, LogArgs, ModelArgs, OnlineArgs, OptimArgs, RunArgs, as_config, opt
+from rufus.config import LogArgs, ModelArgs, OnlineArgs, OptimArgs, RunArgs, as_config, opt
 from rufus.trainers import common, online
 
 log = logging.getLogger(__name__)
@@ -31,17 +31,17 @@ log = logging.getLogger(__name__)
 class GRPOSection:
     """Groups, advantages and the update."""
 
-    group_size: int = opt(8, "G: responses sampled per prompt")
+    group_size: int = opt(8, "G: responses sampled per prompt", ge=2)
     scale_rewards: bool = opt(True, "divide by the group's std (false = Dr. GRPO: centre only)")
     loss_aggregation: Literal["token", "sequence", "constant"] = opt(
         "token",
         "token: mean over all tokens (DAPO); sequence: mean per response, then over responses "
         "(GRPO paper); constant: sum / (max_new_tokens x responses) (Dr. GRPO)",
     )
-    clip: float = opt(0.2, "lower clip range epsilon of the ratio (and upper, unless clip_high is set)")
-    clip_high: float | None = opt(None, "upper clip range (DAPO clip-higher uses 0.28)")
-    epochs: int = opt(1, "mu: update passes over each batch of samples")
-    minibatches: int = opt(1, "optimiser steps per update pass")
+    clip: float = opt(0.2, "lower clip range epsilon of the ratio (and upper, unless clip_high is set)", gt=0)
+    clip_high: float | None = opt(None, "upper clip range (DAPO clip-higher uses 0.28)", gt=0)
+    epochs: int = opt(1, "mu: update passes over each batch of samples", ge=1)
+    minibatches: int = opt(1, "optimiser steps per update pass", ge=1)
     drop_equal_groups: bool = opt(False, "leave out groups whose rewards are all equal (zero advantage; DAPO)")
 
 
@@ -49,7 +49,7 @@ class GRPOSection:
 class GRPOKLSection:
     """KL to the reference, in the loss (k3 estimator)."""
 
-    coef: float = opt(0.04, "beta; 0 = no KL term and no reference model loaded at all")
+    coef: float = opt(0.04, "beta; 0 = no KL term and no reference model loaded at all", ge=0)
 
 
 @dataclass
@@ -59,9 +59,9 @@ class GRPOConfig(OnlineArgs, LogArgs, OptimArgs, RunArgs, ModelArgs):
     output_dir: str = opt(
         "runs/grpo", "directory for config.yaml, metrics.jsonl, samples.jsonl, checkpoints/ and final/"
     )
-    lr: float = opt(1e-6, "learning rate")
-    batch_size: int = opt(8, "prompts per step, over all processes (each sampled group_size times)")
-    grad_accum: int = opt(1, "micro-batches per minibatch")
+    lr: float = opt(1e-6, "learning rate", gt=0)
+    batch_size: int = opt(8, "prompts per step, over all processes (each sampled group_size times)", ge=1)
+    grad_accum: int = opt(1, "micro-batches per minibatch", ge=1)
     grpo: GRPOSection = opt(GRPOSection, "groups and update")
     kl: GRPOKLSection = opt(GRPOKLSection, "KL penalty")
 
@@ -79,8 +79,6 @@ def train_grpo(config: GRPOConfig | dict, reward_fn=None) -> GRPOResult:
     run = common.start_run(cfg)
     acc = run.accelerator
     G = cfg.grpo.group_size
-    if G < 2:
-        raise ConfigError("grpo.group_size: needs at least 2 responses per prompt to compare")
     micro_size = online.micro_batch_size(cfg, acc.num_processes, "grpo")
 
     # 0. prompts and reward sources before the models; the policy, and a reference only for a KL term

@@ -90,7 +90,10 @@ def load_prompts(cfg, acc, tokenizer, records=None, *, drop_columns: tuple[str, 
     max_prompt = cfg.data.max_prompt_length or max(1, cfg.data.max_length - cfg.generation.max_new_tokens)
     with acc.main_process_first():
         if records is None:
-            records = load_records(cfg.data.train, format="prompt", split=cfg.data.train_split)
+            from rufus.data.readers import options_from
+
+            read = options_from(cfg.data, tokenizer)
+            records = load_records(cfg.data.train, kind="prompt", split=cfg.data.train_split, options=read)
         rows = tokenize_prompts(records, tokenizer, max_prompt_length=max_prompt, truncation=cfg.data.truncation)
     if drop_columns:
         for row in rows:

@@ -32,9 +32,9 @@ log = logging.getLogger(__name__)
 class KLSection:
     """The KL penalty that keeps the actor near the reference."""
 
-    coef: float = opt(0.05, "beta: weight of the per-token KL penalty in the reward (initial value if adaptive)")
-    target: float | None = opt(None, "adaptive beta towards this KL per sequence (Ziegler et al.); None = fixed")
-    horizon: int = opt(10000, "adaptive controller horizon in samples")
+    coef: float = opt(0.05, "beta: weight of the per-token KL penalty in the reward (initial value if adaptive)", ge=0)
+    target: float | None = opt(None, "adaptive beta towards this KL per sequence (Ziegler et al.); None = fixed", gt=0)
+    horizon: int = opt(10000, "adaptive controller horizon in samples", ge=1)
     estimator: Literal["k1", "k3"] = opt(
         "k1", "per-token KL estimator in the reward: k1 = log ratio, k3 = low-variance"
     )
@@ -44,21 +44,21 @@ class KLSection:
 class GAESection:
     """Generalised advantage estimation."""
 
-    gamma: float = opt(1.0, "discount")
-    lam: float = opt(0.95, "GAE lambda")
+    gamma: float = opt(1.0, "discount", ge=0, le=1)
+    lam: float = opt(0.95, "GAE lambda", ge=0, le=1)
 
 
 @dataclass
 class PPOSection:
     """The PPO update."""
 
-    epochs: int = opt(4, "passes over each rollout batch")
-    minibatches: int = opt(1, "optimiser steps per pass (the batch is split into this many minibatches)")
-    clip: float = opt(0.2, "clip range of the probability ratio")
-    value_clip: float | None = opt(0.2, "clip range of the value update (None = unclipped)")
-    vf_coef: float = opt(0.1, "weight of the value loss")
-    entropy_coef: float = opt(0.0, "weight of the entropy bonus")
-    target_kl: float | None = opt(None, "stop a step's remaining updates once approx_kl exceeds this")
+    epochs: int = opt(4, "passes over each rollout batch", ge=1)
+    minibatches: int = opt(1, "optimiser steps per pass (the batch is split into this many minibatches)", ge=1)
+    clip: float = opt(0.2, "clip range of the probability ratio", gt=0)
+    value_clip: float | None = opt(0.2, "clip range of the value update (None = unclipped)", gt=0)
+    vf_coef: float = opt(0.1, "weight of the value loss", ge=0)
+    entropy_coef: float = opt(0.0, "weight of the entropy bonus", ge=0)
+    target_kl: float | None = opt(None, "stop a step's remaining updates once approx_kl exceeds this", gt=0)
     whiten_advantages: bool = opt(True, "normalise advantages to mean 0, std 1 over the batch")
     whiten_rewards: bool = opt(False, "scale per-token rewards to unit std over the batch (mean kept)")
 
@@ -71,8 +71,9 @@ class CriticSection:
         None,
         "start from this model: a reward model keeps its head (recommended), a policy gets a zero head; "
         "default: the policy",
+        model_path=True,
     )
-    lr: float = opt(1e-5, "critic learning rate")
+    lr: float = opt(1e-5, "critic learning rate", gt=0)
     shared: bool = opt(False, "value head on the actor's backbone instead of a separate critic model (less memory)")
 
 
@@ -83,10 +84,10 @@ class PPOConfig(OnlineArgs, LogArgs, OptimArgs, RunArgs, ModelArgs):
     output_dir: str = opt(
         "runs/ppo", "directory for config.yaml, metrics.jsonl, samples.jsonl, checkpoints/ and final/"
     )
-    lr: float = opt(1e-6, "actor learning rate")
-    batch_size: int = opt(16, "prompts per rollout step (one response each), over all processes")
-    grad_accum: int = opt(1, "micro-batches per minibatch")
-    max_grad_norm: float = opt(1.0, "clip each model's gradient norm to this (0 = no clipping)")
+    lr: float = opt(1e-6, "actor learning rate", gt=0)
+    batch_size: int = opt(16, "prompts per rollout step (one response each), over all processes", ge=1)
+    grad_accum: int = opt(1, "micro-batches per minibatch", ge=1)
+    max_grad_norm: float = opt(1.0, "clip each model's gradient norm to this (0 = no clipping)", ge=0)
     kl: KLSection = opt(KLSection, "KL penalty")
     gae: GAESection = opt(GAESection, "advantage estimation")
     ppo: PPOSection = opt(PPOSection, "PPO update")

@@ -19,9 +19,9 @@ from rufus.config import ConfigError, opt
 class PtxSection:
     """PPO-ptx: mix in the language-model loss on pretraining / SFT text (InstructGPT eq. 2)."""
 
-    coef: float = opt(0.0, "gamma: weight of the LM loss (0 = off)")
+    coef: float = opt(0.0, "gamma: weight of the LM loss (0 = off)", ge=0)
     data: str | None = opt(None, "SFT-format file (prompt + completion or messages) for the LM loss")
-    batch_size: int = opt(4, "LM examples per optimiser step")
+    batch_size: int = opt(4, "LM examples per optimiser step", ge=1)
 
 
 def load_ptx_data(cfg, tokenizer) -> list[dict] | None:
@@ -33,7 +33,9 @@ def load_ptx_data(cfg, tokenizer) -> list[dict] | None:
         return None
     if not cfg.ptx.data:
         raise ConfigError("ptx.coef > 0 needs ptx.data (an SFT-format file)")
-    records = load_records(cfg.ptx.data, format="sft", key="ptx.data")
+    from rufus.data.readers import options_from
+
+    records = load_records(cfg.ptx.data, kind="sft", key="ptx.data", options=options_from(cfg.data, tokenizer))
     return tokenize_sft(records, tokenizer, max_length=cfg.data.max_length, truncation="truncate", key="ptx.data")
 
 

@@ -40,14 +40,17 @@ log = logging.getLogger(__name__)
 class RMSection:
     """The reward-model objective."""
 
-    format: Literal["preference", "ranking"] = opt(
-        "preference", "training data: preference (prompt, chosen, rejected) or ranking (prompt, responses[, scores])"
-    )
     loss: Literal["logistic", "hinge"] = opt("logistic", "pairwise loss: logistic (Bradley-Terry) or hinge")
-    margin: float | None = opt(None, "required score gap: logistic default 0, hinge default 1")
-    center_coef: float = opt(0.0, "weight of the centering term mean(r^2), keeping scores near 0")
+    margin: float | None = opt(None, "required score gap: logistic default 0, hinge default 1", ge=0)
+    margin_from_data: bool = opt(
+        False,
+        "add each pair's margin from the data (a preference row's 'margin', a ranking's score gap, a published "
+        "format's ratings) to the required gap, times margin_scale",
+    )
+    margin_scale: float = opt(1.0, "multiplier of the data's margins (rm.margin_from_data)", ge=0)
+    center_coef: float = opt(0.0, "weight of the centering term mean(r^2), keeping scores near 0", ge=0)
     pointwise_data: str | None = opt(None, "graded data (prompt, completion, score) for a pointwise warm-up")
-    pointwise_steps: int = opt(0, "optimiser steps of pointwise warm-up before the pairwise stage")
+    pointwise_steps: int = opt(0, "optimiser steps of pointwise warm-up before the pairwise stage", ge=0)
     pointwise_loss: Literal["bce", "mse"] = opt("bce", "warm-up loss: bce for 0/1 grades, mse for a scale")
     normalize: bool = opt(True, "after training, store a gain and bias giving mean 0 / std 1 on the reference set")
     normalize_data: str | None = opt(
@@ -60,7 +63,7 @@ class RMConfig(LogArgs, OptimArgs, RunArgs, ModelArgs):
     """Train a reward model on comparisons."""
 
     output_dir: str = opt("runs/rm", "directory for config.yaml, metrics.jsonl, checkpoints/ and final/")
-    lr: float = opt(1e-5, "peak learning rate (AdamW)")
+    lr: float = opt(1e-5, "peak learning rate (AdamW)", gt=0)
     data: DataSection = opt(DataSection, "training and evaluation comparisons")
     lora: LoraSection = opt(LoraSection, "LoRA adapters (lora.r > 0 turns them on; the head trains in full)")
     rm: RMSection = opt(RMSection, "reward-model objective")
@@ -79,6 +82,7 @@ class RMResult:
 def train_reward_model(config: RMConfig | dict) -> RMResult:
     """Train a reward model as configured; return where it went and what was logged."""
     from rufus.data.loading import load_records
+    from rufus.data.readers import options_from
     from rufus.data.reward import RewardCollator, tokenize_comparisons, tokenize_graded
     from rufus.models.loading import apply_lora
     from rufus.models.reward import head_module_names, load_reward_model
@@ -93,10 +97,11 @@ def train_reward_model(config: RMConfig | dict) -> RMResult:
         max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length, truncation=cfg.data.truncation
     )
 
-    def comparisons(spec, split, key):
-        return tokenize_comparisons(
-            load_records(spec, format=cfg.rm.format, split=split, key=key), tokenizer, key=key, **limits
-        )
+    read = options_from(cfg.data, tokenizer)  # how the files are written (detected, or data.format)
+
+    def comparisons(spec, split, key):  # a ranking where the file gives one, else pairs
+        records = load_records(spec, kind=("ranking", "preference"), split=split, key=key, options=read)
+        return tokenize_comparisons(records, tokenizer, key=key, **limits)
 
     with acc.main_process_first():
         train = comparisons(cfg.data.train, cfg.data.train_split, "data.train")
@@ -108,7 +113,7 @@ def train_reward_model(config: RMConfig | dict) -> RMResult:
                     "rm.pointwise_steps > 0 needs rm.pointwise_data (graded prompt/completion/score rows)"
                 )
             graded = tokenize_graded(
-                load_records(cfg.rm.pointwise_data, format="graded", key="rm.pointwise_data"),
+                load_records(cfg.rm.pointwise_data, kind="graded", key="rm.pointwise_data", options=read),
                 tokenizer,
                 key="rm.pointwise_data",
                 score_range=(0.0, 1.0) if cfg.rm.pointwise_loss == "bce" else None,
@@ -117,6 +122,8 @@ def train_reward_model(config: RMConfig | dict) -> RMResult:
         reference = None
         if cfg.rm.normalize and cfg.rm.normalize_data:
             reference = comparisons(cfg.rm.normalize_data, "train", "rm.normalize_data")
+    if cfg.rm.margin_from_data:
+        _check_margins(train, "data.train")
     collate = RewardCollator(tokenizer.pad_token_id)
     plan = common.BatchPlan(len(train), cfg.batch_size, cfg.grad_accum, acc.num_processes, acc.process_index, cfg.seed)
     pairwise_steps = cfg.max_steps if cfg.max_steps > 0 else plan.steps_for_epochs(cfg.epochs)
@@ -175,6 +182,15 @@ def train_reward_model(config: RMConfig | dict) -> RMResult:
     return RMResult(Path(cfg.output_dir), final_dir, max_steps, logger.rows, unwrapped, final_eval)
 
 
+def _check_margins(groups: list[dict], key: str) -> None:
+    missing = sum(1 for g in groups if "gaps" not in g)
+    if missing:
+        raise ConfigError(
+            f"rm.margin_from_data: {missing} of {len(groups)} comparisons in {key} carry no margin (a preference "
+            "row's 'margin', a ranking's 'scores', or a published format's ratings); set rm.margin_from_data=false"
+        )
+
+
 def _best(group: dict) -> int:
     scores = group["scores"]
     return max(range(len(scores)), key=scores.__getitem__)
@@ -189,21 +205,26 @@ def _pairwise_step(cfg, acc, model, data, global_idx, plan, collate) -> dict:
     # micro-batch gradients equal the whole batch's
     normalizer = len(global_idx) / acc.num_processes
     num_responses = sum(len(data[i]["responses"]) for i in global_idx) / acc.num_processes
-    margin = cfg.rm.margin if cfg.rm.margin is not None else (0.0 if cfg.rm.loss == "logistic" else 1.0)
+    base_margin = cfg.rm.margin if cfg.rm.margin is not None else (0.0 if cfg.rm.loss == "logistic" else 1.0)
+    margin = base_margin
     total = {"loss": 0.0, "rm/train_accuracy": 0.0, "rm/train_margin": 0.0, "tokens": 0}
     micro = plan.micro_batches(global_idx)
     for k, idx in enumerate(micro):
         groups = [data[i] for i in idx]
         flat = [ids for g in groups for ids in g["responses"]]
         batch = {n: t.to(acc.device) for n, t in collate(flat).items()}
-        better, worse, pair_counts, offset = [], [], [], 0
+        better, worse, pair_counts, gaps, offset = [], [], [], [], 0
         for g in groups:  # all pairs of each prompt's K responses, one forward pass for all
             pairs = L.ranking_pairs(g["scores"])
             better += [offset + b for b, _ in pairs]
             worse += [offset + w for _, w in pairs]
+            if cfg.rm.margin_from_data:  # m_p = rm.margin + scale * (the data's gap of the pair)
+                gaps += [g["gaps"][b] - g["gaps"][w] for b, w in pairs]
             pair_counts.append(len(pairs))
             offset += len(g["responses"])
         weights = L.ranking_pair_weights(pair_counts).to(acc.device)
+        if cfg.rm.margin_from_data:
+            margin = base_margin + cfg.rm.margin_scale * torch.tensor(gaps, dtype=torch.float32, device=acc.device)
         with common.sync_gradients_if(acc, model, last=k == len(micro) - 1), acc.autocast():
             scores = raw_scores(model, batch["input_ids"], batch["attention_mask"])  # (N,) r(x, y)
             chosen, rejected = scores[better], scores[worse]  # (P,) per pair
@@ -298,12 +319,14 @@ def reference_stats(model, sequences, collate, acc, batch_size: int) -> tuple[fl
 class EvalRMConfig:
     """Evaluate a reward model on held-out comparisons: accuracy, mean margin, calibration."""
 
-    model: str = opt(REQUIRED, "reward model directory (or hub id)")
+    model: str = opt(REQUIRED, "reward model directory (or hub id)", model_path=True)
     data: str = opt(REQUIRED, "comparisons: a preference or ranking file, or a hub dataset name")
-    format: Literal["preference", "ranking"] = opt("preference", "format of `data`")
+    format: Literal[
+        "auto", "hh-rlhf", "ultrafeedback", "oasst1", "shp", "summarize_from_feedback", "helpsteer2", "trl"
+    ] = opt("auto", "how `data` is written: auto = detected from its columns (see docs/data.md)")
     split: str = opt("test", "split to read when `data` is a hub dataset")
-    batch_size: int = opt(16, "sequences scored per forward pass")
-    max_length: int = opt(1024, "longest prompt + response in tokens")
+    batch_size: int = opt(16, "sequences scored per forward pass", ge=1)
+    max_length: int = opt(1024, "longest prompt + response in tokens", ge=1)
     truncation: Literal["reject", "drop", "truncate"] = opt(
         "reject", "too-long rows: reject, drop or truncate (truncating cuts the final token the score is read at)"
     )
@@ -318,6 +341,7 @@ def eval_reward_model(config: EvalRMConfig | dict) -> dict:
 
     from rufus.config import save_config
     from rufus.data.loading import load_records
+    from rufus.data.readers import options_from
     from rufus.data.reward import RewardCollator, tokenize_comparisons
     from rufus.models.loading import load_tokenizer, resolve_dtype
     from rufus.models.reward import load_reward_model
@@ -326,7 +350,9 @@ def eval_reward_model(config: EvalRMConfig | dict) -> dict:
     cfg = as_config(EvalRMConfig, config)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     groups = tokenize_comparisons(
-        load_records(cfg.data, format=cfg.format, split=cfg.split, key="data"),
+        load_records(
+            cfg.data, kind=("ranking", "preference"), split=cfg.split, key="data", options=options_from(cfg, tokenizer)
+        ),
         tokenizer,
         max_length=cfg.max_length,
         truncation=cfg.truncation,

@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from rufus.config import ConfigError, LogArgs, ModelArgs, OnlineArgs, OptimArgs, RunArgs, as_config, opt
+from rufus.config import LogArgs, ModelArgs, OnlineArgs, OptimArgs, RunArgs, as_config, opt
 from rufus.trainers import common, online
 
 
@@ -28,22 +28,22 @@ from rufus.trainers import common, online
 class RLOOSection:
     """Samples per prompt, the advantage estimator and the update."""
 
-    group_size: int = opt(4, "k: responses sampled per prompt")
+    group_size: int = opt(4, "k: responses sampled per prompt", ge=2)
     advantage: Literal["rloo", "reinforce_pp", "reinforce_pp_baseline"] = opt(
         "rloo",
         "rloo: leave-one-out over the k samples; reinforce_pp: per-token KL rewards, returns "
         "normalised over the batch; reinforce_pp_baseline: minus each prompt's mean score first",
     )
-    epochs: int = opt(1, "update passes over each batch (1 = on-policy REINFORCE)")
-    minibatches: int = opt(1, "optimiser steps per pass")
-    clip: float = opt(0.2, "clip range of the ratio (matters only with several passes or minibatches)")
+    epochs: int = opt(1, "update passes over each batch (1 = on-policy REINFORCE)", ge=1)
+    minibatches: int = opt(1, "optimiser steps per pass", ge=1)
+    clip: float = opt(0.2, "clip range of the ratio (matters only with several passes or minibatches)", gt=0)
 
 
 @dataclass
 class RLOOKLSection:
     """KL to the reference, in the reward."""
 
-    coef: float = opt(0.05, "beta; 0 = no KL term and no reference model loaded")
+    coef: float = opt(0.05, "beta; 0 = no KL term and no reference model loaded", ge=0)
 
 
 @dataclass
@@ -53,9 +53,9 @@ class RLOOConfig(OnlineArgs, LogArgs, OptimArgs, RunArgs, ModelArgs):
     output_dir: str = opt(
         "runs/rloo", "directory for config.yaml, metrics.jsonl, samples.jsonl, checkpoints/ and final/"
     )
-    lr: float = opt(1e-6, "learning rate")
-    batch_size: int = opt(8, "prompts per step, over all processes (each sampled rloo.group_size times)")
-    grad_accum: int = opt(1, "micro-batches per minibatch")
+    lr: float = opt(1e-6, "learning rate", gt=0)
+    batch_size: int = opt(8, "prompts per step, over all processes (each sampled rloo.group_size times)", ge=1)
+    grad_accum: int = opt(1, "micro-batches per minibatch", ge=1)
     rloo: RLOOSection = opt(RLOOSection, "estimator and update")
     kl: RLOOKLSection = opt(RLOOKLSection, "KL penalty")
 
@@ -79,8 +79,6 @@ def train_rloo(config: RLOOConfig | dict, reward_fn=None) -> RLOOResult:
     run = common.start_run(cfg)
     acc = run.accelerator
     K = cfg.rloo.group_size
-    if K < 2:
-        raise ConfigError("rloo.group_size: the leave-one-out baseline needs at least 2 samples per prompt")
     micro_size = online.micro_batch_size(cfg, acc.num_processes, "rloo")
 
     # 0. prompts and reward sources before the models; the policy, and a reference only for a KL term

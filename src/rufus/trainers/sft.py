@@ -48,9 +48,11 @@ def train_sft(config: SFTConfig | dict) -> SFTResult:
 
     # 1. data: load, validate and tokenise everything before any model is loaded
     from rufus.data.loading import load_records
+    from rufus.data.readers import options_from
     from rufus.data.sft import SFTCollator, tokenize_sft
 
     tokenizer = common.load_run_tokenizer(cfg)
+    read = options_from(cfg.data, tokenizer)  # how the files are written (detected, or data.format)
     tok_kwargs = dict(
         max_length=cfg.data.max_length,
         max_prompt_length=cfg.data.max_prompt_length,
@@ -59,7 +61,7 @@ def train_sft(config: SFTConfig | dict) -> SFTResult:
     )
     with acc.main_process_first():  # the first process fills the datasets cache, the others read it
         train = tokenize_sft(
-            load_records(cfg.data.train, format="sft", split=cfg.data.train_split, key="data.train"),
+            load_records(cfg.data.train, kind="sft", split=cfg.data.train_split, key="data.train", options=read),
             tokenizer,
             key="data.train",
             **tok_kwargs,
@@ -67,7 +69,7 @@ def train_sft(config: SFTConfig | dict) -> SFTResult:
         evals = None
         if cfg.data.eval:
             evals = tokenize_sft(
-                load_records(cfg.data.eval, format="sft", split=cfg.data.eval_split, key="data.eval"),
+                load_records(cfg.data.eval, kind="sft", split=cfg.data.eval_split, key="data.eval", options=read),
                 tokenizer,
                 key="data.eval",
                 **tok_kwargs,
