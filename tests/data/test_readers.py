@@ -411,3 +411,33 @@ def test_split_implicit_text_keeps_words_whole():
     assert split_implicit_text("The cat sat", "The car sat") == ("The", " cat sat", " car sat")
     assert split_implicit_text("A  b", "A  c") == ("A", "  b", "  c")
     assert split_implicit_text("cat", "car") == ("", "cat", "car")
+
+
+# --- hub datasets -------------------------------------------------------------------------------------
+
+
+def test_a_published_hub_dataset_is_read_by_name_with_its_subset(monkeypatch):
+    # the hub gives Arrow rows: nested structs as dicts, a null oasst1 rank as NaN after pandas
+    import datasets
+
+    calls = []
+
+    def hub(*args, split):
+        calls.append((args, split))
+        return datasets.Dataset.from_list(published.summarize_from_feedback(3))
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    records = load_records(
+        "openai/summarize_from_feedback", kind="preference", split="validation", options=ReadOptions(subset="comparisons")
+    )
+    assert calls == [(("openai/summarize_from_feedback", "comparisons"), "validation")]
+    assert (records.format, len(records), records.where(2)) == (
+        "summarize_from_feedback",
+        3,
+        "hub:openai/summarize_from_feedback[validation], row 3",
+    )
+    rows = published.oasst1(2)
+    for r in rows:
+        r["rank"] = float("nan") if r["rank"] is None else float(r["rank"])
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, split: datasets.Dataset.from_list(rows))
+    assert len(load_records("OpenAssistant/oasst1", kind="ranking")) == 4

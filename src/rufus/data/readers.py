@@ -376,6 +376,8 @@ def _oasst_messages(rows, rej: Rejects, opts: ReadOptions) -> tuple[dict[str, _M
                 raise rej.error(i, "an assistant message needs a parent_id", "parent_id")
             text = _text(rej, i, row, "text")
             rank = row.get("rank")
+            if isinstance(rank, float) and math.isnan(rank):
+                rank = None  # a null rank read through pandas
             if rank is not None:
                 rank = _number(rej, i, rank, "rank")
         except DataError as e:
