@@ -428,7 +428,10 @@ def test_a_published_hub_dataset_is_read_by_name_with_its_subset(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", hub)
     records = load_records(
-        "openai/summarize_from_feedback", kind="preference", split="validation", options=ReadOptions(subset="comparisons")
+        "openai/summarize_from_feedback",
+        kind="preference",
+        split="validation",
+        options=ReadOptions(subset="comparisons"),
     )
     assert calls == [(("openai/summarize_from_feedback", "comparisons"), "validation")]
     assert (records.format, len(records), records.where(2)) == (

@@ -10,10 +10,11 @@ import torch
 
 from rufus.cli import main
 from rufus.trainers.dpo import train_dpo
+from rufus.trainers.grpo import train_grpo
 from rufus.trainers.reward import train_reward_model
 from rufus.trainers.sft import train_sft
 from tests import published
-from tests.helpers import with_overrides, write_jsonl
+from tests.helpers import digit_fraction, with_overrides, write_jsonl
 
 FORMATS = {  # name -> (rows, detected format, kind a reward model trains on, has demonstrations)
     "hh-rlhf": (published.hh_rlhf, "hh-rlhf", "preference", True),
@@ -163,3 +164,14 @@ def test_cli_trains_hh_rlhf_and_reports_a_bad_row_in_one_line(tiny_model, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"rufus rm: error: data.train: {train}, line 7, field 'rejected': chosen and rejected are identical"]
     assert main(args + [f"output_dir={tmp_path / 'skip'}", "data.invalid_rows=skip", "data.max_length=256"]) == 0
+
+
+def test_rl_takes_the_prompts_of_a_published_preference_file(tiny_model, tmp_path, caplog):
+    caplog.set_level("INFO", logger="rufus.data.loading")
+    train = write_jsonl(tmp_path / "shp.jsonl", published.shp())
+    result = train_grpo(
+        config(tiny_model, train, tmp_path / "grpo", **{"grpo.group_size": 2, "generation.max_new_tokens": 4}),
+        reward_fn=digit_fraction,
+    )
+    assert result.steps == 2
+    assert detected(caplog, train) == ["shp (prompt rows"]
