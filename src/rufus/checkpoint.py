@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from rufus.distributed import is_sharded
+
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -94,11 +96,16 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    sharded = {name for name, model in models.items() if is_sharded(model)}
+    for name in sorted(sharded):  # every process writes its own shards (a collective)
+        _save_sharded(tmp / f"{name}.dcp", models[name], (optimizers or {}).get(name))
     if accelerator.is_main_process:
         for name, model in models.items():
-            save_file(trainable_state(model), tmp / f"{name}.safetensors")
+            if name not in sharded:
+                save_file(trainable_state(model), tmp / f"{name}.safetensors")
         for name, optimizer in (optimizers or {}).items():
-            torch.save(optimizer.state_dict(), tmp / f"{name}.optimizer.pt")
+            if name not in sharded:
+                torch.save(optimizer.state_dict(), tmp / f"{name}.optimizer.pt")
         for name, scheduler in (schedulers or {}).items():
             torch.save(scheduler.state_dict(), tmp / f"{name}.scheduler.pt")
         info = {"step": step, "num_processes": accelerator.num_processes, "state": state or {}}
@@ -131,7 +138,12 @@ def load_checkpoint(
     if not (path / "state.json").exists():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no state.json)")
     info = json.loads((path / "state.json").read_text())
+    sharded = {name for name, model in models.items() if is_sharded(model)}
+    for name in sorted(sharded):
+        _load_sharded(path / f"{name}.dcp", models[name], (optimizers or {}).get(name))
     for name, model in models.items():
+        if name in sharded:
+            continue
         weights = load_file(path / f"{name}.safetensors")
         params = dict(model.named_parameters())
         missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
@@ -144,6 +156,8 @@ def load_checkpoint(
             for n, tensor in weights.items():
                 params[n].copy_(tensor)
     for name, optimizer in (optimizers or {}).items():
+        if name in sharded:
+            continue
         optimizer.load_state_dict(torch.load(path / f"{name}.optimizer.pt", weights_only=True, map_location="cpu"))
     for name, scheduler in (schedulers or {}).items():
         scheduler.load_state_dict(torch.load(path / f"{name}.scheduler.pt", weights_only=True))
@@ -151,3 +165,43 @@ def load_checkpoint(
     if info.get("num_processes") == accelerator.num_processes and (path / f"rng-{rank}.json").exists():
         _set_rng_state(json.loads((path / f"rng-{rank}.json").read_text()), load_file(path / f"rng-{rank}.safetensors"))
     return info
+
+
+# --- sharded models: torch.distributed.checkpoint, each process writing and reading its own shards ---
+
+
+def _save_sharded(directory: Path, model, optimizer) -> None:
+    """The trainable parameters of a sharded model and its optimiser's state, as distributed-checkpoint
+    shards in `directory` (loadable on another number of processes: DCP reshards on load)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_sharded_state(model, optimizer), checkpoint_id=str(directory))
+
+
+def _load_sharded(directory: Path, model, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = _sharded_state(model, optimizer)
+    dcp.load(state, checkpoint_id=str(directory))
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+    if optimizer is not None:
+        set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), state["optimizer"])
+
+
+def _sharded_state(model, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(ignore_frozen_params=True)  # frozen weights come from the base model
+    state = {"model": get_model_state_dict(model, options=options)}
+    if optimizer is not None:  # accelerate's wrapper holds the torch optimiser as .optimizer
+        state["optimizer"] = get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer))
+    return state

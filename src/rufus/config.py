@@ -103,6 +103,17 @@ class ModelArgs:
         "torch.compile each transformer block of the trained and frozen models (one-off compile of some "
         "seconds per input shape, then faster training and scoring passes; generation stays eager)",
     )
+    strategy: Literal["ddp", "fsdp"] = opt(
+        "ddp",
+        "with several processes: ddp = a full copy of every model per process; fsdp = FSDP2, parameters, "
+        "gradients and optimiser state sharded over the processes (docs/scale.md)",
+    )
+    shard_frozen: bool = opt(
+        True,
+        "fsdp: shard the frozen models too (reference, reward model): less memory per process, one "
+        "all-gather per block at each of their forwards; false = a full copy per process, no communication",
+    )
+    offload: bool = opt(False, "fsdp: keep the trained models' parameter and optimiser shards in CPU memory")
 
 
 @dataclass

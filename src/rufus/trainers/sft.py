@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from rufus import distributed
 from rufus.config import DataSection, LogArgs, LoraSection, ModelArgs, OptimArgs, RunArgs, as_config, opt
 from rufus.losses.sft import sft_loss
 from rufus.trainers import common
@@ -83,9 +84,9 @@ def train_sft(config: SFTConfig | dict) -> SFTResult:
     label_counts = [sum(1 for t in ex["labels"][1:] if t != -100) for ex in train]
 
     # 2. model, LoRA, optimiser, schedule
-    model = common.load_trainable_lm(cfg, tokenizer)
+    model = distributed.shard(cfg, acc, common.load_trainable_lm(cfg, tokenizer))  # strategy=fsdp: sharded
     optimizer, scheduler = common.make_optimizer(cfg, model, max_steps)
-    model, optimizer = acc.prepare(model, optimizer)
+    model, optimizer = distributed.prepare(acc, model, optimizer)
     start_step, _ = common.maybe_resume(run, acc.unwrap_model(model), optimizer, scheduler)
     logger = common.open_metrics(run, start_step)
 
@@ -157,11 +158,15 @@ def evaluate(model, examples: list[dict], collate, acc, micro_batch: int) -> dic
     nll = torch.zeros((), device=acc.device)
     count = torch.zeros((), device=acc.device)
     mine = list(range(acc.process_index, len(examples), acc.num_processes))
-    for start in range(0, len(mine), max(micro_batch, 1)):
-        batch = collate([examples[i] for i in mine[start : start + max(micro_batch, 1)]])
+    size = max(micro_batch, 1)
+    chunks = [mine[start : start + size] for start in range(0, len(mine), size)]
+    for idx, real in distributed.lockstep(acc, model, chunks, filler=[0]):
+        batch = collate([examples[i] for i in idx])
         batch = {n: t.to(acc.device) for n, t in batch.items()}
         with acc.autocast():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        if not real:
+            continue
         _, stats = sft_loss(logits, batch["labels"])
         nll += stats["nll_sum"]
         count += stats["num_tokens"]

@@ -1,0 +1,107 @@
+"""Sharded strategies give the single-process update: two CPU processes (torchrun, gloo) under
+`strategy=fsdp` end with the weights of one process on the same global batch and seed; the sharded
+checkpoints resume to the same weights; `final/` loads with `from_pretrained`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rufus.report.metrics import read_metrics
+from tests import published
+from tests.helpers import sft_rows, write_jsonl
+
+TOLERANCE = 1e-5  # float32 on CPU: the two runs sum the same gradients in another order
+
+
+def run(command: str, args: list[str], nproc: int, cwd) -> None:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = (launcher if nproc > 1 else [sys.executable]) + ["-m", "rufus.cli", command, *args]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "MASTER_ADDR": "127.0.0.1",
+        "GLOO_SOCKET_IFNAME": "lo",
+    }
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+def assert_same_weights(a, b, tolerance=TOLERANCE):
+    assert sorted(a) == sorted(b)
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst < tolerance, worst
+
+
+@pytest.mark.multiprocess
+def test_fsdp_sft_matches_one_process_resumes_and_saves_a_loadable_model(tmp_path, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    train = write_jsonl(tmp_path / "train.jsonl", sft_rows(16))
+    held = write_jsonl(tmp_path / "eval.jsonl", sft_rows(5))  # 3 and 2 rows per process: uneven forwards
+    common = [
+        f"model={tiny_model}",
+        f"data.train={train}",
+        f"data.eval={held}",
+        "data.max_length=48",
+        "batch_size=8",
+        "max_steps=6",
+        "eval_every=3",
+        "lr=3e-3",
+        "dtype=float32",
+        "progress=false",
+        "seed=3",
+    ]
+    run("sft", common + [f"output_dir={tmp_path / 'one'}", "grad_accum=2"], 1, tmp_path)
+    run("sft", common + [f"output_dir={tmp_path / 'two'}", "strategy=fsdp", "grad_accum=2"], 2, tmp_path)
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert_same_weights(one, two)
+    start = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    assert (one["model.norm.weight"] - start["model.norm.weight"]).abs().max() > 1e-3  # it trained
+    evals = [r for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if "eval/loss" in r]
+    evals_one = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "eval/loss" in r]
+    assert [r["eval/loss"] for r in evals] == pytest.approx([r["eval/loss"] for r in evals_one], abs=1e-4)
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "final")
+    assert_same_weights({k: v for k, v in loaded.state_dict().items() if k in two}, two, 1e-7)
+
+    # sharded checkpoints: stop after step 3 (drop the later ones), resume, same final weights
+    resume = common + [f"output_dir={tmp_path / 'res'}", "strategy=fsdp", "save_every=1", "save_total_limit=0"]
+    run("sft", resume + ["grad_accum=2"], 2, tmp_path)
+    for step in (4, 5, 6):
+        shutil.rmtree(tmp_path / "res" / "checkpoints" / f"step-{step:07d}")
+    shutil.rmtree(tmp_path / "res" / "final")
+    run("sft", resume + ["grad_accum=2", "resume=true"], 2, tmp_path)
+    assert_same_weights(weights(tmp_path / "res"), two, 1e-7)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("command", ["rm", "dpo"])
+def test_fsdp_rm_and_dpo_match_one_process(command, tmp_path, tiny_model):
+    train = write_jsonl(tmp_path / "hh.jsonl", published.hh_rlhf(16))
+    common = [
+        f"model={tiny_model}",
+        f"data.train={train}",
+        f"data.eval={train}",
+        "data.max_length=96",
+        "batch_size=8",
+        "max_steps=4",
+        "lr=3e-3",
+        "dtype=float32",
+        "progress=false",
+        "seed=3",
+    ]
+    run(command, common + [f"output_dir={tmp_path / 'one'}", "grad_accum=2"], 1, tmp_path)
+    run(command, common + [f"output_dir={tmp_path / 'two'}", "strategy=fsdp"], 2, tmp_path)
+    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"))
