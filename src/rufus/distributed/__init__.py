@@ -50,7 +50,7 @@ def shard(cfg, acc, model: torch.nn.Module, *, trained: bool = True) -> torch.nn
             return model
         from rufus.distributed import fsdp
 
-        return fsdp.shard(model, compute_dtype=_compute_dtype(cfg), offload=cfg.offload and trained)
+        return fsdp.shard(model, compute_dtype=_compute_dtype(cfg), trained=trained, offload=cfg.offload and trained)
     raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
 
 

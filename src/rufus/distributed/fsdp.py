@@ -46,9 +46,13 @@ def block_classes(model) -> set[str]:
     return names
 
 
-def shard(model: torch.nn.Module, *, compute_dtype: torch.dtype, offload: bool = False) -> torch.nn.Module:
-    """Shard `model` in place over all processes; return it. The main process keeps an unsharded
-    skeleton on the meta device (no memory) to save the full model later (`unsharded_copy`)."""
+def shard(
+    model: torch.nn.Module, *, compute_dtype: torch.dtype, trained: bool = True, offload: bool = False
+) -> torch.nn.Module:
+    """Shard `model` in place over all processes; return it. A trained model keeps float32 shards
+    (bfloat16 compute by the policy); a frozen one keeps its dtype. The main process keeps an
+    unsharded skeleton of a trained model on the meta device (no memory) to save it later
+    (`unsharded_copy`)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
@@ -56,12 +60,12 @@ def shard(model: torch.nn.Module, *, compute_dtype: torch.dtype, offload: bool =
     device = next(model.parameters()).device
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     kwargs = {"mesh": mesh}
-    if compute_dtype == torch.bfloat16:
+    if trained and compute_dtype == torch.bfloat16:
         model.to(torch.float32)  # float32 shards; bfloat16 compute by the policy
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    if dist.get_rank() == 0:
+    if trained and dist.get_rank() == 0:
         _SKELETONS[model] = copy.deepcopy(model).to("meta")
     blocks = block_classes(model)
     units = [m for m in model.modules() if type(m).__name__ in blocks]
@@ -110,9 +114,10 @@ def unsharded_copy(model) -> torch.nn.Module | None:
         raise RuntimeError(f"fsdp: gathered weights do not fit the model: missing {missing}, unexpected {unexpected}")
     from transformers import PreTrainedModel
 
-    for m in copy_.modules():  # materialising on CPU untied the tied weights (e.g. head = embeddings)
+    for name, m in copy_.named_modules():
         if isinstance(m, PreTrainedModel):
-            m.tie_weights()
+            m.config = model.get_submodule(name).config  # what the run wrote there (a reward model's gain)
+            m.tie_weights()  # materialising on CPU untied the tied weights (e.g. head = embeddings)
     return copy_
 
 

@@ -27,6 +27,7 @@ from typing import Literal
 
 import torch
 
+from rufus import distributed
 from rufus.config import (
     ConfigError,
     DataSection,
@@ -277,12 +278,14 @@ def _all_logprobs(model, pairs: list[dict], collate, acc, micro: int) -> tuple[t
     out = torch.zeros(per, 2, device=acc.device)
     was_training = model.training
     model.eval()
-    for start in range(0, len(mine), max(micro, 1)):
-        idx = mine[start : start + max(micro, 1)]
+    starts = list(range(0, len(mine), max(micro, 1)))
+    for start, real in distributed.lockstep(acc, model, starts, filler=None):
+        idx = mine[start : start + max(micro, 1)] if real else [0]
         batch = {k: t.to(acc.device) for k, t in collate([pairs[i] for i in idx]).items()}
         with acc.autocast():
             logps = sequence_logprobs(model, batch).float()
-        out[start : start + len(idx)] = torch.stack([logps[: len(idx)], logps[len(idx) :]], dim=-1)
+        if real:
+            out[start : start + len(idx)] = torch.stack([logps[: len(idx)], logps[len(idx) :]], dim=-1)
     model.train(was_training)
     out = acc.gather(out) if acc.num_processes > 1 else out
     return out[:n, 0].cpu(), out[:n, 1].cpu()

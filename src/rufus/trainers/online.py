@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from rufus import distributed
 from rufus.config import ConfigError
 from rufus.trainers import common
 
@@ -63,8 +64,9 @@ def load_policy(cfg, run, tokenizer, max_steps: int, *, dropout_off: bool = True
     policy = common.load_trainable_lm(cfg, tokenizer)
     if dropout_off:
         set_dropout(policy, 0.0)
+    policy = distributed.shard(cfg, run.accelerator, policy)  # strategy=fsdp: sharded
     optimizer, scheduler = common.make_optimizer(cfg, policy, max_steps)
-    policy, optimizer = run.accelerator.prepare(policy, optimizer)
+    policy, optimizer = distributed.prepare(run.accelerator, policy, optimizer)
     return policy, optimizer, scheduler
 
 
@@ -123,7 +125,7 @@ def load_reference(cfg, run, tokenizer, needed: bool = True):
         .eval()
     )
     reference.requires_grad_(False)
-    return reference
+    return distributed.shard(cfg, run.accelerator, reference, trained=False)
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 
+from rufus import distributed
 from rufus.config import (
     REQUIRED,
     ConfigError,
@@ -139,8 +140,9 @@ def train_reward_model(config: RMConfig | dict) -> RMResult:
     model = load_reward_model(cfg.model, tokenizer=tokenizer, **common.trainable_model_args(cfg))
     if cfg.lora.r > 0:
         model = apply_lora(model, cfg.lora, task_type="SEQ_CLS", modules_to_save=head_module_names(model))
+    model = distributed.shard(cfg, acc, model)  # strategy=fsdp: sharded
     optimizer, scheduler = common.make_optimizer(cfg, model, max_steps)
-    model, optimizer = acc.prepare(model, optimizer)
+    model, optimizer = distributed.prepare(acc, model, optimizer)
     start_step, _ = common.maybe_resume(run, acc.unwrap_model(model), optimizer, scheduler)
     logger = common.open_metrics(run, start_step)
 
@@ -288,11 +290,14 @@ def _score_all(model, sequences: list[list[int]], collate, acc, batch_size: int)
     per = math.ceil(n / acc.num_processes)
     mine = list(range(acc.process_index * per, min(n, (acc.process_index + 1) * per)))
     out = torch.zeros(per, device=acc.device)
-    for start in range(0, len(mine), batch_size):
-        idx = mine[start : start + batch_size]
+    starts = list(range(0, len(mine), batch_size))
+    for start, real in distributed.lockstep(acc, model, starts, filler=None):
+        idx = mine[start : start + batch_size] if real else [0]
         batch = {k: t.to(acc.device) for k, t in collate([sequences[i] for i in idx]).items()}
         with acc.autocast():
-            out[start : start + len(idx)] = raw_scores(model, batch["input_ids"], batch["attention_mask"])
+            scores = raw_scores(model, batch["input_ids"], batch["attention_mask"])
+        if real:
+            out[start : start + len(idx)] = scores
     return acc.gather(out)[:n].cpu() if acc.num_processes > 1 else out[:n].cpu()
 
 
