@@ -105,3 +105,64 @@ def test_fsdp_rm_and_dpo_match_one_process(command, tmp_path, tiny_model):
     run(command, common + [f"output_dir={tmp_path / 'one'}", "grad_accum=2"], 1, tmp_path)
     run(command, common + [f"output_dir={tmp_path / 'two'}", "strategy=fsdp"], 2, tmp_path)
     assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"))
+
+
+@pytest.mark.multiprocess
+def test_fsdp_ppo_matches_one_process(tmp_path, tiny_model):
+    # greedy decoding: the rollouts do not depend on how sampling is seeded per process, so one and two
+    # processes see the same responses and must make the same updates to actor and critic
+    from tests.helpers import arithmetic_prompts
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", arithmetic_prompts(16))
+    helpers = os.path.join(os.path.dirname(__file__), "..", "helpers.py")
+    common = [
+        f"model={tiny_model}",
+        f"data.train={prompts}",
+        "data.max_length=64",
+        f"reward.function=[{os.path.abspath(helpers)}:digit_fraction]",
+        "generation.max_new_tokens=6",
+        "generation.temperature=0",
+        "batch_size=8",
+        "max_steps=3",
+        "lr=3e-3",
+        "dtype=float32",
+        "progress=false",
+        "seed=3",
+    ]
+    run("ppo", common + [f"output_dir={tmp_path / 'one'}"], 1, tmp_path)
+    run("ppo", common + [f"output_dir={tmp_path / 'two'}", "strategy=fsdp"], 2, tmp_path)
+    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"))
+    one = load_file(tmp_path / "one" / "final_critic" / "model.safetensors")
+    two = load_file(tmp_path / "two" / "final_critic" / "model.safetensors")
+    assert_same_weights(one, two)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("command", ["grpo", "rloo"])
+def test_fsdp_group_methods_match_ddp(command, tmp_path, tiny_model):
+    # sampled responses (a group of greedy ones would all be equal and teach nothing): the same seeds
+    # per process under both strategies give the same rollouts, so fsdp must make ddp's updates
+    from tests.helpers import arithmetic_prompts
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", arithmetic_prompts(16))
+    helpers = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "helpers.py"))
+    common = [
+        f"model={tiny_model}",
+        f"data.train={prompts}",
+        "data.max_length=64",
+        f"reward.function=[{helpers}:digit_fraction]",
+        "generation.max_new_tokens=6",
+        f"{command}.group_size=4",
+        "batch_size=4",
+        "max_steps=3",
+        "lr=3e-3",
+        "dtype=float32",
+        "progress=false",
+        "seed=3",
+    ]
+    run(command, common + [f"output_dir={tmp_path / 'ddp'}"], 2, tmp_path)
+    run(command, common + [f"output_dir={tmp_path / 'fsdp'}", "strategy=fsdp"], 2, tmp_path)
+    ddp, fsdp = weights(tmp_path / "ddp"), weights(tmp_path / "fsdp")
+    assert_same_weights(ddp, fsdp)
+    start = load_file(tiny_model / "model.safetensors")
+    assert max((ddp[k] - start[k]).abs().max().item() for k in start if k in ddp) > 1e-4  # it trained

@@ -54,6 +54,11 @@ def shard(cfg, acc, model: torch.nn.Module, *, trained: bool = True) -> torch.nn
     raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
 
 
+def is_strategy(cfg, acc, name: str) -> bool:
+    """Whether this run shards with `name` (several processes, and ``strategy`` set to it)."""
+    return getattr(cfg, "strategy", "ddp") == name and acc.num_processes > 1
+
+
 def uses_master_weights(cfg, acc) -> bool:
     """Whether bfloat16 runs keep Rufus's own float32 master weights (`rufus.precision`). A sharded
     model keeps float32 shards and computes in bfloat16 by the engine's mixed-precision policy
@@ -80,6 +85,30 @@ def no_sync(acc, model):
         return
     with acc.no_sync(model):
         yield
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Hold a sharded model's full weights on every process for the duration (decoding): each process
+    then runs its own forwards, as many as its responses need, with no collective per token (the
+    "gather for generation" of DeepSpeed-Chat's hybrid engine and OpenRLHF). A no-op when unsharded."""
+    if not is_sharded(model):
+        yield
+        return
+    from rufus.distributed import fsdp
+
+    with fsdp.gathered(model):
+        yield
+
+
+def unsharded(model):
+    """A plain copy of `model` with its full weights on the main process (None on the others; a
+    collective for a sharded model), or `model` itself when it is not sharded: what to save."""
+    if not is_sharded(model):
+        return model
+    from rufus.distributed import fsdp
+
+    return fsdp.unsharded_copy(model)
 
 
 def full_state_dict(model) -> dict[str, torch.Tensor] | None:

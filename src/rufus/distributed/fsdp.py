@@ -92,6 +92,27 @@ def no_sync(model):
             m.set_requires_gradient_sync(True)
 
 
+@contextlib.contextmanager
+def gathered(model):
+    """All-gather every unit's parameters once, keep them through any number of forwards, free them
+    after (`distributed.gathered`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.unshard()
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in units:
+            m.reshard()
+        roots = set(map(id, _roots(model)))
+        for m in units:  # fully_shard's default: the root keeps its parameters between forward and backward
+            m.set_reshard_after_forward(id(m) not in roots, recurse=False)
+
+
 def full_state_dict(model) -> dict[str, torch.Tensor] | None:
     """Every weight, gathered to the main process on CPU (a collective); None on the others."""
     import torch.distributed as dist

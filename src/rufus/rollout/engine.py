@@ -35,11 +35,13 @@ def sample_rollout(
                           (an engine's own sampling logprobs differ from the trainer's in the last bits)
     Sampling draws from torch's global generator (seed it for a reproducible rollout).
     """
+    from rufus.distributed import gathered
     from rufus.rollout.generate import generate_responses
 
     repeated = [row for row in rows for _ in range(n)]
-    ro = generate_responses(
-        policy, tokenizer, [r["prompt"] for r in repeated], [r["ids"] for r in repeated], generation, device=device
-    )
+    with gathered(policy):  # a sharded policy decodes from its full weights, no collective per token
+        ro = generate_responses(
+            policy, tokenizer, [r["prompt"] for r in repeated], [r["ids"] for r in repeated], generation, device=device
+        )
     ro.extra = {k: [r["extra"][k] for r in repeated] for k in (repeated[0].get("extra", {}) if repeated else {})}
     return ro

@@ -21,6 +21,7 @@ from typing import Literal
 
 import torch
 
+from rufus import distributed
 from rufus.config import ConfigError, LogArgs, ModelArgs, OnlineArgs, OptimArgs, RunArgs, as_config, opt
 from rufus.trainers import common, online
 from rufus.trainers.ptx import PtxSection, load_ptx_data, ptx_loss
@@ -130,6 +131,8 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
     # the four models: actor and critic train; reference and reward model are frozen
     actor = common.load_trainable_lm(cfg, tokenizer)
     set_dropout(actor, 0.0)  # logprobs must be reproducible: the first ratio is then exactly 1
+    if cfg.critic.shared and distributed.is_strategy(cfg, acc, "fsdp"):
+        raise ConfigError("critic.shared: not yet with strategy=fsdp; use a separate critic (critic.shared=false)")
     reference = online.load_reference(cfg, run, tokenizer)
     if cfg.critic.shared:
         from rufus.models.value import SharedActorCritic
@@ -143,9 +146,11 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
         critic = load_critic(
             cfg.critic.model or cfg.model, tokenizer=tokenizer, lora=cfg.lora, **common.trainable_model_args(cfg)
         )
+        actor, critic = distributed.shard(cfg, acc, actor), distributed.shard(cfg, acc, critic)  # fsdp: sharded
         actor_opt, actor_sched = common.make_optimizer(cfg, actor, max_steps)
         critic_opt, critic_sched = common.make_optimizer(dataclasses.replace(cfg, lr=cfg.critic.lr), critic, max_steps)
-        actor, critic, actor_opt, critic_opt = acc.prepare(actor, critic, actor_opt, critic_opt)
+        actor, actor_opt = distributed.prepare(acc, actor, actor_opt)
+        critic, critic_opt = distributed.prepare(acc, critic, critic_opt)
     kl_ctl = make_kl_controller(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
 
     models = {"actor": acc.unwrap_model(actor)}
@@ -229,8 +234,9 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
     policy = models["actor"].policy if cfg.critic.shared else models["actor"]
     final_dir = common.save_final(run, policy, tokenizer)
     critic = models.get("critic", models["actor"])  # a shared critic lives on the actor
+    whole = distributed.unsharded(critic)  # gathered to the main process when sharded
     if acc.is_main_process:
-        save_critic(critic, run.output_dir / "final_critic")
+        save_critic(whole, run.output_dir / "final_critic")
     logger.close()
     common.finish_run(run, ["reward/mean", "score/mean", "kl/mean", "policy/entropy", "policy/loss", "value/loss"])
     return PPOResult(Path(cfg.output_dir), final_dir, max_steps, logger.rows, policy, critic, reference, reward)
