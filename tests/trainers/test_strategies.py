@@ -166,3 +166,36 @@ def test_fsdp_group_methods_match_ddp(command, tmp_path, tiny_model):
     assert_same_weights(ddp, fsdp)
     start = load_file(tiny_model / "model.safetensors")
     assert max((ddp[k] - start[k]).abs().max().item() for k in start if k in ddp) > 1e-4  # it trained
+
+
+@pytest.mark.multiprocess
+def test_fsdp_ppo_resumes_to_the_uninterrupted_run(tmp_path, tiny_model):
+    from tests.helpers import arithmetic_prompts
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", arithmetic_prompts(16))
+    helpers = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "helpers.py"))
+    args = [
+        f"model={tiny_model}",
+        f"data.train={prompts}",
+        "data.max_length=64",
+        f"reward.function=[{helpers}:digit_fraction]",
+        "generation.max_new_tokens=6",
+        "batch_size=8",
+        "max_steps=4",
+        "lr=3e-3",
+        "dtype=float32",
+        "progress=false",
+        "seed=3",
+        "strategy=fsdp",
+        "save_every=1",
+        "save_total_limit=0",
+    ]
+    run("ppo", args + [f"output_dir={tmp_path / 'whole'}"], 2, tmp_path)
+    run("ppo", args + [f"output_dir={tmp_path / 'cut'}"], 2, tmp_path)
+    for step in (3, 4):
+        shutil.rmtree(tmp_path / "cut" / "checkpoints" / f"step-{step:07d}")
+    shutil.rmtree(tmp_path / "cut" / "final")
+    run("ppo", args + [f"output_dir={tmp_path / 'cut'}", "resume=true"], 2, tmp_path)
+    assert_same_weights(weights(tmp_path / "whole"), weights(tmp_path / "cut"), 1e-7)
+    whole = load_file(tmp_path / "whole" / "final_critic" / "model.safetensors")
+    assert_same_weights(whole, load_file(tmp_path / "cut" / "final_critic" / "model.safetensors"), 1e-7)
