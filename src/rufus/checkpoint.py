@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from rufus.distributed import is_sharded
+from rufus.distributed import checkpoint_engine
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -96,9 +96,14 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    sharded = {name for name, model in models.items() if is_sharded(model)}
-    for name in sorted(sharded):  # every process writes its own shards (a collective)
-        _save_sharded(tmp / f"{name}.dcp", models[name], (optimizers or {}).get(name))
+    sharded = {name: engine for name, model in models.items() if (engine := checkpoint_engine(model))}
+    for name, engine in sorted(sharded.items()):  # every process writes its own shards (a collective)
+        if engine == "zero":
+            from rufus.distributed import deepspeed
+
+            deepspeed.save_checkpoint(tmp / f"{name}.zero", models[name])
+        else:
+            _save_sharded(tmp / f"{name}.dcp", models[name], (optimizers or {}).get(name))
     if accelerator.is_main_process:
         for name, model in models.items():
             if name not in sharded:
@@ -138,9 +143,14 @@ def load_checkpoint(
     if not (path / "state.json").exists():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no state.json)")
     info = json.loads((path / "state.json").read_text())
-    sharded = {name for name, model in models.items() if is_sharded(model)}
-    for name in sorted(sharded):
-        _load_sharded(path / f"{name}.dcp", models[name], (optimizers or {}).get(name))
+    sharded = {name: engine for name, model in models.items() if (engine := checkpoint_engine(model))}
+    for name, engine in sorted(sharded.items()):
+        if engine == "zero":
+            from rufus.distributed import deepspeed
+
+            deepspeed.load_checkpoint(path / f"{name}.zero", models[name])
+        else:
+            _load_sharded(path / f"{name}.dcp", models[name], (optimizers or {}).get(name))
     for name, model in models.items():
         if name in sharded:
             continue

@@ -91,6 +91,9 @@ class ModelArgs:
         "compute dtype; bfloat16 = bfloat16 weights updated through float32 master copies (frozen models in bfloat16); "
         "auto = bfloat16 where the hardware runs it fast (CUDA with bf16, CPU with AMX), else float32",
     )
+    quantization: Literal["none", "8bit", "4bit"] = opt(
+        "none", "base of a LoRA run in bitsandbytes 8bit or 4bit (nf4); needs lora.r > 0 (docs/quantization.md)"
+    )
     trust_remote_code: bool = opt(False, "allow model code from the hub to run (off: untrusted code never runs)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
     attn_implementation: str | None = opt(
@@ -103,17 +106,20 @@ class ModelArgs:
         "torch.compile each transformer block of the trained and frozen models (one-off compile of some "
         "seconds per input shape, then faster training and scoring passes; generation stays eager)",
     )
-    strategy: Literal["ddp", "fsdp"] = opt(
+    strategy: Literal["ddp", "fsdp", "zero1", "zero2", "zero3"] = opt(
         "ddp",
         "with several processes: ddp = a full copy of every model per process; fsdp = FSDP2, parameters, "
-        "gradients and optimiser state sharded over the processes (docs/scale.md)",
+        "gradients and optimiser state sharded; zero1/2/3 = DeepSpeed ZeRO, optimiser state / + gradients / "
+        "+ parameters partitioned (docs/scale.md)",
     )
     shard_frozen: bool = opt(
         True,
         "fsdp: shard the frozen models too (reference, reward model): less memory per process, one "
         "all-gather per block at each of their forwards; false = a full copy per process, no communication",
     )
-    offload: bool = opt(False, "fsdp: keep the trained models' parameter and optimiser shards in CPU memory")
+    offload: bool = opt(
+        False, "fsdp, zero: keep the trained models' optimiser state (and parameter shards) in CPU memory"
+    )
 
 
 @dataclass

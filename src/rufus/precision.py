@@ -17,7 +17,9 @@ are smaller than half a bfloat16 ulp of the weight, which a bfloat16 weight woul
     optimizer.zero_grad()
 
 Frozen parameters are cast to bfloat16 and get no master. Checkpoints must save `state_dict()`
-(the masters), since the bfloat16 model alone has lost their low bits.
+(the masters), since the bfloat16 model alone has lost their low bits. Integer tensors are never
+touched: the quantized weights of a bitsandbytes base (`Params4bit`, `Int8Params`; rufus.models.quantization)
+keep their storage, and only the float parameters around them (adapters, heads, norms) are managed.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class MasterWeights:
                 master = torch.nn.Parameter(param.detach().to(torch.float32).clone())
                 self.pairs.append((param, master))
             param.data = param.data.to(dtype)
-        model.to(dtype)  # buffers too (e.g. rotary inverse frequencies are recomputed in float32 by HF)
+        _cast_floating(model, dtype)  # buffers too (e.g. rotary inverse frequencies are recomputed in float32 by HF)
         model._rufus_master_weights = self  # for restore_float32 before the final save
 
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -86,6 +88,20 @@ class MasterWeights:
         self.master_to_model()
 
 
+@torch.no_grad()
+def _cast_floating(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """`model.to(dtype)` for float parameters and buffers only, without calling the model's `.to`:
+    transformers refuses `.to(dtype)` on a bitsandbytes-quantized model, whose integer weights must
+    keep their storage (an integer tensor is left as it is)."""
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None and param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.is_floating_point() and buf.dtype != dtype:
+                module._buffers[name] = buf.to(dtype)
+
+
 def _unique_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """Parameters once each (tied embeddings share one tensor)."""
     seen, out = set(), []
@@ -128,6 +144,6 @@ def restore_float32(model: torch.nn.Module) -> None:
     mw = getattr(model, "_rufus_master_weights", None)
     if mw is None:
         return
-    model.to(torch.float32)
+    _cast_floating(model, torch.float32)
     for param, master in mw.pairs:
         param.data = master.detach().clone()

@@ -9,6 +9,12 @@
     PyTorch FSDP2 (`torch.distributed.fsdp.fully_shard`, Zhao et al. 2023): each transformer block
     and the model's remaining parameters are sharded over the processes; parameters, gradients and
     optimiser state live in shards (`rufus.distributed.fsdp`).
+``zero1``, ``zero2``, ``zero3``
+    DeepSpeed ZeRO stage 1, 2 or 3: optimiser state, then gradients, then parameters partitioned over
+    the processes (`rufus.distributed.deepspeed`; the ``deepspeed`` extra).
+
+Frozen models (a reference, a reward model) are sharded under fsdp when ``shard_frozen``, and
+replicated under ZeRO.
 
 Trainers ask this module to shard a model before its optimiser is built (`shard`), to prepare
 model and optimiser (`prepare`), to skip the gradient synchronisation of early micro-batches
@@ -24,14 +30,33 @@ import contextlib
 
 import torch
 
-STRATEGIES = ("ddp", "fsdp")
+STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+
+# a model shard() left for prepare() to hand to DeepSpeed with the optimiser -> the engine's settings
+_ZERO: dict[int, dict] = {}
 
 
 def is_sharded(model) -> bool:
-    """Whether `model` (or a module inside it) was sharded by `shard`."""
+    """Whether `model`'s parameters are split over the processes (fsdp, ZeRO-3), so that each of its
+    forwards is a collective."""
     from rufus.distributed import fsdp
 
-    return fsdp.is_fsdp(model)
+    return fsdp.is_fsdp(model) or _zero_engine(model) is not None and _deepspeed().is_zero3(model)
+
+
+def _deepspeed():
+    from rufus.distributed import deepspeed
+
+    return deepspeed
+
+
+def _zero_engine(model):
+    """The DeepSpeed engine of `model`, or None (also when deepspeed is not installed)."""
+    import sys
+
+    if model is None or "deepspeed" not in sys.modules:
+        return None
+    return _deepspeed().engine_of(model)
 
 
 def shard(cfg, acc, model: torch.nn.Module, *, trained: bool = True) -> torch.nn.Module:
@@ -44,6 +69,21 @@ def shard(cfg, acc, model: torch.nn.Module, *, trained: bool = True) -> torch.nn
     """
     strategy = getattr(cfg, "strategy", "ddp")
     if strategy == "ddp" or acc.num_processes == 1:
+        return model
+    if strategy in ("zero1", "zero2", "zero3"):
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            from rufus.config import ConfigError
+
+            raise ConfigError(f"strategy={strategy} needs DeepSpeed: pip install -e .[deepspeed]")
+        if trained:  # partitioned by DeepSpeed with its optimiser, in prepare()
+            _ZERO[id(model)] = dict(
+                stage=int(strategy[-1]),
+                compute_dtype=_compute_dtype(cfg),
+                max_grad_norm=cfg.max_grad_norm,
+                offload=cfg.offload,
+            )
         return model
     if strategy == "fsdp":
         if not trained and not cfg.shard_frozen:
@@ -63,24 +103,50 @@ def uses_master_weights(cfg, acc) -> bool:
     """Whether bfloat16 runs keep Rufus's own float32 master weights (`rufus.precision`). A sharded
     model keeps float32 shards and computes in bfloat16 by the engine's mixed-precision policy
     instead, which is the same arithmetic: bfloat16 products, float32 updates."""
-    return not (getattr(cfg, "strategy", "ddp") == "fsdp" and acc.num_processes > 1)
+    return getattr(cfg, "strategy", "ddp") == "ddp" or acc.num_processes == 1
 
 
 def prepare(acc, model, optimizer):
     """(model, optimizer) ready for the loop: accelerate's preparation for a ddp model (DDP wrapping
     when several processes run), the optimiser alone for a sharded one (FSDP2 already communicates)."""
-    if is_sharded(model):
+    settings = _ZERO.pop(id(model), None)
+    if settings is not None:
+        return _deepspeed().initialize(model, optimizer, **settings)
+    from rufus.distributed import fsdp
+
+    if fsdp.is_fsdp(model):
         return model, acc.prepare(optimizer)
     return acc.prepare(model, optimizer)
+
+
+def backward(acc, model, loss: torch.Tensor) -> None:
+    """loss.backward() the way `model`'s engine needs it (DeepSpeed's engine reduces into partitions)."""
+    engine = _zero_engine(model)
+    if engine is not None:
+        engine.backward(loss)
+    else:
+        acc.backward(loss)
+
+
+def step(model) -> float | None:
+    """A ZeRO model's optimiser step (clipping, update, zeroing) through its engine; returns the
+    pre-clip gradient norm. None for the others: the caller steps its optimiser."""
+    engine = _zero_engine(model)
+    return None if engine is None else _deepspeed().step(engine)
 
 
 @contextlib.contextmanager
 def no_sync(acc, model):
     """Skip the gradient synchronisation of this backward pass (all but a step's last micro-batch)."""
-    if is_sharded(model):
-        from rufus.distributed import fsdp
+    from rufus.distributed import fsdp
 
+    if fsdp.is_fsdp(model):
         with fsdp.no_sync(model):
+            yield
+        return
+    engine = _zero_engine(model)
+    if engine is not None:
+        with _deepspeed().no_sync(engine):
             yield
         return
     with acc.no_sync(model):
@@ -97,13 +163,15 @@ def gathered(model):
         return
     from rufus.distributed import fsdp
 
-    with fsdp.gathered(model):
+    with fsdp.gathered(model) if fsdp.is_fsdp(model) else _deepspeed().gathered(model):
         yield
 
 
 def unsharded(model):
     """A plain copy of `model` with its full weights on the main process (None on the others; a
     collective for a sharded model), or `model` itself when it is not sharded: what to save."""
+    if _zero_engine(model) is not None:
+        return _deepspeed().unsharded_copy(model)
     if not is_sharded(model):
         return model
     from rufus.distributed import fsdp
@@ -111,12 +179,22 @@ def unsharded(model):
     return fsdp.unsharded_copy(model)
 
 
+def checkpoint_engine(model) -> str | None:
+    """How `model`'s training state is checkpointed: "fsdp" (torch.distributed.checkpoint shards),
+    "zero" (DeepSpeed's own partitioned checkpoint), or None (Rufus's single-file checkpoint)."""
+    from rufus.distributed import fsdp
+
+    if fsdp.is_fsdp(model):
+        return "fsdp"
+    return "zero" if _zero_engine(model) is not None else None
+
+
 def full_state_dict(model) -> dict[str, torch.Tensor] | None:
     """The whole model's weights, gathered on the main process (a collective: every process calls
     it); None on the others. For an unsharded model: its own state dict, on every process."""
-    if is_sharded(model):
-        from rufus.distributed import fsdp
+    from rufus.distributed import fsdp
 
+    if fsdp.is_fsdp(model):
         return fsdp.full_state_dict(model)
     return model.state_dict()
 

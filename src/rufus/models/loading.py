@@ -153,20 +153,28 @@ def load_causal_lm(
     attn_implementation: str | None = None,
     compute_dtype: torch.dtype | None = None,
     compile: bool = False,
+    quantization: str = "none",
 ):
     """Load a causal LM with weights in `dtype`, its vocabulary matched to `tokenizer`.
 
     `compute_dtype` (default `dtype`) is the dtype it will compute in (a trainable model loads in
     float32 and turns bfloat16 with float32 masters later); it picks the attention kernel.
-    `compile` compiles its transformer blocks (`compile_blocks`).
+    `compile` compiles its transformer blocks (`compile_blocks`). `quantization` (none, 8bit, 4bit)
+    loads the linear layers quantized by bitsandbytes, on this process's device, for LoRA on top
+    (`models.quantization`).
     """
     from transformers import AutoModelForCausalLM
+
+    from rufus.models.quantization import prepare_quantized, quantization_kwargs
 
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
     attn_implementation = default_attention(attn_implementation, compute_dtype or dtype)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    kwargs.update(quantization_kwargs(quantization, compute_dtype or dtype))
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), **kwargs)
+    if quantization != "none":
+        prepare_quantized(model)
     if tokenizer is not None:
         match_vocabulary(model, tokenizer)
     if gradient_checkpointing:
@@ -227,7 +235,9 @@ def save_model(model, tokenizer, path: str | os.PathLike, *, merge_lora: bool = 
     """Save `model` + `tokenizer` to `path` in Hugging Face format, atomically (temp dir + rename).
 
     A LoRA model is saved merged (a plain model that `AutoModelForCausalLM.from_pretrained` loads)
-    when `merge_lora`, else as an adapter directory. The live model is left unmerged.
+    when `merge_lora`, else as an adapter directory. The live model is left unmerged. On a quantized
+    base the adapters are merged into the base loaded again unquantized, in float32
+    (`models.quantization.merged_unquantized`).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -236,7 +246,9 @@ def save_model(model, tokenizer, path: str | os.PathLike, *, merge_lora: bool = 
     if merge_lora and hasattr(model, "peft_config"):
         import copy
 
-        to_save = copy.deepcopy(model).merge_and_unload()
+        from rufus.models.quantization import is_quantized, merged_unquantized
+
+        to_save = merged_unquantized(model) if is_quantized(model) else copy.deepcopy(model).merge_and_unload()
     to_save.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)

@@ -30,20 +30,26 @@ def load_reward_model(
     attn_implementation: str | None = None,
     compute_dtype: torch.dtype | None = None,
     compile: bool = False,
+    quantization: str = "none",
 ):
     """Load a reward model; a new head (from a plain causal LM) is initialised N(0, 1/(d_model + 1)).
 
-    `compute_dtype` and `compile` as in `models.loading.load_causal_lm`.
+    `compute_dtype`, `compile` and `quantization` as in `models.loading.load_causal_lm` (the head is
+    never quantized).
     """
     from transformers import AutoModelForSequenceClassification
 
     from rufus.models.loading import compile_blocks, default_attention
+    from rufus.models.quantization import prepare_quantized, quantization_kwargs
 
     kwargs = dict(num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True)
     attn_implementation = default_attention(attn_implementation, compute_dtype or dtype)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    kwargs.update(quantization_kwargs(quantization, compute_dtype or dtype))
     model, info = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(name), **kwargs)
+    if quantization != "none":
+        prepare_quantized(model)
     match_vocabulary(model, tokenizer)
     new_head = {k.rsplit(".", 1)[0] for k in info.get("missing_keys", [])}
     if new_head:

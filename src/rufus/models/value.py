@@ -52,10 +52,12 @@ def load_value_model(
     attn_implementation: str | None = None,
     compute_dtype: torch.dtype | None = None,
     compile: bool = False,
+    quantization: str = "none",
 ) -> ValueModel:
     """A critic from `name`: a reward model (head kept) or a policy checkpoint (new head, zeros).
 
-    Loads in float32; `compute_dtype`, `attn_implementation` and `compile` as in `load_reward_model`."""
+    Loads in float32; `compute_dtype`, `attn_implementation`, `compile` and `quantization` (the
+    backbone's linear layers; LoRA then trains on it) as in `load_reward_model`."""
     classifier = load_reward_model(
         name,
         tokenizer=tokenizer,
@@ -64,6 +66,7 @@ def load_value_model(
         attn_implementation=attn_implementation,
         compute_dtype=compute_dtype,
         compile=compile,
+        quantization=quantization,
     )
     if not from_reward_model:
         head = getattr(classifier, head_module_names(classifier)[0])

@@ -143,13 +143,18 @@ def load_trainable_lm(cfg, tokenizer):
 
 def trainable_model_args(cfg) -> dict:
     """How the run loads a model that trains (policy, reward model, critic): remote code, gradient
-    checkpointing, attention kernel, compute dtype and compile, from the run's config."""
+    checkpointing, attention kernel, compute dtype, compile and quantization, from the run's config
+    (a ConfigError when quantization cannot run: no LoRA, or no bitsandbytes)."""
+    from rufus.models.quantization import check_quantization
+
+    check_quantization(cfg)
     return dict(
         trust_remote_code=cfg.trust_remote_code,
         gradient_checkpointing=cfg.gradient_checkpointing,
         attn_implementation=cfg.attn_implementation,
         compute_dtype=compute_dtype(cfg),
         compile=cfg.compile,
+        quantization=cfg.quantization,
     )
 
 
@@ -274,6 +279,11 @@ def clip_and_step(cfg, acc, model, optimizer, scheduler=None) -> float:
     it once per rollout step, after all the minibatch updates)."""
     from rufus.precision import master_weights_of
 
+    engine_norm = distributed.step(model)  # ZeRO: the engine clips and steps its partitions
+    if engine_norm is not None:
+        if scheduler is not None:
+            scheduler.step()
+        return engine_norm
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     masters = master_weights_of(optimizer)
     if masters is not None:  # gradients (all-reduced already) move onto the float32 masters
@@ -372,10 +382,7 @@ def save_final(run: Run, model, tokenizer) -> Path:
 
     final_dir = run.output_dir / "final"
     restore_float32(model)  # a bfloat16-trained model is saved with its float32 masters' values
-    if distributed.is_sharded(model):  # gathered to the main process (every process takes part)
-        from rufus.distributed import fsdp
-
-        model = fsdp.unsharded_copy(model)
+    model = distributed.unsharded(model)  # sharded: gathered to the main process (a collective)
     if run.accelerator.is_main_process:
         lora = getattr(run.cfg, "lora", None)
         save_model(model, tokenizer, final_dir, merge_lora=lora.merge if lora is not None else True)

@@ -252,7 +252,7 @@ def _dpo_step(cfg, acc, model, ref_fn, pairs, plan, local_step: int, collate) ->
         with common.sync_gradients_if(acc, model, last=k == len(micro) - 1), acc.autocast():
             logps = sequence_logprobs(model, batch)  # (2b,) log pi_theta(y|x)
             loss, stats = dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], **_objective(cfg), normalizer=normalizer)
-            acc.backward(loss)
+            distributed.backward(acc, model, loss)
         share = b / len(global_idx) * acc.num_processes  # this micro-batch's share of the step
         totals["dpo/loss"] += loss.item()
         for name, value in stats.items():

@@ -392,7 +392,7 @@ def update_epochs(cfg, acc, ro, models: list, optimizers: list, update, micro_si
                         part.logprobs = out["logprobs"].detach()
                         old_parts.append(part.logprobs)
                     loss, stats = loss_fn(part, out, where)
-                    acc.backward(loss)
+                    distributed.backward(acc, models[0] if len(models) == 1 else None, loss)
                 mask = part.response_mask
                 if first_dev is None:
                     ratio = torch.exp(out["logprobs"].detach() - part.logprobs)

@@ -133,6 +133,10 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
     set_dropout(actor, 0.0)  # logprobs must be reproducible: the first ratio is then exactly 1
     if cfg.critic.shared and distributed.is_strategy(cfg, acc, "fsdp"):
         raise ConfigError("critic.shared: not yet with strategy=fsdp; use a separate critic (critic.shared=false)")
+    if cfg.strategy.startswith("zero") and acc.num_processes > 1:
+        raise ConfigError(
+            f"strategy={cfg.strategy}: not yet for PPO (its actor and critic share one backward); use fsdp"
+        )
     reference = online.load_reference(cfg, run, tokenizer)
     if cfg.critic.shared:
         from rufus.models.value import SharedActorCritic

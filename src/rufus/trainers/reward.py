@@ -241,7 +241,7 @@ def _pairwise_step(cfg, acc, model, data, global_idx, plan, collate) -> dict:
             if cfg.rm.center_coef > 0:
                 center, _ = L.centering_loss(scores, normalizer=num_responses)
                 loss = loss + cfg.rm.center_coef * center
-            acc.backward(loss)
+            distributed.backward(acc, model, loss)
         share = len(idx) / len(global_idx) * acc.num_processes  # this micro-batch's share of the step
         total["loss"] += loss.item()
         total["rm/train_accuracy"] += stats["accuracy"].item() * share
@@ -262,7 +262,7 @@ def _pointwise_step(cfg, acc, model, data, global_idx, plan, collate) -> dict:
         with common.sync_gradients_if(acc, model, last=k == len(micro) - 1), acc.autocast():
             scores = raw_scores(model, batch["input_ids"], batch["attention_mask"])
             loss, _ = L.pointwise_loss(scores, targets, kind=cfg.rm.pointwise_loss, normalizer=normalizer)
-            acc.backward(loss)
+            distributed.backward(acc, model, loss)
         total["loss"] += loss.item()
         total["tokens"] += int(batch["attention_mask"].sum())
     return _reduce(acc, total)

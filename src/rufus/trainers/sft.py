@@ -145,7 +145,7 @@ def sft_update(
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
             # DDP averages gradients over processes, hence / num_processes in the denominator
             loss, stats = sft_loss(logits, batch["labels"], num_tokens=max(num_tokens, 1) / acc.num_processes)
-            acc.backward(loss)
+            distributed.backward(acc, model, loss)
         nll_sum += stats["nll_sum"]
     grad_norm = common.clip_and_step(cfg, acc, model, optimizer, scheduler)
     return acc.reduce(nll_sum, reduction="sum").item() / max(num_tokens, 1), grad_norm, num_tokens
