@@ -119,7 +119,7 @@ def test_sharded_rm_and_dpo_match_one_process(command, tmp_path, tiny_model):
 
 
 @pytest.mark.multiprocess
-def test_fsdp_ppo_matches_one_process(tmp_path, tiny_model):
+def test_sharded_ppo_matches_one_process(tmp_path, tiny_model):
     # greedy decoding: the rollouts do not depend on how sampling is seeded per process, so one and two
     # processes see the same responses and must make the same updates to actor and critic
     from tests.helpers import arithmetic_prompts
@@ -141,16 +141,18 @@ def test_fsdp_ppo_matches_one_process(tmp_path, tiny_model):
         "seed=3",
     ]
     run("ppo", common + [f"output_dir={tmp_path / 'one'}"], 1, tmp_path)
-    run("ppo", common + [f"output_dir={tmp_path / 'two'}", "strategy=fsdp"], 2, tmp_path)
-    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"))
-    one = load_file(tmp_path / "one" / "final_critic" / "model.safetensors")
-    two = load_file(tmp_path / "two" / "final_critic" / "model.safetensors")
-    assert_same_weights(one, two)
+    one = weights(tmp_path / "one")
+    one_critic = load_file(tmp_path / "one" / "final_critic" / "model.safetensors")
+    for strategy in SHARDED:
+        needs(strategy)
+        run("ppo", common + [f"output_dir={tmp_path / strategy}", f"strategy={strategy}"], 2, tmp_path)
+        assert_same_weights(one, weights(tmp_path / strategy))
+        assert_same_weights(one_critic, load_file(tmp_path / strategy / "final_critic" / "model.safetensors"))
 
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("command", ["grpo", "rloo"])
-def test_fsdp_group_methods_match_ddp(command, tmp_path, tiny_model):
+def test_sharded_group_methods_match_ddp(command, tmp_path, tiny_model):
     # sampled responses (a group of greedy ones would all be equal and teach nothing): the same seeds
     # per process under both strategies give the same rollouts, so fsdp must make ddp's updates
     from tests.helpers import arithmetic_prompts
@@ -172,11 +174,13 @@ def test_fsdp_group_methods_match_ddp(command, tmp_path, tiny_model):
         "seed=3",
     ]
     run(command, common + [f"output_dir={tmp_path / 'ddp'}"], 2, tmp_path)
-    run(command, common + [f"output_dir={tmp_path / 'fsdp'}", "strategy=fsdp"], 2, tmp_path)
-    ddp, fsdp = weights(tmp_path / "ddp"), weights(tmp_path / "fsdp")
-    assert_same_weights(ddp, fsdp)
+    ddp = weights(tmp_path / "ddp")
     start = load_file(tiny_model / "model.safetensors")
     assert max((ddp[k] - start[k]).abs().max().item() for k in start if k in ddp) > 1e-4  # it trained
+    for strategy in ("fsdp", "zero3"):
+        needs(strategy)
+        run(command, common + [f"output_dir={tmp_path / strategy}", f"strategy={strategy}"], 2, tmp_path)
+        assert_same_weights(ddp, weights(tmp_path / strategy))
 
 
 @pytest.mark.multiprocess

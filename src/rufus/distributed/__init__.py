@@ -157,14 +157,22 @@ def no_sync(acc, model):
 def gathered(model):
     """Hold a sharded model's full weights on every process for the duration (decoding): each process
     then runs its own forwards, as many as its responses need, with no collective per token (the
-    "gather for generation" of DeepSpeed-Chat's hybrid engine and OpenRLHF). A no-op when unsharded."""
-    if not is_sharded(model):
-        yield
-        return
+    "gather for generation" of DeepSpeed-Chat's hybrid engine and OpenRLHF). Under fsdp; a no-op
+    otherwise (a ZeRO-3 model decodes in lockstep instead: `decodes_in_lockstep`)."""
     from rufus.distributed import fsdp
 
-    with fsdp.gathered(model) if fsdp.is_fsdp(model) else _deepspeed().gathered(model):
+    if not fsdp.is_fsdp(model):
         yield
+        return
+    with fsdp.gathered(model):
+        yield
+
+
+def decodes_in_lockstep(model) -> bool:
+    """Whether decoding from `model` must run in lockstep across processes: ZeRO-3 gathers each
+    block's parameters inside the forward (its hooks would fight a gather around the whole model), so
+    every process runs the forwards until all have finished (`generate(synced_gpus=True)`)."""
+    return _zero_engine(model) is not None and _deepspeed().is_zero3(model)
 
 
 def unsharded(model):

@@ -117,18 +117,6 @@ def step(engine) -> float:
     return float(norm) if norm is not None else 0.0
 
 
-@contextlib.contextmanager
-def gathered(model):
-    """Stage 3: every partitioned parameter gathered on every process for the duration (decoding)."""
-    if not is_zero3(model):
-        yield
-        return
-    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
-
-    with GatheredParameters(list(model.parameters())):
-        yield
-
-
 def unsharded_copy(model):
     """On the main process: a plain CPU copy of `model` with its full weights; None on the others (a
     collective under stage 3)."""

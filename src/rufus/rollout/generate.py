@@ -90,8 +90,11 @@ def generate_responses(
         )
     else:
         # compiled blocks would recompile at every cache length: generate runs them eagerly
+        from rufus.distributed import decodes_in_lockstep
+
+        synced = {"synced_gpus": True} if decodes_in_lockstep(model) else {}
         with torch.compiler.set_stance("force_eager"):
-            response = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, P:]
+            response = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **synced)[:, P:]
     if was_training:
         model.train()
     if response.shape[1] < gen.max_new_tokens:  # every row stopped early: keep a fixed width A

@@ -334,7 +334,10 @@ def update_epochs(cfg, acc, ro, models: list, optimizers: list, update, micro_si
 
     forward(part) -> dict: the differentiable pass over a micro-batch `part` (a Rollout slice), with
         at least "logprobs" (B, A), log pi_theta of the response tokens.
-    loss_fn(part, out, micro: Micro) -> (loss, stats): the algorithm's loss for the micro-batch. Divide
+    loss_fn(part, out, micro: Micro) -> (loss, stats): the algorithm's loss for the micro-batch (or a
+        list of losses, one per model of `models`, each going back through its own model's engine:
+        PPO's actor and critic under DeepSpeed, which reduces each engine's gradients in its own
+        backward). Divide
         by micro.tokens or micro.sequences (the minibatch's counts over all processes, divided by the
         process count that DDP averages back) so micro-batching leaves the update unchanged. Stats are
         scalars: keys ending in "loss" are the micro-batch's share of the minibatch loss (summed over
@@ -392,7 +395,11 @@ def update_epochs(cfg, acc, ro, models: list, optimizers: list, update, micro_si
                         part.logprobs = out["logprobs"].detach()
                         old_parts.append(part.logprobs)
                     loss, stats = loss_fn(part, out, where)
-                    distributed.backward(acc, models[0] if len(models) == 1 else None, loss)
+                    if isinstance(loss, (list, tuple)):  # one loss per model
+                        for model, model_loss in zip(models, loss, strict=True):
+                            distributed.backward(acc, model, model_loss)
+                    else:
+                        distributed.backward(acc, models[0] if len(models) == 1 else None, loss)
                 mask = part.response_mask
                 if first_dev is None:
                     ratio = torch.exp(out["logprobs"].detach() - part.logprobs)

@@ -133,10 +133,8 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
     set_dropout(actor, 0.0)  # logprobs must be reproducible: the first ratio is then exactly 1
     if cfg.critic.shared and distributed.is_strategy(cfg, acc, "fsdp"):
         raise ConfigError("critic.shared: not yet with strategy=fsdp; use a separate critic (critic.shared=false)")
-    if cfg.strategy.startswith("zero") and acc.num_processes > 1:
-        raise ConfigError(
-            f"strategy={cfg.strategy}: not yet for PPO (its actor and critic share one backward); use fsdp"
-        )
+    if cfg.critic.shared and cfg.strategy.startswith("zero") and acc.num_processes > 1:
+        raise ConfigError(f"critic.shared: not yet with strategy={cfg.strategy}; use a separate critic")
     reference = online.load_reference(cfg, run, tokenizer)
     if cfg.critic.shared:
         from rufus.models.value import SharedActorCritic
@@ -208,12 +206,14 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
 
         # 4. PPO epochs over minibatches: clipped surrogate + clipped value loss (+ entropy, + ptx)
         def loss_fn(part, out, micro, step=step):
-            loss, part_stats = _ppo_loss(cfg, part, out, micro)
+            actor_loss, critic_loss, part_stats = _ppo_loss(cfg, part, out, micro)
             if ptx is not None:
                 lm = ptx_loss(cfg, acc, actor, ptx, step, micro)
-                loss = loss + cfg.ptx.coef * lm
+                actor_loss = actor_loss + cfg.ptx.coef * lm
                 part_stats["ptx/loss"] = lm.item()
-            return loss, part_stats
+            if critic is None:  # a shared critic: one model, one loss
+                return actor_loss + critic_loss, part_stats
+            return [actor_loss, critic_loss], part_stats  # each back through its own model
 
         t_train = time.perf_counter()
         opts = [optimizers[n] for n in models]
@@ -261,9 +261,10 @@ def _forward(cfg, actor, critic, part, with_entropy: bool = False) -> dict:
     return {"logprobs": token_logprobs(logits, ids[:, P:]), "entropy": entropy, "values": values}
 
 
-def _ppo_loss(cfg, part, out, micro) -> tuple[torch.Tensor, dict]:
-    """The micro-batch's share of the minibatch loss: clipped surrogate + vf_coef * clipped value loss
-    - entropy_coef * entropy, each summed over its tokens / the minibatch's token count."""
+def _ppo_loss(cfg, part, out, micro) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The micro-batch's share of the minibatch loss, as (the actor's part: clipped surrogate -
+    entropy_coef * entropy; the critic's part: vf_coef * clipped value loss; stats), each summed over
+    its tokens / the minibatch's token count. The loss is their sum."""
     from rufus.losses.aggregation import masked_mean
     from rufus.losses.ppo import policy_loss, value_loss
 
@@ -272,11 +273,14 @@ def _ppo_loss(cfg, part, out, micro) -> tuple[torch.Tensor, dict]:
     pg, pg_stats = policy_loss(out["logprobs"], part.logprobs, part.advantages, mask, clip=cfg.ppo.clip, **per_token)
     vf, vf_stats = value_loss(out["values"], part.values, part.returns, mask, clip=cfg.ppo.value_clip, **per_token)
     entropy = (out["entropy"] * mask).sum() / micro.tokens
-    loss = pg + cfg.ppo.vf_coef * vf - cfg.ppo.entropy_coef * entropy
-    return loss, {
-        "policy/loss": pg.item(),
-        "value/loss": vf.item(),
-        "value/clipfrac": float(vf_stats["clipfrac"]),
-        "policy/entropy": masked_mean(out["entropy"].detach(), mask).item(),
-        **{f"policy/{k}": float(v) for k, v in pg_stats.items()},
-    }
+    return (
+        pg - cfg.ppo.entropy_coef * entropy,
+        cfg.ppo.vf_coef * vf,
+        {
+            "policy/loss": pg.item(),
+            "value/loss": vf.item(),
+            "value/clipfrac": float(vf_stats["clipfrac"]),
+            "policy/entropy": masked_mean(out["entropy"].detach(), mask).item(),
+            **{f"policy/{k}": float(v) for k, v in pg_stats.items()},
+        },
+    )
