@@ -104,7 +104,9 @@ def worker(argv: list[str]) -> int:
     rank = int(os.environ.get("RANK", "0"))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     row = {"rank": rank, "peak_mb": peak_mb, "tensors_mb": at_step[0] / 2**20, "code": code}
-    print("MEMORY " + json.dumps(row), flush=True)
+    out = os.environ.get("RUFUS_MEMORY_OUT")  # one file per process: their stdout lines may interleave
+    if out:
+        Path(out, f"rank-{rank}.json").write_text(json.dumps(row))
     return code
 
 
@@ -134,8 +136,10 @@ def launch(args: list[str], nproc: int) -> dict:
     cmd = (launcher if nproc > 1 else [sys.executable]) + [str(Path(__file__).resolve()), "--worker", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "MASTER_ADDR": "127.0.0.1"}
     env["GLOO_SOCKET_IFNAME"] = "lo"
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-    rows = [json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("MEMORY ")]
+    with tempfile.TemporaryDirectory() as out:
+        env["RUFUS_MEMORY_OUT"] = out
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+        rows = [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank-*.json"))]
     if done.returncode != 0 or not rows or any(r["code"] for r in rows):
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["?"]
         return {"error": tail[0][:100]}

@@ -159,3 +159,29 @@ def test_help_shows_the_valid_ranges(capsys):
     assert line("generation.top_p").endswith("(in (0, 1])") and line("kl.coef").endswith("(>= 0)")
     assert main(["classic", "dqn", "--help"]) == 0
     assert any(ln.split()[:1] == ["tau"] and ln.endswith("(in (0, 1])") for ln in capsys.readouterr().out.splitlines())
+
+
+def test_the_20b_recipe_runs_its_settings_on_a_tiny_model(tmp_path, tiny_model):
+    # configs/ppo_20b_24gb.yaml with the 20B base swapped for the tiny model and two short steps: the
+    # recipe's combination (8-bit base, LoRA r=16, shared value head, gradient checkpointing, bfloat16)
+    # must run as written
+    pytest.importorskip("bitsandbytes", reason="the recipe's 8-bit base needs the quant extra")
+    from rufus.trainers.ppo import PPOConfig, train_ppo
+    from tests.helpers import arithmetic_prompts
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", arithmetic_prompts(8))
+    overrides = [
+        f"model={tiny_model}",
+        f"output_dir={tmp_path / 'out'}",
+        f"data.train={prompts}",
+        "reward.function=[configs/rewards.py:digit_share]",
+        "max_steps=2",
+        "grad_accum=1",
+        "generation.max_new_tokens=8",
+        "progress=false",
+    ]
+    cfg = load_config(PPOConfig, "configs/ppo_20b_24gb.yaml", overrides)
+    assert (cfg.quantization, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == ("8bit", 16, 32, 0.05)
+    assert cfg.critic.shared and cfg.gradient_checkpointing and cfg.dtype == "bfloat16"
+    result = train_ppo(cfg)
+    assert result.steps == 2 and (tmp_path / "out" / "final" / "model.safetensors").exists()

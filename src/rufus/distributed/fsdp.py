@@ -63,7 +63,7 @@ def shard(
     if trained and compute_dtype == torch.bfloat16:
         model.to(torch.float32)  # float32 shards; bfloat16 compute by the policy
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    if offload:
+    if offload and device.type != "cpu":  # on a CPU-only machine the shards are in CPU memory already
         kwargs["offload_policy"] = CPUOffloadPolicy()
     if trained and dist.get_rank() == 0:
         _SKELETONS[model] = copy.deepcopy(model).to("meta")
