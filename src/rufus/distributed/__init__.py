@@ -222,6 +222,27 @@ def lockstep(acc, model, chunks: list, filler):
     return [(c, True) for c in chunks] + [(filler, False)] * (count - len(chunks))
 
 
+def filled_skeleton(skeleton: torch.nn.Module, state: dict[str, torch.Tensor], model, engine: str):
+    """A CPU copy of `skeleton` (an unsharded copy of `model` on the meta device, taken before it was
+    sharded) holding `state`, the gathered weights: what the engines hand to `save_pretrained`."""
+    import copy
+
+    from transformers import PreTrainedModel
+
+    whole = copy.deepcopy(skeleton).to_empty(device="cpu")
+    state = {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v for k, v in state.items()}
+    missing, unexpected = whole.load_state_dict(state, strict=False)
+    if unexpected or missing:
+        raise RuntimeError(
+            f"{engine}: gathered weights do not fit the model: missing {missing}, unexpected {unexpected}"
+        )
+    for name, m in whole.named_modules():
+        if isinstance(m, PreTrainedModel):
+            m.config = model.get_submodule(name).config  # what the run wrote there (a reward model's gain)
+            m.tie_weights()  # materialising on CPU untied the tied weights (e.g. head = embeddings)
+    return whole
+
+
 def grad_norm_value(norm) -> float:
     """A clipped gradient norm as a float (a sharded model's norm is a DTensor over the processes)."""
     if hasattr(norm, "full_tensor"):

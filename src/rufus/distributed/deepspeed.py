@@ -135,15 +135,9 @@ def unsharded_copy(model):
         state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
     if dist.get_rank() != 0:
         return None
-    skeleton = copy.deepcopy(_SKELETONS[module]).to_empty(device="cpu")
-    skeleton.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=False)
-    from transformers import PreTrainedModel
+    from rufus.distributed import filled_skeleton
 
-    for name, m in skeleton.named_modules():
-        if isinstance(m, PreTrainedModel):
-            m.config = module.get_submodule(name).config
-            m.tie_weights()
-    return skeleton
+    return filled_skeleton(_SKELETONS[module], state, module, "deepspeed")
 
 
 def save_checkpoint(directory, model) -> None:

@@ -128,18 +128,9 @@ def unsharded_copy(model) -> torch.nn.Module | None:
     state = full_state_dict(model)
     if state is None:
         return None
-    copy_ = _SKELETONS[model]
-    copy_ = copy.deepcopy(copy_).to_empty(device="cpu")
-    missing, unexpected = copy_.load_state_dict(state, strict=False)
-    if unexpected or missing:
-        raise RuntimeError(f"fsdp: gathered weights do not fit the model: missing {missing}, unexpected {unexpected}")
-    from transformers import PreTrainedModel
+    from rufus.distributed import filled_skeleton
 
-    for name, m in copy_.named_modules():
-        if isinstance(m, PreTrainedModel):
-            m.config = model.get_submodule(name).config  # what the run wrote there (a reward model's gain)
-            m.tie_weights()  # materialising on CPU untied the tied weights (e.g. head = embeddings)
-    return copy_
+    return filled_skeleton(_SKELETONS[model], state, model, "fsdp")
 
 
 def _roots(model) -> list:
