@@ -214,3 +214,38 @@ def test_fsdp_ppo_resumes_to_the_uninterrupted_run(tmp_path, tiny_model):
     assert_same_weights(weights(tmp_path / "whole"), weights(tmp_path / "cut"), 1e-7)
     whole = load_file(tmp_path / "whole" / "final_critic" / "model.safetensors")
     assert_same_weights(whole, load_file(tmp_path / "cut" / "final_critic" / "model.safetensors"), 1e-7)
+
+
+@pytest.mark.multiprocess
+def test_fsdp_frozen_models_sharded_or_replicated_score_alike(tmp_path, tiny_model):
+    # the reference and the reward model sharded over the processes (shard_frozen=true) give the scores
+    # and log-probabilities of full copies (false): the same PPO run either way
+    from tests.helpers import arithmetic_prompts
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", published.trl_implicit(8))
+    run(
+        "rm",
+        [f"model={tiny_model}", f"data.train={pairs}", f"output_dir={tmp_path / 'rm'}", "max_steps=1"],
+        1,
+        tmp_path,
+    )
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", arithmetic_prompts(16))
+    common = [
+        f"model={tiny_model}",
+        f"data.train={prompts}",
+        "data.max_length=64",
+        f"reward.model=[{tmp_path / 'rm' / 'final'}]",
+        "generation.max_new_tokens=6",
+        "batch_size=8",
+        "max_steps=2",
+        "lr=3e-3",
+        "dtype=float32",
+        "progress=false",
+        "seed=3",
+        "strategy=fsdp",
+    ]
+    run("ppo", common + [f"output_dir={tmp_path / 'sharded'}", "shard_frozen=true"], 2, tmp_path)
+    run("ppo", common + [f"output_dir={tmp_path / 'copies'}", "shard_frozen=false"], 2, tmp_path)
+    assert_same_weights(weights(tmp_path / "sharded"), weights(tmp_path / "copies"))
+    scores = [[r["score/mean"] for r in read_metrics(tmp_path / d / "metrics.jsonl")] for d in ("sharded", "copies")]
+    assert scores[0] == pytest.approx(scores[1], abs=1e-5)

@@ -13,8 +13,9 @@
     DeepSpeed ZeRO stage 1, 2 or 3: optimiser state, then gradients, then parameters partitioned over
     the processes (`rufus.distributed.deepspeed`; the ``deepspeed`` extra).
 
-Frozen models (a reference, a reward model) are sharded under fsdp when ``shard_frozen``, and
-replicated under ZeRO.
+Frozen models (a reference, the reward models) are sharded under fsdp when ``shard_frozen`` (not
+best-of-n's reward models: its processes score different numbers of samples), and replicated under
+ZeRO.
 
 Trainers ask this module to shard a model before its optimiser is built (`shard`), to prepare
 model and optimiser (`prepare`), to skip the gradient synchronisation of early micro-batches

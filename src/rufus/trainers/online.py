@@ -148,7 +148,7 @@ def build_reward(cfg, run, reward_fn=None, *, gather: bool = True, why: str = ""
 
     acc = run.accelerator
     try:
-        return build_reward_pipeline(
+        pipeline = build_reward_pipeline(
             cfg.reward,
             device=acc.device,
             dtype=run.compute_dtype,
@@ -160,6 +160,11 @@ def build_reward(cfg, run, reward_fn=None, *, gather: bool = True, why: str = ""
         if not why:
             raise
         raise ConfigError(f"{e} ({why})") from None
+    if gather:  # every process scores as many samples, so a sharded reward model's forwards stay in step
+        for _, source in pipeline.sources:
+            if getattr(source, "model", None) is not None:
+                source.model = distributed.shard(cfg, acc, source.model, trained=False)
+    return pipeline
 
 
 def micro_batch_size(cfg, world: int, section: str) -> int:
