@@ -150,17 +150,74 @@ def launch(args: list[str], nproc: int) -> dict:
     }
 
 
+def base_weights(model: str) -> dict[str, float]:
+    """MB of a base model's weights and buffers once loaded, per precision (each storage counted once;
+    bitsandbytes keeps an int8 weight's data and its CB attribute in one storage)."""
+    import torch
+
+    sys.path.insert(0, str(HERE.parent / "src"))
+    from rufus.models.loading import load_causal_lm
+
+    out = {}
+    for name, kwargs in (
+        ("float32", dict(dtype=torch.float32)),
+        ("bf16", dict(dtype=torch.bfloat16)),
+        ("8bit", dict(dtype=torch.float32, quantization="8bit")),
+        ("4bit", dict(dtype=torch.float32, quantization="4bit")),
+    ):
+        loaded = load_causal_lm(model, **kwargs)
+        seen, total = set(), 0
+        for t in list(loaded.parameters()) + list(loaded.buffers()):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        for m in loaded.modules():  # 4-bit: the quantization constants (absmax, double-quantized)
+            state = getattr(getattr(m, "weight", None), "quant_state", None)
+            for t in _tensors_of(state):
+                if t.untyped_storage().data_ptr() not in seen:
+                    seen.add(t.untyped_storage().data_ptr())
+                    total += t.untyped_storage().nbytes()
+        out[name] = total / 2**20
+        del loaded
+    return out
+
+
+def _tensors_of(obj, depth: int = 0) -> list:
+    import torch
+
+    if obj is None or depth > 3:
+        return []
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    return [t for v in vars(obj).values() for t in _tensors_of(v, depth + 1)] if hasattr(obj, "__dict__") else []
+
+
+def print_base(model_name: str, model: str) -> None:
+    sizes = base_weights(model)
+    print(f"\nThe base's weights in memory, MB ({model_name} model as loaded: quantized linear layers, the rest ")
+    print("in the load dtype)\n")
+    print("| base | weights and buffers |")
+    print("| --- | --- |")
+    for name, mb in sizes.items():
+        print(f"| {name} | {mb:.1f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(common.MODELS), default="small")
     p.add_argument("--runs", default="sft,ppo")
     p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--base-only", action="store_true", help="only the table of the base's weights per precision")
     p.add_argument("--worker", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker is not None:
         sys.exit(worker(args.worker))
     common.prepare()
     model = str(common.model_dir(args.model))
+    if args.base_only:
+        print_base(args.model, model)
+        return
     floor = launch(["floor"], 1)["peak_mb"]
     runs = args.runs.split(",")
     table = {}
@@ -183,6 +240,7 @@ def main() -> None:
             r = table[(name, command)]
             cells += [f"{r['tensors_mb']:.0f}", f"{r['peak_mb']:.0f}"] if "peak_mb" in r else [r["error"], ""]
         print(f"| {name} | {CONFIGS[name][0]} | " + " | ".join(cells) + " |")
+    print_base(args.model, model)
 
 
 if __name__ == "__main__":
