@@ -251,3 +251,18 @@ def test_fsdp_frozen_models_sharded_or_replicated_score_alike(tmp_path, tiny_mod
     assert_same_weights(weights(tmp_path / "sharded"), weights(tmp_path / "copies"))
     scores = [[r["score/mean"] for r in read_metrics(tmp_path / d / "metrics.jsonl")] for d in ("sharded", "copies")]
     assert scores[0] == pytest.approx(scores[1], abs=1e-5)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_sharded_bfloat16_saves_the_float32_masters(strategy, tmp_path, tiny_model):
+    # bfloat16 compute, float32 masters: final/ must hold the masters (values a bfloat16 weight cannot
+    # represent), not the bfloat16 copies the forward used
+    needs(strategy)
+    train = write_jsonl(tmp_path / "train.jsonl", sft_rows(16))
+    args = [f"model={tiny_model}", f"data.train={train}", "data.max_length=48", "batch_size=8", "max_steps=3"]
+    args += ["lr=3e-3", "dtype=bfloat16", "progress=false", f"strategy={strategy}", f"output_dir={tmp_path / 'out'}"]
+    run("sft", args, 2, tmp_path)
+    w = weights(tmp_path / "out")["model.layers.0.mlp.up_proj.weight"]
+    assert w.dtype == torch.float32
+    assert not torch.equal(w, w.bfloat16().float())

@@ -133,6 +133,15 @@ def unsharded_copy(model):
                 state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
     elif dist.get_rank() == 0:
         state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    if engine is not None and engine.bfloat16_enabled():
+        # the module holds bfloat16 copies; the trained values are the optimiser's float32 masters
+        # (assembled from every process's partition: a collective, in the same order everywhere)
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        for name, param in module.named_parameters():
+            master = safe_get_full_fp32_param(param) if param.requires_grad else None
+            if master is not None and state is not None:
+                state[name] = master.detach().cpu().clone()
     if dist.get_rank() != 0:
         return None
     from rufus.distributed import filled_skeleton
