@@ -40,6 +40,28 @@ def run(command: str, args: list[str], nproc: int, cwd) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
+def rl_args(tmp_path, model, *, reward: str | None = None, batch_size: int = 8, max_steps: int = 3) -> list[str]:
+    """The RL runs' shared settings: 16 arithmetic prompts, 6 new tokens, the digit-share reward function
+    (or `reward`, another reward.* override)."""
+    from tests.helpers import arithmetic_prompts
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", arithmetic_prompts(16))
+    helpers = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "helpers.py"))
+    return [
+        f"model={model}",
+        f"data.train={prompts}",
+        "data.max_length=64",
+        reward or f"reward.function=[{helpers}:digit_fraction]",
+        "generation.max_new_tokens=6",
+        f"batch_size={batch_size}",
+        f"max_steps={max_steps}",
+        "lr=3e-3",
+        "dtype=float32",
+        "progress=false",
+        "seed=3",
+    ]
+
+
 def weights(run_dir) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "final" / "model.safetensors")
 
@@ -124,24 +146,7 @@ def test_sharded_rm_and_dpo_match_one_process(command, tmp_path, tiny_model):
 def test_sharded_ppo_matches_one_process(tmp_path, tiny_model):
     # greedy decoding: the rollouts do not depend on how sampling is seeded per process, so one and two
     # processes see the same responses and must make the same updates to actor and critic
-    from tests.helpers import arithmetic_prompts
-
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", arithmetic_prompts(16))
-    helpers = os.path.join(os.path.dirname(__file__), "..", "helpers.py")
-    common = [
-        f"model={tiny_model}",
-        f"data.train={prompts}",
-        "data.max_length=64",
-        f"reward.function=[{os.path.abspath(helpers)}:digit_fraction]",
-        "generation.max_new_tokens=6",
-        "generation.temperature=0",
-        "batch_size=8",
-        "max_steps=3",
-        "lr=3e-3",
-        "dtype=float32",
-        "progress=false",
-        "seed=3",
-    ]
+    common = rl_args(tmp_path, tiny_model) + ["generation.temperature=0"]
     run("ppo", common + [f"output_dir={tmp_path / 'one'}"], 1, tmp_path)
     one = weights(tmp_path / "one")
     one_critic = load_file(tmp_path / "one" / "final_critic" / "model.safetensors")
@@ -157,24 +162,7 @@ def test_sharded_ppo_matches_one_process(tmp_path, tiny_model):
 def test_sharded_group_methods_match_ddp(command, tmp_path, tiny_model):
     # sampled responses (a group of greedy ones would all be equal and teach nothing): the same seeds
     # per process under both strategies give the same rollouts, so fsdp must make ddp's updates
-    from tests.helpers import arithmetic_prompts
-
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", arithmetic_prompts(16))
-    helpers = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "helpers.py"))
-    common = [
-        f"model={tiny_model}",
-        f"data.train={prompts}",
-        "data.max_length=64",
-        f"reward.function=[{helpers}:digit_fraction]",
-        "generation.max_new_tokens=6",
-        f"{command}.group_size=4",
-        "batch_size=4",
-        "max_steps=3",
-        "lr=3e-3",
-        "dtype=float32",
-        "progress=false",
-        "seed=3",
-    ]
+    common = rl_args(tmp_path, tiny_model, batch_size=4) + [f"{command}.group_size=4"]
     run(command, common + [f"output_dir={tmp_path / 'ddp'}"], 2, tmp_path)
     ddp = weights(tmp_path / "ddp")
     start = load_file(tiny_model / "model.safetensors")
@@ -187,26 +175,7 @@ def test_sharded_group_methods_match_ddp(command, tmp_path, tiny_model):
 
 @pytest.mark.multiprocess
 def test_fsdp_ppo_resumes_to_the_uninterrupted_run(tmp_path, tiny_model):
-    from tests.helpers import arithmetic_prompts
-
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", arithmetic_prompts(16))
-    helpers = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "helpers.py"))
-    args = [
-        f"model={tiny_model}",
-        f"data.train={prompts}",
-        "data.max_length=64",
-        f"reward.function=[{helpers}:digit_fraction]",
-        "generation.max_new_tokens=6",
-        "batch_size=8",
-        "max_steps=4",
-        "lr=3e-3",
-        "dtype=float32",
-        "progress=false",
-        "seed=3",
-        "strategy=fsdp",
-        "save_every=1",
-        "save_total_limit=0",
-    ]
+    args = rl_args(tmp_path, tiny_model, max_steps=4) + ["strategy=fsdp", "save_every=1", "save_total_limit=0"]
     run("ppo", args + [f"output_dir={tmp_path / 'whole'}"], 2, tmp_path)
     run("ppo", args + [f"output_dir={tmp_path / 'cut'}"], 2, tmp_path)
     for step in (3, 4):
@@ -222,8 +191,6 @@ def test_fsdp_ppo_resumes_to_the_uninterrupted_run(tmp_path, tiny_model):
 def test_fsdp_frozen_models_sharded_or_replicated_score_alike(tmp_path, tiny_model):
     # the reference and the reward model sharded over the processes (shard_frozen=true) give the scores
     # and log-probabilities of full copies (false): the same PPO run either way
-    from tests.helpers import arithmetic_prompts
-
     pairs = write_jsonl(tmp_path / "pairs.jsonl", published.trl_implicit(8))
     run(
         "rm",
@@ -231,21 +198,8 @@ def test_fsdp_frozen_models_sharded_or_replicated_score_alike(tmp_path, tiny_mod
         1,
         tmp_path,
     )
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", arithmetic_prompts(16))
-    common = [
-        f"model={tiny_model}",
-        f"data.train={prompts}",
-        "data.max_length=64",
-        f"reward.model=[{tmp_path / 'rm' / 'final'}]",
-        "generation.max_new_tokens=6",
-        "batch_size=8",
-        "max_steps=2",
-        "lr=3e-3",
-        "dtype=float32",
-        "progress=false",
-        "seed=3",
-        "strategy=fsdp",
-    ]
+    reward = f"reward.model=[{tmp_path / 'rm' / 'final'}]"
+    common = rl_args(tmp_path, tiny_model, reward=reward, max_steps=2) + ["strategy=fsdp"]
     run("ppo", common + [f"output_dir={tmp_path / 'sharded'}", "shard_frozen=true"], 2, tmp_path)
     run("ppo", common + [f"output_dir={tmp_path / 'copies'}", "shard_frozen=false"], 2, tmp_path)
     assert_same_weights(weights(tmp_path / "sharded"), weights(tmp_path / "copies"))

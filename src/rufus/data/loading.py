@@ -153,13 +153,18 @@ def load_records(
 _logged: set[tuple[str, str, str]] = set()
 
 
-def _choose(records: Records, rows: list[dict] | datasets.Dataset, kinds: tuple[str, ...], key: str, opts) -> Reader:
-    """Pick the reader (detected or forced) and the kind, set them on `records`, log them once."""
+def _columns(rows: list[dict] | datasets.Dataset) -> set[str]:
+    """The columns of parsed rows (those of the first 100: JSON rows may leave some out) or a dataset."""
     if isinstance(rows, list):
-        columns = set().union(*(r.keys() for r in rows[:100]))
-        first = rows[0]
-    else:
-        columns, first = set(rows.column_names), rows[0]
+        return set().union(*(r.keys() for r in rows[:100]))
+    return set(rows.column_names)
+
+
+def _choose(
+    records: Records, rows: list[dict] | datasets.Dataset, columns: set[str], kinds: tuple[str, ...], key: str, opts
+) -> Reader:
+    """Pick the reader (detected or forced) and the kind, set them on `records`, log them once."""
+    first = rows[0]
     reader = READERS[opts.format] if opts.format != "auto" else detect(columns, first)
     if opts.format != "auto" and not reader.detect(columns, first):
         raise DataError(
@@ -184,21 +189,17 @@ def _choose(records: Records, rows: list[dict] | datasets.Dataset, kinds: tuple[
     return reader
 
 
-def _converts(reader: Reader, rows) -> bool:
+def _converts(reader: Reader, columns: set[str]) -> bool:
     """Whether the rows go through a reader, rather than being Rufus's own rows checked as they are."""
-    if reader.name != "trl":
-        return True
-    columns = set(rows.column_names) if not isinstance(rows, list) else set().union(*(r.keys() for r in rows[:100]))
-    return is_unpaired(columns)
+    return reader.name != "trl" or is_unpaired(columns)
 
 
-def _through_reader(records: Records, reader: Reader, rows, key: str, opts) -> None:
+def _through_reader(records: Records, reader: Reader, rows, columns: set[str], key: str, opts) -> None:
     """Fill `records.dataset` with the rows `reader` makes of `rows`, checked as their kind."""
     import datasets
 
     rows = rows if isinstance(rows, list) else [dict(r) for r in rows]
     rej = Rejects(opts.invalid_rows, records.where_input, key)
-    columns = set().union(*(r.keys() for r in rows[:100]))
     out = read(reader, rows, records.kind, opts, rej, columns)
     where_out = lambda i: records.where_input(out.origins[i])  # noqa: E731
     kept = validate_rows(out.rows, records.kind, where_out, key, lambda i, err: rej.add(out.origins[i], err))
@@ -311,9 +312,10 @@ def _load_local(
     )
     objects = [o for s in scans for o in s.objects] if scans[0].objects is not None else None
     if objects is not None:
-        reader = _choose(records, objects, kinds, key, opts)
-        if _converts(reader, objects):  # a published format: no need for datasets to read the file
-            _through_reader(records, reader, objects, key, opts)
+        columns = _columns(objects)
+        reader = _choose(records, objects, columns, kinds, key, opts)
+        if _converts(reader, columns):  # a published format: no need for datasets to read the file
+            _through_reader(records, reader, objects, columns, key, opts)
             return records
         # Rufus's own rows: checked before Arrow unifies their types, then read by datasets
         kept = validate_rows(objects, records.kind, records.where_input, key, _rejects(records, key, opts).add)
@@ -340,9 +342,10 @@ def _load_local(
     if objects is not None:
         _keep(records, dataset, kept, key)
         return records
-    reader = _choose(records, dataset, kinds, key, opts)
-    if _converts(reader, dataset):
-        _through_reader(records, reader, dataset, key, opts)
+    columns = _columns(dataset)
+    reader = _choose(records, dataset, columns, kinds, key, opts)
+    if _converts(reader, columns):
+        _through_reader(records, reader, dataset, columns, key, opts)
         return records
     rows = (from_csv(row, records.kind) for row in dataset) if file_type == "csv" else dataset
     kept = validate_rows(rows, records.kind, records.where_input, key, _rejects(records, key, opts).add)
@@ -483,9 +486,10 @@ def _load_hub(name: str, split: str, kinds: tuple[str, ...], key: str, opts: Rea
     records = Records(dataset=None, source=f"hub:{name}[{split}]", lines=None, file_type="hub", read_rows=len(dataset))
     if len(dataset) == 0:
         raise DataError("no rows", where=f"{key}: {records.source}")
-    reader = _choose(records, dataset, kinds, key, opts)
-    if _converts(reader, dataset):
-        _through_reader(records, reader, dataset, key, opts)
+    columns = _columns(dataset)
+    reader = _choose(records, dataset, columns, kinds, key, opts)
+    if _converts(reader, columns):
+        _through_reader(records, reader, dataset, columns, key, opts)
         return records
     kept = validate_rows(dataset, records.kind, records.where_input, key, _rejects(records, key, opts).add)
     _keep(records, dataset, kept, key)

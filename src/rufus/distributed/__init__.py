@@ -19,7 +19,7 @@ ZeRO.
 
 Trainers ask this module to shard a model before its optimiser is built (`shard`), to prepare
 model and optimiser (`prepare`), to skip the gradient synchronisation of early micro-batches
-(`no_sync`), and for the full weights to save (`full_state_dict`); they never branch on the engine.
+(`no_sync`), and for the full weights to save (`unsharded`); they never branch on the engine.
 Whatever the engine, an update equals the single-process update on the same global batch: the
 gradients are averaged over processes as DDP averages them, and the losses are normalised by the
 global batch (`tests/trainers/test_strategies.py` checks the weights).
@@ -196,16 +196,6 @@ def checkpoint_engine(model) -> str | None:
     if fsdp.is_fsdp(model):
         return "fsdp"
     return "zero" if _zero_engine(model) is not None else None
-
-
-def full_state_dict(model) -> dict[str, torch.Tensor] | None:
-    """The whole model's weights, gathered on the main process (a collective: every process calls
-    it); None on the others. For an unsharded model: its own state dict, on every process."""
-    from rufus.distributed import fsdp
-
-    if fsdp.is_fsdp(model):
-        return fsdp.full_state_dict(model)
-    return model.state_dict()
 
 
 def lockstep(acc, model, chunks: list, filler):

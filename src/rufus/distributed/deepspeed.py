@@ -95,10 +95,6 @@ def _hidden_size(model) -> int | None:
     return None
 
 
-def backward(engine, loss: torch.Tensor) -> None:
-    engine.backward(loss)
-
-
 @contextlib.contextmanager
 def no_sync(engine):
     """Not the step's last micro-batch: gradients accumulate on each process, no reduction yet."""
