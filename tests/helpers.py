@@ -129,3 +129,52 @@ def tiny(model, output_dir, **over) -> dict:
     for key, value in over.items():
         cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
     return cfg
+
+
+def run_processes(args: list[str], nproc: int, cwd, timeout: int = 300) -> tuple[int, str]:
+    """Run `python <args>` as `nproc` processes of one gloo group on this machine (RANK / WORLD_SIZE /
+    MASTER_ADDR=127.0.0.1 / a free MASTER_PORT, as torchrun would set them, but without torchrun's
+    agent, whose stores listen on every interface; Rufus then binds its store to 127.0.0.1).
+    Returns (the first non-zero exit status or 0, every process's output)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "GLOO_SOCKET_IFNAME": "lo",
+        "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+    }
+    if nproc == 1:
+        env = {k: v for k, v in env.items() if k not in ("WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *args],
+            cwd=cwd,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)} if nproc > 1 else env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(nproc)
+    ]
+    outputs, codes = [], []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            out, _ = p.communicate()
+        outputs.append(out)
+        codes.append(p.returncode)
+    return next((c for c in codes if c), 0), "\n".join(outputs)
