@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/memory.py [--model small] [--runs sft,ppo] [--configs ddp,fsdp,...]
 
 Every configuration is a real `rufus sft` / `rufus ppo` run of 2 optimiser steps: two CPU processes
-of one gloo group (on 127.0.0.1) for the strategies, one process for the quantized bases. Each process reports
+under torchrun (gloo) for the strategies, one process for the quantized bases. Each process reports
 its peak resident set size (`ru_maxrss`) when its run ends; the table gives the larger of the two,
 and the same for a process that only imports Rufus and torch (the floor every row stands on), so
 "above floor" is what the run itself added: weights, gradients, optimiser state, activations,
@@ -132,33 +132,16 @@ def run_config(command: str, model: str, name: str, out: Path) -> dict:
 
 
 def launch(args: list[str], nproc: int) -> dict:
-    """Run the worker as `nproc` processes of one gloo group (RANK / WORLD_SIZE / MASTER_ADDR=127.0.0.1
-    set as torchrun would, without torchrun's agent, whose stores listen on every interface)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = (launcher if nproc > 1 else [sys.executable]) + [str(Path(__file__).resolve()), "--worker", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "MASTER_ADDR": "127.0.0.1"}
-    env.update(GLOO_SOCKET_IFNAME="lo", MASTER_PORT=str(port), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *args]
+    env["GLOO_SOCKET_IFNAME"] = "lo"
     with tempfile.TemporaryDirectory() as out:
         env["RUFUS_MEMORY_OUT"] = out
-        procs = [
-            subprocess.Popen(
-                cmd,
-                env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for r in range(nproc)
-        ]
-        done = [p.communicate(timeout=1800) + (p.returncode,) for p in procs]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
         rows = [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank-*.json"))]
-    if any(code for _, _, code in done) or not rows or any(r["code"] for r in rows):
-        stderr = next((err for _, err, code in done if code), done[0][1])
-        tail = stderr.strip().splitlines()[-1:] or ["?"]
+    if done.returncode != 0 or not rows or any(r["code"] for r in rows):
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["?"]
         return {"error": tail[0][:100]}
     return {
         "peak_mb": max(r["peak_mb"] for r in rows),

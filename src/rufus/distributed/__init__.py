@@ -37,36 +37,6 @@ STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
 _ZERO: dict[int, dict] = {}
 
 
-def init_loopback_group() -> None:
-    """Join the process group through a store that listens on 127.0.0.1 only, when the processes were
-    started with RANK / WORLD_SIZE / MASTER_ADDR=127.0.0.1 / MASTER_PORT but no launcher store (not
-    torchrun, whose agent keeps its own). torch's env:// store would listen on every interface; this
-    one binds the loopback address itself and hands the socket over (`master_listen_fd`). A no-op for
-    one process, an existing group, another master address, or under torchrun."""
-    import datetime
-    import os
-    import socket
-
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    loopback = os.environ.get("MASTER_ADDR") in ("127.0.0.1", "localhost")
-    if world < 2 or not loopback or dist.is_initialized() or "TORCHELASTIC_RUN_ID" in os.environ:
-        return
-    rank, port = int(os.environ["RANK"]), int(os.environ["MASTER_PORT"])
-    fd = None
-    if rank == 0:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", port))
-        sock.listen(128)
-        fd = sock.detach()
-    timeout = datetime.timedelta(minutes=30)
-    store = dist.TCPStore("127.0.0.1", port, world, rank == 0, timeout, master_listen_fd=fd)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
-
-
 def is_sharded(model) -> bool:
     """Whether `model`'s parameters are split over the processes (fsdp, ZeRO-3), so that each of its
     forwards is a collective."""

@@ -49,7 +49,6 @@ def start_run(cfg) -> Run:
         or (hasattr(torch, "xpu") and torch.xpu.is_available())
         or torch.backends.mps.is_available()
     )
-    distributed.init_loopback_group()  # several processes on one machine: a store on 127.0.0.1 only
     state = PartialState(cpu=cpu)
     compute_dtype = resolve_dtype(cfg.dtype, state.device)
     # One Python process may run several stages (a pipeline, tests) with different precisions;
