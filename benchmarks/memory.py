@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/memory.py [--model small] [--runs sft,ppo] [--configs ddp,fsdp,...]
 
 Every configuration is a real `rufus sft` / `rufus ppo` run of 2 optimiser steps: two CPU processes
-under torchrun (gloo) for the strategies, one process for the quantized bases. Each process reports
+of one gloo group on 127.0.0.1 for the strategies, one process for the quantized bases. Each process reports
 its peak resident set size (`ru_maxrss`) when its run ends; the table gives the larger of the two,
 and the same for a process that only imports Rufus and torch (the floor every row stands on), so
 "above floor" is what the run itself added: weights, gradients, optimiser state, activations,
@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -132,16 +131,19 @@ def run_config(command: str, model: str, name: str, out: Path) -> dict:
 
 
 def launch(args: list[str], nproc: int) -> dict:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = (launcher if nproc > 1 else [sys.executable]) + [str(Path(__file__).resolve()), "--worker", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "MASTER_ADDR": "127.0.0.1"}
-    env["GLOO_SOCKET_IFNAME"] = "lo"
+    """Run the worker as `nproc` processes of one gloo group on 127.0.0.1 (rufus.distributed.local)."""
+    sys.path.insert(0, str(HERE.parent / "src"))
+    from rufus.distributed.local import spawn
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *args]
     with tempfile.TemporaryDirectory() as out:
         env["RUFUS_MEMORY_OUT"] = out
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+        done = spawn(cmd, nproc, env=env, timeout=1800)
         rows = [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank-*.json"))]
     if done.returncode != 0 or not rows or any(r["code"] for r in rows):
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["?"]
+        failed = next((o for o in done.outputs if "Error" in o), done.outputs[0])
+        tail = failed.strip().splitlines()[-1:] or ["?"]
         return {"error": tail[0][:100]}
     return {
         "peak_mb": max(r["peak_mb"] for r in rows),

@@ -129,3 +129,17 @@ def tiny(model, output_dir, **over) -> dict:
     for key, value in over.items():
         cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
     return cfg
+
+
+def run_cli(command: str, args: list[str], nproc: int, cwd, timeout: float = 300) -> None:
+    """`rufus COMMAND ARGS` as `nproc` processes of one gloo group on 127.0.0.1 (one process: alone);
+    fails with every process's output when a process fails or the time runs out."""
+    import os
+    import sys
+
+    from rufus.distributed.local import spawn
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = spawn([sys.executable, "-m", "rufus.cli", command, *args], nproc, env=env, cwd=cwd, timeout=timeout)
+    why = f"timed out after {timeout} s" if done.timed_out else f"exit status {done.returncode}"
+    assert done.returncode == 0, f"rufus {command} on {nproc} processes: {why}\n" + done.output[-6000:]

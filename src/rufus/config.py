@@ -702,12 +702,26 @@ class RewardSection:
 
 
 @dataclass
+class RolloutSection:
+    """What samples the responses (`rufus.rollout.engines`)."""
+
+    engine: Literal["hf", "vllm"] = opt(
+        "hf", "hf = Hugging Face generate on the trained model; vllm = a vLLM engine (the vllm extra)"
+    )
+    gpu_memory_utilization: float = opt(
+        0.3, "vllm: share of the accelerator's memory the engine may take (weights and KV cache)", gt=0, le=1
+    )
+    sleep: bool = opt(False, "vllm: free the engine's memory while the trainer updates, take it back to sample")
+
+
+@dataclass
 class SamplingArgs:
     """What every trainer that samples from its policy shares (online RL, online DPO, best-of-n):
     prompts, sampling, reward sources, LoRA."""
 
     data: DataSection = opt(DataSection, "prompts (prompt-only format; extra columns reach reward functions)")
     generation: GenerationSection = opt(GenerationSection, "sampling")
+    rollout: RolloutSection = opt(RolloutSection, "the rollout engine")
     reward: RewardSection = opt(RewardSection, "reward sources (several, with weights)")
     lora: LoraSection = opt(LoraSection, "LoRA adapters; the reference is then the adapter-disabled base")
 

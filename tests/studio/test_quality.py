@@ -51,7 +51,15 @@ def test_binomial_tail_by_hand():
     assert binomial_tail_below(4, 4) == pytest.approx(1.0)
 
 
-def test_an_adversarial_annotator_is_flagged_and_exclusion_removes_their_labels(db):
+@pytest.fixture
+def seeded_order(monkeypatch):
+    """A seeded display order: with the studio's SystemRandom an honest annotator's good answers fall 11 or
+    12 times of 12 on one side by chance in 0.6% of runs, which the same-side flag would rightly catch."""
+    rng = random.Random(0)
+    monkeypatch.setattr(R.random, "SystemRandom", lambda: rng)
+
+
+def test_an_adversarial_annotator_is_flagged_and_exclusion_removes_their_labels(db, seeded_order):
     R.create_round(db, "r", "pairwise", clear_round(12), labels_per_item=4)
     people = add_people(db, "h1", "h2", "h3", "adv")
     for name in ("h1", "h2", "h3"):
@@ -73,11 +81,7 @@ def test_an_adversarial_annotator_is_flagged_and_exclusion_removes_their_labels(
     assert len(E.export_rows(db, "r", "preference")) == 48
 
 
-def test_same_side_and_too_fast_are_flagged(db, monkeypatch):
-    # a seeded display order: with the studio's SystemRandom the honest annotator's good answers fall
-    # 11 or 12 times of 12 on one side by chance in 0.6% of runs, which the same-side flag would catch
-    rng = random.Random(0)
-    monkeypatch.setattr(R.random, "SystemRandom", lambda: rng)
+def test_same_side_and_too_fast_are_flagged(db, seeded_order):
     R.create_round(db, "r", "pairwise", clear_round(12), labels_per_item=2)
     people = add_people(db, "h", "lazy")
     work(db, people["h"][0], "r", honest)

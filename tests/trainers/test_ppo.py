@@ -48,7 +48,8 @@ def test_programmatic_reward_rises_with_bounded_kl(tiny_model, prompts, tmp_path
     result = train_ppo(ppo_config(tiny_model, prompts, tmp_path / "run", max_steps=40), reward_fn=digit_fraction)
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     start, end = first_last(rows, "score/mean")
-    assert end > start + 0.15, (start, end)
+    # seeds 0-4 rise by 0.11-0.15 (start ~0.04); without learning the 5-step means differ by ~0.03
+    assert end > start + 0.08, (start, end)
     assert max(r["kl/mean"] for r in rows) < 20.0  # nats over 8 tokens; the penalty holds it there
     for key in (
         "reward/mean",

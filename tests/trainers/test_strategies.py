@@ -1,4 +1,4 @@
-"""Sharded strategies give the single-process update: two CPU processes (torchrun, gloo) under
+"""Sharded strategies give the single-process update: two CPU processes (one gloo group on 127.0.0.1) under
 `strategy=fsdp|zero1|zero2|zero3` end with the weights of one process on the same global batch and
 seed; the sharded checkpoints resume to the same weights; `final/` loads with `from_pretrained`."""
 
@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ from safetensors.torch import load_file
 
 from rufus.report.metrics import read_metrics
 from tests import published
-from tests.helpers import sft_rows, write_jsonl
+from tests.helpers import run_cli, sft_rows, write_jsonl
 
 TOLERANCE = 1e-5  # float32 on CPU: the runs sum the same gradients in another order (seen: up to 1e-6)
 SHARDED = ["fsdp", "zero2", "zero3"]
@@ -27,17 +25,7 @@ def needs(strategy: str) -> None:
 
 
 def run(command: str, args: list[str], nproc: int, cwd) -> None:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = (launcher if nproc > 1 else [sys.executable]) + ["-m", "rufus.cli", command, *args]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "MASTER_ADDR": "127.0.0.1",
-        "GLOO_SOCKET_IFNAME": "lo",
-    }
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_cli(command, args, nproc, cwd)
 
 
 def rl_args(tmp_path, model, *, reward: str | None = None, batch_size: int = 8, max_steps: int = 3) -> list[str]:

@@ -15,7 +15,11 @@ with its parameter groups and learning-rate schedule); Rufus keeps the loop:
 - bfloat16 runs: the engine holds bfloat16 weights and float32 master partitions (``bf16.enabled``),
   the arithmetic of `rufus.precision`, which a ZeRO model does not use;
 - ``offload``: optimiser state (and, for stage 3, parameters) in CPU memory; the torch optimiser Rufus
-  built is kept (``zero_force_ds_cpu_optimizer: false``), so no DeepSpeed C++ extension is compiled.
+  built is kept (``zero_force_ds_cpu_optimizer: false``);
+- no DeepSpeed C++ extension is compiled: DeepSpeed's communication backend builds a shared-memory
+  all-reduce op when it starts (g++, half a minute, once per machine), which serves only its
+  inference tensor parallelism (`deepspeed.comm.inference_all_reduce`, under its own launcher);
+  Rufus's training reduces through torch.distributed, so the build is skipped (`_skip_shm_op`).
 
 Checked here on CPU with gloo (deepspeed 0.19.8, torch 2.13): stages 2 and 3 on two processes give the
 single-process SGD update to 6e-8.
@@ -82,9 +86,21 @@ def initialize(model, optimizer, *, stage: int, compute_dtype: torch.dtype, max_
     }
     if dist.get_rank() == 0:
         _SKELETONS[model] = copy.deepcopy(model).to("meta")
+    _skip_shm_op()
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     _ENGINES[engine.module] = engine  # engine.module is `model`, its parameters partitioned in place
     return engine, ds_optimizer
+
+
+def _skip_shm_op() -> None:
+    """Start DeepSpeed's torch.distributed backend without its shared-memory all-reduce op (see the
+    module's docstring); a DeepSpeed without that hook is left as it is."""
+    import importlib
+
+    # (not `from deepspeed.comm import torch`: the package re-exports the torch module under that name)
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    if callable(getattr(ds_torch, "build_shm_op", None)):
+        ds_torch.build_shm_op = lambda: None
 
 
 def _hidden_size(model) -> int | None:

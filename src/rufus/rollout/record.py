@@ -45,6 +45,11 @@ class Rollout:
         """(B,) index in [0, A) of each response's last token (where the score is added)."""
         return (self.response_length - 1).clamp(min=0)
 
+    def to(self, device: torch.device | str) -> Rollout:
+        """The same record with every tensor on `device`."""
+        fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        return Rollout(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in fields.items()})
+
     def select(self, idx: torch.Tensor | list[int]) -> Rollout:
         """The rows `idx` of every per-sample field (for minibatches)."""
         idx = torch.as_tensor(idx, dtype=torch.long)

@@ -114,16 +114,18 @@ def train_bon(config: BoNConfig | dict, reward_fn=None) -> BoNResult:
     updates = saved.get("updates", 0)
 
     chunk = b.prompts_per_generate or cfg.batch_size
+    engine = online.rollout_engine(cfg, acc, policy, tokenizer)
     progress = common.progress_bar(cfg, acc, b.rounds, start_round, desc="bon")
     for rnd in range(start_round + 1, b.rounds + 1):
         t0 = time.perf_counter()
+        online.sync_engine(acc, engine, policy)  # the policy as the earlier rounds left it
         mine = prompt_plan.global_batch(rnd)[rank::world]  # this process's share of the round's prompts
         kept, sums = [], torch.zeros(5, dtype=torch.float64)  # score sum, score^2 sum, samples, length sum, no EOS
         for start in range(0, len(mine), chunk):
             group = [prompts[i] for i in mine[start : start + chunk]]
 
             # 1-2. sample n responses per prompt from the current policy; score them
-            got = online.sample_and_score(cfg, acc, policy, tokenizer, group, b.group_size, reward, len(group))
+            got = online.sample_and_score(cfg, acc, engine, tokenizer, group, b.group_size, reward, len(group))
             scores = got.scores  # (G*n,) prompt g's samples at g*n .. g*n+n-1
             lengths, no_eos = sum(map(len, got.responses)), (~got.has_eos).sum().item()
             sums += torch.tensor(

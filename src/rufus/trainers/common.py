@@ -40,6 +40,7 @@ def start_run(cfg) -> Run:
     from accelerate.utils import set_seed
 
     from rufus.checkpoint import latest_checkpoint, list_checkpoints
+    from rufus.distributed.local import init_loopback_group
     from rufus.models.loading import resolve_dtype
 
     # With no accelerator device, say so: accelerate treats a torchrun launch as multi-process
@@ -49,6 +50,8 @@ def start_run(cfg) -> Run:
         or (hasattr(torch, "xpu") and torch.xpu.is_available())
         or torch.backends.mps.is_available()
     )
+    # several processes started by rufus.distributed.local.spawn: their store listens on 127.0.0.1 only
+    init_loopback_group()
     state = PartialState(cpu=cpu)
     compute_dtype = resolve_dtype(cfg.dtype, state.device)
     # One Python process may run several stages (a pipeline, tests) with different precisions;

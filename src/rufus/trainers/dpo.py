@@ -158,6 +158,7 @@ def train_dpo(config: DPOConfig | dict, reward_fn=None) -> DPOResult:
     progress = common.progress_bar(cfg, acc, max_steps, start_step, desc="dpo")
     window, pending, row = common.Window(), {}, {}
     round_end = 0
+    engine = online.rollout_engine(cfg, acc, policy, tokenizer) if online_rounds else None
     for r in range(1, cfg.dpo.rounds + 1):
         round_start, round_end = round_end, round_end + round_steps[r - 1]
         if round_end <= start_step:
@@ -168,8 +169,9 @@ def train_dpo(config: DPOConfig | dict, reward_fn=None) -> DPOResult:
         elif start_step > round_start:  # resumed inside the round: its pairs were saved with the checkpoint
             pairs = saved["pairs"]
         else:
+            online.sync_engine(acc, engine, policy)  # the policy as the earlier rounds left it
             pairs, pending = _online_pairs(
-                cfg, acc, policy, tokenizer, prompts, reward, r, online_rounds.index(r) + 1, per_round
+                cfg, acc, engine, tokenizer, prompts, reward, r, online_rounds.index(r) + 1, per_round
             )
             # "step": the first step that trains on the pair (a resume before it samples again)
             pairs_file.write([{"step": round_start + 1, "round": r, **p.pop("text")} for p in pairs])
@@ -315,7 +317,7 @@ def evaluate(cfg, acc, model, ref_fn, pairs, collate, micro: int) -> dict:
     return {"eval/dpo/loss": loss.item(), **{f"eval/{k}": v.item() for k, v in stats.items()}}
 
 
-def _online_pairs(cfg, acc, policy, tokenizer, prompts, reward, r: int, k: int, n: int) -> tuple[list, dict]:
+def _online_pairs(cfg, acc, engine, tokenizer, prompts, reward, r: int, k: int, n: int) -> tuple[list, dict]:
     """Online round r (the k-th online one): two samples per prompt from the current policy, scored by
     the reward sources; (higher, lower) pairs, ties skipped. Returns the pairs (the same list on every
     process, each with its "text" for pairs.jsonl) and the round's statistics."""
@@ -330,7 +332,7 @@ def _online_pairs(cfg, acc, policy, tokenizer, prompts, reward, r: int, k: int, 
     devices = [torch.cuda.current_device()] if acc.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # samples depend on (seed, round, rank) only: resume-exact
         torch.manual_seed(cfg.seed * 1_000_003 + r * 1009 + acc.process_index)
-        got = online.sample_and_score(cfg, acc, policy, tokenizer, mine, 2, reward, per_call)  # 2j, 2j+1: prompt j
+        got = online.sample_and_score(cfg, acc, engine, tokenizer, mine, 2, reward, per_call)  # 2j, 2j+1: prompt j
     scores, responses = got.scores, got.responses  # (2m,)
 
     pairs, ties = pairs_from_samples(mine, responses, got.completions, scores.tolist())

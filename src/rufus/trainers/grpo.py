@@ -111,13 +111,14 @@ def train_grpo(config: GRPOConfig | dict, reward_fn=None) -> GRPOResult:
         return loss, stats
 
     forward = online.logprobs_forward(cfg, policy)
+    engine = online.rollout_engine(cfg, acc, acc.unwrap_model(policy), tokenizer)
     progress = common.progress_bar(cfg, acc, max_steps, start_step, desc="grpo")
     for step in range(start_step + 1, max_steps + 1):
         t0 = time.perf_counter()
         batch = [prompts[i] for i in plan.micro_batches(plan.global_batch(step))[0]]
 
         # 1. a group of G responses per prompt from pi_old
-        ro = online.sample(cfg, acc, acc.unwrap_model(policy), tokenizer, batch, G)
+        ro = online.sample(cfg, acc, engine, tokenizer, batch, G, step)
         t_rollout = time.perf_counter() - t0
 
         # 2. scores; pi_old and pi_ref logprobs
@@ -146,6 +147,7 @@ def train_grpo(config: GRPOConfig | dict, reward_fn=None) -> GRPOResult:
                 cfg, acc, ro, [policy], [optimizer], cfg.grpo, micro_size, step, forward, loss_fn
             )
         scheduler.step()
+        online.sync_engine(acc, engine, acc.unwrap_model(policy))
         t_train = time.perf_counter() - t_train
         if ro.logprobs is None:  # nothing was trained (every group equal): pi_old for the log only
             online.old_and_ref_logprobs(cfg, acc, policy, reference, ro, micro_size, with_reference=False)

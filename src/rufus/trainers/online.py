@@ -187,11 +187,42 @@ def micro_batch_size(cfg, world: int, section: str) -> int:
 # --- 1-2. rollout and teacher-forced logprobs -----------------------------------------------------
 
 
-def sample(cfg, acc, policy, tokenizer, rows: list[dict], n: int):
+def rollout_engine(cfg, acc, policy, tokenizer):
+    """The rollout engine (`rollout.engine`) for the trained `policy` (unwrapped)."""
+    from rufus.rollout.engines import make_engine
+
+    r = cfg.rollout
+    options = {} if r.engine == "hf" else {"gpu_memory_utilization": r.gpu_memory_utilization, "sleep": r.sleep}
+    return make_engine(r.engine, policy, tokenizer, device=acc.device, **options)
+
+
+def sampling_seed(cfg, acc, step: int, call: int = 0) -> int:
+    """The seed of a step's `call`-th sampling call on this process: responses depend on (seed, step,
+    process, call) and the weights only, so a resumed run and a run whose roles are placed elsewhere
+    (placement=ray) sample what the uninterrupted local run samples."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([cfg.seed, step, acc.process_index, call]).generate_state(1, np.uint64)[0] >> 2)
+
+
+def sample(cfg, acc, engine, tokenizer, rows: list[dict], n: int, step: int, call: int = 0):
     """1. n responses per prompt row from the current policy: a Rollout of len(rows) * n sequences."""
     from rufus.rollout.engine import sample_rollout
 
-    return sample_rollout(policy, tokenizer, rows, n, cfg.generation, device=acc.device)
+    seed = sampling_seed(cfg, acc, step, call)
+    return sample_rollout(engine, tokenizer, rows, n, cfg.generation, seed=seed, device=acc.device)
+
+
+def sync_engine(acc, engine, policy) -> None:
+    """After the step's optimiser updates: an engine with its own copy of the weights loads the new ones
+    (full tensors, gathered from a sharded policy); the hf engine samples from `policy` itself."""
+    if getattr(engine, "name", "hf") == "hf":
+        return
+    from rufus import distributed
+    from rufus.rollout.engines import policy_weights
+
+    with distributed.gathered(policy):  # every process's engine gets the full weights
+        engine.update_weights(policy_weights(policy))
 
 
 @dataclass
@@ -204,13 +235,16 @@ class Scored:
     scores: torch.Tensor  # (N,) the reward sources' scores
 
 
-def sample_and_score(cfg, acc, policy, tokenizer, rows: list[dict], n: int, reward, per_call: int) -> Scored:
+def sample_and_score(cfg, acc, engine, tokenizer, rows: list[dict], n: int, reward, per_call: int) -> Scored:
     """1-2. n responses to each prompt row from the current policy, `per_call` prompts per generate call,
     then all of them scored in one call of `reward` (for the algorithms that keep samples, not a
-    Rollout: best-of-n, online DPO)."""
+    Rollout: best-of-n, online DPO). Sampling draws from the process's generator (the callers seed it)."""
+    from rufus.rollout.engine import sample_rollout
+
     completions, responses, has_eos = [], [], []
     for start in range(0, len(rows), per_call):
-        ro = sample(cfg, acc, policy, tokenizer, rows[start : start + per_call], n)
+        part = rows[start : start + per_call]
+        ro = sample_rollout(engine, tokenizer, part, n, cfg.generation, device=acc.device)
         completions += ro.completions
         has_eos.append(ro.has_eos.cpu())
         masks = ro.response_mask.cpu().bool()

@@ -166,6 +166,8 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
     if saved:
         kl_ctl.load_state_dict(saved["kl_controller"])
 
+    engine = online.rollout_engine(cfg, acc, models["actor"], tokenizer)
+
     def forward(part):  # (b, A) logprobs, entropy and values of a micro-batch, with gradients
         return _forward(cfg, actor, critic, part, with_entropy=True)
 
@@ -175,7 +177,7 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
         batch = [prompts[i] for i in plan.micro_batches(plan.global_batch(step))[0]]
 
         # 1. rollout: one response per prompt from pi_old
-        ro = online.sample(cfg, acc, models["actor"], tokenizer, batch, 1)
+        ro = online.sample(cfg, acc, engine, tokenizer, batch, 1, step)
         t_rollout = time.perf_counter() - t0
 
         # 2. evaluation: pi_old and pi_ref logprobs, values, scores
@@ -221,6 +223,7 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
         stats["value/explained_variance"] = explained_variance(ro.values, ro.returns, ro.response_mask)
         for sched in schedulers.values():
             sched.step()
+        online.sync_engine(acc, engine, models["actor"])
         t_train = time.perf_counter() - t_train
 
         # 5. KL controller, log, samples, checkpoint

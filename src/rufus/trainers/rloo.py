@@ -102,13 +102,14 @@ def train_rloo(config: RLOOConfig | dict, reward_fn=None) -> RLOOResult:
         return loss, online.policy_stats(loss, stats, out["entropy"], part.response_mask)
 
     forward = online.logprobs_forward(cfg, policy)
+    engine = online.rollout_engine(cfg, acc, acc.unwrap_model(policy), tokenizer)
     progress = common.progress_bar(cfg, acc, max_steps, start_step, desc=cfg.rloo.advantage)
     for step in range(start_step + 1, max_steps + 1):
         t0 = time.perf_counter()
         batch = [prompts[i] for i in plan.micro_batches(plan.global_batch(step))[0]]
 
         # 1. k responses per prompt from pi_old
-        ro = online.sample(cfg, acc, acc.unwrap_model(policy), tokenizer, batch, K)
+        ro = online.sample(cfg, acc, engine, tokenizer, batch, K, step)
         t_rollout = time.perf_counter() - t0
 
         # 2. scores; pi_old and pi_ref logprobs; per-token KL
@@ -141,6 +142,7 @@ def train_rloo(config: RLOOConfig | dict, reward_fn=None) -> RLOOResult:
         t_train = time.perf_counter()
         stats = online.update_epochs(cfg, acc, ro, [policy], [optimizer], cfg.rloo, micro_size, step, forward, loss_fn)
         scheduler.step()
+        online.sync_engine(acc, engine, acc.unwrap_model(policy))
         t_train = time.perf_counter() - t_train
 
         # 5. log, samples, checkpoint
