@@ -174,6 +174,7 @@ def train_bon(config: BoNConfig | dict, reward_fn=None) -> BoNResult:
         save = (policy, optimizer, scheduler, {"reward": reward.state_dict(), "updates": updates})
         online.end_step(run, logger, progress, rnd, b.rounds, row, {"score": score_mean}, save)
     progress.close()
+    engine.close()
 
     final_dir = common.save_final(run, policy, tokenizer)
     logger.close()

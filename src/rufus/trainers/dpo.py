@@ -207,6 +207,8 @@ def train_dpo(config: DPOConfig | dict, reward_fn=None) -> DPOResult:
             row = common.log_evaluate_save(run, logger, step, max_steps, window, model, held_out, save, **extra)
             pending = {} if "dpo/loss" in row else pending
     progress.close()
+    if engine is not None:
+        engine.close()
 
     # 6. the final model, loadable with AutoModelForCausalLM.from_pretrained (LoRA merged)
     final_eval = {k: v for k, v in row.items() if k.startswith("eval/")} or None

@@ -192,7 +192,11 @@ def rollout_engine(cfg, acc, policy, tokenizer):
     from rufus.rollout.engines import make_engine
 
     r = cfg.rollout
-    options = {} if r.engine == "hf" else {"gpu_memory_utilization": r.gpu_memory_utilization, "sleep": r.sleep}
+    options = {}
+    if r.engine == "vllm":  # the longest prompt (load_prompts' limit) and its response
+        max_prompt = cfg.data.max_prompt_length or max(1, cfg.data.max_length - cfg.generation.max_new_tokens)
+        max_len = max_prompt + cfg.generation.max_new_tokens
+        options = {"gpu_memory_utilization": r.gpu_memory_utilization, "sleep": r.sleep, "max_model_len": max_len}
     return make_engine(r.engine, policy, tokenizer, device=acc.device, **options)
 
 

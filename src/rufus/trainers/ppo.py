@@ -237,6 +237,7 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
         save = (models, optimizers, schedulers, state)
         online.end_step(run, logger, progress, step, max_steps, row, postfix, save, samples, ro, kl=ro.kl.sum(-1))
     progress.close()
+    engine.close()
 
     policy = models["actor"].policy if cfg.critic.shared else models["actor"]
     final_dir = common.save_final(run, policy, tokenizer)

@@ -156,6 +156,7 @@ def train_rloo(config: RLOOConfig | dict, reward_fn=None) -> RLOOResult:
         save = (acc.unwrap_model(policy), optimizer, scheduler, {"reward": reward.state_dict()})
         online.end_step(run, logger, progress, step, max_steps, row, {"reward": row["reward/mean"]}, save, samples, ro)
     progress.close()
+    engine.close()
 
     final_dir = common.save_final(run, acc.unwrap_model(policy), tokenizer)
     logger.close()

@@ -16,6 +16,8 @@ response tokens and builds the `Rollout` from them. An engine:
         a no-op for an engine that decodes from the trained model itself
     sleep() / wake()
         free the engine's memory (weights, KV cache) while the trainer updates, and take it back
+    close()
+        shut the engine down at the end of a run
 
 Engines (`rollout.engine`):
 
@@ -90,6 +92,8 @@ class RolloutEngine(Protocol):
     def sleep(self) -> None: ...
 
     def wake(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def make_engine(name: str, model, tokenizer, *, device: torch.device | str = "cpu", **options) -> RolloutEngine:

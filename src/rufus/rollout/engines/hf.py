@@ -65,6 +65,9 @@ class HFEngine:
     def wake(self) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
 
 @contextlib.contextmanager
 def seeded(seed: int | None, device: torch.device):
