@@ -88,14 +88,38 @@ def save_checkpoint(
     `schedulers` by name, `state` extra JSON-serialisable trainer state (e.g. a KL controller).
     Keeps the newest `keep` checkpoints (0 = all).
     """
-    root = checkpoint_dir(output_dir)
-    final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}"
-    rank = accelerator.process_index
+    tmp = temporary_dir(output_dir, step)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    save_parts(tmp, accelerator=accelerator, models=models, optimizers=optimizers, schedulers=schedulers)
+    accelerator.wait_for_everyone()
+    final = None
+    if accelerator.is_main_process:
+        final = commit(output_dir, step, num_processes=accelerator.num_processes, state=state, keep=keep)
+    accelerator.wait_for_everyone()
+    return final or checkpoint_dir(output_dir) / f"step-{step:07d}"
+
+
+def temporary_dir(output_dir: str | os.PathLike, step: int) -> Path:
+    """Where checkpoint `step` is written before `commit` renames it into place."""
+    return checkpoint_dir(output_dir) / f".tmp-step-{step:07d}"
+
+
+def save_parts(
+    tmp: Path,
+    *,
+    accelerator,
+    models: dict[str, torch.nn.Module],
+    optimizers: dict | None = None,
+    schedulers: dict | None = None,
+    rng_tag: str = "",
+) -> None:
+    """Write one process group's part of a checkpoint into the temporary directory `tmp`: its models,
+    optimisers and schedulers by name, and each process's RNG state as ``rng-{rng_tag}{rank}``. Every
+    process of the group calls this. Several groups (Ray-placed roles) each write their own names."""
+    rank = accelerator.process_index
     sharded = {name: engine for name, model in models.items() if (engine := checkpoint_engine(model))}
     for name, engine in sorted(sharded.items()):  # every process writes its own shards (a collective)
         if engine == "zero":
@@ -113,20 +137,23 @@ def save_checkpoint(
                 torch.save(optimizer.state_dict(), tmp / f"{name}.optimizer.pt")
         for name, scheduler in (schedulers or {}).items():
             torch.save(scheduler.state_dict(), tmp / f"{name}.scheduler.pt")
-        info = {"step": step, "num_processes": accelerator.num_processes, "state": state or {}}
-        (tmp / "state.json").write_text(json.dumps(info, indent=1))
     meta, tensors = _rng_state()
-    (tmp / f"rng-{rank}.json").write_text(json.dumps(meta))
-    save_file(tensors, tmp / f"rng-{rank}.safetensors")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if keep > 0:
-            for old in list_checkpoints(output_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    (tmp / f"rng-{rng_tag}{rank}.json").write_text(json.dumps(meta))
+    save_file(tensors, tmp / f"rng-{rng_tag}{rank}.safetensors")
+
+
+def commit(output_dir: str | os.PathLike, step: int, *, num_processes: int, state: dict | None, keep: int) -> Path:
+    """Finish checkpoint `step` once every part is in its temporary directory: write state.json, rename
+    the directory into place (replacing an older one of the same step), keep the newest `keep` (0 = all)."""
+    tmp, final = temporary_dir(output_dir, step), checkpoint_dir(output_dir) / f"step-{step:07d}"
+    info = {"step": step, "num_processes": num_processes, "state": state or {}}
+    (tmp / "state.json").write_text(json.dumps(info, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if keep > 0:
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -137,8 +164,10 @@ def load_checkpoint(
     models: dict[str, torch.nn.Module],
     optimizers: dict[str, torch.optim.Optimizer] | None = None,
     schedulers: dict | None = None,
+    rng_tag: str = "",
 ) -> dict:
-    """Restore what `save_checkpoint` wrote into the given objects; return {"step", "state", ...}."""
+    """Restore what `save_checkpoint` wrote into the given objects; return {"step", "state", ...}.
+    `rng_tag`: the RNG files of this process group (`save_parts`)."""
     path = Path(path)
     if not (path / "state.json").exists():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no state.json)")
@@ -172,8 +201,9 @@ def load_checkpoint(
     for name, scheduler in (schedulers or {}).items():
         scheduler.load_state_dict(torch.load(path / f"{name}.scheduler.pt", weights_only=True))
     rank = accelerator.process_index
-    if info.get("num_processes") == accelerator.num_processes and (path / f"rng-{rank}.json").exists():
-        _set_rng_state(json.loads((path / f"rng-{rank}.json").read_text()), load_file(path / f"rng-{rank}.safetensors"))
+    rng = path / f"rng-{rng_tag}{rank}"
+    if info.get("num_processes") == accelerator.num_processes and rng.with_suffix(".json").exists():
+        _set_rng_state(json.loads(rng.with_suffix(".json").read_text()), load_file(rng.with_suffix(".safetensors")))
     return info
 
 

@@ -715,6 +715,31 @@ class RolloutSection:
 
 
 @dataclass
+class RaySection:
+    """Where Ray places the roles (placement=ray; the ray extra)."""
+
+    address: str | None = opt(
+        None, "an existing Ray cluster ('auto' or host:port); unset = start a local one, on 127.0.0.1 only"
+    )
+    processes: int = opt(1, "processes per role: each role is a torch.distributed world of this size", ge=1)
+    colocate: str = opt("all", "roles that share placement groups: all, none, or sets such as actor_ref,critic_reward")
+    cpus_per_process: float = opt(1.0, "logical CPUs each process of a role asks for", gt=0)
+    gpus_per_process: float = opt(0.0, "GPUs of one bundle, shared by the roles colocated on it", ge=0)
+    num_cpus: int | None = opt(None, "logical CPUs of a local cluster (default: what the roles ask for)", ge=1)
+    num_gpus: int | None = opt(None, "GPUs of a local cluster (default: Ray's count)", ge=0)
+
+
+@dataclass
+class PlacementArgs:
+    """Where the roles of an actor-critic or group method run."""
+
+    placement: Literal["local", "ray"] = opt(
+        "local", "local = this process (or the processes a launcher started); ray = Ray actor groups per role"
+    )
+    ray: RaySection = opt(RaySection, "Ray placement")
+
+
+@dataclass
 class SamplingArgs:
     """What every trainer that samples from its policy shares (online RL, online DPO, best-of-n):
     prompts, sampling, reward sources, LoRA."""

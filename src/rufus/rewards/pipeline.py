@@ -201,8 +201,11 @@ def build_reward_pipeline(
     extra_functions: Callable | Sequence[Callable] | None = None,
     trust_remote_code: bool = False,
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    load_model: Callable[[int, str], Callable] | None = None,
 ) -> RewardPipeline:
     """The pipeline a `RewardSection` section describes, plus `extra_functions` (e.g. ``reward_fn=``).
+    `load_model(i, path)`, when given, makes the source of reward model i instead of loading it here
+    (a reward model placed in another process).
 
     Sources in order: reward models (`section.model`, named by the last path component, or more
     components when two would share a name), functions (`section.function`, named by their spec),
@@ -235,10 +238,12 @@ def build_reward_pipeline(
     ]
     functions += [FunctionReward(fn, name) for fn, name in zip(extra, names[n_models + len(section.function) :])]
     models = [
-        ModelReward(
+        load_model(i, path)
+        if load_model is not None
+        else ModelReward(
             path, device=device, dtype=dtype, batch_size=section.batch_size, trust_remote_code=trust_remote_code
         )
-        for path in section.model
+        for i, path in enumerate(section.model)
     ]
     return RewardPipeline(
         list(zip(names, models + functions)),

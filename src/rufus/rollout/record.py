@@ -50,6 +50,33 @@ class Rollout:
         fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
         return Rollout(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in fields.items()})
 
+    @staticmethod
+    def concat(parts: list[Rollout], pad_token_id: int) -> Rollout:
+        """One Rollout of several, rows in order: prompts left-padded to the longest P, every other
+        per-sample field concatenated (fields None in any part stay None)."""
+        P = max(p.prompt_length for p in parts)
+        out = {}
+        for name in Rollout.__dataclass_fields__:
+            values = [getattr(p, name) for p in parts]
+            if name == "prompt_length":
+                out[name] = P
+            elif name in ("input_ids", "attention_mask"):
+                fill = pad_token_id if name == "input_ids" else 0
+                out[name] = torch.cat(
+                    [torch.nn.functional.pad(v, (P - p.prompt_length, 0), value=fill) for v, p in zip(values, parts)]
+                )
+            elif any(v is None for v in values):
+                out[name] = None
+            elif isinstance(values[0], torch.Tensor):
+                out[name] = torch.cat(values)
+            elif isinstance(values[0], list):
+                out[name] = [x for v in values for x in v]
+            elif isinstance(values[0], dict):
+                out[name] = {k: [x for v in values for x in v[k]] for k in values[0]}
+            else:
+                out[name] = values[0]
+        return Rollout(**out)
+
     def select(self, idx: torch.Tensor | list[int]) -> Rollout:
         """The rows `idx` of every per-sample field (for minibatches)."""
         idx = torch.as_tensor(idx, dtype=torch.long)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from rufus.config import LogArgs, ModelArgs, OnlineArgs, OptimArgs, RunArgs, as_config, opt
+from rufus.config import LogArgs, ModelArgs, OnlineArgs, OptimArgs, PlacementArgs, RunArgs, as_config, opt
 from rufus.trainers import common, online
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class GRPOKLSection:
 
 
 @dataclass
-class GRPOConfig(OnlineArgs, LogArgs, OptimArgs, RunArgs, ModelArgs):
+class GRPOConfig(PlacementArgs, OnlineArgs, LogArgs, OptimArgs, RunArgs, ModelArgs):
     """GRPO: group-relative advantages, no critic."""
 
     output_dir: str = opt(
@@ -72,10 +72,13 @@ GRPOResult = online.PolicyResult
 def train_grpo(config: GRPOConfig | dict, reward_fn=None) -> GRPOResult:
     """Run GRPO. `reward_fn(prompts, completions, **kw) -> list[float]` (or a list) adds reward sources."""
     from rufus.advantages import equal_reward_groups, group_advantages
-    from rufus.losses.grpo import grpo_policy_loss
     from rufus.losses.kl import kl_penalty
 
     cfg = as_config(GRPOConfig, config)
+    if cfg.placement == "ray":  # the same loop, its roles in Ray actor groups
+        from rufus.trainers.placed import train_grpo_placed
+
+        return train_grpo_placed(cfg, reward_fn)
     run = common.start_run(cfg)
     acc = run.accelerator
     G = cfg.grpo.group_size
@@ -88,28 +91,7 @@ def train_grpo(config: GRPOConfig | dict, reward_fn=None) -> GRPOResult:
     reference = online.load_reference(cfg, run, tokenizer, needed=use_kl)
     start_step, _, logger, samples = online.open_outputs(run, acc.unwrap_model(policy), optimizer, scheduler, reward)
 
-    def loss_fn(part, out, micro):  # clipped surrogate, the k3 KL to pi_ref in the loss
-        normalizer = {
-            "token": micro.tokens,
-            "sequence": micro.sequences,
-            "constant": micro.sequences * cfg.generation.max_new_tokens,
-        }[cfg.grpo.loss_aggregation]
-        loss, stats = grpo_policy_loss(
-            out["logprobs"],
-            part.logprobs,
-            part.ref_logprobs,
-            part.advantages,
-            part.response_mask,
-            clip=cfg.grpo.clip,
-            clip_high=cfg.grpo.clip_high,
-            kl_coef=cfg.kl.coef,
-            aggregation=cfg.grpo.loss_aggregation,
-            normalizer=normalizer,
-        )
-        stats = online.policy_stats(loss, stats, out["entropy"], part.response_mask)
-        stats["policy/ref_kl"] = stats.pop("policy/kl")  # mean k3 to pi_ref per token, the loss's KL term
-        return loss, stats
-
+    loss_fn = grpo_loss(cfg)
     forward = online.logprobs_forward(cfg, policy)
     engine = online.rollout_engine(cfg, acc, acc.unwrap_model(policy), tokenizer)
     progress = common.progress_bar(cfg, acc, max_steps, start_step, desc="grpo")
@@ -123,6 +105,7 @@ def train_grpo(config: GRPOConfig | dict, reward_fn=None) -> GRPOResult:
 
         # 2. scores; pi_old and pi_ref logprobs
         ro.scores, reward_stats = reward(ro.prompts, ro.completions, ro.has_eos, **ro.extra)
+        reward_stats = online.mean_over_processes(acc, reward_stats)  # the whole batch's
         ro.scores = ro.scores.to(acc.device)  # (B*G,)
         # one update over the whole batch (grpo.epochs = minibatches = 1): pi_old comes from the
         # update's own forward pass, not from a pass of its own
@@ -173,3 +156,33 @@ def train_grpo(config: GRPOConfig | dict, reward_fn=None) -> GRPOResult:
     logger.close()
     common.finish_run(run, ["reward/mean", "kl/mean", "policy/clipfrac", "response/length"])
     return GRPOResult(Path(cfg.output_dir), final_dir, max_steps, logger.rows, acc.unwrap_model(policy), reference)
+
+
+def grpo_loss(cfg):
+    """The micro-batch loss of the update: the clipped surrogate with the k3 KL to pi_ref in the loss,
+    normalised as grpo.loss_aggregation says; (part, out, micro) -> (loss, stats)."""
+    from rufus.losses.grpo import grpo_policy_loss
+
+    def loss_fn(part, out, micro):
+        normalizer = {
+            "token": micro.tokens,
+            "sequence": micro.sequences,
+            "constant": micro.sequences * cfg.generation.max_new_tokens,
+        }[cfg.grpo.loss_aggregation]
+        loss, stats = grpo_policy_loss(
+            out["logprobs"],
+            part.logprobs,
+            part.ref_logprobs,
+            part.advantages,
+            part.response_mask,
+            clip=cfg.grpo.clip,
+            clip_high=cfg.grpo.clip_high,
+            kl_coef=cfg.kl.coef,
+            aggregation=cfg.grpo.loss_aggregation,
+            normalizer=normalizer,
+        )
+        stats = online.policy_stats(loss, stats, out["entropy"], part.response_mask)
+        stats["policy/ref_kl"] = stats.pop("policy/kl")  # mean k3 to pi_ref per token, the loss's KL term
+        return loss, stats
+
+    return loss_fn

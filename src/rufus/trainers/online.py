@@ -294,6 +294,16 @@ def old_and_ref_logprobs(
         ro.ref_logprobs = reference_logprobs(cfg, acc, policy, reference, ro, micro_size)
 
 
+def mean_over_processes(acc, stats: dict[str, float]) -> dict[str, float]:
+    """Each statistic averaged over the processes: the whole batch's means, when they are means over
+    equal shares (the reward pipeline's score/<source>, score/raw, response/no_eos, ...)."""
+    if acc.num_processes == 1 or not stats:
+        return stats
+    keys = sorted(stats)
+    values = acc.reduce(torch.tensor([float(stats[k]) for k in keys], device=acc.device), reduction="mean")
+    return dict(zip(keys, values.tolist()))
+
+
 def batch_stats(acc, ro, kl: torch.Tensor | None, kl_coef: float, mask: torch.Tensor | None = None) -> dict:
     """Means over every process's samples: score/mean, score/std (the reward sources' score),
     reward/mean, reward/std (score - kl_coef * sum_t KL_t, the KL-penalised sequence reward),
@@ -369,7 +379,9 @@ def policy_stats(loss: torch.Tensor, stats: dict, entropy: torch.Tensor, mask: t
     return out
 
 
-def update_epochs(cfg, acc, ro, models: list, optimizers: list, update, micro_size: int, step: int, forward, loss_fn):
+def update_epochs(
+    cfg, acc, ro, models: list, optimizers: list, update, micro_size: int, step: int, forward, loss_fn, max_updates=None
+):
     """`update.epochs` passes over the rollout, each in `update.minibatches` optimiser steps of
     grad-accumulated micro-batches of `micro_size` sequences (`update`: the algorithm's config section);
     every model in `models` steps its optimiser (same order) after each minibatch. The learning-rate
@@ -387,7 +399,9 @@ def update_epochs(cfg, acc, ro, models: list, optimizers: list, update, micro_si
         its micro-batches, averaged over minibatch steps); any other is a mean over the micro-batch's
         tokens (averaged weighted by tokens).
     update.target_kl (where the section has one, not None): stop the remaining updates once the running
-    mean of stats["policy/approx_kl"] exceeds it.
+    mean of stats["policy/approx_kl"] exceeds it. `max_updates`: stop after this many optimiser steps
+    (a critic placed apart from its actor stops where the actor's target_kl stopped it).
+    A forward without "logprobs" (a critic's alone) skips the first-ratio check.
 
     The first pass keeps the rollout order, so its first micro-batch is exactly the chunk pi_old was
     computed on: the ratio there is 1 bit for bit (logged as policy/ratio_dev_first, max |ratio - 1|,
@@ -398,6 +412,8 @@ def update_epochs(cfg, acc, ro, models: list, optimizers: list, update, micro_si
     Returns the stats, plus policy/ratio_dev_first and policy/updates (optimiser steps taken).
     """
     epochs, minibatches, target_kl = update.epochs, update.minibatches, getattr(update, "target_kl", None)
+    if max_updates is not None:
+        target_kl = None  # the count decides
     N = ro.input_ids.shape[0]
     mb_size = N // minibatches
     fill_old = ro.logprobs is None
@@ -444,7 +460,7 @@ def update_epochs(cfg, acc, ro, models: list, optimizers: list, update, micro_si
                     else:
                         distributed.backward(acc, models[0] if len(models) == 1 else None, loss)
                 mask = part.response_mask
-                if first_dev is None:
+                if first_dev is None and "logprobs" in out:
                     ratio = torch.exp(out["logprobs"].detach() - part.logprobs)
                     first_dev = float(((ratio - 1).abs() * mask).max())
                 w = float(mask.sum())
@@ -457,6 +473,8 @@ def update_epochs(cfg, acc, ro, models: list, optimizers: list, update, micro_si
             for model, optimizer in zip(models, optimizers, strict=True):
                 common.clip_and_step(cfg, acc, model, optimizer)
             updates += 1
+            if max_updates is not None and updates >= max_updates:
+                break
             if target_kl is not None:
                 approx = acc.reduce(
                     torch.tensor(weighted["policy/approx_kl"] / max(weighted["tokens"], 1), device=acc.device),

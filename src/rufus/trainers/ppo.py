@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 
 from rufus import distributed
-from rufus.config import ConfigError, LogArgs, ModelArgs, OnlineArgs, OptimArgs, RunArgs, as_config, opt
+from rufus.config import ConfigError, LogArgs, ModelArgs, OnlineArgs, OptimArgs, PlacementArgs, RunArgs, as_config, opt
 from rufus.trainers import common, online
 from rufus.trainers.ptx import PtxSection, load_ptx_data, ptx_loss
 
@@ -79,7 +79,7 @@ class CriticSection:
 
 
 @dataclass
-class PPOConfig(OnlineArgs, LogArgs, OptimArgs, RunArgs, ModelArgs):
+class PPOConfig(PlacementArgs, OnlineArgs, LogArgs, OptimArgs, RunArgs, ModelArgs):
     """PPO with actor, critic, reward and reference models."""
 
     output_dir: str = opt(
@@ -119,6 +119,10 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
     from rufus.models.value import load_critic, save_critic
 
     cfg = as_config(PPOConfig, config)
+    if cfg.placement == "ray":  # the same loop, its roles in Ray actor groups
+        from rufus.trainers.placed import train_ppo_placed
+
+        return train_ppo_placed(cfg, reward_fn)
     run = common.start_run(cfg)
     acc = run.accelerator
     micro_size = online.micro_batch_size(cfg, acc.num_processes, "ppo")
@@ -193,6 +197,7 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
             ro.values = torch.cat([p["values"] for p in parts])  # (B, A) V
             ro.ref_logprobs = online.reference_logprobs(cfg, acc, actor, reference, ro, micro_size)  # (B, A)
             ro.scores, reward_stats = reward(ro.prompts, ro.completions, ro.has_eos, **ro.extra)
+            reward_stats = online.mean_over_processes(acc, reward_stats)  # the whole batch's
             ro.scores = ro.scores.to(acc.device)  # (B,)
 
         # 3. per-token rewards r_t = -beta * KL_t (+ score on the last token), GAE, whitening
@@ -255,36 +260,66 @@ def _forward(cfg, actor, critic, part, with_entropy: bool = False) -> dict:
     one pass for a shared actor-critic, else two."""
     from rufus.losses.ppo import entropy_from_logits
     from rufus.losses.sft import token_logprobs
-    from rufus.models.value import values_at_response
+    from rufus.rollout.logprobs import response_outputs
+
+    if critic is not None:
+        return {**_actor_forward(cfg, actor, part, with_entropy), **_critic_forward(critic, part)}
+    ids, mask, P = part.input_ids, part.attention_mask, part.prompt_length
+    out, logits = response_outputs(actor, ids, mask, P, cfg.generation.temperature)
+    entropy = entropy_from_logits(logits) if with_entropy else None
+    return {"logprobs": token_logprobs(logits, ids[:, P:]), "entropy": entropy, "values": out["values"][:, P - 1 : -1]}
+
+
+def _actor_forward(cfg, actor, part, with_entropy: bool = False) -> dict:
+    """(b, A) "logprobs" and "entropy" (None unless with_entropy) of the actor on a Rollout slice."""
+    from rufus.losses.ppo import entropy_from_logits
+    from rufus.losses.sft import token_logprobs
     from rufus.rollout.logprobs import response_outputs
 
     ids, mask, P = part.input_ids, part.attention_mask, part.prompt_length
-    out, logits = response_outputs(actor, ids, mask, P, cfg.generation.temperature)
-    values = out["values"][:, P - 1 : -1] if critic is None else values_at_response(critic, ids, mask, P)
+    _, logits = response_outputs(actor, ids, mask, P, cfg.generation.temperature)
     entropy = entropy_from_logits(logits) if with_entropy else None
-    return {"logprobs": token_logprobs(logits, ids[:, P:]), "entropy": entropy, "values": values}
+    return {"logprobs": token_logprobs(logits, ids[:, P:]), "entropy": entropy}
+
+
+def _critic_forward(critic, part) -> dict:
+    """(b, A) "values" V(x, y_<t) of a separate critic on a Rollout slice."""
+    from rufus.models.value import values_at_response
+
+    return {"values": values_at_response(critic, part.input_ids, part.attention_mask, part.prompt_length)}
 
 
 def _ppo_loss(cfg, part, out, micro) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The micro-batch's share of the minibatch loss, as (the actor's part: clipped surrogate -
     entropy_coef * entropy; the critic's part: vf_coef * clipped value loss; stats), each summed over
     its tokens / the minibatch's token count. The loss is their sum."""
+    actor_loss, actor_stats = _actor_loss(cfg, part, out, micro)
+    critic_loss, critic_stats = _critic_loss(cfg, part, out, micro)
+    return actor_loss, critic_loss, {**actor_stats, **critic_stats}
+
+
+def _actor_loss(cfg, part, out, micro) -> tuple[torch.Tensor, dict]:
+    """The actor's part of the micro-batch's loss: clipped surrogate - entropy_coef * entropy."""
     from rufus.losses.aggregation import masked_mean
-    from rufus.losses.ppo import policy_loss, value_loss
+    from rufus.losses.ppo import policy_loss
 
     mask = part.response_mask  # (b, A)
     per_token = dict(aggregation="token", normalizer=micro.tokens)  # summed over tokens / the minibatch's count
     pg, pg_stats = policy_loss(out["logprobs"], part.logprobs, part.advantages, mask, clip=cfg.ppo.clip, **per_token)
-    vf, vf_stats = value_loss(out["values"], part.values, part.returns, mask, clip=cfg.ppo.value_clip, **per_token)
     entropy = (out["entropy"] * mask).sum() / micro.tokens
-    return (
-        pg - cfg.ppo.entropy_coef * entropy,
-        cfg.ppo.vf_coef * vf,
-        {
-            "policy/loss": pg.item(),
-            "value/loss": vf.item(),
-            "value/clipfrac": float(vf_stats["clipfrac"]),
-            "policy/entropy": masked_mean(out["entropy"].detach(), mask).item(),
-            **{f"policy/{k}": float(v) for k, v in pg_stats.items()},
-        },
+    return pg - cfg.ppo.entropy_coef * entropy, {
+        "policy/loss": pg.item(),
+        "policy/entropy": masked_mean(out["entropy"].detach(), mask).item(),
+        **{f"policy/{k}": float(v) for k, v in pg_stats.items()},
+    }
+
+
+def _critic_loss(cfg, part, out, micro) -> tuple[torch.Tensor, dict]:
+    """The critic's part of the micro-batch's loss: vf_coef * clipped value loss."""
+    from rufus.losses.ppo import value_loss
+
+    per_token = dict(aggregation="token", normalizer=micro.tokens)
+    vf, vf_stats = value_loss(
+        out["values"], part.values, part.returns, part.response_mask, clip=cfg.ppo.value_clip, **per_token
     )
+    return cfg.ppo.vf_coef * vf, {"value/loss": vf.item(), "value/clipfrac": float(vf_stats["clipfrac"])}

@@ -114,6 +114,7 @@ def train_rloo(config: RLOOConfig | dict, reward_fn=None) -> RLOOResult:
 
         # 2. scores; pi_old and pi_ref logprobs; per-token KL
         ro.scores, reward_stats = reward(ro.prompts, ro.completions, ro.has_eos, **ro.extra)
+        reward_stats = online.mean_over_processes(acc, reward_stats)  # the whole batch's
         ro.scores = ro.scores.to(acc.device)  # (N,)
         online.old_and_ref_logprobs(cfg, acc, policy, reference, ro, micro_size, with_reference=use_kl)
         mask = ro.response_mask.float()  # (N, A)
