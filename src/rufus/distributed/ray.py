@@ -177,18 +177,31 @@ class RoleGroup:
         return futures
 
     def wait(self, futures: list) -> list:
+        """The results by rank. A failure is reported for the process at its root: a process that died
+        (its peers' collectives then fail too) before one that raised."""
         import ray
 
         try:
             return ray.get(futures)
-        except ray.exceptions.RayActorError as e:
-            rank = _failed_rank(self.actors, e)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError):
+            pass
+        errors = []
+        for rank, future in enumerate(futures):
+            try:
+                ray.get(future, timeout=30)
+            except Exception as e:  # noqa: BLE001 - sorted below
+                errors.append((rank, e))
+        died = [(rank, e) for rank, e in errors if isinstance(e, ray.exceptions.RayActorError)]
+        if died:
+            rank, e = died[0]
             raise RoleFailed(
                 f"placement=ray: the {self.role} role's process {rank} of {self.nproc} died "
                 f"({type(e).__name__}); its last checkpoint is kept: rerun with resume=true to continue"
             ) from e
-        except ray.exceptions.RayTaskError as e:
-            raise RoleFailed(f"placement=ray: the {self.role} role failed: {e.cause!r}") from e
+        rank, e = errors[0] if errors else ("?", None)
+        cause = getattr(e, "cause", e)
+        where = f"the {self.role} role's process {rank} of {self.nproc}"
+        raise RoleFailed(f"placement=ray: {where} failed: {cause!r}") from e
 
     def call(self, method: str, *args, **kwargs) -> list:
         return self.wait(self.submit(method, *args, **kwargs))
@@ -216,14 +229,6 @@ def _pick(x, rank: int, nproc: int):
     if isinstance(x, list) and len(x) == nproc:
         return x[rank]
     return x
-
-
-def _failed_rank(actors, error) -> str:
-    actor_id = getattr(error, "actor_id", None)
-    for rank, actor in enumerate(actors):
-        if actor_id is not None and actor._actor_id.hex() == actor_id:
-            return str(rank)
-    return "?"
 
 
 def placement_groups(sets: list[list[str]], nproc: int, *, cpus: float, gpus: float):
