@@ -211,7 +211,7 @@ def test_a_killed_role_ends_the_run_naming_it_and_resume_continues(cluster, tmp_
 
     resumed = train_ppo({**cfg, "output_dir": str(out), "resume": True})
     rows = read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert_same_weights(whole.final_dir / "model.safetensors", resumed.final_dir / "model.safetensors", 1e-6)
     assert_same_weights(
         whole.output_dir / "final_critic" / "model.safetensors", out / "final_critic" / "model.safetensors", 1e-6

@@ -68,12 +68,23 @@ class Placement:
         from rufus.distributed import ray as placement
 
         r = cfg.ray
-        self.cluster = placement.connect(r, cpus_needed=len(roles) * r.processes * r.cpus_per_process)
-        self.groups: dict = {}
         try:
             sets = placement.colocation_sets(r.colocate, roles)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        self.cluster = placement.connect(r, cpus_needed=len(roles) * r.processes * r.cpus_per_process)
+        self.groups: dict = {}
+        self.pgs: dict = {}
+        try:
+            self._place(cfg, algo, roles, sets)
+        except BaseException:
+            self.close()
+            raise
+
+    def _place(self, cfg, algo: str, roles: list[str], sets: list[list[str]]) -> None:
+        from rufus.distributed import ray as placement
+
+        r = cfg.ray
         self.pgs = placement.placement_groups(sets, r.processes, cpus=r.cpus_per_process, gpus=r.gpus_per_process)
         name = f"rufus-{algo}-{uuid.uuid4().hex[:8]}"
         from rufus.trainers.roles import RoleWorker
