@@ -722,6 +722,11 @@ class RaySection:
         None, "an existing Ray cluster ('auto' or host:port); unset = start a local one, on 127.0.0.1 only"
     )
     processes: int = opt(1, "processes per role: each role is a torch.distributed world of this size", ge=1)
+    engines: int = opt(
+        0,
+        "rollout engines as Ray actors of their own, sent the weights after each update (0 = the actor samples)",
+        ge=0,
+    )
     colocate: str = opt("all", "roles that share placement groups: all, none, or sets such as actor_ref,critic_reward")
     cpus_per_process: float = opt(1.0, "logical CPUs each process of a role asks for", gt=0)
     gpus_per_process: float = opt(0.0, "GPUs of one bundle, shared by the roles colocated on it", ge=0)

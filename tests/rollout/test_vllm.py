@@ -59,6 +59,16 @@ def test_greedy_responses_equal_the_hf_engines(engines):
             assert torch.allclose(torch.tensor(lps), want_lp, atol=1e-4)
 
 
+def test_a_large_seeded_batch_samples_in_one_call(engines):
+    _, tok, fast, _ = engines
+    # more prompt tokens than one scheduler step takes: with chunked prefill vLLM would rewind the
+    # seeded CPU generators, which they refuse
+    ids = [tok(f"question {i}: " + "what is the sum of these numbers " * 3)["input_ids"] for i in range(256)]
+    got = fast.generate(ids, Sampling(max_tokens=4, temperature=1.0, seed=5))
+    assert len(got.response_ids) == 256 and all(1 <= len(r) <= 4 for r in got.response_ids)
+    assert got.response_ids == fast.generate(ids, Sampling(max_tokens=4, temperature=1.0, seed=5)).response_ids
+
+
 def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
     """p-value of Pearson's goodness-of-fit test, cells with expected count under 5 pooled into one:
     P(chi2_k > stat) = Q(k / 2, stat / 2), the regularised upper incomplete gamma function."""

@@ -1,5 +1,6 @@
-"""placement=ray: PPO and GRPO with their roles in Ray actor groups (2 processes each) make the updates of
-the same run with placement=local on 2 processes: the same metrics and final weights. Killing a role's
+"""placement=ray: PPO and GRPO with their roles in Ray actor groups (2 processes each; GRPO's rollout
+engine a Ray actor of its own) make the updates of the same run with placement=local on 2 processes:
+the same metrics and final weights. Killing a role's
 process ends the run with an error naming the role, and resume=true continues to the same weights.
 Everything the local cluster starts listens on 127.0.0.1 only.
 
@@ -168,7 +169,9 @@ def test_grpo_on_ray_makes_the_local_runs_updates(cluster, tmp_path, tiny_model,
         **cfg,
         "output_dir": str(tmp_path / "ray"),
         "placement": "ray",
-        "ray": {"processes": 2, "colocate": "none"},
+        # the rollout engine as a Ray actor of its own: it samples each process's share with that process's
+        # seed and gets the policy's weights after each update, so the samples stay the local run's
+        "ray": {"processes": 2, "colocate": "none", "engines": 1},
     }
     result = train_grpo(ray_cfg)
     assert_same_metrics(tmp_path / "local", tmp_path / "ray")

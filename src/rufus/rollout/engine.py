@@ -44,11 +44,16 @@ def sample_rollout(
                           (an engine's own sampling logprobs differ from the trainer's in the last bits)
     """
     repeated = [row for row in rows for _ in range(n)]
+    generated = engine.generate([r["ids"] for r in repeated], Sampling.from_generation(generation, seed=seed))
+    return rows_rollout(repeated, generated, tokenizer, generation.max_new_tokens).to(device)
+
+
+def rows_rollout(repeated: list[dict], generated: Generated, tokenizer, width: int) -> Rollout:
+    """The Rollout of prompt rows (each already repeated n times) and an engine's responses to them."""
     prompt_ids = [r["ids"] for r in repeated]
-    generated = engine.generate(prompt_ids, Sampling.from_generation(generation, seed=seed))
-    ro = build_rollout([r["prompt"] for r in repeated], prompt_ids, generated, tokenizer, generation.max_new_tokens)
+    ro = build_rollout([r["prompt"] for r in repeated], prompt_ids, generated, tokenizer, width)
     ro.extra = {k: [r["extra"][k] for r in repeated] for k in (repeated[0].get("extra", {}) if repeated else {})}
-    return ro.to(device)
+    return ro
 
 
 def build_rollout(prompts: list, prompt_ids: list[list[int]], generated: Generated, tokenizer, width: int) -> Rollout:

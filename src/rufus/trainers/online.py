@@ -200,20 +200,20 @@ def rollout_engine(cfg, acc, policy, tokenizer):
     return make_engine(r.engine, policy, tokenizer, device=acc.device, **options)
 
 
-def sampling_seed(cfg, acc, step: int, call: int = 0) -> int:
-    """The seed of a step's `call`-th sampling call on this process: responses depend on (seed, step,
-    process, call) and the weights only, so a resumed run and a run whose roles are placed elsewhere
-    (placement=ray) sample what the uninterrupted local run samples."""
+def sampling_seed(cfg, process: int, step: int, call: int = 0) -> int:
+    """The seed of a step's `call`-th sampling call for process `process`: responses depend on (seed,
+    step, process, call) and the weights only, so a resumed run and a run whose roles are placed
+    elsewhere (placement=ray) sample what the uninterrupted local run samples."""
     import numpy as np
 
-    return int(np.random.SeedSequence([cfg.seed, step, acc.process_index, call]).generate_state(1, np.uint64)[0] >> 2)
+    return int(np.random.SeedSequence([cfg.seed, step, process, call]).generate_state(1, np.uint64)[0] >> 2)
 
 
 def sample(cfg, acc, engine, tokenizer, rows: list[dict], n: int, step: int, call: int = 0):
     """1. n responses per prompt row from the current policy: a Rollout of len(rows) * n sequences."""
     from rufus.rollout.engine import sample_rollout
 
-    seed = sampling_seed(cfg, acc, step, call)
+    seed = sampling_seed(cfg, acc.process_index, step, call)
     return sample_rollout(engine, tokenizer, rows, n, cfg.generation, seed=seed, device=acc.device)
 
 

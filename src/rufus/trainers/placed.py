@@ -12,6 +12,9 @@ What runs where:
   log pi_ref with the adapters disabled; critic (PPO): values and the value update; reference: log
   pi_ref; reward: the reward models' scores. Roles without work are not started (no critic for GRPO, no
   reference under LoRA or without a KL term, no reward role without reward models).
+- Rollout engines of their own (``ray.engines`` > 0): Ray actors with a copy of the policy, which the
+  actor sends its weights to after each update; share r of a step is sampled with process r's seed,
+  so the samples are those the actor's process r would draw. Without them the actor samples.
 - The controller: the prompts and their plan, reward functions and the reward pipeline (weights, EOS
   penalty, running-std scaling, clipping) over the whole batch, the KL penalty and its controller,
   advantages and whitening over the whole batch, metrics, samples, and committing checkpoints (each
@@ -75,6 +78,7 @@ class Placement:
         self.cluster = placement.connect(r, cpus_needed=len(roles) * r.processes * r.cpus_per_process)
         self.groups: dict = {}
         self.pgs: dict = {}
+        self.engines = None  # the rollout engines' group, with ray.engines
         try:
             self._place(cfg, algo, roles, sets)
         except BaseException:
@@ -94,6 +98,21 @@ class Placement:
             self.groups[role] = placement.RoleGroup(
                 role, RoleWorker, r.processes, pg, cpus=cpus, gpus=gpus, local=self.cluster.local, name=name
             )
+        if r.engines:  # rollout engines of their own, in a placement group of their own
+            from rufus.trainers.roles import EngineWorker
+
+            pg = placement.placement_groups([["engine"]], r.engines, cpus=r.cpus_per_process, gpus=r.gpus_per_process)
+            self.pgs["engine"] = pg["engine"]
+            self.engines = placement.RoleGroup(
+                "rollout engine",
+                EngineWorker,
+                r.engines,
+                pg["engine"][0],
+                cpus=r.cpus_per_process,
+                gpus=r.gpus_per_process,
+                local=self.cluster.local,
+                name=f"{name}-engine",
+            )
         log.info("placement=ray: %s, %d process(es) each, colocated as %s", ", ".join(roles), r.processes, sets)
 
     def setup(self, cfg, algo: str, max_steps: int) -> None:
@@ -104,13 +123,47 @@ class Placement:
             futures[role] = group.submit(
                 "setup", cfg, algo, role, list(range(group.nproc)), group.nproc, master, max_steps
             )
+        f_engines = self.engines.submit("setup", cfg) if self.engines else None
         for role, f in futures.items():
             self.groups[role].wait(f)
+        if f_engines:
+            self.engines.wait(f_engines)
+
+    def generate(self, cfg, tokenizer, shares: list[list[dict]], n: int, step: int) -> list:
+        """1. each process's share of the step's prompts, n responses each, as CPU Rollouts: sampled by
+        the actor's processes, or by the engines of their own (share r with process r's seed, so the
+        samples are the same)."""
+        if self.engines is None:
+            return self.groups["actor"].call("generate", shares, n, step)
+        from rufus.rollout.engine import rows_rollout
+        from rufus.rollout.engines import Sampling
+
+        E = self.engines.nproc
+        repeated = [[row for row in rows for _ in range(n)] for rows in shares]
+        generated = []
+        for first in range(0, len(shares), E):  # one share per engine at a time
+            futures = [
+                self.engines.actors[r - first].generate.remote(
+                    [row["ids"] for row in repeated[r]],
+                    Sampling.from_generation(cfg.generation, seed=online.sampling_seed(cfg, r, step)),
+                )
+                for r in range(first, min(first + E, len(shares)))
+            ]
+            generated += self.engines.wait(futures)
+        width = cfg.generation.max_new_tokens
+        return [rows_rollout(rows, got, tokenizer, width) for rows, got in zip(repeated, generated, strict=True)]
+
+    def push_weights(self) -> None:
+        """After the actor's update: its weights to the engines of their own (none: nothing to do)."""
+        if self.engines is not None:
+            from rufus.distributed.ray import Same
+
+            self.groups["actor"].call("push_weights", Same(self.engines.actors))
 
     def close(self) -> None:
         import ray
 
-        for group in self.groups.values():
+        for group in [*self.groups.values(), *([self.engines] if self.engines else [])]:
             group.kill()
         for pg, _, _ in {id(v[0]): v for v in self.pgs.values()}.values():
             try:
@@ -144,8 +197,8 @@ def _start(cfg, algo: str, roles: list[str], reward_fn):
     )
     # the roles see the controller's decision on resuming, and never refuse an existing output_dir
     worker_cfg = dataclasses.replace(
-        cfg,
-        resume=str(run.resume_from) if run.resume_from else False,
+        _absolute_paths(cfg),
+        resume=str(run.resume_from.resolve()) if run.resume_from else False,
         overwrite=True,
         placement="local",
         progress=False,
@@ -158,6 +211,25 @@ def _start(cfg, algo: str, roles: list[str], reward_fn):
         placed.close()
         raise
     return run, tokenizer, prompts, plan, max_steps, reward, placed
+
+
+def _absolute_paths(cfg):
+    """The config with its output directory and local model paths absolute: a Ray worker, on another
+    node or in another directory, finds what the controller finds."""
+
+    def fix(path):
+        return str(Path(path).resolve()) if path and Path(path).exists() else path
+
+    changes = {
+        "output_dir": str(Path(cfg.output_dir).resolve()),
+        "model": fix(cfg.model),
+        "ref_model": fix(cfg.ref_model),
+        "tokenizer": fix(cfg.tokenizer),
+        "reward": dataclasses.replace(cfg.reward, model=[fix(m) for m in cfg.reward.model]),
+    }
+    if hasattr(cfg, "critic"):
+        changes["critic"] = dataclasses.replace(cfg.critic, model=fix(cfg.critic.model))
+    return dataclasses.replace(cfg, **changes)
 
 
 def _resume(run, placed, trained: list[str], reward) -> tuple[int, dict]:
@@ -252,7 +324,7 @@ def train_ppo_placed(cfg, reward_fn=None):
             t0 = time.perf_counter()
 
             # 1. rollout: one response per prompt from pi_old, each process its share
-            parts = g["actor"].call("generate", _shares(prompts, plan, step, N), 1, step)
+            parts = placed.generate(cfg, tokenizer, _shares(prompts, plan, step, N), 1, step)
             t_rollout = time.perf_counter() - t0
 
             # 2. evaluation, all at once: pi_old, V, pi_ref in their groups; scores here
@@ -289,6 +361,7 @@ def train_ppo_placed(cfg, reward_fn=None):
             else:
                 actor_stats = g["actor"].call("update", parts, step)[0][0]
                 critic_stats = g["critic"].call("update", parts, step, actor_stats["policy/updates"])[0][0]
+            placed.push_weights()
             stats.update({k: v for k, v in critic_stats.items() if k.startswith("value/")})
             stats.update(actor_stats)
             # the local run logs its main process's share
@@ -350,7 +423,7 @@ def train_grpo_placed(cfg, reward_fn=None):
             t0 = time.perf_counter()
 
             # 1. a group of G responses per prompt from pi_old
-            parts = g["actor"].call("generate", _shares(prompts, plan, step, N), G, step)
+            parts = placed.generate(cfg, tokenizer, _shares(prompts, plan, step, N), G, step)
             t_rollout = time.perf_counter() - t0
 
             # 2. scores here; pi_old (unless the update's own pass gives it) and pi_ref in their groups
@@ -377,6 +450,7 @@ def train_grpo_placed(cfg, reward_fn=None):
             t_train = time.perf_counter()
             done = g["actor"].call("update", parts, step)
             stats = done[0][0]
+            placed.push_weights()
             _set_rows(parts, "logprobs", torch.cat([old for _, old in done]))
             t_train = time.perf_counter() - t_train
             ro = Rollout.concat(parts, pad)

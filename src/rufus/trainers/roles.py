@@ -57,7 +57,8 @@ class RoleWorker:
         self.engine = None
         if role == "actor":
             self.model, self.optimizer, self.scheduler = online.load_policy(cfg, run, tokenizer, max_steps)
-            self.engine = online.rollout_engine(cfg, acc, acc.unwrap_model(self.model), tokenizer)
+            if not cfg.ray.engines:  # else the engines are Ray actors of their own (`EngineWorker`)
+                self.engine = online.rollout_engine(cfg, acc, acc.unwrap_model(self.model), tokenizer)
         elif role == "critic":
             from rufus.models.value import load_critic
 
@@ -183,6 +184,20 @@ class RoleWorker:
             ro.logprobs = self.old_logprobs(ro)
         return stats, ro.logprobs.cpu()
 
+    def push_weights(self, engines: list) -> None:
+        """Send the policy's full weights (gathered, LoRA merged) to the rollout engines of their own."""
+        import ray
+
+        from rufus.rollout.engines import policy_weights
+
+        policy = self.acc.unwrap_model(self.model)
+        with distributed.gathered(policy):  # a collective when sharded: every process of the role calls
+            weights = policy_weights(policy) if self.acc.is_main_process else None
+        if self.acc.is_main_process:
+            ref = ray.put(weights)
+            ray.get([engine.update_weights.remote(ref) for engine in engines])
+        self.acc.wait_for_everyone()
+
     def last_lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
@@ -242,3 +257,36 @@ class RoleWorker:
     def _chunks(self, ro):
         B = ro.input_ids.shape[0]
         return [ro.select(torch.arange(i, min(i + self.micro_size, B))) for i in range(0, B, self.micro_size)]
+
+
+class EngineWorker:
+    """A rollout engine as a Ray actor of its own (`ray.engines`): its own copy of the policy, loaded from
+    the run's starting model and overwritten by the actor after each update (`RoleWorker.push_weights`)."""
+
+    def setup(self, cfg) -> int:
+        import types
+
+        from rufus.models.loading import load_causal_lm, resolve_dtype
+        from rufus.trainers import common, online
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        tokenizer = common.load_run_tokenizer(cfg)
+        model = load_causal_lm(
+            cfg.model,
+            tokenizer=tokenizer,
+            dtype=resolve_dtype(cfg.dtype, device),
+            trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=cfg.attn_implementation,
+        )
+        model.to(device).eval().requires_grad_(False)
+        self.engine = online.rollout_engine(cfg, types.SimpleNamespace(device=device), model, tokenizer)
+        return os.getpid()
+
+    def generate(self, prompt_ids, sampling):
+        return self.engine.generate(prompt_ids, sampling)
+
+    def update_weights(self, weights) -> None:
+        self.engine.update_weights(weights)
+
+    def close(self) -> None:
+        self.engine.close()

@@ -1,8 +1,10 @@
 """The Hugging Face engine: `generate` (or the compiled static-cache decoder) on the trained model itself.
 
-It holds no copy of the weights: the trainer's optimiser steps change what it samples from, so
-`update_weights`, `sleep` and `wake` have nothing to do. A sharded policy (fsdp, ZeRO-3) decodes from
-its gathered full weights (`rufus.distributed.gathered`), with no collective per token.
+On the trained model it holds no copy of the weights: the trainer's optimiser steps change what it
+samples from, so nothing is sent to it, and `sleep` and `wake` have nothing to do. As a rollout
+engine of its own (a Ray actor, `ray.engines`) it holds a copy that `update_weights` overwrites.
+A sharded policy (fsdp, ZeRO-3) decodes from its gathered full weights (`rufus.distributed.gathered`),
+with no collective per token.
 
 A call's `Sampling.seed` seeds a generator forked from the process's global one for that call only, so
 the responses depend on (seed, prompts, weights) and not on what else the process drew before: the
@@ -57,7 +59,14 @@ class HFEngine:
         return Generated(responses, reasons, logprobs)
 
     def update_weights(self, named_tensors) -> None:
-        """Nothing to load: the engine samples from the trained model itself."""
+        """Load full weights by name into the engine's model: for an engine with its own copy (a Ray
+        actor of its own, `ray.engines`). An engine on the trained model is never sent any."""
+        state = self.model.state_dict()
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                if name not in state:
+                    raise KeyError(f"hf engine: the model has no weight {name!r}")
+                state[name].copy_(tensor.to(state[name].device, state[name].dtype))
 
     def sleep(self) -> None:
         """Nothing to free: the weights are the trainer's."""

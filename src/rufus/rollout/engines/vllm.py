@@ -16,6 +16,9 @@
   cache on a GPU while the trainer updates; the engine wakes for the weights and then to sample. On a
   CPU vLLM ignores sleep.
 
+On a CPU chunked prefill is off: vLLM rewinds a chunked request's seeded generator after discarding
+its partial sample, which its CPU generators refuse ("CPU Generator does not use offset").
+
 In-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the weights go over as tensors, never through a
 file or a pickle. vLLM then shares the process with the trainer; it starts a one-process
 torch.distributed group of its own, so this engine serves runs of one process (a larger world
@@ -91,6 +94,7 @@ class VLLMEngine:
             dtype=dtype,
             enforce_eager=self.device.type == "cpu",
             enable_prefix_caching=True,
+            enable_chunked_prefill=self.device.type != "cpu",
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=min(x for x in (max_model_len, limit) if x) if (max_model_len or limit) else None,
             generation_config="vllm",
