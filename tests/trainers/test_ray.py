@@ -182,10 +182,8 @@ def test_a_killed_role_ends_the_run_naming_it_and_resume_continues(cluster, tmp_
     from rufus.distributed.ray import RoleFailed
     from rufus.trainers.ppo import train_ppo
 
-    cfg = settings(
-        tmp_path, tiny_model, rm_dir, max_steps=6, ray={"processes": 2, "colocate": "actor_ref,critic_reward"}
-    )
-    cfg["placement"] = "ray"
+    placement = {"processes": 2, "colocate": "actor_ref,critic_reward"}
+    cfg = settings(tmp_path, tiny_model, rm_dir, max_steps=4, placement="ray", ray=placement)
     whole = train_ppo({**cfg, "output_dir": str(tmp_path / "whole")})
 
     out = tmp_path / "cut"

@@ -213,14 +213,14 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
 
         # 4. PPO epochs over minibatches: clipped surrogate + clipped value loss (+ entropy, + ptx)
         def loss_fn(part, out, micro, step=step):
-            actor_loss, critic_loss, part_stats = _ppo_loss(cfg, part, out, micro)
+            actor_part, critic_part, part_stats = _ppo_loss(cfg, part, out, micro)
             if ptx is not None:
                 lm = ptx_loss(cfg, acc, actor, ptx, step, micro)
-                actor_loss = actor_loss + cfg.ptx.coef * lm
+                actor_part = actor_part + cfg.ptx.coef * lm
                 part_stats["ptx/loss"] = lm.item()
             if critic is None:  # a shared critic: one model, one loss
-                return actor_loss + critic_loss, part_stats
-            return [actor_loss, critic_loss], part_stats  # each back through its own model
+                return actor_part + critic_part, part_stats
+            return [actor_part, critic_part], part_stats  # each back through its own model
 
         t_train = time.perf_counter()
         opts = [optimizers[n] for n in models]
@@ -263,14 +263,14 @@ def _forward(cfg, actor, critic, part, with_entropy: bool = False) -> dict:
     from rufus.rollout.logprobs import response_outputs
 
     if critic is not None:
-        return {**_actor_forward(cfg, actor, part, with_entropy), **_critic_forward(critic, part)}
+        return {**actor_forward(cfg, actor, part, with_entropy), **critic_forward(critic, part)}
     ids, mask, P = part.input_ids, part.attention_mask, part.prompt_length
     out, logits = response_outputs(actor, ids, mask, P, cfg.generation.temperature)
     entropy = entropy_from_logits(logits) if with_entropy else None
     return {"logprobs": token_logprobs(logits, ids[:, P:]), "entropy": entropy, "values": out["values"][:, P - 1 : -1]}
 
 
-def _actor_forward(cfg, actor, part, with_entropy: bool = False) -> dict:
+def actor_forward(cfg, actor, part, with_entropy: bool = False) -> dict:
     """(b, A) "logprobs" and "entropy" (None unless with_entropy) of the actor on a Rollout slice."""
     from rufus.losses.ppo import entropy_from_logits
     from rufus.losses.sft import token_logprobs
@@ -282,7 +282,7 @@ def _actor_forward(cfg, actor, part, with_entropy: bool = False) -> dict:
     return {"logprobs": token_logprobs(logits, ids[:, P:]), "entropy": entropy}
 
 
-def _critic_forward(critic, part) -> dict:
+def critic_forward(critic, part) -> dict:
     """(b, A) "values" V(x, y_<t) of a separate critic on a Rollout slice."""
     from rufus.models.value import values_at_response
 
@@ -293,12 +293,12 @@ def _ppo_loss(cfg, part, out, micro) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The micro-batch's share of the minibatch loss, as (the actor's part: clipped surrogate -
     entropy_coef * entropy; the critic's part: vf_coef * clipped value loss; stats), each summed over
     its tokens / the minibatch's token count. The loss is their sum."""
-    actor_loss, actor_stats = _actor_loss(cfg, part, out, micro)
-    critic_loss, critic_stats = _critic_loss(cfg, part, out, micro)
-    return actor_loss, critic_loss, {**actor_stats, **critic_stats}
+    actor_part, actor_stats = actor_loss(cfg, part, out, micro)
+    critic_part, critic_stats = critic_loss(cfg, part, out, micro)
+    return actor_part, critic_part, {**actor_stats, **critic_stats}
 
 
-def _actor_loss(cfg, part, out, micro) -> tuple[torch.Tensor, dict]:
+def actor_loss(cfg, part, out, micro) -> tuple[torch.Tensor, dict]:
     """The actor's part of the micro-batch's loss: clipped surrogate - entropy_coef * entropy."""
     from rufus.losses.aggregation import masked_mean
     from rufus.losses.ppo import policy_loss
@@ -314,7 +314,7 @@ def _actor_loss(cfg, part, out, micro) -> tuple[torch.Tensor, dict]:
     }
 
 
-def _critic_loss(cfg, part, out, micro) -> tuple[torch.Tensor, dict]:
+def critic_loss(cfg, part, out, micro) -> tuple[torch.Tensor, dict]:
     """The critic's part of the micro-batch's loss: vf_coef * clipped value loss."""
     from rufus.losses.ppo import value_loss
 

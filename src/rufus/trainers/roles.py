@@ -103,10 +103,10 @@ class RoleWorker:
         with torch.no_grad():
             self.model.eval()
             if self.algo == "ppo":
-                from rufus.trainers.ppo import _actor_forward
+                from rufus.trainers.ppo import actor_forward
 
                 with self.acc.autocast():
-                    parts = [_actor_forward(self.cfg, self.model, chunk)["logprobs"] for chunk in self._chunks(ro)]
+                    parts = [actor_forward(self.cfg, self.model, chunk)["logprobs"] for chunk in self._chunks(ro)]
                 return torch.cat(parts).cpu()
             from rufus.rollout.logprobs import batched_logprobs
 
@@ -131,11 +131,11 @@ class RoleWorker:
 
     def values(self, ro) -> torch.Tensor:
         """(B, A) V of this process's rollout (the critic), in the first update's micro-batches."""
-        from rufus.trainers.ppo import _critic_forward
+        from rufus.trainers.ppo import critic_forward
 
         ro = ro.to(self.acc.device)
         with torch.no_grad(), self.acc.autocast():
-            return torch.cat([_critic_forward(self.model, chunk)["values"] for chunk in self._chunks(ro)]).cpu()
+            return torch.cat([critic_forward(self.model, chunk)["values"] for chunk in self._chunks(ro)]).cpu()
 
     def score(self, index: int, prompts: list, completions: list) -> torch.Tensor:
         """(B,) the scores of reward model `index` (reward.model order)."""
@@ -152,11 +152,11 @@ class RoleWorker:
             from rufus.trainers import ppo
 
             if self.role == "actor":
-                forward = lambda part: ppo._actor_forward(cfg, self.model, part, with_entropy=True)  # noqa: E731
-                loss_fn = lambda part, out, micro: ppo._actor_loss(cfg, part, out, micro)  # noqa: E731
+                forward = lambda part: ppo.actor_forward(cfg, self.model, part, with_entropy=True)  # noqa: E731
+                loss_fn = lambda part, out, micro: ppo.actor_loss(cfg, part, out, micro)  # noqa: E731
             else:
-                forward = lambda part: ppo._critic_forward(self.model, part)  # noqa: E731
-                loss_fn = lambda part, out, micro: ppo._critic_loss(cfg, part, out, micro)  # noqa: E731
+                forward = lambda part: ppo.critic_forward(self.model, part)  # noqa: E731
+                loss_fn = lambda part, out, micro: ppo.critic_loss(cfg, part, out, micro)  # noqa: E731
             section = cfg.ppo
         else:
             from rufus.trainers.grpo import grpo_loss
