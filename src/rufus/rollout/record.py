@@ -77,6 +77,11 @@ class Rollout:
                 out[name] = values[0]
         return Rollout(**out)
 
+    def chunks(self, size: int) -> list[Rollout]:
+        """Consecutive slices of `size` rows (the last may be shorter): a trainer's micro-batches."""
+        B = self.input_ids.shape[0]
+        return [self.select(torch.arange(i, min(i + size, B))) for i in range(0, B, size)]
+
     def select(self, idx: torch.Tensor | list[int]) -> Rollout:
         """The rows `idx` of every per-sample field (for minibatches)."""
         idx = torch.as_tensor(idx, dtype=torch.long)

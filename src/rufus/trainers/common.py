@@ -117,10 +117,14 @@ class BatchPlan:
         start = (step - 1) * self.batch_size
         return [self._epoch(p // self.n)[p % self.n] for p in range(start, start + self.batch_size)]
 
+    def share(self, global_idx: list[int], process: int) -> list[int]:
+        """Process `process`'s contiguous share of a step's examples."""
+        n = len(global_idx) // self.num_processes
+        return global_idx[process * n : (process + 1) * n]
+
     def micro_batches(self, global_idx: list[int]) -> list[list[int]]:
-        share = len(global_idx) // self.num_processes
-        mine = global_idx[self.process_index * share : (self.process_index + 1) * share]
-        size = share // self.grad_accum
+        mine = self.share(global_idx, self.process_index)
+        size = len(mine) // self.grad_accum
         return [mine[i * size : (i + 1) * size] for i in range(self.grad_accum)]
 
 

@@ -260,12 +260,12 @@ def _checkpoint(run, placed, trained: list[str], step: int, state: dict) -> None
 def _shares(prompts, plan, step: int, N: int) -> list[list[dict]]:
     """Each process's rows of step `step`: process r's contiguous share of the global batch."""
     batch = plan.global_batch(step)
-    share = len(batch) // N
-    return [[prompts[i] for i in batch[r * share : (r + 1) * share]] for r in range(N)]
+    return [[prompts[i] for i in plan.share(batch, r)] for r in range(N)]
 
 
-def _set_rows(parts, name: str, full: torch.Tensor) -> None:
-    """Give each process's rollout its rows of a whole-batch tensor."""
+def _set_rows(ro, parts, name: str, full: torch.Tensor) -> None:
+    """Set a whole-batch field on the whole batch `ro` and each process's rows of it on its rollout."""
+    setattr(ro, name, full)
     start = 0
     for part in parts:
         n = part.input_ids.shape[0]
@@ -335,9 +335,8 @@ def train_ppo_placed(cfg, reward_fn=None):
             ro = Rollout.concat(parts, pad)  # (B, ...) the whole batch
             scores, reward_stats = reward(ro.prompts, ro.completions, ro.has_eos, **ro.extra)
             for name, group, f in (("logprobs", g["actor"], f_old), ("values", g["critic"], f_values)):
-                _set_rows(parts, name, torch.cat(group.wait(f)))
-            _set_rows(parts, "ref_logprobs", torch.cat(reference.wait(f_ref)))
-            ro = Rollout.concat(parts, pad)
+                _set_rows(ro, parts, name, torch.cat(group.wait(f)))
+            _set_rows(ro, parts, "ref_logprobs", torch.cat(reference.wait(f_ref)))
             ro.scores = scores  # (B,)
 
             # 3. per-token rewards r_t = -beta * KL_t (+ score on the last token), GAE, whitening
@@ -351,7 +350,7 @@ def train_ppo_placed(cfg, reward_fn=None):
                 ro.advantages = _whiten(ro.advantages, mask, parts)
             stats = online.batch_stats(acc, ro, ro.kl, kl_ctl.value)
             for name in ("scores", "kl", "advantages", "returns"):
-                _set_rows(parts, name, getattr(ro, name))
+                _set_rows(ro, parts, name, getattr(ro, name))
 
             # 4. PPO epochs in the actor's and the critic's groups at once (with target_kl, the critic
             # stops after as many optimiser steps as the actor took)
@@ -433,9 +432,9 @@ def train_grpo_placed(cfg, reward_fn=None):
             ro = Rollout.concat(parts, pad)
             ro.scores, reward_stats = reward(ro.prompts, ro.completions, ro.has_eos, **ro.extra)
             if f_old is not None:
-                _set_rows(parts, "logprobs", torch.cat(g["actor"].wait(f_old)))
+                _set_rows(ro, parts, "logprobs", torch.cat(g["actor"].wait(f_old)))
             if f_ref is not None:
-                _set_rows(parts, "ref_logprobs", torch.cat(reference.wait(f_ref)))
+                _set_rows(ro, parts, "ref_logprobs", torch.cat(reference.wait(f_ref)))
             sampled_mask = ro.response_mask
 
             # 3. group-relative advantages, the same for every token of a response
@@ -445,16 +444,15 @@ def train_grpo_placed(cfg, reward_fn=None):
                 keep = (~equal).repeat_interleave(G).long()
                 ro.response_mask = ro.response_mask * keep.unsqueeze(-1)
             for name in ("scores", "advantages", "response_mask"):
-                _set_rows(parts, name, getattr(ro, name))
+                _set_rows(ro, parts, name, getattr(ro, name))
 
             # 4. clipped updates in the policy's group
             t_train = time.perf_counter()
             done = g["actor"].call("update", parts, step)
             stats = done[0][0]
             placed.push_weights()
-            _set_rows(parts, "logprobs", torch.cat([old for _, old in done]))
+            _set_rows(ro, parts, "logprobs", torch.cat([old for _, old in done]))
             t_train = time.perf_counter() - t_train
-            ro = Rollout.concat(parts, pad)
             ro.kl = kl_penalty(ro.logprobs, ro.ref_logprobs, "k1") if use_kl else None
             sample_stats = online.batch_stats(acc, ro, ro.kl, cfg.kl.coef, mask=sampled_mask)
 

@@ -188,11 +188,7 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
         with torch.no_grad():
             actor.eval()
             with acc.autocast():  # in the micro-batches of the first update: its first ratio is exactly 1
-                chunks = [
-                    ro.select(torch.arange(i, min(i + micro_size, len(batch))))
-                    for i in range(0, len(batch), micro_size)
-                ]
-                parts = [_forward(cfg, actor, critic, chunk) for chunk in chunks]
+                parts = [_forward(cfg, actor, critic, chunk) for chunk in ro.chunks(micro_size)]
             ro.logprobs = torch.cat([p["logprobs"] for p in parts])  # (B, A) log pi_old
             ro.values = torch.cat([p["values"] for p in parts])  # (B, A) V
             ro.ref_logprobs = online.reference_logprobs(cfg, acc, actor, reference, ro, micro_size)  # (B, A)

@@ -106,7 +106,9 @@ class RoleWorker:
                 from rufus.trainers.ppo import actor_forward
 
                 with self.acc.autocast():
-                    parts = [actor_forward(self.cfg, self.model, chunk)["logprobs"] for chunk in self._chunks(ro)]
+                    parts = [
+                        actor_forward(self.cfg, self.model, chunk)["logprobs"] for chunk in ro.chunks(self.micro_size)
+                    ]
                 return torch.cat(parts).cpu()
             from rufus.rollout.logprobs import batched_logprobs
 
@@ -135,7 +137,9 @@ class RoleWorker:
 
         ro = ro.to(self.acc.device)
         with torch.no_grad(), self.acc.autocast():
-            return torch.cat([critic_forward(self.model, chunk)["values"] for chunk in self._chunks(ro)]).cpu()
+            return torch.cat(
+                [critic_forward(self.model, chunk)["values"] for chunk in ro.chunks(self.micro_size)]
+            ).cpu()
 
     def score(self, index: int, prompts: list, completions: list) -> torch.Tensor:
         """(B,) the scores of reward model `index` (reward.model order)."""
@@ -253,10 +257,6 @@ class RoleWorker:
             save_critic(whole, out)
         self.acc.wait_for_everyone()
         return str(out)
-
-    def _chunks(self, ro):
-        B = ro.input_ids.shape[0]
-        return [ro.select(torch.arange(i, min(i + self.micro_size, B))) for i in range(0, B, self.micro_size)]
 
 
 class EngineWorker:

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rufus.rollout.engines import Generated, Sampling, cut_at_eos, policy_weights
+from rufus.rollout.engines import Generated, Sampling, cut_at_eos, finish_reason, policy_weights
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class VLLMEngine:
             done = out.outputs[0]
             tokens = cut_at_eos(list(done.token_ids), eos)  # without stop_at_eos the response ends at EOS
             responses.append(tokens)
-            reasons.append("stop" if eos is not None and tokens and tokens[-1] == eos else "length")
+            reasons.append(finish_reason(tokens, eos))
             if logprobs is not None:
                 logprobs.append([step[t].logprob for step, t in zip(done.logprobs, tokens)])
         if self.sleep_mode:
