@@ -44,8 +44,14 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that train (requires_grad), by name; frozen weights come from the base model."""
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    """The parameters that train (requires_grad), and frozen ones that still change during a run
+    (marked `p.rufus_checkpoint = True`: ILQL's Polyak-averaged target heads), by name; other frozen
+    weights come from the base model."""
+    return {
+        n: p.detach().contiguous().cpu()
+        for n, p in model.named_parameters()
+        if p.requires_grad or getattr(p, "rufus_checkpoint", False)
+    }
 
 
 def _rng_state() -> tuple[dict, dict[str, torch.Tensor]]:

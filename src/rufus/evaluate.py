@@ -87,6 +87,11 @@ class EvalConfig:
     )
     trust_remote_code: bool = opt(False, "allow model code from the hub to run (off: untrusted code never runs)")
     progress: bool = opt(True, "show a progress bar")
+    ilql_beta: list[float] = opt(
+        [],
+        "a model saved by rufus ilql: decoding strengths beta to score in one evaluation (the first "
+        "gives the headline metrics, each its ilql/beta_<b>/... ones); empty = the beta saved with it",
+    )
 
 
 def evaluate(config: EvalConfig | dict, reward_fn=None) -> dict:
@@ -98,6 +103,7 @@ def evaluate(config: EvalConfig | dict, reward_fn=None) -> dict:
     from rufus.config import as_config, atomic_write_text, save_config
     from rufus.data.loading import load_records
     from rufus.data.readers import options_from
+    from rufus.models.ilql import is_ilql_dir
     from rufus.models.loading import load_tokenizer, resolve_dtype
     from rufus.rewards import build_reward_pipeline
 
@@ -115,6 +121,11 @@ def evaluate(config: EvalConfig | dict, reward_fn=None) -> dict:
             resolve_preference(cfg.preference)
         except ValueError as e:
             raise ConfigError(f"preference: {e}") from None
+    ilql = is_ilql_dir(cfg.model)
+    if cfg.ilql_beta and not ilql:
+        raise ConfigError(f"ilql_beta: {cfg.model} is not a model saved by rufus ilql (no ilql.json)")
+    if any(b < 0 for b in cfg.ilql_beta):
+        raise ConfigError(f"ilql_beta: {cfg.ilql_beta} must be >= 0")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(cfg.dtype, device)
     ref_name = cfg.ref_model or cfg.baseline
@@ -136,14 +147,19 @@ def evaluate(config: EvalConfig | dict, reward_fn=None) -> dict:
     extra = {k: [p["extra"][k] for p in items] for k in items[0]["extra"]}  # columns for reward functions
 
     with torch.no_grad():
-        # 2. the policy's responses and, for the KL, their logprobs log pi(y_t | x, y_<t)
-        model = _load(cfg, cfg.model, tokenizer, dtype, device)
-        rollouts = _sample(cfg, model, tokenizer, items, device, "eval policy")
-        logprobs = ref_logprobs = None  # (N,) per-sequence sums over response tokens
-        if ref_name:
-            logprobs = _sequence_logprobs(cfg, model, rollouts)
-        if ref_name == cfg.model:  # the same weights: the same numbers, so KL is exactly 0
-            ref_logprobs = logprobs
+        # 2. the policy's responses (an ILQL policy: one set per beta) and, for the KL, their
+        # logprobs log pi(y_t | x, y_<t)
+        model = _load(cfg, cfg.model, tokenizer, dtype, device, decoding=True)
+        variants = []  # [beta (ILQL) or None, rollouts, logprobs, the reference's logprobs]
+        for beta in cfg.ilql_beta or [getattr(model, "beta", None)]:
+            if beta is not None:
+                model.beta = float(beta)
+            label = "eval policy" + ("" if beta is None else f" (beta {beta:g})")
+            rollouts = _sample(cfg, model, tokenizer, items, device, label)
+            logprobs = _sequence_logprobs(cfg, model, rollouts) if ref_name else None
+            # the same weights: the same numbers, so KL is exactly 0 (not for ILQL: its policy is not its LM)
+            same = ref_name == cfg.model and not ilql
+            variants.append([beta, rollouts, logprobs, logprobs if same else None])
         del model
         _free()
 
@@ -152,19 +168,52 @@ def evaluate(config: EvalConfig | dict, reward_fn=None) -> dict:
         if cfg.baseline:
             model = _load(cfg, cfg.baseline, tokenizer, dtype, device)
             base_rollouts = _sample(cfg, model, tokenizer, items, device, "eval baseline")
-            if ref_name == cfg.baseline and ref_logprobs is None:
-                ref_logprobs = _sequence_logprobs(cfg, model, rollouts)
+            if ref_name == cfg.baseline:
+                for v in variants:
+                    v[3] = _sequence_logprobs(cfg, model, v[1]) if v[3] is None else v[3]
             del model
             _free()
-        if ref_name and ref_logprobs is None:
+        if ref_name and any(v[3] is None for v in variants):
             model = _load(cfg, ref_name, tokenizer, dtype, device)
-            ref_logprobs = _sequence_logprobs(cfg, model, rollouts)
+            for v in variants:
+                v[3] = _sequence_logprobs(cfg, model, v[1]) if v[3] is None else v[3]
             del model
             _free()
 
+    # 4. scores: the reward sources, the gold taste (ILQL: for every beta, the first one the headline)
+    metrics: dict = {"n_prompts": len(items)}
+    rows: list[dict] = []
+    for k, (beta, rollouts, logprobs, ref_logprobs) in enumerate(variants):
+        got, got_rows = _side_metrics(cfg, prompts, extra, reward, rollouts, base_rollouts, logprobs, ref_logprobs)
+        if k == 0:
+            metrics.update(got)
+            rows = got_rows
+            if beta is not None:
+                metrics["ilql/beta"] = float(beta)
+        if len(variants) > 1:
+            mine = {key: v for key, v in got.items() if not key.startswith(("baseline/", "gold/best"))}
+            metrics.update({f"ilql/beta_{beta:g}/{key}": v for key, v in mine.items()})
+    if pairs is not None:
+        metrics.update(_pair_metrics(cfg, reward, pairs))
+
+    # 5. write the files, log a summary, return
+    metrics["time/s"] = time.perf_counter() - t0
+    if cfg.output_dir:
+        out = Path(cfg.output_dir)
+        save_config(cfg, out / "config.yaml")
+        atomic_write_text(out / "eval.json", json.dumps(metrics, indent=1) + "\n")
+        atomic_write_text(out / "generations.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    shown = ("score", "win_rate", "kl", "gold/mean", "gold/win_rate", "rm/label_accuracy", "length", "distinct_2")
+    log.info("eval on %d prompts: %s", len(items), ", ".join(f"{k} {metrics[k]:.4g}" for k in shown if k in metrics))
+    return {**metrics, "generations": rows}
+
+
+def _side_metrics(cfg: EvalConfig, prompts, extra, reward, rollouts, base_rollouts, logprobs, ref_logprobs):
+    """(metrics, rows) of one set of the policy's responses against the baseline's: length,
+    distinct-n, KL, reward score and win rate, gold (module docstring)."""
     completions = [c for ro in rollouts for c in ro.completions]
     rows = [{"prompt": p, "response": c} for p, c in zip(prompts, completions)]
-    metrics: dict = {"n_prompts": len(items)}
+    metrics: dict = {}
     sides = [("", rollouts)] + ([("baseline/", base_rollouts)] if base_rollouts else [])
     for prefix, ros in sides:
         texts = [c for ro in ros for c in ro.completions]
@@ -174,13 +223,11 @@ def evaluate(config: EvalConfig | dict, reward_fn=None) -> dict:
         if prefix:
             for row, text in zip(rows, texts):
                 row["baseline_response"] = text
-    if ref_name:
+    if logprobs is not None:
         kl = (logprobs - ref_logprobs).double()  # (N,) sum_t log pi - log pi_ref, one sample per prompt
         metrics["kl"], metrics["kl_std_err"] = kl.mean().item(), _std_err(kl.tolist())
         for row, k in zip(rows, kl.tolist()):
             row["kl"] = k
-
-    # 4. scores: the reward sources, the gold taste, the held-out pairs
     if reward is not None:
         scores = {}
         for prefix, ros in sides:
@@ -192,7 +239,7 @@ def evaluate(config: EvalConfig | dict, reward_fn=None) -> dict:
                 metrics.update({f"{prefix}score/{name}": v for name, v in per_source.items()})
             for row, s in zip(rows, scores[prefix]):
                 row[prefix.replace("/", "_") + "score"] = s
-        if cfg.baseline:
+        if base_rollouts:
             metrics["win_rate"] = _win_rate(scores[""], scores["baseline/"])
     if cfg.preference is not None:
         from rufus.playground.taste import best_gold, gold_score, gold_win_rate
@@ -207,23 +254,11 @@ def evaluate(config: EvalConfig | dict, reward_fn=None) -> dict:
                 {f"{prefix}gold/mean": mean, f"{prefix}gold/ci_low": mean - half, f"{prefix}gold/ci_high": mean + half}
             )
         metrics["gold/best"] = best_gold(cfg.preference)
-        if cfg.baseline:
+        if base_rollouts:
             metrics["gold/win_rate"] = gold_win_rate(
                 prompts, completions, [r["baseline_response"] for r in rows], cfg.preference
             )
-    if pairs is not None:
-        metrics.update(_pair_metrics(cfg, reward, pairs))
-
-    # 5. write the files, log a summary, return
-    metrics["time/s"] = time.perf_counter() - t0
-    if cfg.output_dir:
-        out = Path(cfg.output_dir)
-        save_config(cfg, out / "config.yaml")
-        atomic_write_text(out / "eval.json", json.dumps(metrics, indent=1) + "\n")
-        atomic_write_text(out / "generations.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    shown = ("score", "win_rate", "kl", "gold/mean", "gold/win_rate", "rm/label_accuracy", "length", "distinct_2")
-    log.info("eval on %d prompts: %s", len(items), ", ".join(f"{k} {metrics[k]:.4g}" for k in shown if k in metrics))
-    return {**metrics, "generations": rows}
+    return metrics, rows
 
 
 def distinct_n(texts: list[str], n: int) -> float:
@@ -252,10 +287,13 @@ def _prompts(cfg: EvalConfig, tokenizer) -> list[dict]:
     return items[: cfg.num_prompts]
 
 
-def _load(cfg: EvalConfig, name: str, tokenizer, dtype, device):
+def _load(cfg: EvalConfig, name: str, tokenizer, dtype, device, decoding: bool = False):
+    """A model as a causal LM; `decoding`: as the policy samples (a rufus ilql model with its heads)."""
+    from rufus.models.ilql import load_decoding_model
     from rufus.models.loading import load_causal_lm
 
-    model = load_causal_lm(name, tokenizer=tokenizer, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    load = load_decoding_model if decoding else load_causal_lm
+    model = load(name, tokenizer=tokenizer, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     return model.to(device).eval()
 
 

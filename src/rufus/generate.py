@@ -63,6 +63,12 @@ class GenerateConfig:
     )
     trust_remote_code: bool = opt(False, "allow model code from the hub to run (off: untrusted code never runs)")
     progress: bool = opt(True, "show a progress bar")
+    ilql_beta: float | None = opt(
+        None,
+        "a model saved by rufus ilql: the decoding strength beta of pi_beta exp(beta (Q - V)) "
+        "(None = the beta saved with it; 0 = its language model alone)",
+        ge=0,
+    )
 
 
 def generate(config: GenerateConfig | dict, reward_fn=None) -> dict:
@@ -77,7 +83,8 @@ def generate(config: GenerateConfig | dict, reward_fn=None) -> dict:
 
     from rufus.bon import bon_kl_bound, select_best
     from rufus.config import as_config, atomic_write_text, save_config
-    from rufus.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
+    from rufus.models.ilql import load_decoding_model
+    from rufus.models.loading import load_tokenizer, resolve_dtype
     from rufus.rewards import build_reward_pipeline
     from rufus.rollout.generate import generate_responses
 
@@ -106,7 +113,10 @@ def generate(config: GenerateConfig | dict, reward_fn=None) -> dict:
         reward = build_reward_pipeline(
             cfg.reward, device=device, dtype=dtype, extra_functions=fns, trust_remote_code=cfg.trust_remote_code
         )
-    model = load_causal_lm(cfg.model, tokenizer=tokenizer, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    # a rufus ilql model decodes with its heads (beta-perturbed logits); any other model as it is
+    model = load_decoding_model(
+        cfg.model, tokenizer=tokenizer, dtype=dtype, beta=cfg.ilql_beta, trust_remote_code=cfg.trust_remote_code
+    )
     model.to(device).eval()
 
     t0 = time.perf_counter()

@@ -79,7 +79,17 @@ def generate_responses(
     was_training = model.training
     model.eval()
     P = ids.shape[1]
-    if use_cache and has_compiled_blocks(model):
+    if getattr(model, "decodes_itself", False):  # a policy that is not a plain LM (ILQL's perturbed logits)
+        response = sample_static(
+            model,
+            ids,
+            mask,
+            gen,
+            tokenizer.pad_token_id,
+            tokenizer.eos_token_id if gen.stop_at_eos else None,
+            compiled=False,
+        )
+    elif use_cache and has_compiled_blocks(model):
         response = sample_static(
             getattr(model, "policy", model),
             ids,
@@ -166,7 +176,14 @@ def _last_logits(model, input_ids, attention_mask, position_ids, cache_position,
 
 @torch.no_grad()
 def sample_static(
-    model, ids: torch.Tensor, mask: torch.Tensor, gen, pad_token_id: int, eos_token_id: int | None
+    model,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    gen,
+    pad_token_id: int,
+    eos_token_id: int | None,
+    *,
+    compiled: bool = True,
 ) -> torch.Tensor:
     """(B, A) sampled tokens (pad after a row's EOS) through a static KV cache and a compiled decode step.
 
@@ -175,7 +192,8 @@ def sample_static(
     single-token forward whose shapes never change, so it compiles once per (batch, length) and
     runs without Python overhead per operation. The cache and the compiled step are kept on the
     model and reused. Same distribution as `generate` (pick_tokens); different random draws.
-    `eos_token_id` None samples all A tokens.
+    `eos_token_id` None samples all A tokens. `compiled=False` runs the decode step eagerly (a
+    model `generate` cannot drive, such as ILQL's policy, gets the same loop without compiling).
     """
     from transformers import StaticCache
 
@@ -191,7 +209,7 @@ def sample_static(
     else:
         cache.reset()
     if "step" not in state:
-        state["step"] = torch.compile(_last_logits, dynamic=False)
+        state["step"] = torch.compile(_last_logits, dynamic=False) if compiled else _last_logits
     full_mask = torch.cat([mask, torch.ones((B, A), dtype=mask.dtype, device=mask.device)], dim=1)
     with torch.compiler.set_stance("force_eager"):
         logits = _last_logits(
