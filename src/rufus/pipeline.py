@@ -54,7 +54,9 @@ log = logging.getLogger(__name__)
 
 STAGES = ("sft", "collect", "rm", "rl", "eval", "leaderboard", "report")
 ROUND_STAGES = ("collect", "rm", "rl")  # repeated once per round (pipeline.rounds)
-RL_ALGOS = ("ppo", "grpo", "rloo", "dpo", "bon")
+RL_ALGOS = ("ppo", "grpo", "rloo", "dpo", "kto", "simpo", "orpo", "ilql", "bon")
+ALGO_COMMANDS = {"simpo": "dpo", "orpo": "dpo"}  # objectives of another command (its dpo.loss_type)
+COMPARISON_ALGOS = ("dpo", "kto", "simpo", "orpo")  # learn from the collected comparisons themselves
 SOURCES = ("auto", "playground", "file", "studio")
 PENDING_EXIT = 75  # the exit status of a run that stops to wait for labels (sysexits' EX_TEMPFAIL: try again later)
 
@@ -270,6 +272,42 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "save_every": 0,
         "data": {"max_length": 128, "truncation": "truncate"},
         "dpo": {"beta": 0.1},
+    },
+    "kto": {
+        "lr": 1e-4,
+        "batch_size": 32,
+        "epochs": 2,
+        "log_every": 10,
+        "save_every": 0,
+        "data": {"max_length": 128, "truncation": "truncate"},
+        "kto": {"beta": 0.1},
+    },
+    "simpo": {
+        "lr": 1e-4,
+        "batch_size": 32,
+        "epochs": 2,
+        "log_every": 10,
+        "save_every": 0,
+        "data": {"max_length": 128, "truncation": "truncate"},
+        "dpo": {"beta": 2.0, "gamma": 1.0},
+    },
+    "orpo": {
+        "lr": 1e-4,
+        "batch_size": 32,
+        "epochs": 2,
+        "log_every": 10,
+        "save_every": 0,
+        "data": {"max_length": 128, "truncation": "truncate"},
+        "dpo": {"beta": 0.1},
+    },
+    "ilql": {
+        "lr": 1e-4,
+        "batch_size": 32,
+        "epochs": 2,
+        "log_every": 10,
+        "save_every": 0,
+        "data": {"max_length": 128, "truncation": "truncate"},
+        "ilql": {"beta": 4.0},
     },
     "bon": {
         "lr": 1e-3,
@@ -530,8 +568,9 @@ def _plan(cfg: PipelineConfig, out: Path, algo: str, rl_settings: dict, files: d
 
     fmt = "ranking" if source != "file" and cfg.collect.responses > 2 else "preference"
     plan["format"] = fmt
-    rl_cls, plan["rl_train"] = load_command(algo)
-    plan["monitor"] = _gold_monitor(cfg.playground.preference) if cfg.playground.enabled and algo != "dpo" else None
+    rl_cls, plan["rl_train"] = load_command(ALGO_COMMANDS.get(algo, algo))
+    online = algo not in COMPARISON_ALGOS + ("ilql",)  # samples from its policy: gold is logged as it trains
+    plan["monitor"] = _gold_monitor(cfg.playground.preference) if cfg.playground.enabled and online else None
     policies = [("sft", sft_model)]  # every policy of the run, in order: (name, model directory)
     plan["rounds"] = []
     for r in range(1, cfg.rounds + 1):
@@ -557,8 +596,13 @@ def _plan(cfg: PipelineConfig, out: Path, algo: str, rl_settings: dict, files: d
         )
         start = policies[-1][1] if cfg.round_start == "previous" else sft_model
         wiring: dict[str, Any] = {"model": start, "output_dir": str(rl_dir)}
-        if algo == "dpo":  # offline DPO on the same comparisons the reward model learnt from
+        if algo in COMPARISON_ALGOS:  # offline, on the same comparisons the reward model learnt from
             wiring["data"] = {"train": str(collect / f"pairs{every}.jsonl"), "eval": str(collect / "eval.jsonl")}
+            if algo in ALGO_COMMANDS:
+                wiring["dpo"] = {"loss_type": algo}
+        elif algo == "ilql":  # offline RL: every collected response, scored once by the reward model
+            wiring["data"] = {"train": str(collect / f"train{every}.jsonl"), "eval": str(collect / "eval.jsonl")}
+            wiring["reward"] = {"model": [rm_model]}
         else:
             wiring["data"] = {"train": files["prompts"]}
             wiring["reward"] = {"model": [rm_model]}
@@ -1156,7 +1200,13 @@ def _run_rl(cfg: PipelineConfig, st: _Stages, plan: dict, files: dict, upstream:
     start = (
         f"the round-{step.round - 1} policy" if step.round > 1 and cfg.round_start == "previous" else "the SFT model"
     )
-    what = f"{algo} from {start}" + (" on the comparisons" if algo == "dpo" else " against the reward model")
+    what = f"{algo} from {start}" + (
+        " on the comparisons"
+        if algo in COMPARISON_ALGOS
+        else " on the collected responses, scored by the reward model"
+        if algo == "ilql"
+        else " against the reward model"
+    )
     return _run_trainer(st, step.name, _fingerprint(st.out, upstream, algo), config, what, train)
 
 

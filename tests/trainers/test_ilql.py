@@ -163,3 +163,34 @@ def test_refusals(tiny_model, tmp_path):
         train_ilql(ilql_config(tiny_model, train, tmp_path / "run", strategy="fsdp"))
     with pytest.raises(ConfigError, match="ilql_beta"):
         generate({"model": str(tiny_model), "prompt": "what is 1 ?", "ilql_beta": 1.0})
+
+
+@pytest.mark.multiprocess
+def test_two_processes_make_the_single_process_update(tiny_model, tmp_path):
+    from safetensors.torch import load_file
+
+    from tests.helpers import run_cli
+
+    train = write_jsonl(tmp_path / "train.jsonl", offline_rows(4))
+    args = [
+        f"model={tiny_model}",
+        f"data.train={train}",
+        f"data.eval={train}",
+        "data.max_length=32",
+        "batch_size=8",
+        "max_steps=3",
+        "eval_every=3",
+        "lr=3e-3",
+        "dtype=float32",
+        "progress=false",
+        "ilql.polyak=0.5",
+    ]
+    run_cli("ilql", args + [f"output_dir={tmp_path / 'one'}", "grad_accum=2"], 1, tmp_path)
+    run_cli("ilql", args + [f"output_dir={tmp_path / 'two'}"], 2, tmp_path)
+    for name in ("model.safetensors", "ilql_heads.safetensors"):
+        a, b = (load_file(tmp_path / run / "final" / name) for run in ("one", "two"))
+        worst = max((a[k] - b[k]).abs().max().item() for k in a)
+        assert worst < 1e-5, (name, worst)
+    one, two = (read_metrics(tmp_path / run / "metrics.jsonl")[-1] for run in ("one", "two"))
+    for key in ("loss", "loss/q", "q/mean", "eval/loss", "eval/advantage/mean"):
+        assert one[key] == pytest.approx(two[key], rel=1e-4, abs=1e-6), key

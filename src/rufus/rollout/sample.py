@@ -29,13 +29,15 @@ def sample_responses(
     from transformers import set_seed
 
     from rufus.data.sft import encode_prompt
-    from rufus.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
+    from rufus.models.ilql import load_decoding_model
+    from rufus.models.loading import load_tokenizer, resolve_dtype
     from rufus.rollout.generate import generate_responses
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    # a rufus ilql policy answers with its heads (beta-perturbed logits at its saved beta)
     model = (
-        load_causal_lm(
+        load_decoding_model(
             model_path, tokenizer=tokenizer, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code
         )
         .to(device)
