@@ -608,7 +608,8 @@ def _plan(cfg: PipelineConfig, out: Path, algo: str, rl_settings: dict, files: d
             wiring["reward"] = {"model": [rm_model]}
             if algo == "ppo":
                 wiring["critic"] = {"model": rm_model}  # a reward model is the usual critic initialisation
-        has_ref = any(f.name == "ref_model" for f in dataclasses.fields(rl_cls))
+        # orpo and simpo keep no reference (rufus dpo refuses one)
+        has_ref = algo not in ALGO_COMMANDS and any(f.name == "ref_model" for f in dataclasses.fields(rl_cls))
         if start != sft_model and has_ref and not rl_settings.get("lora") and "ref_model" not in rl_settings:
             wiring["ref_model"] = sft_model  # the KL stays anchored to the SFT model, round after round
         values = _stage_config(cfg, algo, rl_settings, wiring)

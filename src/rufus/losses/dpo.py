@@ -1,4 +1,5 @@
-"""Direct preference losses on sequence log-probabilities: DPO, conservative DPO, IPO and SLiC hinge.
+"""Direct preference losses on sequence log-probabilities: DPO, conservative DPO, IPO, SLiC hinge,
+and the reference-free ORPO and SimPO.
 
 Inputs are SEQUENCE log-probabilities, one per (prompt, response): the sum over the response tokens
 of log pi(y_t | x, y_<t) (`sequence_logprobs`-style: mask the prompt and padding, then sum), for the
@@ -13,6 +14,13 @@ micro-batch losses and gradients add up to the full batch's exactly.
 
 Length: the sum over tokens is the DPO paper's log pi(y|x). TRL's IPO averages the token logprobs
 over the response length instead; pass length-averaged logprobs to get that behaviour.
+
+Reference-free (`orpo_loss`, `simpo_loss`; REFERENCE_FREE_LOSS_TYPES): no pi_ref at all. Both take
+the policy's summed sequence log-probabilities and the response lengths |y| (tokens, eos included),
+and work on the length-normalised log-probability m(y) = log pi_theta(y|x) / |y|, the mean token
+log-probability. ORPO (Hong et al. 2024) adds the chosen response's NLL, -m(y_w), to an odds-ratio
+term; SimPO (Meng et al. 2024) is the DPO sigmoid loss on beta m(y) with a target margin gamma.
+The same `normalizer` rule holds: sum over the pairs / the whole batch's pair count.
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")  # dpo_loss: on the log-ratio to pi_ref
+REFERENCE_FREE_LOSS_TYPES = ("orpo", "simpo")  # orpo_loss, simpo_loss: no pi_ref
 
 
 def dpo_loss(
@@ -109,17 +118,165 @@ def dpo_loss(
     loss = per_pair.sum() / normalizer
 
     with torch.no_grad():
-        chosen_reward = beta * chosen_ratio  # (B,) implicit reward r_hat(x, y_w)
-        rejected_reward = beta * rejected_ratio  # (B,) r_hat(x, y_l)
-        gap = chosen_reward - rejected_reward
-        wins = (gap > 0).to(dtype) + 0.5 * (gap == 0).to(dtype)
-        stats = {
-            "rewards/chosen": _mean(chosen_reward),
-            "rewards/rejected": _mean(rejected_reward),
-            "rewards/margin": _mean(gap),
-            "rewards/accuracy": _mean(wins),
-        }
+        # (B,) implicit rewards r_hat(x, y_w) and r_hat(x, y_l)
+        stats = _reward_stats(beta * chosen_ratio, beta * rejected_ratio, dtype)
     return loss, stats
+
+
+# log odds are capped where the mean token probability is within about 1e-6 of 1 (m >= -1e-6):
+# log P/(1 - P) -> +inf as P -> 1, and its derivative 1 / (1 - P) with it. The cap is log(1e6) = 13.8.
+_MAX_MEAN_LOGPROB = -1e-6
+
+
+def log_odds(mean_logprobs: torch.Tensor) -> torch.Tensor:
+    """log odds(y) = log P - log(1 - P) with P = exp(m), m = the mean token log-probability (<= 0).
+
+    ORPO (Hong et al. 2024, arXiv 2403.07691), Sec. 4.1: odds(y|x) = P(y|x) / (1 - P(y|x)), with
+    log P(y|x) the mean token log-likelihood of y (length-normalised). Computed as
+    m - log(-expm1(m)), exact for m near 0 where 1 - exp(m) would cancel, and for very negative m
+    (expm1 -> -1, log odds -> m). m is clamped to at most -1e-6 (log odds <= 13.8) so that P = 1 in
+    floating point gives a finite value and gradient (zero past the cap) instead of inf / nan."""
+    m = mean_logprobs.clamp(max=_MAX_MEAN_LOGPROB)
+    return m - torch.log(-torch.expm1(m))
+
+
+def orpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    *,
+    lam: float = 0.1,
+    normalizer: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ORPO, odds-ratio preference optimisation (Hong et al. 2024, "ORPO: Monolithic Preference
+    Optimization without Reference Model", arXiv 2403.07691), Sec. 4, per pair:
+
+        m_w = log pi_theta(y_w|x) / |y_w|,  m_l = log pi_theta(y_l|x) / |y_l|   mean token log-probs
+        l = L_SFT + lam * L_OR                                  eq. 6 (inside the expectation)
+        L_SFT = -m_w                                            the chosen response's causal-LM NLL per token
+        L_OR  = -log sigmoid(log odds(y_w) - log odds(y_l))     eq. 7, log odds as `log_odds`
+
+    No reference model: the SFT term keeps the policy on the chosen responses, the odds ratio pushes
+    the rejected ones down. lam is the paper's lambda (0.1 in its runs; TRL calls it beta).
+
+    The NLL is each chosen response's mean token NLL, averaged over the pairs (eq. 6 is the expected
+    per-example loss L_SFT + lam L_OR, L_SFT the per-token NLL of the example). So both terms share the
+    pair-count `normalizer` and micro-batches add up to the whole batch exactly, with no second
+    normaliser. (TRL and the paper's code take the NLL as the mean over all chosen tokens of the batch
+    instead, which weights long responses more.)
+
+    policy_chosen    (B,)  log pi_theta(y_w | x), summed over response tokens, differentiable
+    policy_rejected  (B,)  log pi_theta(y_l | x)
+    chosen_lengths   (B,)  |y_w|, response tokens counted in policy_chosen (floored at 1)
+    rejected_lengths (B,)  |y_l|
+    lam                    > 0, weight of the odds-ratio term
+    normalizer             loss = sum_b l_b / normalizer; default B (0 loss for no pairs)
+
+    stats (detached, plain means over this call's pairs): the implicit reward is the log odds,
+      rewards/chosen    mean log odds(y_w)
+      rewards/rejected  mean log odds(y_l)
+      rewards/margin    mean log odds ratio log odds(y_w) - log odds(y_l)
+      rewards/accuracy  fraction of pairs with margin > 0; a tie counts 0.5
+      orpo/nll          mean L_SFT, the chosen responses' NLL per token
+      orpo/or_loss      mean L_OR, the odds-ratio term before lam
+    """
+    if not lam > 0:
+        raise ValueError(f"lam must be > 0, got {lam}")
+    m_w, m_l, dtype = _mean_logprobs(policy_chosen, policy_rejected, chosen_lengths, rejected_lengths)
+    log_odds_w, log_odds_l = log_odds(m_w), log_odds(m_l)  # (B,)
+    ratio = log_odds_w - log_odds_l  # (B,) log odds ratio
+    nll = -m_w  # (B,) L_SFT
+    odds_ratio_loss = -F.logsigmoid(ratio)  # (B,) L_OR
+    per_pair = nll + lam * odds_ratio_loss  # (B,)
+    if normalizer is None:
+        normalizer = max(ratio.numel(), 1)
+    loss = per_pair.sum() / normalizer
+    with torch.no_grad():
+        stats = _reward_stats(log_odds_w, log_odds_l, dtype)
+        stats["orpo/nll"] = _mean(nll)
+        stats["orpo/or_loss"] = _mean(odds_ratio_loss)
+    return loss, stats
+
+
+def simpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    *,
+    beta: float = 2.0,
+    gamma: float = 0.5,
+    normalizer: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SimPO, simple preference optimisation (Meng et al. 2024, "SimPO: Simple Preference
+    Optimization with a Reference-Free Reward", arXiv 2405.14734), per pair:
+
+        r(y) = beta / |y| * log pi_theta(y|x)          eq. 4: the length-normalised implicit reward
+        l = -log sigmoid(r(y_w) - r(y_l) - gamma)       eq. 6: Bradley-Terry with a target margin gamma
+
+    No reference model; the reward is the policy's own mean token log-probability, so it matches the
+    quantity generation ranks by and does not favour long responses. The paper uses beta 2.0-2.5 and
+    tunes gamma with beta (its code's gamma/beta ratio, about 0.25-0.5). At r(y_w) = r(y_l) the loss
+    is -log sigmoid(-gamma) = log(1 + e^gamma), log 2 at gamma = 0 (DPO's sigmoid loss on
+    length-normalised log-probs with no reference).
+
+    policy_chosen    (B,)  log pi_theta(y_w | x), summed over response tokens, differentiable
+    policy_rejected  (B,)  log pi_theta(y_l | x)
+    chosen_lengths   (B,)  |y_w|, response tokens counted in policy_chosen (floored at 1)
+    rejected_lengths (B,)  |y_l|
+    beta                   > 0, the reward scale
+    gamma                  >= 0, the target reward margin
+    normalizer             loss = sum_b l_b / normalizer; default B (0 loss for no pairs)
+
+    stats (detached, plain means over this call's pairs), the implicit reward r(y):
+      rewards/chosen, rewards/rejected   mean r(y_w), r(y_l)
+      rewards/margin                     mean r(y_w) - r(y_l) (gamma not subtracted)
+      rewards/accuracy                   fraction of pairs with r(y_w) > r(y_l); a tie counts 0.5
+    """
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not gamma >= 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    m_w, m_l, dtype = _mean_logprobs(policy_chosen, policy_rejected, chosen_lengths, rejected_lengths)
+    reward_w, reward_l = beta * m_w, beta * m_l  # (B,) r(y_w), r(y_l)
+    per_pair = -F.logsigmoid(reward_w - reward_l - gamma)  # (B,)
+    if normalizer is None:
+        normalizer = max(per_pair.numel(), 1)
+    loss = per_pair.sum() / normalizer
+    with torch.no_grad():
+        stats = _reward_stats(reward_w, reward_l, dtype)
+    return loss, stats
+
+
+def _mean_logprobs(policy_chosen, policy_rejected, chosen_lengths, rejected_lengths):
+    """Check four (B,) tensors; (B,) m_w, (B,) m_l = summed log-probs / lengths, at least float32,
+    and the dtype."""
+    shapes = [tuple(x.shape) for x in (policy_chosen, policy_rejected, chosen_lengths, rejected_lengths)]
+    if len(set(shapes)) > 1 or len(shapes[0]) != 1:
+        raise ValueError(
+            "policy_chosen, policy_rejected, chosen_lengths and rejected_lengths must all be (B,), got "
+            + ", ".join(str(s) for s in shapes)
+        )
+    policy_chosen = _upcast(policy_chosen)
+    dtype, device = policy_chosen.dtype, policy_chosen.device
+    # a response has at least its eos; the floor only keeps an empty row from dividing by zero
+    n_w = torch.as_tensor(chosen_lengths, device=device).to(dtype).clamp(min=1)
+    n_l = torch.as_tensor(rejected_lengths, device=device).to(dtype).clamp(min=1)
+    return policy_chosen / n_w, policy_rejected.to(dtype) / n_l, dtype
+
+
+def _reward_stats(chosen_reward: torch.Tensor, rejected_reward: torch.Tensor, dtype) -> dict[str, torch.Tensor]:
+    """rewards/chosen, rejected, margin, accuracy (ties 0.5) of (B,) implicit rewards, detached."""
+    chosen_reward, rejected_reward = chosen_reward.detach(), rejected_reward.detach()
+    gap = chosen_reward - rejected_reward
+    wins = (gap > 0).to(dtype) + 0.5 * (gap == 0).to(dtype)
+    return {
+        "rewards/chosen": _mean(chosen_reward),
+        "rewards/rejected": _mean(rejected_reward),
+        "rewards/margin": _mean(gap),
+        "rewards/accuracy": _mean(wins),
+    }
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:

@@ -84,3 +84,12 @@ def sequence_logprobs(model, batch: dict) -> torch.Tensor:
     labels = batch["labels"][:, 1:]  # (N, T-1) position t predicts token t+1; -100 on prompt and padding
     logprobs = token_logprobs(logits[:, :-1], labels)  # (N, T-1) log pi(y_t | x, y_<t)
     return torch.where(labels != IGNORE_INDEX, logprobs, 0.0).sum(-1)
+
+
+def response_lengths(labels: torch.Tensor) -> torch.Tensor:
+    """(N,) |y|: the number of response tokens `sequence_logprobs` sums over for each row of
+    `labels` (N, T), -100 on the prompt and the padding. Position 0 is never predicted, so it is not
+    counted (as there). The length normaliser of ORPO's and SimPO's mean token log-probability."""
+    from rufus.losses.sft import IGNORE_INDEX
+
+    return (labels[:, 1:] != IGNORE_INDEX).sum(-1)

@@ -3,17 +3,22 @@
 Rafailov et al. 2023 (arXiv 2305.18290), eq. 7: with h the log-ratio margin
     h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)],
 minimise -log sigmoid(beta h) (or IPO's / the hinge variant, `rufus.losses.dpo`). log pi(y|x) is a
-SEQUENCE log-probability, the sum over the response tokens. Each round:
+SEQUENCE log-probability, the sum over the response tokens. The reference-free objectives ORPO
+(Hong et al. 2024, arXiv 2403.07691) and SimPO (Meng et al. 2024, arXiv 2405.14734) use the mean
+token log-probability log pi(y|x) / |y| instead and load no pi_ref at all (no model, no adapter-
+disabled pass, nothing precomputed). Each round:
   1. its pairs: data.train as given (offline), or two samples per prompt from the current policy,
      ranked by the reward sources (online: iterated DPO, Xu et al. 2023 arXiv 2312.16682; online
      AI feedback, Guo et al. 2024 arXiv 2402.04792). Round 1 is offline on preference data; every
      later round, and every round of a prompt-only data.train, is online. pi_ref stays the start.
 Each step of the round:
   2. one forward pass over the batch's pairs, chosen and rejected stacked (2B rows, padded right),
-     and the reference log-probs: precomputed once per dataset (dpo.precompute_ref) or on the fly;
+     and the reference log-probs: precomputed once per dataset (dpo.precompute_ref) or on the fly
+     (none for orpo / simpo, whose response lengths |y| come from the same batch's labels);
   3. the loss over the whole optimiser batch's pair count (so grad_accum and processes change nothing);
   4. clip, step;
-  5. log the implicit rewards beta log pi/pi_ref (chosen, rejected, margin, accuracy), evaluate, save.
+  5. log the implicit rewards beta log pi/pi_ref (chosen, rejected, margin, accuracy; ORPO: the log
+     odds, SimPO: beta log pi / |y|), evaluate, save.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ from rufus.config import (
     as_config,
     opt,
 )
-from rufus.rollout.logprobs import sequence_logprobs
+from rufus.losses.dpo import REFERENCE_FREE_LOSS_TYPES
+from rufus.rollout.logprobs import response_lengths, sequence_logprobs
 from rufus.trainers import common, online
 
 log = logging.getLogger(__name__)
@@ -51,15 +57,30 @@ log = logging.getLogger(__name__)
 class DPOSection:
     """The DPO objective, the reference log-probabilities, and iterated rounds."""
 
-    beta: float = opt(0.1, "beta: KL strength; the implicit reward is beta * log(pi / pi_ref)", gt=0)
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = opt(
+    beta: float = opt(
+        0.1,
+        "beta: KL strength; the implicit reward is beta * log(pi / pi_ref). orpo: lambda, the odds-ratio "
+        "term's weight (paper 0.1); simpo: the reward scale beta of beta/|y| log pi (paper 2.0-2.5)",
+        gt=0,
+    )
+    loss_type: Literal["sigmoid", "ipo", "hinge", "orpo", "simpo"] = opt(
         "sigmoid",
-        "sigmoid = DPO (Rafailov et al.), ipo = (h - 1/(2 beta))^2 (Azar et al.), hinge = max(0, 1 - beta h) (SLiC)",
+        "sigmoid = DPO (Rafailov et al.), ipo = (h - 1/(2 beta))^2 (Azar et al.), hinge = max(0, 1 - beta h) "
+        "(SLiC); reference-free, no pi_ref loaded: orpo = NLL(y_w) - beta log sigmoid(log odds ratio) "
+        "(Hong et al.), simpo = -log sigmoid(beta/|y_w| log pi(y_w) - beta/|y_l| log pi(y_l) - gamma) (Meng et al.)",
+    )
+    gamma: float = opt(
+        0.5,
+        "simpo only: the target reward margin gamma; the SimPO paper tunes gamma/beta in about 0.25-0.5 "
+        "(e.g. 1.0 with beta 2.0)",
+        ge=0,
     )
     label_smoothing: float = opt(
         0.0, "conservative DPO: assumed share of flipped labels, in [0, 0.5]; sigmoid only", ge=0, le=0.5
     )
-    precompute_ref: bool = opt(True, "reference log-probs computed once per dataset before training (false: each step)")
+    precompute_ref: bool = opt(
+        True, "reference log-probs computed once per dataset before training (false: each step); unused by orpo, simpo"
+    )
     rounds: int = opt(
         1, "rounds of max_steps (or epochs) each; later rounds train on pairs sampled from the policy", ge=1
     )
@@ -68,12 +89,15 @@ class DPOSection:
 
 @dataclass
 class DPOConfig(SamplingArgs, LogArgs, OptimArgs, RunArgs, ModelArgs):
-    """DPO (and IPO, hinge, cDPO; iterated online DPO with dpo.rounds > 1) on preference pairs."""
+    """DPO (and IPO, hinge, cDPO, reference-free ORPO and SimPO; iterated online rounds with dpo.rounds > 1)
+    on preference pairs."""
 
     output_dir: str = opt("runs/dpo", "directory for config.yaml, metrics.jsonl, checkpoints/ and final/")
     lr: float = opt(5e-7, "peak learning rate (AdamW); Zephyr's 5e-7; TRL and the DPO paper use 1e-6", gt=0)
     ref_model: str | None = opt(
-        None, "reference model (default: the starting model; with LoRA, the base)", model_path=True
+        None,
+        "reference model (default: the starting model; with LoRA, the base; unused by orpo, simpo)",
+        model_path=True,
     )
     data: DataSection = opt(DataSection, "preference pairs (prompt, chosen, rejected), or prompts only (online)")
     dpo: DPOSection = opt(DPOSection, "DPO objective and rounds")
@@ -88,7 +112,7 @@ class DPOResult:
     steps: int
     metrics: list[dict]
     policy: object = None  # the trained policy (unwrapped; a peft model under LoRA)
-    reference: object = None  # the reference model if one is still loaded (None under LoRA or once freed)
+    reference: object = None  # the reference model if one is still loaded (None under LoRA, once freed, orpo, simpo)
     eval: dict | None = None  # eval/... metrics on data.eval at the end
 
 
@@ -139,18 +163,19 @@ def train_dpo(config: DPOConfig | dict, reward_fn=None) -> DPOResult:
     collate = PairCollator(tokenizer.pad_token_id)
     no_grad_size = cfg.batch_size // acc.num_processes  # pairs per forward pass without gradients
 
-    # policy (dropout off: pi == pi_ref at the start, loss log 2) and reference
+    # policy (dropout off: pi == pi_ref at the start, loss log 2) and reference (none for orpo, simpo)
     model, optimizer, scheduler = online.load_policy(cfg, run, tokenizer, max_steps)
-    reference = online.load_reference(cfg, run, tokenizer)
+    free = _reference_free(cfg)
+    reference = None if free else online.load_reference(cfg, run, tokenizer)
     policy = acc.unwrap_model(model)
     pairs_file = "pairs.jsonl" if online_rounds else None  # every online pair, for people to read
     start_step, saved, logger, pairs_file = online.open_outputs(run, policy, optimizer, scheduler, reward, pairs_file)
 
-    def ref_fn():  # the frozen reference: its own model, or (LoRA) the policy with adapters disabled
-        return online.reference_model(policy, reference)
-
+    # the frozen reference: its own model, or (LoRA) the policy with adapters disabled; orpo, simpo: none,
+    # so no step, precompute or evaluation ever makes a reference pass
+    ref_fn = None if free else (lambda: online.reference_model(policy, reference))
     # reference log-probabilities of the fixed datasets, once
-    if cfg.dpo.precompute_ref:
+    if cfg.dpo.precompute_ref and not free:
         for data in [d for d in (train, evals) if d]:
             _attach_reference(data, ref_fn, collate, acc, no_grad_size)
         if reference is not None and not online_rounds:
@@ -177,7 +202,7 @@ def train_dpo(config: DPOConfig | dict, reward_fn=None) -> DPOResult:
             pairs_file.write([{"step": round_start + 1, "round": r, **p.pop("text")} for p in pairs])
             for p in pairs:
                 p.pop("text", None)
-            if cfg.dpo.precompute_ref and pairs:
+            if cfg.dpo.precompute_ref and not free and pairs:
                 _attach_reference(pairs, ref_fn, collate, acc, no_grad_size)
         if not pairs:  # every sample pair tied: nothing to learn this round; keep the schedule in step
             log.warning("round %d: every pair of samples tied on the reward; no updates this round", r)
@@ -224,30 +249,66 @@ def _check(cfg) -> None:
     d = cfg.dpo
     if d.label_smoothing > 0 and d.loss_type != "sigmoid":
         raise ConfigError("dpo.label_smoothing applies to loss_type=sigmoid only")
+    if _reference_free(cfg) and cfg.ref_model:
+        raise ConfigError(f"ref_model: dpo.loss_type={d.loss_type} uses no reference model; leave ref_model unset")
+    if d.loss_type == "simpo" and d.beta < 1:
+        log.warning(
+            "dpo.loss_type=simpo with dpo.beta=%g: SimPO's beta scales the mean token log-probability "
+            "(the paper uses 2.0-2.5; 0.1 is DPO's default)",
+            d.beta,
+        )
 
 
-_IMPLICIT = ("chosen", "rejected", "margin", "accuracy")  # dpo_loss's statistics of the implicit reward
+def _reference_free(cfg) -> bool:
+    """orpo and simpo: no reference model, no reference log-probabilities."""
+    return cfg.dpo.loss_type in REFERENCE_FREE_LOSS_TYPES
 
 
-def _objective(cfg) -> dict:
-    """The dpo_loss arguments that choose the objective (DPO, IPO, hinge; cDPO's label smoothing)."""
-    return dict(beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type, label_smoothing=cfg.dpo.label_smoothing)
+# the objective's statistics: the implicit reward's (every loss type), and ORPO's two terms
+_IMPLICIT = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy")
+_EXTRA = {"orpo": ("orpo/nll", "orpo/or_loss")}
+
+
+def _loss(cfg, logps, ref, lengths, normalizer=None):
+    """(loss, stats) of the configured objective on (2b,) sequence log-probs log pi_theta(y|x), the
+    b chosen rows first: against (2b,) reference log-probs `ref` (sigmoid, ipo, hinge; cDPO's label
+    smoothing), or on the mean token log-probs with (2b,) response lengths |y| (orpo, simpo)."""
+    from rufus.losses.dpo import dpo_loss, orpo_loss, simpo_loss
+
+    d, b = cfg.dpo, logps.shape[0] // 2
+    if d.loss_type == "orpo":  # dpo.beta is ORPO's lambda
+        return orpo_loss(logps[:b], logps[b:], lengths[:b], lengths[b:], lam=d.beta, normalizer=normalizer)
+    if d.loss_type == "simpo":
+        return simpo_loss(
+            logps[:b], logps[b:], lengths[:b], lengths[b:], beta=d.beta, gamma=d.gamma, normalizer=normalizer
+        )
+    return dpo_loss(
+        logps[:b],
+        logps[b:],
+        ref[:b],
+        ref[b:],
+        beta=d.beta,
+        loss_type=d.loss_type,
+        label_smoothing=d.label_smoothing,
+        normalizer=normalizer,
+    )
 
 
 def _dpo_step(cfg, acc, model, ref_fn, pairs, plan, local_step: int, collate) -> dict:
     """One optimiser step over the round's global batch `local_step`; returns detached statistics."""
-    from rufus.losses.dpo import dpo_loss
-
     global_idx = plan.global_batch(local_step)
     normalizer = len(global_idx) / acc.num_processes  # DDP averages gradients over processes
-    names = ["dpo/loss", "logps/chosen", "logps/rejected", "tokens"] + [f"rewards/{k}" for k in _IMPLICIT]
+    names = ["dpo/loss", "logps/chosen", "logps/rejected", "tokens", *_IMPLICIT, *_EXTRA.get(cfg.dpo.loss_type, ())]
     totals = dict.fromkeys(names, 0.0)
     micro = plan.micro_batches(global_idx)
     for k, idx in enumerate(micro):
         part = [pairs[i] for i in idx]
         batch = {n: t.to(acc.device) for n, t in collate(part).items()}  # (2b, T): chosen rows, then rejected
         b = len(idx)
-        if cfg.dpo.precompute_ref:
+        lengths = response_lengths(batch["labels"])  # (2b,) |y|, the tokens each log-prob sums over
+        if ref_fn is None:  # orpo, simpo: reference-free
+            ref = None
+        elif cfg.dpo.precompute_ref:
             ref = [p["ref_chosen"] for p in part] + [p["ref_rejected"] for p in part]
             ref = torch.tensor(ref, device=acc.device)  # (2b,) log pi_ref(y|x), precomputed
         else:
@@ -255,7 +316,7 @@ def _dpo_step(cfg, acc, model, ref_fn, pairs, plan, local_step: int, collate) ->
                 ref = sequence_logprobs(reference, batch)  # (2b,) log pi_ref(y|x)
         with common.sync_gradients_if(acc, model, last=k == len(micro) - 1), acc.autocast():
             logps = sequence_logprobs(model, batch)  # (2b,) log pi_theta(y|x)
-            loss, stats = dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], **_objective(cfg), normalizer=normalizer)
+            loss, stats = _loss(cfg, logps, ref, lengths, normalizer=normalizer)
             distributed.backward(acc, model, loss)
         share = b / len(global_idx) * acc.num_processes  # this micro-batch's share of the step
         totals["dpo/loss"] += loss.item()
@@ -305,18 +366,23 @@ def _attach_reference(pairs: list[dict], ref_fn, collate, acc, micro: int) -> No
 
 def evaluate(cfg, acc, model, ref_fn, pairs, collate, micro: int) -> dict:
     """eval/dpo/loss and the implicit-reward statistics (eval/rewards/accuracy: held-out preference
-    accuracy of beta log pi/pi_ref) over every pair of `pairs`."""
-    from rufus.losses.dpo import dpo_loss
-
+    accuracy of beta log pi/pi_ref; ORPO's log odds, SimPO's beta log pi / |y|) over every pair of
+    `pairs`. `ref_fn` is None for the reference-free objectives: no reference pass."""
     chosen, rejected = _all_logprobs(acc.unwrap_model(model), pairs, collate, acc, micro)
-    if cfg.dpo.precompute_ref:
-        ref_c = torch.tensor([p["ref_chosen"] for p in pairs])
-        ref_r = torch.tensor([p["ref_rejected"] for p in pairs])
-    else:
+    ref = None
+    if ref_fn is not None and cfg.dpo.precompute_ref:
+        ref = torch.tensor([p["ref_chosen"] for p in pairs] + [p["ref_rejected"] for p in pairs])
+    elif ref_fn is not None:
         with ref_fn() as reference:
-            ref_c, ref_r = _all_logprobs(reference, pairs, collate, acc, micro)
-    loss, stats = dpo_loss(chosen, rejected, ref_c, ref_r, **_objective(cfg))
+            ref = torch.cat(_all_logprobs(reference, pairs, collate, acc, micro))
+    lengths = [_response_length(p[side]) for side in ("chosen", "rejected") for p in pairs]
+    loss, stats = _loss(cfg, torch.cat([chosen, rejected]), ref, torch.tensor(lengths))
     return {"eval/dpo/loss": loss.item(), **{f"eval/{k}": v.item() for k, v in stats.items()}}
+
+
+def _response_length(encoded: dict) -> int:
+    """|y| of one tokenised side of a pair, as `response_lengths` counts it, without collating."""
+    return sum(1 for x in encoded["labels"][1:] if x != -100)
 
 
 def _online_pairs(cfg, acc, engine, tokenizer, prompts, reward, r: int, k: int, n: int) -> tuple[list, dict]:
