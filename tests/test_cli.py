@@ -57,7 +57,7 @@ def test_cli_run_writes_config_metrics_and_final(capsys, tmp_path, tiny_model):
     assert (tmp_path / "out" / "final" / "config.json").exists()
 
 
-@pytest.mark.parametrize("command", ["sft", "rm", "ppo", "grpo", "rloo", "dpo", "bon", "pipeline"])
+@pytest.mark.parametrize("command", ["sft", "rm", "ppo", "grpo", "rloo", "dpo", "kto", "bon", "pipeline"])
 def test_shipped_configs_are_valid(command):
     from rufus.cli import _load
 
@@ -112,6 +112,12 @@ def test_classic_command_runs_an_agent_and_lists_its_keys(tmp_path, capsys):
         (["rloo", "rloo.group_size=1"], "rloo.group_size: must be >= 2, got 1"),
         (["rloo", "rloo.k=1"], "unknown key 'rloo.k': it was renamed; use 'rloo.group_size' (int, >= 2)"),
         (["dpo", "dpo.label_smoothing=0.7"], "dpo.label_smoothing: must be in [0, 0.5], got 0.7"),
+        (["kto", "kto.beta=0"], "kto.beta: must be > 0, got 0.0"),
+        (
+            ["kto", "batch_size=1"],
+            "batch_size: KTO estimates its reference point z0 on mismatched rows of a batch "
+            "(a prompt with another row's completion), so a batch needs at least 2 rows, got 1",
+        ),
         (["sft", "model=/does/not/exist"], "model: /does/not/exist: no such directory, and not a hub id"),
         (["ppo", "critic.model=/does/not/exist"], "critic.model: /does/not/exist: no such directory, and not a hub id"),
     ],

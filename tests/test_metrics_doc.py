@@ -100,12 +100,13 @@ def logged(tiny_model, tmp_path_factory) -> dict[str, set[str]]:
             },
         ),
         "bon": (rufus.train_bon, {**online, "bon": {"group_size": 2, "prompts_per_round": 4}}),
+        "ilql": (rufus.train_ilql, {**base, "data": {"train": prefs, "eval": prefs, "max_length": 40}}),
     }
     out = {}
     for name, (train, cfg) in runs.items():
         train(
             {**cfg, "output_dir": str(tmp / name)},
-            **({"reward_fn": digit_fraction} if name not in ("sft", "rm", "rm_ranking") else {}),
+            **({"reward_fn": digit_fraction} if name not in ("sft", "rm", "rm_ranking", "ilql") else {}),
         )
         out[name] = {k for row in read_metrics(tmp / name / "metrics.jsonl") for k in row}
     return out

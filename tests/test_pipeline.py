@@ -127,6 +127,10 @@ def finished_run_base(out):
         ("grpo", {"grpo": {"group_size": 2}}),
         ("rloo", {"rloo": {"group_size": 2}}),
         ("dpo", {"batch_size": 4}),
+        ("kto", {"batch_size": 4}),
+        ("simpo", {"batch_size": 4}),
+        ("orpo", {"batch_size": 4}),
+        ("ilql", {"batch_size": 4, "max_steps": 2}),
         ("bon", {"bon": {"group_size": 2, "rounds": 1, "prompts_per_round": 8}, "batch_size": 4, "max_steps": 2}),
     ],
 )
@@ -135,7 +139,10 @@ def test_every_rl_algo_runs_on_the_same_comparisons(finished_run, tmp_path, algo
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
     rl = {"algo": algo, **settings}
-    result = run_pipeline(tiny(finished_run_base(out), copy, rl=rl))
+    cfg = tiny(finished_run_base(out), copy, rl=rl)
+    if algo in ("kto", "ilql"):  # they never sample while training: no generation settings
+        cfg["rl"].pop("generation")
+    result = run_pipeline(cfg)
     assert [result.stages[s] for s in ("sft", "collect", "rm", "rl", "eval")] == [
         "skipped",
         "skipped",
@@ -147,8 +154,15 @@ def test_every_rl_algo_runs_on_the_same_comparisons(finished_run, tmp_path, algo
     assert json.loads((copy / "rl" / "stage.json").read_text())["algo"] == algo
     assert (copy / "rl" / "final" / "config.json").exists()
     html = (copy / "report.html").read_text()
-    # offline DPO has no rollouts, so no proxy-vs-gold picture; the online algorithms log score/gold
-    assert ("Not available" in html) == (algo in ("dpo", "bon"))
+    # the offline algorithms have no rollouts, so no proxy-vs-gold picture; the online ones log score/gold
+    assert ("Not available" in html) == (algo in ("dpo", "kto", "simpo", "orpo", "ilql", "bon"))
+    if algo in ("simpo", "orpo"):  # rufus dpo's reference-free objectives
+        import yaml
+
+        assert yaml.safe_load((copy / "rl" / "config.yaml").read_text())["dpo"]["loss_type"] == algo
+    if algo == "ilql":  # the decoding policy and its heads are what the eval stage sampled
+        assert (copy / "rl" / "final" / "ilql.json").exists()
+        assert json.loads((copy / "eval" / "eval.json").read_text())["ilql/beta"] == 4.0
 
 
 def test_bad_settings_fail_before_any_stage_runs(small_base, tmp_path):

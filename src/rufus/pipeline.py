@@ -307,6 +307,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "log_every": 10,
         "save_every": 0,
         "data": {"max_length": 128, "truncation": "truncate"},
+        "reward": {"batch_size": 64},  # every collected response scored once, before training
         "ilql": {"beta": 4.0},
     },
     "bon": {

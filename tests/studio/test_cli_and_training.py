@@ -1,5 +1,5 @@
 """`rufus studio` on the command line, rounds sampled from models, and exported files training
-`rufus rm` (preference and ranking) and `rufus sft` (better answers) as they are."""
+`rufus rm` (preference and ranking), `rufus sft` (better answers) and `rufus kto` as they are."""
 
 from __future__ import annotations
 
@@ -231,3 +231,27 @@ def test_exports_train_a_reward_model_and_sft(tiny_model, tmp_path, task, fmt):
     )
     losses = [r["loss"] for r in read_metrics(sft_dir / "metrics.jsonl") if "loss" in r]
     assert losses[-1] < losses[0]
+
+
+def test_a_kto_export_trains_rufus_kto(tiny_model, tmp_path, capsys):
+    """Pairwise labels -> `studio export --format kto` (winner desirable, loser undesirable) -> `rufus kto`."""
+    from rufus.report.metrics import read_metrics
+    from tests.studio.conftest import add_people
+
+    db, _ = open_database(tmp_path / "s.db")
+    yes_no_round(db, "pairwise", 16)
+    ((uid, _),) = add_people(db, "ann").values()
+    oracle_labels(db, uid, "train-pairwise")
+    out = tmp_path / "kto.jsonl"
+    args = ["studio", "export", "--db", str(tmp_path / "s.db"), "--round", "train-pairwise", "--format", "kto"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert "wrote 32 kto rows" in capsys.readouterr().out  # 16 labels, a winner and a loser each
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(("yes" in r["completion"].split()) == r["label"] for r in rows)
+    run = tmp_path / "kto"
+    common = [f"model={tiny_model}", f"output_dir={run}", f"data.train={out}", "data.max_length=48"]
+    assert main(["kto", *common, "batch_size=8", "max_steps=2", "dtype=float32", "progress=false"]) == 0
+    metrics = read_metrics(run / "metrics.jsonl")
+    # pi == pi_ref at the first step: r = 0, z0 = 0, every row's loss 1 - 1/2
+    assert [r["step"] for r in metrics] == [1, 2] and metrics[0]["kto/loss"] == pytest.approx(0.5, abs=1e-6)
+    assert (run / "final" / "config.json").exists()

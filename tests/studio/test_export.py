@@ -154,12 +154,96 @@ def test_rating_round_exports(db):
     assert E.export_rows(db, "g", "ranking")[0]["scores"] == [7.0, 1.0]
 
 
+def test_kto_rows_from_pairwise_labels_and_majorities(db, pairwise):
+    ua, ub, uc = pairwise
+    rows = E.export_rows(db, "p", "kto")
+    # a and b chose good over bad: good desirable, bad undesirable, per label; c's tie leaves both out;
+    # a's "both bad" on Q2 makes meh and ugh both undesirable
+    assert sorted((r["annotator_id"], r["completion"], r["label"]) for r in rows) == sorted(
+        [(ua, "good", True), (ua, "bad", False), (ub, "good", True), (ub, "bad", False)]
+        + [(ua, "meh", False), (ua, "ugh", False)]
+    )
+    assert all(r["round"] == "p" and isinstance(r["label"], bool) and "response_id" in r for r in rows)
+    # majority: Q1 2 votes to 0 for good (1 tie); Q2 every label "both bad"
+    maj = E.export_rows(db, "p", "kto", aggregate="majority", with_models=True)
+    assert sorted((r["completion"], r["label"], r["model"]) for r in maj) == [
+        ("bad", False, "m2"),
+        ("good", True, "m1"),
+        ("meh", False, "m1"),
+        ("ugh", False, "m2"),
+    ]
+
+
+def test_kto_rows_from_ratings_leave_the_midpoint_out(db):
+    R.create_round(db, "g", "rating", [R.Candidate("Q", ["lo", "mid", "hi"])], labels_per_item=2)
+    people = add_people(db, "a", "b")
+
+    def rate(lo, mid, hi):
+        return lambda v: {f"rating_{by_text(v, t)}": str(x) for t, x in (("lo", lo), ("mid", mid), ("hi", hi))}
+
+    label(db, people["a"][0], "g", rate(2, 4, 6))
+    label(db, people["b"][0], "g", rate(3, 5, 7))
+    # 1-7 scale, midpoint 4: a's 2 undesirable, 4 left out, 6 desirable; b's 3 undesirable, 5 and 7 desirable
+    rows = E.export_rows(db, "g", "kto")
+    assert sorted((r["annotator_id"], r["completion"], r["label"]) for r in rows) == sorted(
+        [(people["a"][0], "lo", False), (people["a"][0], "hi", True)]
+        + [(people["b"][0], "lo", False), (people["b"][0], "mid", True), (people["b"][0], "hi", True)]
+    )
+    # majority: mean ratings lo 2.5, mid 4.5, hi 6.5: only lo is below the midpoint
+    maj = E.export_rows(db, "g", "kto", aggregate="majority")
+    assert sorted((r["completion"], r["label"]) for r in maj) == [("hi", True), ("lo", False), ("mid", True)]
+
+
+def test_kto_rows_from_rankings_best_half_and_worst_half(db):
+    R.create_round(db, "k", "ranking", [R.Candidate("Q", ["r1", "r2", "r3"])], labels_per_item=2)
+    R.create_round(db, "k4", "ranking", [R.Candidate("Q4", ["s1", "s2", "s3", "s4"])])
+    people = add_people(db, "a", "b")
+
+    def ranks(order):  # texts best first, a list inside = tied
+        def decide(v):
+            return {
+                f"rank_{by_text(v, text)}": str(rank)
+                for rank, group in enumerate(order, start=1)
+                for text in (group if isinstance(group, list) else [group])
+            }
+
+        return decide
+
+    label(db, people["a"][0], "k", ranks(["r1", ["r2", "r3"]]))
+    label(db, people["b"][0], "k", ranks(["r2", "r1", "r3"]))
+    label(db, people["a"][0], "k4", ranks(["s1", "s2", "s3", "s4"]))
+    # Borda share points / (K - 1): a gives r1 2/2 = 1, r2 and r3 0.5/2 = 0.25 each (tied below the
+    # middle): r1 desirable, r2 and r3 undesirable. b gives r2 1, r1 0.5 (the middle: left out), r3 0.
+    rows = E.export_rows(db, "k", "kto")
+    assert sorted((r["annotator_id"], r["completion"], r["label"]) for r in rows) == sorted(
+        [(people["a"][0], "r1", True), (people["a"][0], "r2", False), (people["a"][0], "r3", False)]
+        + [(people["b"][0], "r2", True), (people["b"][0], "r3", False)]
+    )
+    # K = 4 in strict order: shares 1, 2/3, 1/3, 0: the best two desirable, the worst two undesirable
+    rows = E.export_rows(db, "k4", "kto")
+    assert sorted((r["completion"], r["label"]) for r in rows) == [
+        ("s1", True),
+        ("s2", True),
+        ("s3", False),
+        ("s4", False),
+    ]
+    # majority: mean Borda r1 1.5, r2 1.25, r3 0.25 -> shares 0.75, 0.625, 0.125
+    maj = E.export_rows(db, "k", "kto", aggregate="majority")
+    assert sorted((r["completion"], r["label"]) for r in maj) == [("r1", True), ("r2", True), ("r3", False)]
+
+
 def test_exported_files_read_as_their_formats(db, pairwise, tmp_path):
     for fmt, reader in (("preference", "preference"), ("ranking", "ranking"), ("sft", "sft"), ("graded", "graded")):
         out = tmp_path / f"{fmt}.jsonl"
         n = E.export_round(db, "p", fmt, out, tie="half")
         records = load_records(str(out), kind=reader)
         assert len(records) == n > 0
+    # kto rows are TRL's unpaired rows, which the loader reads as graded rows scoring 1 or 0
+    for aggregate in ("label", "majority"):
+        n = E.export_round(db, "p", "kto", tmp_path / f"kto-{aggregate}.jsonl", aggregate=aggregate)
+        records = load_records(str(tmp_path / f"kto-{aggregate}.jsonl"), kind=("graded", "preference"))
+        assert records.kind == "graded" and len(records) == n > 0
+        assert set(records.dataset["score"]) == {0.0, 1.0}
     first = json.loads((tmp_path / "preference.jsonl").read_text().splitlines()[0])
     assert {
         "prompt",
@@ -210,3 +294,5 @@ def test_conversational_rounds_export_assistant_turns(db, tmp_path):
     for fmt in ("preference", "ranking", "sft", "graded"):
         E.export_round(db, "chat", fmt, tmp_path / f"{fmt}.jsonl")
         assert len(load_records(str(tmp_path / f"{fmt}.jsonl"), kind=fmt)) >= 1
+    E.export_round(db, "chat", "kto", tmp_path / "kto.jsonl")
+    assert len(load_records(str(tmp_path / "kto.jsonl"), kind="graded")) == 2  # Hello. desirable, Go away. not

@@ -395,6 +395,7 @@ def create_app(
         )
 
     def admin_round(request: Request) -> Response:
+        from rufus.studio.export import FORMATS as export_formats
         from rufus.studio.leaderboard import LeaderboardError, leaderboard
         from rufus.studio.quality import annotator_quality
         from rufus.studio.stats import disputed_items, label_distribution, round_agreement, round_comparisons
@@ -418,7 +419,7 @@ def create_app(
             p=prog,
             dist=label_distribution(db, name),
             disputed=disputed_items(db, name, limit=10),
-            formats=("preference", "ranking", "sft", "graded"),
+            formats=export_formats,
             tables=("labels", "items", "responses", "annotators"),
             agreement=round_agreement(db, name),
             quality={q.annotator: q for q in annotator_quality(db, name)},

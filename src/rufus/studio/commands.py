@@ -309,13 +309,14 @@ def admin_token(config: AdminTokenConfig | dict) -> str:
 
 @dataclass
 class ExportConfig:
-    """Write a round's labels as a training file for rufus rm / dpo / sft."""
+    """Write a round's labels as a training file for rufus rm / dpo / kto / sft."""
 
     db: str = opt(REQUIRED, "studio database: an SQLite file or an SQLAlchemy URL")
     round: str = opt(REQUIRED, "round to export")
-    format: Literal["preference", "ranking", "sft", "graded"] = opt(
+    format: Literal["preference", "ranking", "sft", "graded", "kto"] = opt(
         "preference",
-        "preference (rm, dpo), ranking (rm), sft (the better answers), graded (rm warm-up)",
+        "preference (rm, dpo), ranking (rm), sft (the better answers), graded (rm warm-up), "
+        "kto (prompt, completion, label: desirable or not)",
     )
     out: str = opt(REQUIRED, "output .jsonl file")
     tie: Literal["drop", "half"] = opt("drop", "ties in preference files: drop, or half (written in both orders)")

@@ -1,4 +1,4 @@
-"""From labels to training files: exactly the formats `rufus rm`, `rufus dpo` and `rufus sft` read.
+"""From labels to training files: exactly the formats `rufus rm`, `rufus dpo`, `rufus kto` and `rufus sft` read.
 
 Formats (every row also carries provenance: ``round``, ``item_id``, the response ids, and for
 per-label rows ``annotator_id`` and ``label_id``; ``chosen_model`` / ``rejected_model`` /
@@ -20,6 +20,15 @@ per-label rows ``annotator_id`` and ``label_id``; ``chosen_model`` / ``rejected_
                 accepts) or stay 1-7 (``scale="raw"``, for the mse warm-up); a pairwise label gives the
                 winner 1, the loser 0 (a tie 0.5 each, both bad 0 each); a ranking gives each
                 response its Borda share (responses it beats + half the ties) / (K - 1).
+``kto``         ``prompt``, ``completion``, ``label`` (true = desirable): TRL's unpaired rows, for
+                `rufus kto`. A response is desirable when its graded score on the unit scale (above)
+                is above 1/2, undesirable below 1/2, and left out at exactly 1/2. So: a rating above
+                the scale's midpoint (5-7 of 1-7) is desirable, below it (1-3) undesirable, the
+                midpoint 4 left out; a pairwise label makes its winner desirable and its loser
+                undesirable, leaves a tie out, and "both bad" makes both undesirable; a ranking makes
+                its best half desirable and its worst half undesirable (Borda share above / below
+                1/2), leaving out the middle response of an odd K and responses tied across the
+                middle. With ``majority``: the mean rating, the mean Borda share, the majority vote.
 
 Labels on gold items (which measure annotators) and labels by annotators an admin excluded from the
 round (`rufus.studio.quality.exclude`) are left out of every format.
@@ -55,7 +64,7 @@ from rufus.studio.db import (
 )
 from rufus.studio.rounds import RATING_SCALE, get_round
 
-FORMATS = ("preference", "ranking", "sft", "graded")
+FORMATS = ("preference", "ranking", "sft", "graded", "kto")
 TIES = ("drop", "half")
 AGGREGATES = ("label", "majority")
 
@@ -160,8 +169,8 @@ def export_rows(
         for lb in labels:
             item = items[lb.item_id]
             scores = label_scores(lb, list(item.response_ids))
-            if scores is None:  # both bad: no preference between them; as grades, 0 each
-                if format != "graded":
+            if scores is None:  # both bad: no preference between them; as grades, 0 each (kto: undesirable)
+                if format not in ("graded", "kto"):
                     continue
                 scores = {rid: 0.0 for rid in item.response_ids}
             prov = {"annotator_id": lb.user_id, "label_id": lb.id}
@@ -186,7 +195,7 @@ def export_rows(
                 wins = {rid: sum(lb.outcome == "win" and lb.winner_id == rid for lb in group) for rid in ids}
                 a, b = ids
                 if votes["both_bad"] == len(group):
-                    if format != "graded":
+                    if format not in ("graded", "kto"):
                         continue
                     scores = {a: 0.0, b: 0.0}
                 else:
@@ -233,20 +242,32 @@ def export_rows(
             if with_models:
                 row["models"] = [responses[r].model for r in order]
             rows.append(row)
-        else:  # graded
+        else:  # graded, kto
             for rid in ids:
-                if rnd.task == "rating":
-                    low, high = RATING_SCALE
-                    score = scores[rid] if scale == "raw" else (scores[rid] - low) / (high - low)
-                elif rnd.task == "ranking":
-                    score = scores[rid] / (len(ids) - 1)
+                unit = _unit_score(rnd.task, scores[rid], len(ids))
+                if format == "kto":
+                    if round(unit, 9) == 0.5:  # the middle: neither desirable nor undesirable
+                        continue
+                    row = {"prompt": prompt, "completion": content(rid), "label": unit > 0.5}
                 else:
-                    score = scores[rid]
-                row = {"prompt": prompt, "completion": content(rid), "score": score, **common, "response_id": rid}
+                    score = scores[rid] if rnd.task == "rating" and scale == "raw" else unit
+                    row = {"prompt": prompt, "completion": content(rid), "score": score}
+                row.update(common, response_id=rid)
                 if with_models:
                     row["model"] = responses[rid].model
                 rows.append(row)
     return rows
+
+
+def _unit_score(task: str, score: float, k: int) -> float:
+    """A response's score on [0, 1]: a rating's (r - low) / (high - low), a ranking's Borda share
+    points / (K - 1), a pairwise label's 1 / 0.5 / 0 as it is."""
+    if task == "rating":
+        low, high = RATING_SCALE
+        return (score - low) / (high - low)
+    if task == "ranking":
+        return score / (k - 1)
+    return score
 
 
 def _pref(prompt, win: int, lose: int, content, common: dict, responses, with_models: bool, tie: bool = False) -> dict:
