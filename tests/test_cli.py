@@ -57,7 +57,7 @@ def test_cli_run_writes_config_metrics_and_final(capsys, tmp_path, tiny_model):
     assert (tmp_path / "out" / "final" / "config.json").exists()
 
 
-@pytest.mark.parametrize("command", ["sft", "rm", "ppo", "grpo", "rloo", "dpo", "kto", "bon", "pipeline"])
+@pytest.mark.parametrize("command", ["sft", "rm", "ppo", "grpo", "rloo", "dpo", "kto", "ilql", "bon", "pipeline"])
 def test_shipped_configs_are_valid(command):
     from rufus.cli import _load
 
