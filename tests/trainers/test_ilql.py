@@ -171,8 +171,13 @@ def test_two_processes_make_the_single_process_update(tiny_model, tmp_path):
 
     from tests.helpers import run_cli
 
-    train = write_jsonl(tmp_path / "train.jsonl", offline_rows(4))
+    import os
+
+    rows = offline_rows(4) + [{"prompt": f"what is {i} ?", "completion": f" {i} .", "score": 0.0} for i in range(8)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    helpers = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "helpers.py"))
     args = [
+        f"reward.function=[{helpers}:digit_fraction]",  # each process scores its share of the rows
         f"model={tiny_model}",
         f"data.train={train}",
         f"data.eval={train}",

@@ -114,13 +114,12 @@ def train_ilql(config: ILQLConfig | dict, reward_fn=None) -> ILQLResult:
         from rufus.trainers import online
 
         scorer = online.build_reward(cfg, run, reward_fn, gather=False)
-    with acc.main_process_first():
-        train, stats = load_episodes(cfg, acc, tokenizer, cfg.data.train, cfg.data.train_split, "data.train", scorer)
-        evals = None
-        if cfg.data.eval:
-            evals, _ = load_episodes(
-                cfg, acc, tokenizer, cfg.data.eval, cfg.data.eval_split, "data.eval", scorer, whiten_with=stats
-            )
+    train, stats = load_episodes(cfg, acc, tokenizer, cfg.data.train, cfg.data.train_split, "data.train", scorer)
+    evals = None
+    if cfg.data.eval:
+        evals, _ = load_episodes(
+            cfg, acc, tokenizer, cfg.data.eval, cfg.data.eval_split, "data.eval", scorer, whiten_with=stats
+        )
     del scorer
     plan = common.BatchPlan(len(train), cfg.batch_size, cfg.grad_accum, acc.num_processes, acc.process_index, cfg.seed)
     max_steps = cfg.max_steps if cfg.max_steps > 0 else plan.steps_for_epochs(cfg.epochs)
@@ -270,9 +269,14 @@ def load_episodes(cfg, acc, tokenizer, spec: str, split: str, key: str, scorer=N
     from rufus.data.readers import options_from
     from rufus.data.sft import LengthPolicy
 
-    records = load_records(
-        spec, kind=("graded", "ranking", "preference"), split=split, key=key, options=options_from(cfg.data, tokenizer)
-    )
+    with acc.main_process_first():  # the first process fills the datasets cache, the others read it
+        records = load_records(
+            spec,
+            kind=("graded", "ranking", "preference"),
+            split=split,
+            key=key,
+            options=options_from(cfg.data, tokenizer),
+        )
     rows = []  # (prompt, response, reward from the file, where)
     for i, r in enumerate(records.dataset):
         where = f"{key}: {records.where(i)}"
@@ -286,7 +290,7 @@ def load_episodes(cfg, acc, tokenizer, spec: str, split: str, key: str, scorer=N
                 (r["prompt"], r["chosen"], s.chosen_reward, where),
                 (r["prompt"], r["rejected"], s.rejected_reward, where),
             ]
-    if scorer is not None:
+    if scorer is not None:  # every process scores its share (a collective: outside main_process_first)
         rewards = _score(scorer, acc, rows, cfg.reward.batch_size)
         rows = [(p, y, r, w) for (p, y, _, w), r in zip(rows, rewards)]
     policy = LengthPolicy(
