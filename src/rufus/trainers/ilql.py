@@ -59,6 +59,9 @@ class ILQLSection:
     gamma: float = opt(0.99, "discount per token", ge=0, le=1)
     cql_alpha: float = opt(0.1, "weight of the conservative (CQL) term", ge=0)
     lm_weight: float = opt(1.0, "weight of the language model's NLL on the data (keeps pi_beta fitted)", ge=0)
+    heads_lr: float | None = opt(
+        None, "peak learning rate of the value and Q heads, which start from scratch (None = lr)", gt=0
+    )
     polyak: float = opt(0.01, "target heads move this share of the way to the online heads", gt=0, le=1)
     target_every: int = opt(1, "steps between target-head updates", ge=1)
     beta: float = opt(4.0, "decoding strength saved with the model: generate / eval use it unless told otherwise", ge=0)
@@ -129,7 +132,8 @@ def train_ilql(config: ILQLConfig | dict, reward_fn=None) -> ILQLResult:
     policy = common.load_trainable_lm(cfg, tokenizer)
     heads = ILQLHeads(policy.config.hidden_size, policy.get_output_embeddings().weight.shape[0])
     model = ILQLModel(policy, heads).to(acc.device)
-    optimizer, scheduler = common.make_optimizer(cfg, model, max_steps)
+    heads_lr = {"heads.": cfg.ilql.heads_lr} if cfg.ilql.heads_lr else None
+    optimizer, scheduler = common.make_optimizer(cfg, model, max_steps, lr_overrides=heads_lr)
     heads.target_q_heads.float()  # Polyak steps of 1% vanish in bfloat16: the targets stay float32
     for p in heads.target_q_heads.parameters():
         p.rufus_checkpoint = True  # frozen but changing: saved with checkpoints
