@@ -70,6 +70,47 @@ class AdaptiveKLController:
         self.value = float(state["value"])
 
 
+
+def adapt_penalty(beta: float, kl: float, target: float, factor: float = 2.0, band: float = 1.5) -> float:
+    """The adaptive coefficient of PPO's KL-penalised objective (Schulman et al. 2017, Sec. 4):
+    after an update whose measured KL(pi_old, pi) is d,
+
+        d > target * band   ->  beta * factor   (the policy moved too far: penalise more)
+        d < target / band   ->  beta / factor   (it barely moved: penalise less)
+        otherwise           ->  beta
+
+    The paper's band 1.5 and factor 2 ("the parameters 1.5 and 2 above are chosen heuristically,
+    but the algorithm is not very sensitive to them"). A non-finite d raises ValueError."""
+    kl = float(kl)
+    if not math.isfinite(kl):
+        raise ValueError(f"adaptive KL penalty got a non-finite KL ({kl})")
+    if not (target > 0 and factor > 1 and band > 1):
+        raise ValueError(f"need target > 0, factor > 1 and band > 1, got {target}, {factor}, {band}")
+    if kl > target * band:
+        return beta * factor
+    if kl < target / band:
+        return beta / factor
+    return beta
+
+
+class PenaltyController:
+    """beta of PPO's KL-penalised objective: `value` during an update, `update(kl)` after it
+    (`adapt_penalty`); `state_dict` / `load_state_dict` for checkpoints."""
+
+    def __init__(self, init_beta: float, target: float, factor: float = 2.0, band: float = 1.5):
+        adapt_penalty(init_beta, target, target, factor, band)  # checks the settings
+        self.value, self.target, self.factor, self.band = float(init_beta), float(target), float(factor), float(band)
+
+    def update(self, kl: float) -> float:
+        self.value = adapt_penalty(self.value, kl, self.target, self.factor, self.band)
+        return self.value
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value, "target": self.target}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
 def make_kl_controller(coef: float, target: float | None, horizon: int) -> FixedKLController | AdaptiveKLController:
     """Fixed beta = coef when `target` is None, else adaptive from coef towards `target`."""
     if target is None:

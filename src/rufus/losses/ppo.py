@@ -1,5 +1,5 @@
-"""PPO losses over response tokens: the clipped policy surrogate, the clipped value loss, and the
-entropy and explained-variance diagnostics.
+"""PPO losses over response tokens: the clipped policy surrogate, the KL-penalised one, the clipped
+value loss, and the entropy and explained-variance diagnostics.
 
 Tensors are per response token, (B, A), with `mask` (B, A) 1 on valid tokens. Masked positions are
 neutralised *before* any arithmetic (log-ratio and errors set to 0 there), so padding holding
@@ -85,6 +85,64 @@ def policy_loss(
         }
     return loss, stats
 
+
+
+def kl_penalty_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float,
+    kl: torch.Tensor | None = None,
+    aggregation: str = "token",
+    normalizer: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The KL-penalised surrogate, negated (Schulman et al. 2017, "Proximal Policy Optimization
+    Algorithms", Sec. 4, eq. 8): instead of clipping the ratio,
+
+        l_t = -ratio_t A_t + beta KL_t,     ratio_t = pi_theta(y_t) / pi_old(y_t)
+
+    with KL_t the KL(pi_old || pi_theta) at the state of token t, and loss = aggregate(l, mask, ...).
+    beta adapts between updates (`rufus.kl_control.adapt_penalty`). This KL is to the policy that
+    sampled the batch, not to the reference: the reference's KL stays in the reward.
+
+    `kl` (B, A), differentiable: the exact per-state KL where the trainer has both distributions (the
+    classic agents: `torch.distributions.kl_divergence(pi_old, pi_theta)`). None: the sampled
+    estimate k1 = log pi_old(y_t) - log pi_theta(y_t), whose gradient, with y_t drawn from pi_old,
+    is exactly grad KL(pi_old || pi_theta) in expectation, -E_old[grad log pi_theta]. (k3, the
+    lower-variance estimate of the KL's value, would differentiate into the gradient of the reverse
+    KL(pi_theta || pi_old): Schulman 2020, "Approximating KL divergence"; it is only logged.)
+
+    stats as `policy_loss` (clipfrac 0: nothing is clipped), plus
+      kl_penalty   masked mean of the KL_t that entered the loss
+    """
+    _same_shape(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    valid = mask.bool()
+    logprobs = _upcast(logprobs)
+    zero = logprobs.new_zeros(())
+    old_logprobs = old_logprobs.detach().to(logprobs.dtype)
+    advantages = torch.where(valid, advantages.detach().to(logprobs.dtype), zero)  # (B, A)
+    log_ratio = torch.where(valid, logprobs - old_logprobs, zero)  # (B, A)
+    ratio = torch.exp(log_ratio)
+    if kl is None:
+        kl_t = -log_ratio  # (B, A) k1: log pi_old - log pi_theta
+    else:
+        _same_shape(logprobs=logprobs, kl=kl)
+        kl_t = torch.where(valid, _upcast(kl), zero)
+    per_token = -advantages * ratio + beta * kl_t  # (B, A)
+    loss = aggregate(per_token, valid, aggregation, normalizer)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": torch.zeros((), dtype=ratio.dtype, device=ratio.device),
+            "approx_kl": masked_mean((ratio - 1.0) - log_ratio, valid),
+            "ratio_mean": masked_mean(ratio, valid),
+            "ratio_max": _masked_max(ratio, valid),
+            "kl_penalty": masked_mean(kl_t, valid),
+        }
+    return loss, stats
 
 def value_loss(
     values: torch.Tensor,
