@@ -16,6 +16,7 @@ ALGOS = {
     "reinforce": ("rufus.classic.reinforce", "ReinforceConfig", "train_reinforce"),
     "a2c": ("rufus.classic.a2c", "A2CConfig", "train_a2c"),
     "ppo": ("rufus.classic.ppo", "PPOConfig", "train_ppo"),
+    "trpo": ("rufus.classic.trpo", "TRPOConfig", "train_trpo"),
     "ddpg": ("rufus.classic.ddpg", "DDPGConfig", "train_ddpg"),
     "td3": ("rufus.classic.ddpg", "TD3Config", "train_td3"),
 }

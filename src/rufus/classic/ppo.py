@@ -13,7 +13,16 @@ minibatches, minimising
     L_V    = mean_t 0.5 max((V(s_t) - R_t)^2, (V_old(s_t) + clip(V(s_t) - V_old(s_t), -c, c) - R_t)^2)
 
 A_t and R_t = A_t + V_old(s_t) come from GAE(gamma, lambda) (Schulman et al. 2016), A_t whitened per
-minibatch. The point of this file is that the update is the language-model trainer's: the losses are
+minibatch. With `objective=kl_penalty` the policy term is the paper's other surrogate (Sec. 4, eq. 8),
+
+    L_KLPEN = mean_t [-r_t A_t + beta KL(pi_old(. | s_t) || pi_theta(. | s_t))]
+
+with the exact KL of the two action distributions (`rufus.losses.ppo.kl_penalty_policy_loss`), and
+after each iteration's epochs beta doubles when the batch's mean KL exceeds 1.5 kl_target and halves
+below kl_target / 1.5 (`rufus.kl_control.adapt_penalty`). Discrete actions sample a categorical,
+Box actions a diagonal Gaussian with a state-independent log sigma (`rufus.classic.policy`).
+
+The point of this file is that the update is the language-model trainer's: the losses are
 `rufus.losses.ppo.policy_loss` and `value_loss`, and the advantages `rufus.advantages.gae` (rows =
 environments, columns = time steps, `dones` where an episode ended, `bootstrap` = V of the state
 after the segment), applied to a minibatch laid out as one "sequence" (1, N) with a mask of ones.
@@ -30,25 +39,26 @@ value is not bootstrapped), which detail 5 discusses.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
-from torch.distributions import Categorical
+from torch.distributions import kl_divergence
 
 from rufus import advantages as adv_fns  # looked up at call time (tests can spy on them)
 from rufus.classic.common import (
     ClassicArgs,
     ClassicResult,
     finish_run,
-    greedy_returns,
     make_vec_env,
     start_run,
     vector_episode_stats,
 )
+from rufus.classic.policy import Policy, layer_init, policy_returns, spaces, value_net  # noqa: F401 (layer_init: API)
 from rufus.config import ConfigError, as_config, opt
+from rufus.kl_control import PenaltyController
 from rufus.losses import ppo as ppo_losses
 
 
@@ -74,43 +84,37 @@ class PPOConfig(ClassicArgs):
     max_grad_norm: float = opt(0.5, "global gradient norm clip", gt=0)
     target_kl: float | None = opt(None, "stop an iteration's epochs once approx_kl exceeds this (None: never)", gt=0)
     hidden: int = opt(64, "width of the two tanh hidden layers of the actor and of the critic", ge=1)
-    eval_episodes: int = opt(5, "greedy (argmax) episodes run at the end for greedy_mean_return", ge=0)
-
-
-def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias: float = 0.0) -> nn.Linear:
-    """Orthogonal weights with gain `std`, constant bias (detail 2)."""
-    nn.init.orthogonal_(layer.weight, std)
-    nn.init.constant_(layer.bias, bias)
-    return layer
+    eval_episodes: int = opt(5, "greedy (argmax / mean action) episodes run at the end for greedy_mean_return", ge=0)
+    objective: Literal["clip", "kl_penalty"] = opt(
+        "clip", "clip = the clipped surrogate (eq. 7); kl_penalty = ratio * A - beta * KL(pi_old, pi) (Sec. 4)"
+    )
+    kl_target: float = opt(0.01, "kl_penalty: the KL per update beta steers toward (the paper's d_targ)", gt=0)
+    kl_beta: float = opt(1.0, "kl_penalty: beta's starting value", gt=0)
+    kl_factor: float = opt(
+        2.0, "kl_penalty: beta is multiplied or divided by this outside [target/1.5, target*1.5]", gt=1
+    )
 
 
 class ActorCritic(nn.Module):
-    """Separate actor and critic MLPs: obs -> 64 -> tanh -> 64 -> tanh -> logits / V(s)."""
+    """Separate actor and critic MLPs: obs -> 64 -> tanh -> 64 -> tanh -> logits (or a Gaussian's
+    mean) / V(s). `action_space`: a gymnasium space, or an int n for Discrete(n)."""
 
-    def __init__(self, obs_dim: int, n_actions: int, hidden: int = 64):
+    def __init__(self, obs_dim: int, action_space, hidden: int = 64):
         super().__init__()
-        self.critic = nn.Sequential(
-            layer_init(nn.Linear(obs_dim, hidden)),
-            nn.Tanh(),
-            layer_init(nn.Linear(hidden, hidden)),
-            nn.Tanh(),
-            layer_init(nn.Linear(hidden, 1), std=1.0),
-        )
-        self.actor = nn.Sequential(
-            layer_init(nn.Linear(obs_dim, hidden)),
-            nn.Tanh(),
-            layer_init(nn.Linear(hidden, hidden)),
-            nn.Tanh(),
-            layer_init(nn.Linear(hidden, n_actions), std=0.01),
-        )
+        if isinstance(action_space, int):
+            import gymnasium as gym
+
+            action_space = gym.spaces.Discrete(action_space)
+        self.critic = value_net(obs_dim, hidden)
+        self.actor = Policy(obs_dim, action_space, hidden)
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         """V(s), (N,)."""
         return self.critic(obs).squeeze(-1)
 
-    def dist(self, obs: torch.Tensor) -> Categorical:
-        """pi(. | s) over the discrete actions."""
-        return Categorical(logits=self.actor(obs))
+    def dist(self, obs: torch.Tensor):
+        """pi(. | s): categorical over discrete actions, or a diagonal Gaussian."""
+        return self.actor.dist(obs)
 
 
 def check_config(cfg: PPOConfig) -> None:
@@ -125,35 +129,26 @@ def check_config(cfg: PPOConfig) -> None:
         raise ConfigError(f"total_steps: {cfg.total_steps} is less than one rollout (num_envs * num_steps = {batch})")
 
 
-def env_dims(env, env_id: str) -> tuple[int, int]:
-    """(flat observation size, number of actions); ConfigError unless Box observations, Discrete actions."""
-    import gymnasium as gym
-
-    obs_space = getattr(env, "single_observation_space", env.observation_space)
-    act_space = getattr(env, "single_action_space", env.action_space)
-    if not isinstance(act_space, gym.spaces.Discrete):
-        raise ConfigError(f"env: {env_id} needs a Discrete action space for PPO here, got {act_space}")
-    if not isinstance(obs_space, gym.spaces.Box):
-        raise ConfigError(f"env: {env_id} needs a Box observation space, got {obs_space}")
-    return int(np.prod(obs_space.shape)), int(act_space.n)
-
-
 def train_ppo(config) -> ClassicResult:
     cfg = as_config(PPOConfig, config)
     check_config(cfg)
     run = start_run(cfg, "ppo")
     envs = make_vec_env(cfg.env, cfg.num_envs, cfg.seed)
-    obs_dim, n_actions = env_dims(envs, cfg.env)
-    agent = ActorCritic(obs_dim, n_actions, cfg.hidden)
+    obs_dim, action_space = spaces(envs, cfg.env, "PPO")
+    agent = ActorCritic(obs_dim, action_space, cfg.hidden)
+    policy = agent.actor
     optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=1e-5)
+    penalty = PenaltyController(cfg.kl_beta, cfg.kl_target, cfg.kl_factor) if cfg.objective == "kl_penalty" else None
 
     N, T = cfg.num_envs, cfg.num_steps
     batch_size = N * T
     minibatch_size = batch_size // cfg.num_minibatches
     num_iterations = cfg.total_steps // batch_size
     # rollout storage, (T, N): time steps by environments
+    act_shape = () if policy.discrete else (policy.act_dim,)
     obs_buf = torch.zeros(T, N, obs_dim)
-    actions = torch.zeros(T, N, dtype=torch.long)
+    actions = torch.zeros(T, N, *act_shape, dtype=torch.long if policy.discrete else torch.float32)
+    dist_params = None  # (T, N, k): what fixes pi_old(. | s_t) (the penalty's exact KL)
     logprobs = torch.zeros(T, N)
     rewards = torch.zeros(T, N)
     dones = torch.zeros(T, N)
@@ -172,12 +167,16 @@ def train_ppo(config) -> ClassicResult:
             global_step += N
             obs_buf[t] = next_obs
             with torch.no_grad():
-                dist = agent.dist(next_obs)
+                p = policy.params(next_obs)
+                if dist_params is None:
+                    dist_params = torch.zeros(T, N, p.shape[-1])
+                dist_params[t] = p
+                dist = policy.from_params(p)
                 action = dist.sample()
                 logprobs[t] = dist.log_prob(action)
                 values[t] = agent.value(next_obs)
             actions[t] = action
-            obs_np, reward, terminated, truncated, infos = envs.step(action.numpy())
+            obs_np, reward, terminated, truncated, infos = envs.step(policy.env_action(action))
             rewards[t] = torch.as_tensor(reward, dtype=torch.float32)
             dones[t] = torch.as_tensor(np.logical_or(terminated, truncated), dtype=torch.float32)
             next_obs = torch.as_tensor(obs_np, dtype=torch.float32).reshape(N, obs_dim)
@@ -194,7 +193,8 @@ def train_ppo(config) -> ClassicResult:
 
         # flatten the batch, in (time, environment) order
         b_obs = obs_buf.reshape(batch_size, obs_dim)
-        b_actions = actions.reshape(batch_size)
+        b_actions = actions.reshape(batch_size, *act_shape)
+        b_old = dist_params.reshape(batch_size, -1)
         b_logprobs = logprobs.reshape(batch_size)
         b_values = values.reshape(batch_size)
         b_advantages = advantages.T.reshape(batch_size)
@@ -220,14 +220,26 @@ def train_ppo(config) -> ClassicResult:
                 mb_adv = b_advantages[idx][None]  # (1, M)
                 if cfg.norm_adv:  # detail 7
                     mb_adv = adv_fns.whiten(mb_adv, mb_mask)
-                pg_loss, pg_stats = ppo_losses.policy_loss(
-                    new_logprobs[None],
-                    b_logprobs[idx][None],
-                    mb_adv,
-                    mb_mask,
-                    clip=cfg.clip_coef,
-                    aggregation="token",
-                )
+                if penalty is None:
+                    pg_loss, pg_stats = ppo_losses.policy_loss(
+                        new_logprobs[None],
+                        b_logprobs[idx][None],
+                        mb_adv,
+                        mb_mask,
+                        clip=cfg.clip_coef,
+                        aggregation="token",
+                    )
+                else:  # Sec. 4: the exact KL of the two action distributions at each state
+                    kl = kl_divergence(policy.from_params(b_old[idx]), dist)
+                    pg_loss, pg_stats = ppo_losses.kl_penalty_policy_loss(
+                        new_logprobs[None],
+                        b_logprobs[idx][None],
+                        mb_adv,
+                        mb_mask,
+                        beta=penalty.value,
+                        kl=kl[None],
+                        aggregation="token",
+                    )
                 v_loss, v_stats = ppo_losses.value_loss(
                     new_values[None],
                     b_values[idx][None],
@@ -250,6 +262,12 @@ def train_ppo(config) -> ClassicResult:
                 stats["value_clipfrac"].append(v_stats["clipfrac"].item())
             if cfg.target_kl is not None and stats["approx_kl"][-1] > cfg.target_kl:
                 break
+        extra = {}
+        if penalty is not None:  # beta for the next iteration, from this update's mean KL(pi_old || pi)
+            with torch.no_grad():
+                measured = kl_divergence(policy.from_params(b_old), policy.dist(b_obs)).mean().item()
+            extra = {"kl_beta": penalty.value, "kl": measured}
+            penalty.update(measured)
 
         if global_step >= next_log or iteration == num_iterations:
             next_log = global_step + cfg.log_every
@@ -259,16 +277,17 @@ def train_ppo(config) -> ClassicResult:
                 **{k: float(np.mean(v)) for k, v in stats.items()},
                 explained_variance=ev,
                 lr=optimizer.param_groups[0]["lr"],
+                **extra,
             )
     envs.close()
 
-    greedy = greedy_returns(agent.actor, cfg.env, cfg.seed + 10_000, cfg.eval_episodes)
+    greedy = policy_returns(policy, cfg.env, cfg.seed + 10_000, cfg.eval_episodes)
     state = {
         "actor": agent.actor.state_dict(),
         "critic": agent.critic.state_dict(),
         "obs_dim": obs_dim,
-        "n_actions": n_actions,
         "hidden": cfg.hidden,
+        **({"n_actions": policy.act_dim} if policy.discrete else {"action_dim": policy.act_dim}),
     }
     extra = {"greedy_mean_return": float(np.mean(greedy)) if greedy else float("nan"), "greedy_returns": greedy}
     return finish_run(run, agent=agent, state=state, extra=extra)
