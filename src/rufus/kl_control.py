@@ -70,7 +70,6 @@ class AdaptiveKLController:
         self.value = float(state["value"])
 
 
-
 def adapt_penalty(beta: float, kl: float, target: float, factor: float = 2.0, band: float = 1.5) -> float:
     """The adaptive coefficient of PPO's KL-penalised objective (Schulman et al. 2017, Sec. 4):
     after an update whose measured KL(pi_old, pi) is d,
@@ -110,6 +109,7 @@ class PenaltyController:
 
     def load_state_dict(self, state: dict) -> None:
         self.value = float(state["value"])
+
 
 def make_kl_controller(coef: float, target: float | None, horizon: int) -> FixedKLController | AdaptiveKLController:
     """Fixed beta = coef when `target` is None, else adaptive from coef towards `target`."""

@@ -133,16 +133,26 @@ def test_kl_penalty_gradient_on_a_two_action_policy_by_hand():
     assert stats["kl_penalty"].item() == pytest.approx(exact_kl.item())
 
 
-def test_the_sampled_penalty_has_the_exact_kl_gradient_in_expectation():
-    # k1 = log pi_old(a) - log pi_theta(a) for a ~ pi_old: weight each action by pi_old (1/2 each)
-    theta = torch.tensor([math.log(2.0), 0.0], dtype=torch.float64, requires_grad=True)
-    old = torch.log_softmax(torch.zeros(2, dtype=torch.float64), -1)
-    new = torch.log_softmax(theta, -1)
-    loss, _ = kl_penalty_policy_loss(
-        new.reshape(1, 2), old.reshape(1, 2), torch.zeros(1, 2), torch.ones(1, 2), beta=1.0
-    )  # A = 0: the penalty alone, mean over the two equally likely actions
-    loss.backward()
-    assert theta.grad.tolist() == pytest.approx([1 / 6, -1 / 6], abs=1e-12)  # pi_theta - pi_old
+def test_the_sampled_penalty_is_flat_at_pi_old_and_near_the_exact_kl_gradient_close_to_it():
+    # k2 = 0.5 (log pi_theta(a) - log pi_old(a))^2 for a ~ pi_old = (1/2, 1/2): each action weighted 1/2
+    def k2_grad(theta0: float) -> list[float]:
+        theta = torch.tensor([theta0, 0.0], dtype=torch.float64, requires_grad=True)
+        old = torch.log_softmax(torch.zeros(2, dtype=torch.float64), -1)
+        new = torch.log_softmax(theta, -1)
+        loss, _ = kl_penalty_policy_loss(
+            new.reshape(1, 2), old.reshape(1, 2), torch.zeros(1, 2), torch.ones(1, 2), beta=1.0
+        )
+        loss.backward()
+        return theta.grad.tolist()
+
+    assert k2_grad(0.0) == [0.0, 0.0]  # at theta_old: zero for every sample, not just on average
+    # at theta = (ln 2, 0), by hand: 1/2 [log(4/3) (1/3, -1/3) + log(2/3) (-2/3, 2/3)] = (0.183102, -0.183102);
+    # the exact grad KL(pi_old || pi_theta) = pi_theta - pi_old = (1/6, -1/6): the same to first order
+    assert k2_grad(math.log(2.0)) == pytest.approx([0.183102, -0.183102], abs=1e-6)
+    # closer to pi_old the two agree ever better: theta = (eps, 0), exact gradient (sigmoid(eps) - 1/2) (1, -1)
+    eps = 1e-3
+    exact = 1 / (1 + math.exp(-eps)) - 0.5
+    assert k2_grad(eps)[0] == pytest.approx(exact, rel=1e-3)
 
 
 def test_penalty_loss_equals_the_surrogate_at_beta_zero_and_respects_the_mask():

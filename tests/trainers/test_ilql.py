@@ -167,11 +167,11 @@ def test_refusals(tiny_model, tmp_path):
 
 @pytest.mark.multiprocess
 def test_two_processes_make_the_single_process_update(tiny_model, tmp_path):
+    import os
+
     from safetensors.torch import load_file
 
     from tests.helpers import run_cli
-
-    import os
 
     rows = offline_rows(4) + [{"prompt": f"what is {i} ?", "completion": f" {i} .", "score": 0.0} for i in range(8)]
     train = write_jsonl(tmp_path / "train.jsonl", rows)

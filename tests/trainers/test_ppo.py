@@ -233,3 +233,19 @@ def test_ptx_coef_weighs_the_language_model_loss(tiny_model, prompts, tmp_path):
         rows = read_metrics(tmp_path / f"ptx{coef}" / "metrics.jsonl")
         last[coef] = sum(r["ptx/loss"] for r in rows[-3:]) / 3
     assert last[1.0] < 0.8 * last[1e-6], last
+
+
+def test_kl_penalty_objective_raises_the_reward_and_adapts_beta(tiny_model, prompts, tmp_path):
+    """ppo.objective=kl_penalty (Schulman et al. 2017, Sec. 4): ratio * A - beta * KL(pi_old, pi) per
+    token instead of the clip; beta doubles above kl_target * 1.5 and halves below kl_target / 1.5."""
+    over = {"max_steps": 40, "ppo.objective": "kl_penalty", "ppo.kl_target": 0.02, "ppo.kl_beta": 1.0}
+    train_ppo(ppo_config(tiny_model, prompts, tmp_path / "run", **over), reward_fn=digit_fraction)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    start, end = first_last(rows, "score/mean")
+    assert end > start + 0.08, (start, end)  # as the clipped objective's test asks
+    betas, kls = [r["ppo/kl_beta"] for r in rows], [r["ppo/kl"] for r in rows]
+    assert betas[0] == 1.0 and len(set(betas)) > 1
+    for beta, kl, nxt in zip(betas, kls, betas[1:]):  # the rule after every step, from metrics.jsonl
+        assert nxt == pytest.approx(beta * 2 if kl > 0.03 else beta / 2 if kl < 0.02 / 1.5 else beta)
+    assert all(r["policy/clipfrac"] == 0.0 and "policy/kl_penalty" in r for r in rows)
+    assert all(r["policy/ratio_dev_first"] == 0.0 for r in rows)

@@ -86,7 +86,6 @@ def policy_loss(
     return loss, stats
 
 
-
 def kl_penalty_policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -108,11 +107,15 @@ def kl_penalty_policy_loss(
     sampled the batch, not to the reference: the reference's KL stays in the reward.
 
     `kl` (B, A), differentiable: the exact per-state KL where the trainer has both distributions (the
-    classic agents: `torch.distributions.kl_divergence(pi_old, pi_theta)`). None: the sampled
-    estimate k1 = log pi_old(y_t) - log pi_theta(y_t), whose gradient, with y_t drawn from pi_old,
-    is exactly grad KL(pi_old || pi_theta) in expectation, -E_old[grad log pi_theta]. (k3, the
-    lower-variance estimate of the KL's value, would differentiate into the gradient of the reverse
-    KL(pi_theta || pi_old): Schulman 2020, "Approximating KL divergence"; it is only logged.)
+    classic agents: `torch.distributions.kl_divergence(pi_old, pi_theta)`). None (a language model,
+    whose old distribution over the vocabulary is not kept): the sampled k2 = 0.5 (log pi_theta(y_t)
+    - log pi_old(y_t))^2 (Schulman 2020, "Approximating KL divergence"), y_t drawn from pi_old. Its
+    gradient is 0 at theta_old for every sample and its Hessian there is the Fisher information, the
+    exact KL's, so it is the KL's quadratic model (TRPO's) with no sampling noise in the first
+    derivative. k1 = log pi_old - log pi_theta has the exact gradient only in expectation: per sample
+    it is a likelihood push on the sampled token (-grad log pi_theta(y_t)) that a growing beta
+    amplifies instead of holding the policy back (seen on the tiny model: beta doubling to 1e8
+    while the measured KL stayed put).
 
     stats as `policy_loss` (clipfrac 0: nothing is clipped), plus
       kl_penalty   masked mean of the KL_t that entered the loss
@@ -128,7 +131,7 @@ def kl_penalty_policy_loss(
     log_ratio = torch.where(valid, logprobs - old_logprobs, zero)  # (B, A)
     ratio = torch.exp(log_ratio)
     if kl is None:
-        kl_t = -log_ratio  # (B, A) k1: log pi_old - log pi_theta
+        kl_t = 0.5 * log_ratio**2  # (B, A) k2: 0.5 (log pi_theta - log pi_old)^2
     else:
         _same_shape(logprobs=logprobs, kl=kl)
         kl_t = torch.where(valid, _upcast(kl), zero)
@@ -143,6 +146,7 @@ def kl_penalty_policy_loss(
             "kl_penalty": masked_mean(kl_t, valid),
         }
     return loss, stats
+
 
 def value_loss(
     values: torch.Tensor,

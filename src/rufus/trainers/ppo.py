@@ -60,6 +60,18 @@ class PPOSection:
     vf_coef: float = opt(0.1, "weight of the value loss", ge=0)
     entropy_coef: float = opt(0.0, "weight of the entropy bonus", ge=0)
     target_kl: float | None = opt(None, "stop a step's remaining updates once approx_kl exceeds this", gt=0)
+    objective: Literal["clip", "kl_penalty"] = opt(
+        "clip",
+        "clip = the clipped surrogate (Schulman et al. 2017, eq. 7); kl_penalty = ratio * A - beta * KL(pi_old, pi) "
+        "per token (Sec. 4), beta adapting to kl_target; the KL to the reference stays in the reward either way",
+    )
+    kl_target: float = opt(
+        0.01, "kl_penalty: the mean per-token KL(pi_old, pi) of a step's update that beta steers toward", gt=0
+    )
+    kl_beta: float = opt(1.0, "kl_penalty: beta's starting value", gt=0)
+    kl_factor: float = opt(
+        2.0, "kl_penalty: beta is multiplied / divided by this above kl_target * 1.5 / below kl_target / 1.5", gt=1
+    )
     whiten_advantages: bool = opt(True, "normalise advantages to mean 0, std 1 over the batch")
     whiten_rewards: bool = opt(False, "scale per-token rewards to unit std over the batch (mean kept)")
 
@@ -112,13 +124,15 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
     """Run PPO as configured. `reward_fn(prompts, completions, **kw) -> list[float]` (or a list of
     such functions) adds Python reward sources to those in `config.reward`."""
     from rufus.advantages import gae, kl_penalized_rewards, whiten_global
-    from rufus.kl_control import make_kl_controller
+    from rufus.kl_control import PenaltyController, make_kl_controller
     from rufus.losses.kl import kl_penalty
     from rufus.losses.ppo import explained_variance
     from rufus.models.loading import set_dropout
     from rufus.models.value import load_critic, save_critic
 
     cfg = as_config(PPOConfig, config)
+    if cfg.placement == "ray" and cfg.ppo.objective == "kl_penalty":
+        raise ConfigError("ppo.objective=kl_penalty: not yet with placement=ray; use placement=local")
     if cfg.placement == "ray":  # the same loop, its roles in Ray actor groups
         from rufus.trainers.placed import train_ppo_placed
 
@@ -158,6 +172,9 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
         actor, actor_opt = distributed.prepare(acc, actor, actor_opt)
         critic, critic_opt = distributed.prepare(acc, critic, critic_opt)
     kl_ctl = make_kl_controller(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
+    penalty = None  # ppo.objective=kl_penalty: beta of the surrogate's KL(pi_old, pi), adapted after each step
+    if cfg.ppo.objective == "kl_penalty":
+        penalty = PenaltyController(cfg.ppo.kl_beta, cfg.ppo.kl_target, cfg.ppo.kl_factor)
 
     models = {"actor": acc.unwrap_model(actor)}
     optimizers = {"actor": actor_opt}
@@ -169,6 +186,8 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
     start_step, saved, logger, samples = online.open_outputs(run, models, optimizers, schedulers, reward)
     if saved:
         kl_ctl.load_state_dict(saved["kl_controller"])
+        if penalty is not None:
+            penalty.load_state_dict(saved["penalty"])
 
     engine = online.rollout_engine(cfg, acc, models["actor"], tokenizer)
 
@@ -208,8 +227,10 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
         stats = online.batch_stats(acc, ro, ro.kl, kl_ctl.value)
 
         # 4. PPO epochs over minibatches: clipped surrogate + clipped value loss (+ entropy, + ptx)
-        def loss_fn(part, out, micro, step=step):
-            actor_part, critic_part, part_stats = _ppo_loss(cfg, part, out, micro)
+        beta = penalty.value if penalty is not None else None
+
+        def loss_fn(part, out, micro, step=step, beta=beta):
+            actor_part, critic_part, part_stats = _ppo_loss(cfg, part, out, micro, beta)
             if ptx is not None:
                 lm = ptx_loss(cfg, acc, actor, ptx, step, micro)
                 actor_part = actor_part + cfg.ptx.coef * lm
@@ -222,6 +243,10 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
         opts = [optimizers[n] for n in models]
         stats.update(online.update_epochs(cfg, acc, ro, trained, opts, cfg.ppo, micro_size, step, forward, loss_fn))
         stats["value/explained_variance"] = explained_variance(ro.values, ro.returns, ro.response_mask)
+        if penalty is not None:  # Sec. 4: beta for the next update, from this update's KL(pi_old, pi)
+            stats["ppo/kl_beta"] = beta
+            stats["ppo/kl"] = update_kl(cfg, acc, actor, critic, ro, micro_size)
+            penalty.update(stats["ppo/kl"])
         for sched in schedulers.values():
             sched.step()
         online.sync_engine(acc, engine, models["actor"])
@@ -234,6 +259,8 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
         row = {**stats, **reward_stats, "kl/coef": kl_ctl.value, "lr": actor_sched.get_last_lr()[0], **times}
         row["tokens_per_s"] = tokens / max(times["time/step_s"], 1e-9)
         state = {"kl_controller": kl_ctl.state_dict(), "reward": reward.state_dict()}
+        if penalty is not None:
+            state["penalty"] = penalty.state_dict()
         postfix = {"reward": stats["reward/mean"], "kl": stats["kl/mean"]}
         save = (models, optimizers, schedulers, state)
         online.end_step(run, logger, progress, step, max_steps, row, postfix, save, samples, ro, kl=ro.kl.sum(-1))
@@ -249,6 +276,25 @@ def train_ppo(config: PPOConfig | dict, reward_fn=None) -> PPOResult:
     logger.close()
     common.finish_run(run, ["reward/mean", "score/mean", "kl/mean", "policy/entropy", "policy/loss", "value/loss"])
     return PPOResult(Path(cfg.output_dir), final_dir, max_steps, logger.rows, policy, critic, reference, reward)
+
+
+@torch.no_grad()
+def update_kl(cfg, acc, actor, critic, ro, micro_size: int) -> float:
+    """The mean per-token KL(pi_old || pi_theta) after the step's update, over every process's valid
+    response tokens: k3 = (r - 1) - log r, r = pi_theta / pi_old, on the rollout's own tokens (drawn
+    from pi_old, so unbiased; Schulman 2020). One forward pass of the actor, in the micro-batches."""
+    actor.eval()
+    total = torch.zeros(2, device=acc.device)  # sum of k3, valid tokens
+    with acc.autocast():
+        for chunk in ro.chunks(micro_size):
+            out = _forward(cfg, actor, None, chunk) if critic is None else actor_forward(cfg, actor, chunk)
+            new = out["logprobs"].float()  # (b, A) log pi_theta
+            log_ratio = torch.where(chunk.response_mask.bool(), new - chunk.logprobs.float(), 0.0)
+            k3 = (torch.exp(log_ratio) - 1.0) - log_ratio
+            total += torch.stack([k3.sum(), chunk.response_mask.sum().float()])
+    actor.train()
+    total = acc.reduce(total, reduction="sum")
+    return (total[0] / total[1].clamp(min=1)).item()
 
 
 def _forward(cfg, actor, critic, part, with_entropy: bool = False) -> dict:
@@ -285,23 +331,34 @@ def critic_forward(critic, part) -> dict:
     return {"values": values_at_response(critic, part.input_ids, part.attention_mask, part.prompt_length)}
 
 
-def _ppo_loss(cfg, part, out, micro) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """The micro-batch's share of the minibatch loss, as (the actor's part: clipped surrogate -
-    entropy_coef * entropy; the critic's part: vf_coef * clipped value loss; stats), each summed over
-    its tokens / the minibatch's token count. The loss is their sum."""
-    actor_part, actor_stats = actor_loss(cfg, part, out, micro)
+def _ppo_loss(cfg, part, out, micro, beta: float | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The micro-batch's share of the minibatch loss, as (the actor's part: clipped surrogate (or the
+    KL-penalised one, coefficient `beta`) - entropy_coef * entropy; the critic's part: vf_coef *
+    clipped value loss; stats), each summed over its tokens / the minibatch's token count. The loss
+    is their sum."""
+    actor_part, actor_stats = actor_loss(cfg, part, out, micro, beta)
     critic_part, critic_stats = critic_loss(cfg, part, out, micro)
     return actor_part, critic_part, {**actor_stats, **critic_stats}
 
 
-def actor_loss(cfg, part, out, micro) -> tuple[torch.Tensor, dict]:
-    """The actor's part of the micro-batch's loss: clipped surrogate - entropy_coef * entropy."""
+def actor_loss(cfg, part, out, micro, beta: float | None = None) -> tuple[torch.Tensor, dict]:
+    """The actor's part of the micro-batch's loss: the clipped surrogate (or, ppo.objective=kl_penalty,
+    the KL-penalised one with coefficient `beta`) - entropy_coef * entropy."""
     from rufus.losses.aggregation import masked_mean
-    from rufus.losses.ppo import policy_loss
+    from rufus.losses.ppo import kl_penalty_policy_loss, policy_loss
 
     mask = part.response_mask  # (b, A)
     per_token = dict(aggregation="token", normalizer=micro.tokens)  # summed over tokens / the minibatch's count
-    pg, pg_stats = policy_loss(out["logprobs"], part.logprobs, part.advantages, mask, clip=cfg.ppo.clip, **per_token)
+    if cfg.ppo.objective == "kl_penalty":  # beta * (log pi_old - log pi_theta) per token: Sec. 4's penalty
+        if beta is None:
+            raise ValueError("ppo.objective=kl_penalty: actor_loss needs the current beta")
+        pg, pg_stats = kl_penalty_policy_loss(
+            out["logprobs"], part.logprobs, part.advantages, mask, beta=beta, **per_token
+        )
+    else:
+        pg, pg_stats = policy_loss(
+            out["logprobs"], part.logprobs, part.advantages, mask, clip=cfg.ppo.clip, **per_token
+        )
     entropy = (out["entropy"] * mask).sum() / micro.tokens
     return pg - cfg.ppo.entropy_coef * entropy, {
         "policy/loss": pg.item(),
