@@ -1,6 +1,7 @@
 """The classic agents at their showcase settings: the figures each one must reach.
 
-    .venv/bin/python benchmarks/classic.py [--only ppo,dqn,q_learning,td3,cliff] [--seed 0]
+    .venv/bin/python benchmarks/classic.py [--only ppo,dqn,q_learning,td3,cliff,trpo,ppo_penalty] [--seed 0]
+    .venv/bin/python benchmarks/classic.py --only trust_region --seeds 0,1,2
 
 Each agent runs with its defaults (no extra flags) on its showcase environment; the script prints
 one line per check with the figure, the threshold and the wall time, then a RESULT json line.
@@ -10,6 +11,11 @@ one line per check with the figure, the threshold and the wall time, then a RESU
   td3         Pendulum-v1    mean return of the last 20 episodes >= -250
   cliff       CliffWalking-v1, epsilon 0.1: SARSA's greedy path keeps off the cliff edge, Q-learning's
               runs along it (Sutton & Barto, Example 6.6)
+  trpo        CartPole-v1    mean return of the last 20 episodes >= 475 within 200k steps
+  ppo_penalty CartPole-v1    (PPO, objective=kl_penalty) >= 475 within 500k steps
+  trust_region  the trust-region family side by side: TRPO, PPO-clip and PPO-penalty on CartPole-v1
+              and Pendulum-v1, the mean return of the last 20 episodes at four points of the step
+              budget, over --seeds; prints a markdown table
 Runs take minutes each on 2 CPU cores (PPO the longest); outputs go to a temporary directory.
 """
 
@@ -24,13 +30,36 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-CHECKS = ("ppo", "dqn", "q_learning", "td3", "cliff")
+CHECKS = ("ppo", "dqn", "q_learning", "td3", "cliff", "trpo", "ppo_penalty", "trust_region")
+DEFAULT = ("ppo", "dqn", "q_learning", "td3", "cliff", "trpo", "ppo_penalty")
+
+# the trust-region comparison: (label, algo, settings) per environment, and the step budget
+CONTINUOUS = dict(num_steps=512, num_minibatches=32, update_epochs=10, lr=3e-4, ent_coef=0.0, normalize_reward=True)
+FAMILY = {
+    "CartPole-v1": (
+        300_000,
+        [
+            ("TRPO", "trpo", {}),
+            ("PPO-clip", "ppo", {}),
+            ("PPO-penalty", "ppo", {"objective": "kl_penalty"}),
+        ],
+    ),
+    "Pendulum-v1": (
+        200_000,
+        [
+            ("TRPO", "trpo", {"normalize_reward": True}),
+            ("PPO-clip", "ppo", CONTINUOUS),
+            ("PPO-penalty", "ppo", {**CONTINUOUS, "objective": "kl_penalty"}),
+        ],
+    ),
+}
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default=",".join(CHECKS))
+    p.add_argument("--only", default=",".join(DEFAULT))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0,1,2", help="trust_region: the seeds to average over")
     args = p.parse_args(argv)
     only = [c for c in args.only.split(",") if c]
     bad = [c for c in only if c not in CHECKS]
@@ -51,10 +80,13 @@ def main(argv=None) -> dict:
             return result, time.perf_counter() - t0
 
         for check in only:
-            if check in ("ppo", "dqn", "td3"):
-                result, wall = run(check)
+            if check == "trust_region":
+                out[check] = trust_region([int(x) for x in args.seeds.split(",") if x], tmp)
+            elif check in ("ppo", "dqn", "td3", "trpo", "ppo_penalty"):
+                algo, over = {"ppo_penalty": ("ppo", {"objective": "kl_penalty"})}.get(check, (check, {}))
+                result, wall = run(algo, **over, **({"total_steps": 200_000} if check == "trpo" else {}))
                 value = result.mean_return(20)
-                threshold = {"ppo": 475.0, "dqn": 400.0, "td3": -250.0}[check]
+                threshold = {"ppo": 475.0, "dqn": 400.0, "td3": -250.0, "trpo": 475.0, "ppo_penalty": 475.0}[check]
                 steps = result.episodes[-1][0] if result.episodes else 0
                 out[check] = {
                     "env": result.env,
@@ -109,6 +141,60 @@ def main(argv=None) -> dict:
                 )
     print("RESULT " + json.dumps(out))
     return out
+
+
+def mean_return_at(episodes: list[tuple[int, float]], step: int, last: int = 20) -> float:
+    """Mean return of the last `last` episodes finished by `step` (nan before any)."""
+    done = [r for s, r in episodes if s <= step][-last:]
+    return sum(done) / len(done) if done else float("nan")
+
+
+def trust_region(seeds: list[int], tmp: str) -> dict:
+    """TRPO, PPO-clip and PPO-penalty on CartPole-v1 and Pendulum-v1: mean and spread over the seeds of
+    the last-20 mean return at a quarter, a half, three quarters and all of the step budget."""
+    import statistics
+
+    from rufus.classic import train
+
+    table = {}
+    lines = []
+    for env, (budget, runs) in FAMILY.items():
+        marks = [budget // 4, budget // 2, 3 * budget // 4, budget]
+        lines += [
+            f"\n{env}, {budget // 1000}k steps, last-20 mean return (mean over seeds {seeds}; min .. max at the end)",
+            "| algorithm | " + " | ".join(f"{m // 1000}k" for m in marks) + " | end: min .. max | seconds / run |",
+            "| --- | " + " | ".join("---" for _ in marks) + " | --- | --- |",
+        ]
+        for label, algo, over in runs:
+            curves, times = [], []
+            for seed in seeds:
+                t0 = time.perf_counter()
+                result = train(
+                    algo,
+                    {
+                        "env": env,
+                        "seed": seed,
+                        "total_steps": budget,
+                        "progress": False,
+                        "eval_episodes": 0,
+                        "log_every": budget,
+                        "output_dir": str(Path(tmp) / f"tr-{env}-{label}-{seed}"),
+                        **over,
+                    },
+                )
+                times.append(time.perf_counter() - t0)
+                curves.append([mean_return_at(result.episodes, m) for m in marks])
+            means = [statistics.fmean(c[i] for c in curves) for i in range(len(marks))]
+            ends = [c[-1] for c in curves]
+            table[f"{env}/{label}"] = {"marks": marks, "mean": means, "per_seed": curves, "seconds": times}
+            lines.append(
+                f"| {label} | "
+                + " | ".join(f"{v:.1f}" for v in means)
+                + f" | {min(ends):.1f} .. {max(ends):.1f} | {statistics.fmean(times):.0f} |"
+            )
+            print(lines[-1], flush=True)
+    print("\n".join(lines), flush=True)
+    return table
 
 
 # Sutton & Barto, Example 6.6: constant epsilon 0.1, undiscounted

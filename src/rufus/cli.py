@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
     from rufus.classic import ALGOS
 
-    desc = "classic RL on gymnasium: tabular Q-learning / SARSA / TD(0) vs MC, DQN, REINFORCE, A2C, PPO, DDPG, TD3"
+    desc = (
+        "classic RL on gymnasium: tabular Q-learning / SARSA / TD(0) vs MC, DQN, REINFORCE, A2C, PPO, TRPO, DDPG, TD3"
+    )
     p = sub.add_parser(
         "classic",
         help=desc,

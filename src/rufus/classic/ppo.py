@@ -84,6 +84,11 @@ class PPOConfig(ClassicArgs):
     max_grad_norm: float = opt(0.5, "global gradient norm clip", gt=0)
     target_kl: float | None = opt(None, "stop an iteration's epochs once approx_kl exceeds this (None: never)", gt=0)
     hidden: int = opt(64, "width of the two tanh hidden layers of the actor and of the critic", ge=1)
+    normalize_reward: bool = opt(
+        False,
+        "divide rewards by a running std of the discounted return (gymnasium's NormalizeReward; "
+        "for Pendulum's -16..0 rewards); episode returns are logged unscaled",
+    )
     eval_episodes: int = opt(5, "greedy (argmax / mean action) episodes run at the end for greedy_mean_return", ge=0)
     objective: Literal["clip", "kl_penalty"] = opt(
         "clip", "clip = the clipped surrogate (eq. 7); kl_penalty = ratio * A - beta * KL(pi_old, pi) (Sec. 4)"
@@ -134,6 +139,10 @@ def train_ppo(config) -> ClassicResult:
     check_config(cfg)
     run = start_run(cfg, "ppo")
     envs = make_vec_env(cfg.env, cfg.num_envs, cfg.seed)
+    if cfg.normalize_reward:  # outside the episode statistics, so the logged returns are the env's own
+        import gymnasium as gym
+
+        envs = gym.wrappers.vector.NormalizeReward(envs, gamma=cfg.gamma)
     obs_dim, action_space = spaces(envs, cfg.env, "PPO")
     agent = ActorCritic(obs_dim, action_space, cfg.hidden)
     policy = agent.actor

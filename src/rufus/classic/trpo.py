@@ -61,6 +61,11 @@ class TRPOConfig(ClassicArgs):
     vf_minibatches: int = opt(8, "minibatches per value epoch; must divide num_envs * num_steps", ge=1)
     norm_adv: bool = opt(True, "whiten the advantages over the batch")
     hidden: int = opt(64, "width of the two tanh hidden layers of the policy and of the value function", ge=1)
+    normalize_reward: bool = opt(
+        False,
+        "divide rewards by a running std of the discounted return (gymnasium's NormalizeReward; "
+        "for Pendulum's -16..0 rewards); episode returns are logged unscaled",
+    )
     eval_episodes: int = opt(5, "greedy episodes run at the end for greedy_mean_return", ge=0)
 
 
@@ -77,6 +82,10 @@ def train_trpo(config) -> ClassicResult:
     check_config(cfg)
     run = start_run(cfg, "trpo")
     envs = make_vec_env(cfg.env, cfg.num_envs, cfg.seed)
+    if cfg.normalize_reward:  # outside the episode statistics, so the logged returns are the env's own
+        import gymnasium as gym
+
+        envs = gym.wrappers.vector.NormalizeReward(envs, gamma=cfg.gamma)
     obs_dim, action_space = spaces(envs, cfg.env, "TRPO")
     value = value_net(obs_dim, cfg.hidden)
     policy = Policy(obs_dim, action_space, cfg.hidden)
