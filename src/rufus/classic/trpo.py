@@ -4,8 +4,11 @@
 Each iteration collects `num_steps` steps from each of `num_envs` environments with pi_old, then
 
   1. GAE(gamma, lambda) advantages from the shared `rufus.advantages.gae` (Schulman et al. 2016,
-     who pair it with TRPO), whitened over the batch;
-  2. one natural-gradient step of the policy (`rufus.losses.trpo`): g = grad of the surrogate
+     who pair it with TRPO), whitened over the batch; an episode the time limit cut off is
+     bootstrapped with gamma V(its last state) (`bootstrap_truncated`; CartPole's 500-step limit is
+     not a failure, and treating it as one unsettles a policy that has learnt to balance);
+  2. one natural-gradient step of the policy (`rufus.losses.trpo`), its bound max_kl shrinking
+     linearly to 0 over the run (`anneal_max_kl`): g = grad of the surrogate
      L = mean ratio_t A_t at theta_old; x = F^-1 g by `cg_iters` steps of conjugate gradient on
      Fisher-vector products of the mean KL(pi_old || pi_theta) over the batch's states (exact, from
      the stored distributions; `damping` added); the full step sqrt(2 max_kl / x^T F x) x; a
@@ -47,12 +50,17 @@ from rufus.losses import trpo
 @dataclass
 class TRPOConfig(ClassicArgs):
     env: str = opt("CartPole-v1", "gymnasium environment id (Discrete or Box actions, Box observations)")
-    total_steps: int = opt(300_000, "environment steps in all, over every environment (whole rollouts)", ge=1)
+    total_steps: int = opt(200_000, "environment steps in all, over every environment (whole rollouts)", ge=1)
     num_envs: int = opt(4, "parallel environments (SyncVectorEnv)", ge=1)
     num_steps: int = opt(512, "steps per environment in each rollout; batch = num_envs * num_steps", ge=1)
     gamma: float = opt(0.99, "discount factor", ge=0, le=1)
     lam: float = opt(0.97, "GAE lambda", ge=0, le=1)
     max_kl: float = opt(0.01, "delta: the bound on the mean KL(pi_old || pi) of a step", gt=0)
+    anneal_max_kl: bool = opt(
+        True,
+        "shrink the bound linearly to 0 over the run, as PPO anneals its learning rate: TRPO steps to "
+        "the bound whatever the gradient, so a solved policy would keep drifting by max_kl",
+    )
     damping: float = opt(0.1, "added to the Fisher matrix (F + damping I) for a stable solve", ge=0)
     cg_iters: int = opt(10, "conjugate-gradient iterations for x = F^-1 g", ge=1)
     max_backtracks: int = opt(10, "line-search halvings before the step is given up", ge=1)
@@ -61,6 +69,11 @@ class TRPOConfig(ClassicArgs):
     vf_minibatches: int = opt(8, "minibatches per value epoch; must divide num_envs * num_steps", ge=1)
     norm_adv: bool = opt(True, "whiten the advantages over the batch")
     hidden: int = opt(64, "width of the two tanh hidden layers of the policy and of the value function", ge=1)
+    bootstrap_truncated: bool = opt(
+        True,
+        "an episode cut off by the time limit (truncated, not terminated) gets gamma V(its last state) "
+        "added to its last reward, as if it went on (Pardo et al. 2018, 'Time Limits in RL')",
+    )
     normalize_reward: bool = opt(
         False,
         "divide rewards by a running std of the discounted return (gymnasium's NormalizeReward; "
@@ -122,6 +135,11 @@ def train_trpo(config) -> ClassicResult:
             obs_np, reward, terminated, truncated, infos = envs.step(policy.env_action(action))
             rewards[t] = torch.as_tensor(reward, dtype=torch.float32)
             dones[t] = torch.as_tensor(np.logical_or(terminated, truncated), dtype=torch.float32)
+            cut = np.flatnonzero(np.logical_and(truncated, np.logical_not(terminated)))
+            if cfg.bootstrap_truncated and len(cut):  # the time limit ended it, not the task
+                last = torch.as_tensor(np.stack([infos["final_obs"][i] for i in cut]), dtype=torch.float32)
+                with torch.no_grad():
+                    rewards[t, cut] += cfg.gamma * value(last.reshape(len(cut), obs_dim)).squeeze(-1)
             next_obs = torch.as_tensor(obs_np, dtype=torch.float32).reshape(N, obs_dim)
             for ret, length in vector_episode_stats(infos):
                 run.episode(global_step, ret, length)
@@ -144,7 +162,8 @@ def train_trpo(config) -> ClassicResult:
             b_adv = adv_fns.whiten(b_adv[None], torch.ones(1, batch_size))[0]
 
         # 2. the natural-gradient step, accepted by the line search
-        step = natural_step(cfg, policy, params, b_obs, b_actions, b_logprobs, b_old, b_adv)
+        bound = cfg.max_kl * (1.0 - (iteration - 1) / num_iterations) if cfg.anneal_max_kl else cfg.max_kl
+        step = natural_step(cfg, policy, params, b_obs, b_actions, b_logprobs, b_old, b_adv, bound)
 
         # 3. the value function, fitted on its own
         mb = batch_size // cfg.vf_minibatches
@@ -173,9 +192,9 @@ def train_trpo(config) -> ClassicResult:
     return finish_run(run, agent=nn.ModuleDict({"policy": policy, "value": value}), state=state, extra=extra)
 
 
-def natural_step(cfg, policy: Policy, params, obs, actions, old_logprobs, old_params, adv) -> dict:
-    """Steps 1-4 of `rufus.losses.trpo` on one batch; the policy's parameters end at the accepted
-    point (or where they were). Returns the step's statistics."""
+def natural_step(cfg, policy: Policy, params, obs, actions, old_logprobs, old_params, adv, max_kl: float) -> dict:
+    """Steps 1-4 of `rufus.losses.trpo` on one batch under the bound `max_kl`; the policy's parameters
+    end at the accepted point (or where they were). Returns the step's statistics."""
     old_dist = policy.from_params(old_params)
 
     def mean_kl() -> torch.Tensor:  # KL(pi_old || pi_theta) averaged over the batch's states
@@ -188,7 +207,7 @@ def natural_step(cfg, policy: Policy, params, obs, actions, old_logprobs, old_pa
     g = trpo.flat_grad(loss, params)
     fvp = trpo.fisher_vector_product(mean_kl, params, cfg.damping)
     x, used = trpo.conjugate_gradient(fvp, g, iters=cfg.cg_iters)
-    full = trpo.max_step(x, fvp(x), cfg.max_kl)
+    full = trpo.max_step(x, fvp(x), max_kl)
     theta_old = parameters_to_vector(params).detach()
 
     def evaluate(theta: torch.Tensor) -> tuple[float, float]:
@@ -196,9 +215,7 @@ def natural_step(cfg, policy: Policy, params, obs, actions, old_logprobs, old_pa
         with torch.no_grad():
             return surr().item(), mean_kl().item()
 
-    theta, info = trpo.line_search(
-        evaluate, theta_old, full, loss.item(), cfg.max_kl, max_backtracks=cfg.max_backtracks
-    )
+    theta, info = trpo.line_search(evaluate, theta_old, full, loss.item(), max_kl, max_backtracks=cfg.max_backtracks)
     vector_to_parameters(theta, params)
     return {
         "surrogate_gain": info["surrogate_gain"],
@@ -207,4 +224,5 @@ def natural_step(cfg, policy: Policy, params, obs, actions, old_logprobs, old_pa
         "step_accepted": float(info["accepted"]),
         "cg_iters": used,
         "expected_gain": float(g @ full),
+        "max_kl": max_kl,
     }
