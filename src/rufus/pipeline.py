@@ -154,6 +154,12 @@ class LeaderboardSection:
 
     prompts: int = opt(0, "held-out prompts each policy answers (0 = all the eval prompts)", ge=0)
     resamples: int = opt(1000, "bootstrap resamples of the rating intervals", ge=0)
+    prior: float = opt(
+        0.0,
+        "Bradley-Terry prior strength (0 = maximum likelihood; a policy that wins or loses every "
+        "comparison then gets the smallest prior that keeps its rating finite, 0.01, with a warning)",
+        ge=0,
+    )
 
 
 @dataclass
@@ -1333,7 +1339,11 @@ def _run_leaderboard(cfg: PipelineConfig, st: _Stages, plan: dict, files: dict, 
                     comparisons.append(L.Comparison(names[x], names[y], winner))
     if not comparisons:
         raise ConfigError("leaderboard: the answers gave no comparisons between two different policies")
-    rows = L.leaderboard(comparisons, anchor="sft", resamples=lb.resamples, seed=cfg.seed)
+    try:
+        rows = L.leaderboard(comparisons, anchor="sft", resamples=lb.resamples, seed=cfg.seed, prior=lb.prior)
+    except L.LeaderboardError as e:  # a clean sweep: no finite maximum-likelihood rating; keep the run's result
+        log.warning("leaderboard: %s; rating with prior 0.01 instead", e)
+        rows = L.leaderboard(comparisons, anchor="sft", resamples=lb.resamples, seed=cfg.seed, prior=0.01)
     print(L.format_table(rows), flush=True)
     info: dict[str, Any] = {"leaderboard": [r.as_dict() for r in rows], "comparisons": len(comparisons)}
     atomic_write_text(out / "leaderboard.json", json.dumps(info["leaderboard"], indent=1) + "\n")
