@@ -212,6 +212,15 @@ class PipelineResult:
     stages: dict[str, str] = field(default_factory=dict)  # stage -> "ran" | "skipped" | "not run"
 
 
+OFFLINE_DEFAULTS: dict[str, Any] = {
+    "lr": 1e-4,
+    "batch_size": 32,
+    "epochs": 2,
+    "log_every": 10,
+    "save_every": 0,
+    "data": {"max_length": 128, "truncation": "truncate"},
+}
+
 # Settings that fit the playground on a 2-core CPU (tuned with benchmarks/… see docs/pipeline.md);
 # the user's stage settings are laid over these.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -270,52 +279,13 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "rloo": {"group_size": 4},
         "kl": {"coef": 0.05},
     },
-    "dpo": {
-        "lr": 1e-4,
-        "batch_size": 32,
-        "epochs": 2,
-        "log_every": 10,
-        "save_every": 0,
-        "data": {"max_length": 128, "truncation": "truncate"},
-        "dpo": {"beta": 0.1},
-    },
-    "kto": {
-        "lr": 1e-4,
-        "batch_size": 32,
-        "epochs": 2,
-        "log_every": 10,
-        "save_every": 0,
-        "data": {"max_length": 128, "truncation": "truncate"},
-        "kto": {"beta": 0.1},
-    },
-    "simpo": {
-        "lr": 1e-4,
-        "batch_size": 32,
-        "epochs": 2,
-        "log_every": 10,
-        "save_every": 0,
-        "data": {"max_length": 128, "truncation": "truncate"},
-        "dpo": {"beta": 2.0, "gamma": 1.0},
-    },
-    "orpo": {
-        "lr": 1e-4,
-        "batch_size": 32,
-        "epochs": 2,
-        "log_every": 10,
-        "save_every": 0,
-        "data": {"max_length": 128, "truncation": "truncate"},
-        "dpo": {"beta": 0.1},
-    },
-    "ilql": {
-        "lr": 1e-4,
-        "batch_size": 32,
-        "epochs": 2,
-        "log_every": 10,
-        "save_every": 0,
-        "data": {"max_length": 128, "truncation": "truncate"},
-        "reward": {"batch_size": 64},  # every collected response scored once, before training
-        "ilql": {"beta": 4.0},
-    },
+    # the offline algorithms: two epochs over the collected comparisons (ilql: over every response)
+    "dpo": {**OFFLINE_DEFAULTS, "dpo": {"beta": 0.1}},
+    "kto": {**OFFLINE_DEFAULTS, "kto": {"beta": 0.1}},
+    "simpo": {**OFFLINE_DEFAULTS, "dpo": {"beta": 2.0, "gamma": 1.0}},
+    "orpo": {**OFFLINE_DEFAULTS, "dpo": {"beta": 0.1}},
+    # every collected response scored once by the reward model, before training
+    "ilql": {**OFFLINE_DEFAULTS, "reward": {"batch_size": 64}, "ilql": {"beta": 4.0}},
     "bon": {
         "lr": 1e-3,
         "batch_size": 32,

@@ -220,6 +220,12 @@ def vector_episode_stats(infos: dict) -> list[tuple[float, int]]:
 def greedy_returns(logits_fn, env_id: str, seed: int, episodes: int) -> list[float]:
     """Returns of `episodes` episodes taking argmax of `logits_fn(obs (1, d)) -> (1, n_actions)`,
     on a fresh environment (episode i reset with seed + i)."""
+    return episode_returns(lambda obs: int(logits_fn(obs).argmax(-1)), env_id, seed, episodes)
+
+
+def episode_returns(act, env_id: str, seed: int, episodes: int) -> list[float]:
+    """Returns of `episodes` episodes taking `act(obs (1, d)) -> action` (no gradients), on a fresh
+    environment (episode i reset with seed + i)."""
     env = make_env(env_id, seed)
     out = []
     for i in range(episodes):
@@ -227,8 +233,8 @@ def greedy_returns(logits_fn, env_id: str, seed: int, episodes: int) -> list[flo
         total, done = 0.0, False
         while not done:
             with torch.no_grad():
-                logits = logits_fn(torch.as_tensor(obs, dtype=torch.float32).reshape(1, -1))
-            obs, reward, terminated, truncated, _ = env.step(int(logits.argmax(-1)))
+                action = act(torch.as_tensor(obs, dtype=torch.float32).reshape(1, -1))
+            obs, reward, terminated, truncated, _ = env.step(action)
             total += float(reward)
             done = terminated or truncated
         out.append(total)

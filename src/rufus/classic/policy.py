@@ -108,19 +108,10 @@ def value_net(obs_dim: int, hidden: int = 64) -> nn.Sequential:
 def policy_returns(policy: Policy, env_id: str, seed: int, episodes: int) -> list[float]:
     """Returns of `episodes` episodes of the greedy policy on a fresh environment (episode i reset
     with seed + i)."""
-    from rufus.classic.common import make_env
+    from rufus.classic.common import episode_returns
 
-    env = make_env(env_id, seed)
-    out = []
-    for i in range(episodes):
-        obs, _ = env.reset(seed=seed + i)
-        total, done = 0.0, False
-        while not done:
-            with torch.no_grad():
-                action = policy.greedy(torch.as_tensor(obs, dtype=torch.float32).reshape(1, -1))[0]
-            obs, reward, terminated, truncated, _ = env.step(int(action) if policy.discrete else action.numpy())
-            total += float(reward)
-            done = terminated or truncated
-        out.append(total)
-    env.close()
-    return out
+    def act(obs: torch.Tensor):
+        action = policy.greedy(obs)[0]
+        return int(action) if policy.discrete else action.numpy()
+
+    return episode_returns(act, env_id, seed, episodes)
