@@ -56,6 +56,7 @@ class ILQLHeads(nn.Module):
 
     def target_q(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., vocab) min_i Qhat_i(s, .): what decoding uses (no gradient)."""
+        hidden = hidden.to(self.target_q_heads[0][0].weight.dtype)  # the targets stay float32
         with torch.no_grad():
             return torch.stack([head(hidden) for head in self.target_q_heads]).min(dim=0).values
 
@@ -63,6 +64,7 @@ class ILQLHeads(nn.Module):
         """(H, ...) Qhat_i(s, a) for the given tokens only: the output layer's rows of those tokens,
         so no (..., vocab) tensor is built for the targets."""
         out = []
+        hidden = hidden.to(self.target_q_heads[0][0].weight.dtype)  # the targets stay float32
         with torch.no_grad():
             for head in self.target_q_heads:
                 inner = head[1](head[0](hidden))  # (..., hidden)
@@ -115,11 +117,10 @@ class ILQLModel(nn.Module):
         )
         states = hidden[:, P - 1 : -1]  # (B, A, hidden) s_t
         actions = input_ids[:, P:]  # (B, A) a_t
-        target_dtype = self.heads.target_q_heads[0][0].weight.dtype
         return (
             out.logits[:, P - 1 : -1],
             self.heads.q(states),
-            self.heads.target_q_taken(states.to(target_dtype), actions),
+            self.heads.target_q_taken(states, actions),
             self.heads.values(states),
         )
 
@@ -142,16 +143,12 @@ class ILQLPolicy(nn.Module):
     def config(self):
         return self.model.config
 
-    @property
-    def device(self):
-        return next(self.model.parameters()).device
-
     def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
         from rufus.losses.ilql import perturbed_logits
 
         heads = self.model.heads
         out, hidden = self.model.hidden(input_ids, attention_mask, position_ids=position_ids, **kwargs)
-        target = heads.target_q(hidden.to(heads.target_q_heads[0][0].weight.dtype))
+        target = heads.target_q(hidden)
         out.logits = perturbed_logits(out.logits, target, heads.values(hidden), self.beta)
         out.hidden_states = None
         return out
@@ -191,20 +188,21 @@ def load_heads(path: str | os.PathLike) -> tuple[ILQLHeads, dict]:
 
 def load_ilql(name: str | os.PathLike, *, tokenizer=None, dtype: torch.dtype = torch.float32, **kwargs) -> ILQLModel:
     """The language model and its heads (float32 heads; the LM in `dtype`) from a `rufus ilql` final/."""
+    return _load(name, tokenizer=tokenizer, dtype=dtype, **kwargs)[0]
+
+
+def _load(name, **kwargs) -> tuple[ILQLModel, dict]:
     from rufus.models.loading import load_causal_lm
 
-    policy = load_causal_lm(str(name), tokenizer=tokenizer, dtype=dtype, **kwargs)
-    heads, _ = load_heads(name)
-    return ILQLModel(policy, heads)
+    policy = load_causal_lm(str(name), **kwargs)
+    heads, meta = load_heads(name)
+    return ILQLModel(policy, heads), meta
 
 
 def load_ilql_policy(name: str | os.PathLike, *, beta: float | None = None, **kwargs) -> ILQLPolicy:
     """The decoding policy of a `rufus ilql` model; `beta` None = the beta saved with it."""
-    model = load_ilql(name, **kwargs)
-    if beta is None:
-        meta = json.loads((Path(os.path.expanduser(str(name))) / META_FILE).read_text(encoding="utf-8"))
-        beta = meta.get("beta", 1.0)
-    return ILQLPolicy(model, beta)
+    model, meta = _load(name, **kwargs)
+    return ILQLPolicy(model, meta.get("beta", 1.0) if beta is None else beta)
 
 
 def load_decoding_model(
